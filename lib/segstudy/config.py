@@ -1,0 +1,206 @@
+"""Parameters flow one way: a YAML profile in params/ -> one typed `Config` -> functions.
+
+A profile is `params/<name>.yaml` (or any YAML path). Relative paths inside it are relative to
+the YAML file's own folder. `${VAR}` is expanded from the environment. Every key is checked:
+an unknown or mistyped key is an error naming the key and listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from segstudy.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PARAMS_DIR = Path(os.environ.get("SEGSTUDY_PARAMS_DIR", PROJECT_ROOT / "params"))
+
+
+def _path(default: str) -> Any:
+    return field(default=default, metadata={"path": True})
+
+
+@dataclass
+class SynthConfig:
+    """The generated Cityscapes-layout dataset (`segstudy synth`)."""
+
+    train: int = 120
+    val: int = 30
+    height: int = 256
+    width: int = 512
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cityscapes"  # cityscapes | bdd100k
+    root: str = _path("../outputs/data/synth-demo")
+    generate: bool = True  # when `root` does not exist, write the synthetic dataset there
+    train_split: str = "train"
+    val_split: str = "val"
+    base_size: int = 128  # shorter image side for evaluation; training scales around it
+    crop_size: list[int] = field(default_factory=lambda: [128, 256])  # (h, w) training crop
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    hflip: float = 0.5
+    color_jitter: float = 0.2
+    batch_size: int = 8
+    num_workers: int = 1
+    max_images: int = 0  # 0: every image of a split; N: the first N (quick experiments)
+
+
+@dataclass
+class ExploreConfig:
+    """Notebook 00."""
+
+    grid_images: int = 6
+    max_images: int = 0  # 0: statistics over the whole split
+
+
+@dataclass
+class Config:
+    profile: str = "demo"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    output_root: str = _path("../outputs")
+    data: DataConfig = field(default_factory=DataConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        """outputs/<profile>/: everything this profile's run writes."""
+        return Path(self.output_root) / self.profile
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+
+
+def resolve_profile(profile: str | os.PathLike) -> Path:
+    """A profile name (`demo`) or a path to a YAML file -> the YAML file."""
+    text = str(profile)
+    if text.endswith((".yaml", ".yml")) or os.sep in text:
+        path = Path(text)
+        if not path.is_file():
+            raise UserError(f"params file {path} does not exist; pass a profile name "
+                            f"({', '.join(available_profiles())}) or an existing YAML file")
+        return path
+    path = PARAMS_DIR / f"{text}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown profile '{text}': there is no {path}; "
+                        f"available profiles: {', '.join(available_profiles())}")
+    return path
+
+
+def load_config(profile: str | os.PathLike = "demo",
+                overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """Load a profile and apply overrides (`{"data.root": "/x"}` or `["data.root=/x"]`)."""
+    path = resolve_profile(profile)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of keys, got {type(raw).__name__}")
+    raw.setdefault("profile", path.stem)
+    for key, value in _parse_overrides(overrides).items():
+        _set_dotted(raw, key, value, path)
+    cfg = _build(Config, raw, path, prefix="")
+    _resolve_paths(cfg, base=path.parent.resolve())
+    return cfg
+
+
+def _parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like key=value, e.g. data.batch_size=4")
+        key, value = item.split("=", 1)
+        parsed[key.strip()] = yaml.safe_load(value)
+    return parsed
+
+
+def _set_dotted(raw: dict, key: str, value: Any, path: Path) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{key}': '{part}' in {path} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: dict, path: Path, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"section '{prefix.rstrip('.')}'" if prefix else "the top level"
+        raise UserError(f"{path}: unknown key '{prefix}{unknown[0]}'; valid keys at {where}: "
+                        f"{', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UserError(f"{path}: '{prefix}{name}' must be a section (a mapping)")
+            kwargs[name] = _build(hint, value, path, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(value, hint, f"{prefix}{name}", path)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, key: str, path: Path) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _check_type(value, option, key, path)
+            except UserError:
+                continue
+        raise UserError(f"{path}: '{key}' = {value!r} must be one of {hint}")
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise UserError(f"{path}: '{key}' = {value!r} must be a list of {item_type.__name__}")
+        return [_check_type(v, item_type, key, path) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        return value
+    raise UserError(f"{path}: '{key}' = {value!r} must be of type {hint.__name__}")
+
+
+_UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _resolve_paths(obj: Any, base: Path) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _resolve_paths(value, base)
+        elif f.metadata.get("path") and isinstance(value, str):
+            expanded = os.path.expandvars(value)
+            missing = _UNSET_VAR.search(expanded)
+            if missing:
+                raise UserError(f"'{f.name}' = {value!r} uses the environment variable "
+                                f"{missing.group(1)}, which is not set; export it "
+                                f"(e.g. export {missing.group(1)}=/data/cityscapes)")
+            setattr(obj, f.name, str((base / Path(expanded).expanduser()).resolve()))

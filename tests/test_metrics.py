@@ -1,0 +1,100 @@
+"""Our confusion-matrix metrics against cityscapesscripts' official pixel-level evaluation."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+from PIL import Image
+
+from segstudy import labels
+from segstudy.cityscapes import cityscapes_samples
+from segstudy.errors import UserError
+from segstudy.evaluate import evaluate_folder
+from segstudy.metrics import ConfusionMatrix
+
+
+def _imperfect_predictions(root, out):
+    """Ground truth corrupted in the ways real models fail: noise, confusions, void, shifts."""
+    rng = np.random.default_rng(0)
+    out.mkdir()
+    never_predicted = labels.TRAIN_ID_TO_LABEL_ID[labels.name_to_train_id("wall")]
+    samples = cityscapes_samples(root, "val")
+    in_gt = set(np.unique(np.concatenate([np.array(Image.open(s.label)).ravel() for s in samples])))
+    # ids the noise may produce: never a class that is absent from the ground truth, so that
+    # such a class is absent from both (the official script scores it NaN and skips it)
+    noise_ids = np.array([i for i in range(34) if i in in_gt or labels.ID_TO_TRAIN_ID[i] == 255])
+    preds, gts = [], []
+    for k, s in enumerate(samples):
+        gt = np.array(Image.open(s.label))
+        pred = np.roll(gt, shift=k, axis=1).copy()
+        noise = rng.random(gt.shape) < 0.1
+        pred[noise] = rng.choice(noise_ids, noise.sum())
+        pred[pred == 27] = 26  # every truck called a car
+        pred[pred == never_predicted] = 11  # walls called buildings: wall has no prediction at all
+        if k == 1:
+            pred[: gt.shape[0] // 4] = 0  # a band predicted as "unlabeled" (void)
+        path = out / f"{s.stem}_pred_labelIds.png"
+        Image.fromarray(pred.astype(np.uint8)).save(path)
+        preds.append(str(path))
+        gts.append(str(s.label))
+    return preds, gts
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6
+
+
+def test_evaluate_folder_equals_official(tiny_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    for s in cityscapes_samples(root, "val"):  # make "train" absent from the ground truth
+        gt = np.array(Image.open(s.label))
+        Image.fromarray(np.where(gt == 31, 0, gt).astype(np.uint8)).save(s.label)
+    preds, gts = _imperfect_predictions(root, tmp_path / "pred")
+    official.args.quiet = True
+    official.args.JSONOutput = False
+    official.args.evalInstLevelScore = True
+    ref = official.evaluateImgLists(preds, gts, official.args)
+    ours = evaluate_folder(root, "val", tmp_path / "pred", progress=False)
+
+    for name, v in ours["iou"].items():
+        assert _same(v, ref["classScores"][name]), name
+        assert _same(ours["iiou"][name], ref["classInstScores"][name]), name
+    assert _same(ours["miou"], ref["averageScoreClasses"])
+    assert _same(ours["miiou"], ref["averageScoreInstClasses"])
+    for cat, v in ours["category_iou"].items():
+        assert _same(v, ref["categoryScores"][cat]), cat
+    assert _same(ours["category_miou"], ref["averageScoreCategories"])
+    assert _same(ours["category_miiou"], ref["averageScoreInstCategories"])
+    # the cases that need care really occur in this data:
+    assert ours["iou"]["truck"] == 0.0 or math.isnan(ours["iou"]["truck"])
+    assert math.isnan(ours["iou"]["train"])  # absent from ground truth and prediction
+
+
+def test_confusion_matrix_hand_computed():
+    cm = ConfusionMatrix(num_classes=3)
+    target = torch.tensor([0, 0, 1, 1, 2, 255])
+    pred = torch.tensor([0, 1, 1, 255, 0, 2])  # 255 prediction = void: a false negative only
+    cm.update(target, pred)
+    r = cm.compute()
+    # class 0: tp 1, fn 1, fp 1 (the class-2 pixel) -> 1/3; class 1: tp 1, fn 1, fp 1 -> 1/3
+    # class 2: tp 0, fn 1, fp 0 -> 0; the ignored target pixel counts nowhere
+    assert r["iou"] == pytest.approx({"road": 1 / 3, "sidewalk": 1 / 3, "building": 0.0})
+    assert r["pixel_acc"] == pytest.approx(2 / 5)
+
+
+def test_evaluate_missing_prediction_and_size(tiny_root, tmp_path):
+    preds, _ = _imperfect_predictions(tiny_root, tmp_path / "pred")
+    (tmp_path / "pred" / preds[0].split("/")[-1]).unlink()
+    with pytest.raises(UserError, match="no prediction for 1 of"):
+        evaluate_folder(tiny_root, "val", tmp_path / "pred", progress=False)
+    shutil.rmtree(tmp_path / "pred")
+    preds, _ = _imperfect_predictions(tiny_root, tmp_path / "pred")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(preds[0])
+    with pytest.raises(UserError, match="predict at full size"):
+        evaluate_folder(tiny_root, "val", tmp_path / "pred", progress=False)
