@@ -19,12 +19,16 @@ DATASETS = {"cityscapes": CityscapesSegmentation, "bdd100k": BDD100KSegmentation
 
 
 def build_dataset(data: DataConfig, split: str, train: bool = False,
-                  transforms=None) -> SegmentationFolder:
-    """The dataset `data.dataset` at `data.root`; `train` picks the augmenting preset."""
+                  raw: bool = False) -> SegmentationFolder:
+    """The dataset `data.dataset` at `data.root`.
+
+    `train` picks the augmenting preset; `raw` applies no transform (uint8 images, train ids).
+    """
     if data.dataset not in DATASETS:
         raise UserError(f"data.dataset = '{data.dataset}' is unknown; choose one of "
                         f"{', '.join(DATASETS)}")
-    if transforms is None:
+    transforms = None
+    if not raw:
         transforms = (train_preset(data.base_size, data.crop_size, data.scale_range, data.hflip,
                                    data.color_jitter) if train else eval_preset(data.base_size))
     return DATASETS[data.dataset](data.root, split, transforms=transforms, max_images=data.max_images)

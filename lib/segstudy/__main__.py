@@ -1,0 +1,5 @@
+import sys
+
+from segstudy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""Figures shared by the notebooks (matplotlib/seaborn). Each returns its Figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.patches import Patch
+
+from segstudy.cityscapes import SegmentationFolder
+from segstudy.labels import CLASS_NAMES, PALETTE, colorize
+
+
+def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Blend the official label colours over an RGB image (ignored pixels stay as they are)."""
+    color = colorize(train_ids).astype(np.float32)
+    keep = (train_ids < len(CLASS_NAMES))[..., None]
+    out = np.where(keep, (1 - alpha) * image + alpha * color, image)
+    return out.astype(np.uint8)
+
+
+def legend_handles() -> list[Patch]:
+    return [Patch(color=PALETTE[i] / 255, label=name) for i, name in enumerate(CLASS_NAMES)]
+
+
+def sample_grid(dataset: SegmentationFolder, n: int = 6, cols: int = 3) -> plt.Figure:
+    """n images with their colour-coded labels blended on top, and one legend."""
+    n = min(n, len(dataset))
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.3 * rows + 0.9), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        image, target = dataset.load(i)
+        ax = axes.flat[i]
+        ax.imshow(overlay(np.asarray(image), target))
+        ax.set_title(dataset.samples[i].stem, fontsize=8)
+    fig.legend(handles=legend_handles(), loc="lower center", ncol=10, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def class_frequency(stats: dict[str, dict]) -> plt.Figure:
+    """Pixel share per class and split, log scale, bars in the official colours."""
+    df = pd.DataFrame({split: s["frequency"] for split, s in stats.items()})
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(df.columns)
+    x = np.arange(len(df))
+    for k, split in enumerate(df.columns):
+        ax.bar(x + k * width, df[split].clip(lower=1e-7), width, label=split,
+               color=PALETTE / 255, edgecolor="black", linewidth=0.4, alpha=1.0 - 0.4 * k)
+    ax.set_yscale("log")
+    ax.set_xticks(x + width * (len(df.columns) - 1) / 2, df.index, rotation=60, ha="right")
+    ax.set_ylabel("share of labelled pixels (log)")
+    ax.set_title("Class pixel frequency (" + ", ".join(
+        f"{split}: {'solid' if k == 0 else 'faded'}" for k, split in enumerate(df.columns)) + ")")
+    fig.tight_layout()
+    return fig
+
+
+def class_presence(stats: dict[str, dict]) -> plt.Figure:
+    """Fraction of images in which each class appears, as a heatmap (split x class)."""
+    df = pd.DataFrame({split: s["presence"] for split, s in stats.items()}).T
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.5 * len(df)))
+    sns.heatmap(df, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", cbar=False, ax=ax,
+                annot_kws={"fontsize": 7})
+    ax.set_title("Share of images in which each class is present")
+    fig.tight_layout()
+    return fig
+
+
+def object_sizes(stats: dict[str, dict]) -> plt.Figure:
+    """Connected-component areas of the small classes (log scale box plot)."""
+    rows = [(split, name, area) for split, s in stats.items()
+            for name, areas in s["object_sizes"].items() for area in areas]
+    df = pd.DataFrame(rows, columns=["split", "class", "area_px"])
+    fig, ax = plt.subplots(figsize=(10, 4))
+    if len(df):
+        sns.boxplot(df, x="class", y="area_px", hue="split", log_scale=True, ax=ax, fliersize=1.5)
+    ax.set_ylabel("object area in pixels (log)")
+    ax.set_title("How small the small classes are (connected components per image)")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path

@@ -1,0 +1,80 @@
+"""The CLI end to end, and notebook 00 executed by papermill on the smoke profile."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import nbformat
+import numpy as np
+from PIL import Image
+
+from segstudy import labels
+from segstudy.cityscapes import cityscapes_samples
+from segstudy.runner import run_notebooks
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "segstudy", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_synth_and_evaluate_cli(tmp_path):
+    root = tmp_path / "ds"
+    r = _cli("synth", "--out", str(root), "--train", "2", "--val", "3", "--height", "64",
+             "--width", "128", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for s in cityscapes_samples(root, "val"):  # perfect predictions, via train ids and back
+        gt = labels.to_label_ids(labels.to_train_ids(np.array(Image.open(s.label))))
+        Image.fromarray(gt).save(pred / f"{s.stem}_labelIds.png")
+    r = _cli("evaluate", "--data-root", str(root), "--split", "val", "--pred-dir", str(pred), "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["miou"] == 1.0 and result["n_images"] == 3
+    assert all(v in (1.0, None) for v in result["iou"].values())
+    # bad input: one line on stderr, exit code 2, no traceback
+    r = _cli("evaluate", "--data-root", str(tmp_path / "missing"), "--pred-dir", str(pred))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("synth", "--out", str(root))
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_notebook_00_on_smoke(tmp_path):
+    overrides = {"data.root": str(tmp_path / "data"), "output_root": str(tmp_path / "out")}
+    timings = run_notebooks("smoke", overrides, only=["00"], progress=False)
+    assert set(timings) == {"00_data_exploration"}
+    out = tmp_path / "out" / "smoke"
+    summary = json.loads((out / "00_data_exploration" / "summary.json").read_text())
+    assert set(summary["splits"]) == {"train", "val"}
+    assert len(summary["splits"]["train"]["frequency"]) == 19
+    assert abs(sum(summary["splits"]["train"]["frequency"].values()) - 1) < 1e-9
+    for fig in ("samples", "class_frequency", "class_presence", "object_sizes"):
+        assert (out / "00_data_exploration" / f"{fig}.png").stat().st_size > 5000
+    nb = nbformat.read(out / "00_data_exploration.ipynb", as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "smoke" in injected[0].source
+    html = (out / "00_data_exploration.html").read_text()
+    assert "Class statistics" in html and "data:image/png;base64" in html
+
+
+def test_failing_notebook_is_named_and_kept(tmp_path):
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    shutil.copy("notebooks/00_data_exploration.ipynb", nb_dir / "00_data_exploration.ipynb")
+    nb = nbformat.read(nb_dir / "00_data_exploration.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("raise RuntimeError('boom')"))
+    nbformat.write(nb, nb_dir / "01_broken.ipynb")
+    overrides = {"data.root": str(tmp_path / "data"), "output_root": str(tmp_path / "out")}
+    import pytest
+
+    from segstudy.errors import UserError
+    with pytest.raises(UserError, match=r"notebook 01_broken.ipynb failed .*RuntimeError: boom"):
+        run_notebooks("smoke", overrides, notebooks_dir=nb_dir, progress=False)
+    assert (tmp_path / "out" / "smoke" / "00_data_exploration.html").is_file()
+    kept = nbformat.read(tmp_path / "out" / "smoke" / "01_broken.ipynb", as_version=4)
+    assert any(o.get("ename") == "RuntimeError" for c in kept.cells if c.cell_type == "code"
+               for o in c.get("outputs", []))

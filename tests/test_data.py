@@ -1,0 +1,170 @@
+"""Label mapping, the generator, the readers and transforms, and every bad-input error."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from cityscapesscripts.helpers.labels import labels as cs_labels
+from PIL import Image
+
+from segstudy import labels
+from segstudy.bdd100k import BDD100KSegmentation
+from segstudy.cityscapes import CityscapesSegmentation, cityscapes_samples, label_ids_to_train_ids
+from segstudy.config import SynthConfig
+from segstudy.datasets import build_loader
+from segstudy.errors import UserError
+from segstudy.synth import MARKER, ensure_dataset, generate, render
+from segstudy.transforms import eval_preset, train_preset
+
+
+def test_label_mapping_matches_cityscapesscripts():
+    for lb in cs_labels:
+        if lb.id < 0:
+            continue
+        expected = lb.trainId if 0 <= lb.trainId < 255 else 255
+        assert labels.ID_TO_TRAIN_ID[lb.id] == expected, lb.name
+    assert labels.NUM_CLASSES == 19
+    assert labels.CLASS_NAMES[0] == "road" and labels.CLASS_NAMES[18] == "bicycle"
+    for i, name in enumerate(labels.CLASS_NAMES):
+        lb = next(lb for lb in cs_labels if lb.name == name)
+        assert tuple(labels.PALETTE[i]) == lb.color
+        assert labels.TRAIN_ID_TO_LABEL_ID[i] == lb.id
+    ids = np.arange(34, dtype=np.uint8)
+    roundtrip = labels.to_train_ids(labels.to_label_ids(labels.to_train_ids(ids)))
+    assert (roundtrip == labels.to_train_ids(ids)).all()
+
+
+def test_generator_is_deterministic_and_in_layout(tiny_root, tmp_path):
+    a = render(64, 128, seed=5, split="train", index=3)
+    b = render(64, 128, seed=5, split="train", index=3)
+    c = render(64, 128, seed=6, split="train", index=3)
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert not (a[0] == c[0]).all()
+    # a second generation with the same seed writes byte-identical label files
+    again = tmp_path / "again"
+    from tests.conftest import TINY
+    generate(again, TINY, workers=2, progress=False)
+    for s in cityscapes_samples(tiny_root, "val"):
+        twin = again / s.label.relative_to(tiny_root)
+        assert s.label.read_bytes() == twin.read_bytes()
+    assert (tiny_root / MARKER).is_file()
+    city_dir = tiny_root / "gtFine" / "train" / "synthburg"
+    stem = "synthburg_000000_000019"
+    for suffix in ("labelIds", "color", "instanceIds"):
+        assert (city_dir / f"{stem}_gtFine_{suffix}.png").is_file()
+    assert (tiny_root / "leftImg8bit" / "train" / "synthburg" / f"{stem}_leftImg8bit.png").is_file()
+
+
+def test_generator_covers_all_classes_with_imbalance():
+    counts = np.zeros(256, dtype=np.int64)
+    for i in range(30):
+        _, lab, _ = render(128, 256, seed=0, split="train", index=i)
+        counts += np.bincount(lab.ravel(), minlength=256)
+    train = np.bincount(labels.to_train_ids(np.nonzero(counts)[0].astype(np.uint8)), minlength=256)
+    assert (train[:19] > 0).all(), "every one of the 19 classes appears"
+    freq = {labels.label_name(i): counts[i] / counts.sum() for i in range(34)}
+    for big in ("road", "building", "sky"):
+        for small in ("pole", "traffic light", "traffic sign", "bicycle"):
+            assert freq[big] > 10 * freq[small], (big, small)
+
+
+def test_reader_and_transforms(tiny_root):
+    ds = CityscapesSegmentation(tiny_root, "train", transforms=train_preset(64, [48, 96], [0.5, 2.0], 0.5, 0.3))
+    img, mask = ds[0]
+    assert img.shape == (3, 48, 96) and img.dtype == torch.float32
+    assert mask.shape == (48, 96) and mask.dtype == torch.int64
+    valid = mask[mask != 255]
+    assert valid.numel() > 0 and int(valid.max()) < 19
+    raw = CityscapesSegmentation(tiny_root, "val")
+    image, target = raw.load(0)
+    evald = CityscapesSegmentation(tiny_root, "val", transforms=eval_preset(32))
+    _, small = evald[0]
+    # nearest-neighbour only: every resized label value existed in the original
+    assert set(small.unique().tolist()) <= set(np.unique(target).tolist())
+
+
+def test_loader_is_deterministic(tiny_root):
+    ds = CityscapesSegmentation(tiny_root, "train", transforms=train_preset(64, [32, 64], [0.5, 2.0], 0.5, 0.3))
+    first = [m for _, m in build_loader(ds, 2, train=True, seed=1, num_workers=1)]
+    second = [m for _, m in build_loader(ds, 2, train=True, seed=1, num_workers=1)]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_bdd100k_reader(tmp_path):
+    img_dir = tmp_path / "images" / "10k" / "val"
+    mask_dir = tmp_path / "labels" / "sem_seg" / "masks" / "val"
+    img_dir.mkdir(parents=True)
+    mask_dir.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(img_dir / "abc.jpg")
+    Image.fromarray(np.full((8, 16), 13, np.uint8)).save(mask_dir / "abc.png")
+    image, target = BDD100KSegmentation(tmp_path, "val").load(0)
+    assert (target == 13).all() and labels.CLASS_NAMES[13] == "car"
+    Image.fromarray(np.full((8, 16), 40, np.uint8)).save(mask_dir / "abc.png")
+    with pytest.raises(UserError, match="not a BDD100K sem_seg mask"):
+        BDD100KSegmentation(tmp_path, "val").load(0)
+
+
+# ---- bad input: each gives one clear error naming the path and the fix ----
+
+def test_missing_or_empty_root(tmp_path):
+    with pytest.raises(UserError, match="does not exist.*segstudy synth"):
+        cityscapes_samples(tmp_path / "nope", "train")
+    with pytest.raises(UserError, match=r"expected the folder .*leftImg8bit/train"):
+        cityscapes_samples(tmp_path, "train")
+    (tmp_path / "leftImg8bit" / "train").mkdir(parents=True)
+    (tmp_path / "gtFine" / "train").mkdir(parents=True)
+    with pytest.raises(UserError, match="holds no"):
+        cityscapes_samples(tmp_path, "train")
+
+
+@pytest.fixture
+def broken_root(tiny_root, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_root, root)
+    return root
+
+
+def test_image_without_label(broken_root):
+    s = cityscapes_samples(broken_root, "val")[0]
+    s.label.unlink()
+    with pytest.raises(UserError, match=f"has no label file: expected {s.label}"):
+        cityscapes_samples(broken_root, "val")
+
+
+def test_corrupt_png(broken_root):
+    s = cityscapes_samples(broken_root, "val")[0]
+    s.image.write_bytes(s.image.read_bytes()[:200])
+    with pytest.raises(UserError, match=f"{s.image.name} is not a readable image"):
+        CityscapesSegmentation(broken_root, "val")[0]
+
+
+def test_label_ids_out_of_range(broken_root):
+    s = cityscapes_samples(broken_root, "val")[0]
+    arr = np.array(Image.open(s.label))
+    arr[0, 0] = 40
+    Image.fromarray(arr).save(s.label)
+    with pytest.raises(UserError, match="outside 0..33"):
+        CityscapesSegmentation(broken_root, "val")[0]
+
+
+def test_license_plate_minus_one_is_ignored(tmp_path):
+    # -1 (license plate) cannot be stored in a PNG, but arrays from other tools may carry it
+    arr = np.array([[-1, 7], [26, 33]], dtype=np.int32)
+    assert label_ids_to_train_ids(arr, tmp_path / "x.png").tolist() == [[255, 0], [13, 18]]
+
+
+def test_size_mismatch(broken_root):
+    s = cityscapes_samples(broken_root, "val")[0]
+    Image.fromarray(np.zeros((10, 20), np.uint8)).save(s.label)
+    with pytest.raises(UserError, match="size mismatch"):
+        CityscapesSegmentation(broken_root, "val")[0]
+
+
+def test_generated_dataset_with_other_settings_is_not_reused(tiny_root):
+    from tests.conftest import TINY
+    assert ensure_dataset(tiny_root, TINY) is False
+    with pytest.raises(UserError, match="was generated with"):
+        ensure_dataset(tiny_root, SynthConfig(train=9, val=6, height=64, width=128, seed=3))
