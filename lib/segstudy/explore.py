@@ -12,6 +12,8 @@ from tqdm import tqdm
 from segstudy.cityscapes import SegmentationFolder
 from segstudy.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SMALL_CLASSES
 
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # a wheel touching its frame diagonally is one object
+
 
 def dataset_stats(dataset: SegmentationFolder, max_images: int = 0, progress: bool = True) -> dict:
     """Scan every image of a split (also validates each file: corrupt, ids, sizes)."""
@@ -28,7 +30,7 @@ def dataset_stats(dataset: SegmentationFolder, max_images: int = 0, progress: bo
         pixels += counts
         presence += counts[:NUM_CLASSES] > 0
         for name in SMALL_CLASSES:
-            blobs, k = ndimage.label(target == CLASS_NAMES.index(name))
+            blobs, k = ndimage.label(target == CLASS_NAMES.index(name), structure=EIGHT_CONNECTED)
             if k:
                 sizes[name].extend(np.bincount(blobs.ravel())[1:].tolist())
     labelled = pixels[:NUM_CLASSES].sum()
