@@ -45,6 +45,17 @@ def _run(args: argparse.Namespace) -> None:
     print(f"  {'total (this run)':28s} {total:7.1f} s")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from segstudy.config import load_config
+    from segstudy.train import train
+
+    cfg = load_config(args.params, args.set)
+    result = train(cfg, model_name=args.model, resume=args.resume)
+    if result.get("finished"):
+        print(f"{result['model']}: best val mIoU {result['best_miou'] * 100:.2f} after {result['steps']} steps; "
+              f"checkpoints in {result['run_dir']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segstudy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pred-dir", required=True)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_evaluate)
+
+    t = sub.add_parser("train", help="train one model (torchrun-compatible)")
+    t.add_argument("--params", default="demo", help="profile name or YAML file")
+    t.add_argument("--model", help="override model.name: unet | deeplabv3_resnet50 | custom")
+    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint_latest.pt")
+    t.set_defaults(func=_train)
 
     r = sub.add_parser("run", help="execute the numbered notebooks with papermill (run_all.sh)")
     r.add_argument("profile", nargs="?", default="demo")

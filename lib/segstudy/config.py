@@ -65,6 +65,52 @@ class ExploreConfig:
 
 
 @dataclass
+class ModelConfig:
+    name: str = "custom"  # unet | deeplabv3_resnet50 | custom
+    pretrained: str = "auto"  # auto | true | false (ImageNet ResNet-50 backbone)
+    output_stride: int = 16  # 8 | 16 (| 32 for custom)
+    aux_loss: bool = False  # DeepLabV3 auxiliary FCN head on layer3
+    unet_base: int = 64  # U-Net first-level width (64 in the paper)
+    head_channels: int = 256  # custom: width of the conv-BN-ReLU head
+    head_layers: int = 2  # custom: number of conv-BN-ReLU layers
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 0  # linear warm-up, then poly decay, stepped every iteration
+    poly_power: float = 0.9
+    aux_weight: float = 0.5
+    amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA)
+    channels_last: bool = False
+    grad_accum: int = 1
+    compile: bool = False
+    val_every: int = 1  # epochs
+    reuse: bool = True  # a finished run's checkpoint is reused instead of training again
+    max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "mlflow"  # mlflow | wandb | none
+    experiment: str = "segstudy"
+    uri: str = ""  # MLflow tracking URI; empty: sqlite:///<output_root>/mlflow.db
+    register: bool = True  # register the final model in the MLflow model registry
+
+
+@dataclass
+class BenchConfig:
+    height: int = 512
+    width: int = 1024
+    warmup: int = 2
+    iters: int = 5
+
+
+@dataclass
 class Config:
     profile: str = "demo"
     seed: int = 0
@@ -73,6 +119,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     explore: ExploreConfig = field(default_factory=ExploreConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     @property
     def output_dir(self) -> Path:

@@ -1,0 +1,78 @@
+"""Measurements every notebook reports: latency, throughput, parameters, FLOPs, size, CPU."""
+
+from __future__ import annotations
+
+import io
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def cpu_info() -> dict:
+    """CPU model, the ISA flags int8/bf16 speed depends on, and the thread count in use."""
+    model, flags = platform.processor() or "unknown", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and model in ("unknown", "x86_64", ""):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {"cpu": model, "threads": torch.get_num_threads(),
+            **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")}}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def latency(model: nn.Module, height: int = 512, width: int = 1024, device: str | torch.device = "cpu",
+            warmup: int = 2, iters: int = 5, channels_last: bool = False,
+            dtype: torch.dtype | None = None) -> dict:
+    """Median (and min/max) wall time of one batch-1 forward pass at height x width."""
+    device = torch.device(device)
+    model = model.eval().to(device)
+    x = torch.randn(1, 3, height, width, device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    times = []
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for i in range(warmup + iters):
+            _sync(device)
+            start = time.perf_counter()
+            model(x)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
+            "max_ms": 1000 * max(times), "iters": iters, "size": f"{width}x{height}",
+            "threads": torch.get_num_threads(), "device": str(device)}
+
+
+def flops(model: nn.Module, height: int, width: int) -> int:
+    """FLOPs of one forward pass (torch.utils.flop_counter; a multiply-add counts as 2)."""
+    model = model.eval()
+    x = torch.zeros(1, 3, height, width, device=next(model.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_on_disk(model: nn.Module) -> int:
+    """Bytes of the saved state_dict."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()

@@ -1,0 +1,84 @@
+"""Experiment tracking: MLflow (default, local sqlite backend, no server), W&B, or none."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from segstudy.config import TrackingConfig
+from segstudy.errors import UserError
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def mlflow_uri(cfg: TrackingConfig, output_root: str | Path) -> str:
+    return cfg.uri or f"sqlite:///{Path(output_root).resolve()}/mlflow.db"
+
+
+class Tracker:
+    """One run. `backend` none makes every call a no-op, so the engine never branches on it."""
+
+    def __init__(self, cfg: TrackingConfig, output_root: str | Path, run_name: str, params: dict,
+                 tags: dict[str, str] | None = None):
+        self.backend = cfg.backend
+        self.cfg = cfg
+        self.run_id: str | None = None
+        if self.backend == "mlflow":
+            import mlflow
+
+            self.mlflow = mlflow
+            mlflow.set_tracking_uri(mlflow_uri(cfg, output_root))
+            if mlflow.get_experiment_by_name(cfg.experiment) is None:
+                artifacts = (Path(output_root).resolve() / "mlartifacts").as_uri()
+                mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+            mlflow.set_experiment(cfg.experiment)
+            run = mlflow.start_run(run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+        elif self.backend == "wandb":
+            try:
+                import wandb
+            except ImportError as exc:
+                raise UserError("tracking.backend = wandb needs the wandb package: pip install wandb "
+                                "(or set tracking.backend: mlflow / none)") from exc
+            os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
+            self.wandb = wandb
+            self.run = wandb.init(project=cfg.experiment, name=run_name, config=params,
+                                  dir=str(output_root), tags=list((tags or {}).values()))
+        elif self.backend != "none":
+            raise UserError(f"tracking.backend = '{self.backend}'; choose mlflow, wandb or none")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k.replace(" ", "_"): float(v) for k, v in metrics.items() if v == v}  # drop NaN
+        if self.backend == "mlflow":
+            self.mlflow.log_metrics(clean, step=step)
+        elif self.backend == "wandb":
+            self.wandb.log(clean, step=step)
+
+    def log_model(self, model: nn.Module, registered_name: str) -> str | None:
+        """Log the final model; register it as a new version of `registered_name` (MLflow)."""
+        if self.backend != "mlflow":
+            return None
+        import mlflow.pytorch
+
+        info = mlflow.pytorch.log_model(
+            model.cpu().eval(), name="model", serialization_format="pickle",  # pt2 needs fixed shapes
+            registered_model_name=registered_name if self.cfg.register else None)
+        return info.model_uri
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.backend == "mlflow":
+            self.mlflow.end_run(status=status)
+        elif self.backend == "wandb":
+            self.run.finish(exit_code=0 if status == "FINISHED" else 1)
