@@ -67,7 +67,7 @@ class ExploreConfig:
 @dataclass
 class ModelConfig:
     name: str = "custom"  # unet | deeplabv3_resnet50 | custom
-    pretrained: str = "auto"  # auto | true | false (ImageNet ResNet-50 backbone)
+    pretrained: str | bool = "auto"  # auto | true | false (ImageNet ResNet-50 backbone)
     output_stride: int = 16  # 8 | 16 (| 32 for custom)
     aux_loss: bool = False  # DeepLabV3 auxiliary FCN head on layer3
     unet_base: int = 64  # U-Net first-level width (64 in the paper)
@@ -85,7 +85,7 @@ class TrainConfig:
     warmup_iters: int = 0  # linear warm-up, then poly decay, stepped every iteration
     poly_power: float = 0.9
     aux_weight: float = 0.5
-    amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA)
+    amp: str = "none"  # auto | none | bf16 | fp16 (fp16 only on CUDA; auto: bf16 where native)
     channels_last: bool = False
     grad_accum: int = 1
     compile: bool = False

@@ -25,7 +25,7 @@ def cpu_info() -> dict:
                 flags = set(line.split(":", 1)[1].split())
                 break
     return {"cpu": model, "threads": torch.get_num_threads(),
-            **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")}}
+            **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")}}
 
 
 def _sync(device: torch.device) -> None:

@@ -9,7 +9,6 @@ at the input resolution, like torchvision's segmentation models.
 
 from __future__ import annotations
 
-import logging
 import socket
 from collections import OrderedDict
 from pathlib import Path
@@ -24,7 +23,6 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from segstudy.errors import UserError
 
-log = logging.getLogger(__name__)
 MODELS = ("unet", "deeplabv3_resnet50", "custom")
 BACKBONE_WEIGHTS = ResNet50_Weights.IMAGENET1K_V1
 
@@ -116,8 +114,6 @@ def backbone_weights(pretrained: str | bool) -> ResNet50_Weights | None:
             raise UserError(f"model.pretrained = true but the ImageNet ResNet-50 weights are not in "
                             f"{cached} and could not be downloaded ({type(exc).__name__}: {exc}); "
                             f"copy {Path(BACKBONE_WEIGHTS.url).name} there or set pretrained: auto") from exc
-        log.warning("ImageNet ResNet-50 weights unavailable (not in %s, download failed): "
-                    "training the backbone from random init", cached)
         print(f"[segstudy] pretrained weights unavailable (not cached in {cached.parent}, no "
               f"download): the ResNet-50 backbone starts from random init")
         return None
@@ -155,3 +151,17 @@ def build_model(name: str, num_classes: int = 19, pretrained: str | bool = "auto
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_trained(checkpoint: str | Path) -> nn.Module:
+    """Rebuild a model from a segstudy checkpoint (its meta says which) and load its weights."""
+    from segstudy.checkpoint import load_checkpoint, load_model_state
+
+    ckpt = load_checkpoint(checkpoint)
+    if "meta" not in ckpt or "model_config" not in ckpt["meta"]:
+        raise UserError(f"{checkpoint} has no segstudy model metadata; it was not written by segstudy train")
+    mc = ckpt["meta"]["model_config"]
+    model = build_model(mc["name"], ckpt["meta"]["num_classes"], "false", mc["output_stride"], mc["aux_loss"],
+                        mc["unet_base"], mc["head_channels"], mc["head_layers"])
+    load_model_state(model, ckpt["model"], checkpoint)
+    return model.eval()

@@ -91,3 +91,47 @@ def save(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
+
+
+def learning_curves(results: dict[str, dict]) -> plt.Figure:
+    """Training loss and validation mIoU per epoch, one line per model."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for name, r in results.items():
+        h = r["history"]
+        a.plot([x["epoch"] for x in h], [x["train_loss"] for x in h], marker="o", label=name)
+        v = [x for x in h if "val_miou" in x]
+        b.plot([x["epoch"] for x in v], [100 * x["val_miou"] for x in v], marker="o", label=name)
+    a.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    b.set(xlabel="epoch", ylabel="val mIoU %", title="Validation mIoU")
+    a.legend()
+    fig.tight_layout()
+    return fig
+
+
+def iou_heatmap(table: pd.DataFrame, title: str = "Per-class IoU %") -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(12, 1.0 + 0.45 * len(table)))
+    sns.heatmap(table, annot=True, fmt=".0f", vmin=0, vmax=100, cmap="magma", ax=ax, cbar=False,
+                annot_kws={"fontsize": 7})
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def prediction_grid(dataset, preds: dict[str, list[np.ndarray]], n: int) -> plt.Figure:
+    """Rows: images; columns: image | ground truth | each model's prediction."""
+    from segstudy.transforms import denormalize
+
+    cols = 2 + len(preds)
+    fig, axes = plt.subplots(n, cols, figsize=(3.0 * cols, 1.7 * n + 0.6), squeeze=False)
+    for i in range(n):
+        image, target = dataset[i]
+        rgb = (denormalize(image).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        panels = [rgb, overlay(rgb, target.numpy())] + [overlay(rgb, p[i]) for p in preds.values()]
+        for j, (ax, panel) in enumerate(zip(axes[i], panels)):
+            ax.imshow(panel)
+            ax.axis("off")
+            if i == 0:
+                ax.set_title(["image", "ground truth", *preds][j], fontsize=9)
+    fig.legend(handles=legend_handles(), loc="lower center", ncol=10, fontsize=6, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig

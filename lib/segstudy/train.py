@@ -75,6 +75,13 @@ def poly_schedule(total_steps: int, warmup: int, power: float):
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 where the hardware has it natively (CUDA, or a CPU with AVX-512 BF16 / AMX),
+    else fp16 on older GPUs and full precision on CPUs without bf16, where bf16 is slower."""
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        info = measure.cpu_info()
+        return torch.bfloat16 if info["avx512_bf16"] or info["amx_bf16"] else None
     if amp == "none":
         return None
     if amp == "bf16":
@@ -83,7 +90,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         if device.type != "cuda":
             raise UserError("train.amp = fp16 needs a CUDA GPU; use bf16 on CPU or none")
         return torch.float16
-    raise UserError(f"train.amp = '{amp}'; choose none, bf16 or fp16")
+    raise UserError(f"train.amp = '{amp}'; choose auto, none, bf16 or fp16")
 
 
 @torch.inference_mode()

@@ -1,0 +1,104 @@
+"""Train several models under one schedule and compare them (notebooks 01 and 02)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from segstudy import measure
+from segstudy.config import Config
+from segstudy.models import load_trained
+from segstudy.train import evaluate, resolve_device, train
+
+
+def train_models(cfg: Config, names: list[str]) -> dict[str, dict]:
+    """Each model with the profile's data, schedule, seed and metric (or its reused run)."""
+    return {name: train(cfg, model_name=name) for name in names}
+
+
+def profile_models(cfg: Config, results: dict[str, dict]) -> dict[str, dict]:
+    """Parameters, FLOPs, size and batch-1 latency (fp32 eager and channels_last) at bench size."""
+    b = cfg.bench
+    rows = {}
+    for name, result in results.items():
+        model = load_trained(result["checkpoint_best"])
+        rows[name] = {
+            "parameters": measure.parameters(model),
+            "gflops": measure.flops(model, b.height, b.width) / 1e9,
+            "size_mb": measure.size_on_disk(model) / 2**20,
+            "latency_ms": measure.latency(model, b.height, b.width, warmup=b.warmup, iters=b.iters)["median_ms"],
+            "latency_cl_ms": measure.latency(model, b.height, b.width, warmup=b.warmup, iters=b.iters,
+                                             channels_last=True)["median_ms"],
+        }
+    return rows
+
+
+def comparison_table(results: dict[str, dict], profiles: dict[str, dict], cfg: Config) -> pd.DataFrame:
+    b = cfg.bench
+    rows = []
+    for name, r in results.items():
+        p = profiles[name]
+        rows.append({"model": name, "val mIoU %": 100 * r["best_miou"],
+                     "pixel acc %": 100 * r["final"].get("val_pixel_acc", float("nan")),
+                     f"latency ms ({b.width}x{b.height})": p["latency_ms"],
+                     "latency ms channels_last": p["latency_cl_ms"], "params M": p["parameters"] / 1e6,
+                     "GFLOPs": p["gflops"], "size MB": p["size_mb"], "train img/s": r["train_img_per_s"],
+                     "train s": r["train_seconds"]})
+    return pd.DataFrame(rows).set_index("model").round(2)
+
+
+def per_class_table(results: dict[str, dict]) -> pd.DataFrame:
+    """IoU % per class (columns) and model (rows), from the best epoch's validation."""
+    rows = {}
+    for name, r in results.items():
+        best = max((h for h in r["history"] if "val_iou" in h), key=lambda h: h["val_miou"])
+        rows[name] = {k: 100 * v if v is not None else np.nan for k, v in best["val_iou"].items()}
+    return pd.DataFrame(rows).T.round(1)
+
+
+@torch.inference_mode()
+def predictions(cfg: Config, results: dict[str, dict], dataset, n: int) -> dict[str, list[np.ndarray]]:
+    """Argmax train ids of the first n images of `dataset` (eval preset) for every model."""
+    device = resolve_device(cfg.device)
+    out = {}
+    for name, r in results.items():
+        model = load_trained(r["checkpoint_best"]).to(device)
+        out[name] = [model(dataset[i][0][None].to(device))["out"].argmax(1)[0].cpu().numpy() for i in range(n)]
+    return out
+
+
+def reevaluate(cfg: Config, result: dict, loader) -> dict:
+    """Score a saved best checkpoint again on `loader` (what later notebooks compare against)."""
+    device = resolve_device(cfg.device)
+    return evaluate(load_trained(result["checkpoint_best"]).to(device), loader, device).compute()
+
+
+def save_results(path: str | Path, results: dict[str, dict], profiles: dict[str, dict], cfg: Config) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"profile": cfg.profile, "bench": {"height": cfg.bench.height, "width": cfg.bench.width,
+                                                 **measure.cpu_info()},
+               "models": {name: {**results[name], **profiles[name]} for name in results}}
+    path.write_text(json.dumps(payload, indent=2, default=lambda v: None))
+    return path
+
+
+def load_tables(*paths: str | Path) -> pd.DataFrame:
+    """The comparison rows saved by earlier notebooks (results.json), one row per model.
+
+    A missing file is reported in the table's `source` column rather than silently skipped.
+    """
+    rows = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            rows.append({"model": f"(missing: {path.parent.name})", "source": f"{path} not found: run that notebook"})
+            continue
+        data = json.loads(path.read_text())
+        for name, m in data["models"].items():
+            rows.append({"model": name, "val mIoU %": 100 * m["best_miou"], "latency ms": m["latency_ms"],
+                         "params M": m["parameters"] / 1e6, "GFLOPs": m["gflops"], "source": path.parent.name})
+    return pd.DataFrame(rows).set_index("model").round(2)
