@@ -78,3 +78,21 @@ def test_failing_notebook_is_named_and_kept(tmp_path):
     kept = nbformat.read(tmp_path / "out" / "smoke" / "01_broken.ipynb", as_version=4)
     assert any(o.get("ename") == "RuntimeError" for c in kept.cells if c.cell_type == "code"
                for o in c.get("outputs", []))
+
+
+def test_notebooks_01_02_on_smoke(tmp_path, tiny_root):
+    overrides = {"data.root": str(tiny_root), "data.generate": False, "output_root": str(tmp_path / "out"),
+                 "train.epochs": 1}
+    timings = run_notebooks("smoke", overrides, only=["01", "02"], progress=False)
+    assert set(timings) == {"01_baselines", "02_custom_model"}
+    out = tmp_path / "out" / "smoke"
+    base = json.loads((out / "01_baselines" / "results.json").read_text())
+    assert set(base["models"]) == {"unet", "deeplabv3_resnet50"}
+    for m in base["models"].values():
+        assert 0 <= m["best_miou"] <= 1 and m["latency_ms"] > 0 and m["gflops"] > 0
+    custom = json.loads((out / "02_custom_model" / "results.json").read_text())
+    assert set(custom["models"]) == {"custom"}
+    for name in ("learning_curves", "per_class_iou", "predictions"):
+        assert (out / "02_custom_model" / f"{name}.png").is_file()
+    html = (out / "02_custom_model.html").read_text()
+    assert "Against the baselines" in html and "deeplabv3_resnet50" in html

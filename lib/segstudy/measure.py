@@ -33,19 +33,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
 def latency(model: nn.Module, height: int = 512, width: int = 1024, device: str | torch.device = "cpu",
             warmup: int = 2, iters: int = 5, channels_last: bool = False,
             dtype: torch.dtype | None = None) -> dict:
-    """Median (and min/max) wall time of one batch-1 forward pass at height x width."""
+    """Median (and min/max) wall time of one batch-1 forward pass at height x width.
+
+    The model is moved (and converted to channels_last when asked) in place, outside
+    inference mode, so it stays trainable afterwards.
+    """
     device = torch.device(device)
-    model = model.eval().to(device)
+    model = model.eval().to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     x = torch.randn(1, 3, height, width, device=device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     times = []
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for i in range(warmup + iters):
             _sync(device)
             start = time.perf_counter()
@@ -76,3 +78,30 @@ def size_on_disk(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.tell()
+
+
+def train_throughput(model: nn.Module, batch: int, height: int, width: int, steps: int = 4,
+                     amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                     device: str | torch.device = "cpu") -> float:
+    """Images per second of SGD steps (forward, cross-entropy, backward, update) on random data."""
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    model = model.train().to(device)
+    x = torch.randn(batch, 3, height, width, device=device)
+    y = torch.randint(0, 19, (batch, height, width), device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    for i in range(steps + 1):  # the first step is warm-up
+        if i == 1:
+            _sync(device)
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x)["out"], y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return batch * steps / (time.perf_counter() - start)

@@ -1,0 +1,63 @@
+"""Inference latency (fp32 eager vs channels_last, batch 1) and training throughput of the three
+models, side by side in one process on this machine.
+
+    python benchmarks/bench_models.py [--params demo] [--height 512 --width 1024] [--iters 5]
+
+Weights are random (latency does not depend on their values). Prints the CPU and its ISA flags,
+writes outputs/<profile>/benchmarks/models.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from segstudy import measure
+from segstudy.config import load_config
+from segstudy.models import MODELS, build_model
+from segstudy.train import autocast_dtype, resolve_device
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="demo")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--train-steps", type=int, default=4)
+    args = p.parse_args()
+    cfg = load_config(args.params)
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.train.amp, device)
+    info = measure.cpu_info()
+    print(f"CPU: {info['cpu']}  threads: {info['threads']}  " +
+          "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.items() if k not in ("cpu", "threads")))
+    print(f"torch {torch.__version__}, device {device}; latency: batch 1 at {args.width}x{args.height}, "
+          f"median of {args.iters}; training: batch {cfg.data.batch_size} at crop {cfg.data.crop_size}, "
+          f"amp {cfg.train.amp} ({amp}), channels_last {cfg.train.channels_last}")
+    m = cfg.model
+    rows = {}
+    for name in MODELS:
+        model = build_model(name, 19, False, m.output_stride, False, m.unet_base, m.head_channels, m.head_layers)
+        eager = measure.latency(model, args.height, args.width, device, warmup=1, iters=args.iters)["median_ms"]
+        cl = measure.latency(model, args.height, args.width, device, warmup=1, iters=args.iters,
+                             channels_last=True)["median_ms"]
+        fp32_tp = measure.train_throughput(model, cfg.data.batch_size, *cfg.data.crop_size, args.train_steps,
+                                           device=device)
+        tp = measure.train_throughput(model, cfg.data.batch_size, *cfg.data.crop_size, args.train_steps, amp,
+                                      cfg.train.channels_last, device)
+        rows[name] = {"latency_fp32_ms": eager, "latency_channels_last_ms": cl, "channels_last_speedup": eager / cl,
+                      "train_img_per_s_fp32": fp32_tp, "train_img_per_s_profile": tp,
+                      "parameters_M": measure.parameters(model) / 1e6}
+        print(f"{name:20s} fp32 {eager:8.1f} ms   channels_last {cl:8.1f} ms ({eager / cl:4.2f}x)   "
+              f"train fp32 {fp32_tp:5.1f} img/s, profile settings {tp:5.1f} img/s ({tp / fp32_tp:4.2f}x)")
+    out = cfg.output_dir / "benchmarks" / "models.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cpu": info, "size": f"{args.width}x{args.height}", "models": rows}, indent=2))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
