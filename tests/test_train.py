@@ -84,6 +84,10 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, tiny_root):
     with pytest.raises(UserError, match="the loss became .* last good checkpoint is kept"):
         train(bad, progress=False)
     assert latest.read_bytes() == before
+    # a retrain that gets past its first epoch keeps the earlier run as <run>.previous
+    train(_cfg(tmp_path, tiny_root, **{"train.epochs": 1, "seed": 1}), progress=False)
+    previous = latest.parent.with_name("custom.previous") / "checkpoint_latest.pt"
+    assert previous.read_bytes() == before and latest.read_bytes() != before
 
 
 def test_bad_checkpoints(tmp_path, tiny_root):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -107,6 +108,17 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
         cm.update(target, logits.argmax(1))
     cm.reduce_from_all_processes()
     return cm
+
+
+def _archive_previous(run_dir: Path) -> None:
+    """A fresh run replaces an earlier one only once it has a checkpoint of its own; the earlier
+    run is kept as <run_dir>.previous (one generation), so a failed retrain loses nothing."""
+    previous = run_dir.with_name(run_dir.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    run_dir.rename(previous)
+    run_dir.mkdir(parents=True)
+    print(f"[segstudy] the earlier run in {run_dir} was moved to {previous}")
 
 
 def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_dir: str | Path | None = None,
@@ -238,6 +250,8 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
                                     | {f"val_iou_{k}": v for k, v in metrics["iou"].items()}, step)
             history.append(record)
             if main:
+                if not resume and epoch == start_epoch and run_dir.is_dir() and any(run_dir.iterdir()):
+                    _archive_previous(run_dir)
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                          "epoch": epoch + 1, "step": step, "rng": rng_state(), "meta": meta,
