@@ -91,6 +91,9 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, tiny_root):
 
 
 def test_bad_checkpoints(tmp_path, tiny_root):
+    with pytest.raises(UserError, match="model.name = 'segformer' is unknown"):
+        train(_cfg(tmp_path, tiny_root, **{"model.name": "segformer"}), progress=False)
+    assert not (tmp_path / "out" / "smoke" / "runs").exists()  # a failed start writes nothing
     with pytest.raises(UserError, match="checkpoint .*checkpoint_latest.pt does not exist"):
         train(_cfg(tmp_path, tiny_root), resume=True, progress=False)
     train(_cfg(tmp_path, tiny_root, **{"train.epochs": 1, "model.name": "unet"}), progress=False)

@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     timings = run_notebooks(args.profile, _parse_overrides(args.set), only=args.only,
-                            timeout=args.timeout)
+                            timeout=args.timeout, log_output=args.log_output)
     total = time.perf_counter() - start
     for name, sec in timings.items():
         print(f"  {name:28s} {sec:7.1f} s")
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override params, e.g. --set data.batch_size=4")
     r.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    r.add_argument("--log-output", action="store_true",
+                   help="stream the notebooks' output (epoch lines, progress bars) to the terminal")
     r.set_defaults(func=_run)
     return p
 

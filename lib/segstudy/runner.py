@@ -58,7 +58,7 @@ def export_html(executed: Path) -> Path:
 
 def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None,
                   only: list[str] | None = None, notebooks_dir: Path = NOTEBOOKS_DIR,
-                  timeout: int = 3600, progress: bool = True) -> dict[str, float]:
+                  timeout: int = 3600, progress: bool = True, log_output: bool = False) -> dict[str, float]:
     """Execute the notebooks in order; returns {notebook: seconds}. Raises on the first failure."""
     overrides = overrides or {}
     cfg = load_config(profile, overrides)  # a bad profile or key fails here, before any work
@@ -82,7 +82,7 @@ def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None
         try:
             pm.execute_notebook(str(nb), str(executed), kernel_name="python3", cwd=str(nb.parent),
                                 parameters={"profile": profile_arg, "overrides": overrides},
-                                progress_bar=progress, execution_timeout=timeout,
+                                progress_bar=progress, log_output=log_output, execution_timeout=timeout,
                                 request_save_on_cell_execute=True)
         except pm.PapermillExecutionError as exc:
             raise UserError(f"notebook {nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
