@@ -14,7 +14,7 @@ from segstudy.checkpoint import load_checkpoint
 from segstudy.config import load_config
 from segstudy.errors import UserError
 from segstudy.models import build_model, count_parameters
-from segstudy.train import criterion, train
+from segstudy.train import train
 
 
 @pytest.mark.parametrize("name,os_", [("unet", 16), ("deeplabv3_resnet50", 8), ("deeplabv3_resnet50", 16),
@@ -133,8 +133,12 @@ def test_ddp_two_gloo_processes(tmp_path, tiny_root):
 
 
 def test_criterion_aux_and_ignore():
+    from segstudy.config import LossConfig
+    from segstudy.losses import build_loss, with_aux
+
+    criterion = with_aux(build_loss(LossConfig("ce")), aux_weight=0.5)
     logits = torch.zeros(1, 3, 1, 2)
     target = torch.tensor([[[0, 255]]])
     assert criterion({"out": logits}, target).item() == pytest.approx(torch.log(torch.tensor(3.0)).item())
-    both = criterion({"out": logits, "aux": logits}, target, aux_weight=0.5)
+    both = criterion({"out": logits, "aux": logits}, target)
     assert both.item() == pytest.approx(1.5 * torch.log(torch.tensor(3.0)).item())

@@ -95,6 +95,16 @@ class TrainConfig:
 
 
 @dataclass
+class LossConfig:
+    name: str = "ce"  # ce | wce | dice | ce_dice | focal | lovasz
+    weighting: str = "median"  # wce: inverse | median | enet
+    dice_smooth: float = 1.0
+    ce_weight: float = 1.0  # ce_dice
+    dice_weight: float = 1.0  # ce_dice
+    focal_gamma: float = 2.0
+
+
+@dataclass
 class TrackingConfig:
     backend: str = "mlflow"  # mlflow | wandb | none
     experiment: str = "segstudy"
@@ -121,6 +131,7 @@ class Config:
     explore: ExploreConfig = field(default_factory=ExploreConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 

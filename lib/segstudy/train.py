@@ -7,15 +7,16 @@ to resume exactly, and DDP under torchrun.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
@@ -25,7 +26,8 @@ from segstudy.checkpoint import check_meta, load_checkpoint, load_model_state, r
 from segstudy.config import Config
 from segstudy.datasets import build_dataset, build_loader, prepare_data, seed_everything
 from segstudy.errors import UserError
-from segstudy.labels import IGNORE_INDEX, NUM_CLASSES
+from segstudy.labels import NUM_CLASSES
+from segstudy.losses import build_loss, class_weights, count_pixels, with_aux
 from segstudy.metrics import ConfusionMatrix
 from segstudy.models import build_model
 from segstudy.tracking import Tracker
@@ -47,12 +49,15 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def criterion(outputs: dict[str, torch.Tensor], target: torch.Tensor, aux_weight: float = 0.5) -> torch.Tensor:
-    """Cross-entropy on "out" (+ aux_weight x on "aux"), ignoring 255, as in the references."""
-    loss = F.cross_entropy(outputs["out"], target, ignore_index=IGNORE_INDEX)
-    if "aux" in outputs:
-        loss = loss + aux_weight * F.cross_entropy(outputs["aux"], target, ignore_index=IGNORE_INDEX)
-    return loss
+def build_criterion(cfg: Config, train_ds) -> Callable:
+    """cfg.loss on "out" (+ train.aux_weight x on "aux"); class weights for wce are counted once
+    per dataset and cached under outputs/cache/."""
+    weights = None
+    if cfg.loss.name == "wce":
+        tag = hashlib.sha1(f"{cfg.data.root}:{cfg.data.train_split}".encode()).hexdigest()[:12]
+        counts = count_pixels(train_ds, Path(cfg.output_root) / "cache" / f"pixel_counts_{tag}.json")
+        weights = class_weights(counts, cfg.loss.weighting)
+    return with_aux(build_loss(cfg.loss, weights), cfg.train.aux_weight)
 
 
 def param_groups(model: nn.Module, lr: float) -> list[dict]:
@@ -149,6 +154,7 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_ds = build_dataset(cfg.data, cfg.data.val_split)
     seed_everything(cfg.seed)
+    criterion = build_criterion(cfg, train_ds)
     model = build_model(mcfg.name, NUM_CLASSES, mcfg.pretrained, mcfg.output_stride, mcfg.aux_loss,
                         mcfg.unet_base, mcfg.head_channels, mcfg.head_layers).to(device)
     if tcfg.channels_last:
@@ -212,7 +218,7 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
                 if tcfg.channels_last:
                     image = image.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = criterion(net(image), target, tcfg.aux_weight)
+                    loss = criterion(net(image), target)
                 if not torch.isfinite(loss):
                     raise UserError(f"the loss became {loss.item()} at step {step} (epoch {epoch + 1}) of "
                                     f"{mcfg.name}; training stopped, the last good checkpoint is kept "
