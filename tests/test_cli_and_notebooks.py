@@ -96,3 +96,36 @@ def test_notebooks_01_02_on_smoke(tmp_path, tiny_root):
         assert (out / "02_custom_model" / f"{name}.png").is_file()
     html = (out / "02_custom_model.html").read_text()
     assert "Against the baselines" in html and "deeplabv3_resnet50" in html
+
+
+def test_notebook_03_on_smoke(tmp_path, tiny_root):
+    overrides = {"data.root": str(tiny_root), "data.generate": False, "output_root": str(tmp_path / "out")}
+    run_notebooks("smoke", overrides, only=["03"], progress=False)
+    out = tmp_path / "out" / "smoke" / "03_loss_comparison"
+    result = json.loads((out / "results.json").read_text())
+    assert [(r["loss"], r["seed"]) for r in result["runs"]] == [("ce", 0), ("ce", 1), ("dice", 0), ("dice", 1)]
+    summary = {row["loss"]: row for row in result["summary"]}
+    assert summary["ce"]["seeds"] == 2 and summary["ce"]["mIoU std"] is not None
+    assert set(result["small_class_delta_vs_ce"]) == {"dice"}
+    for fig in ("miou_spread", "per_class_iou", "small_class_delta", "learning_curves"):
+        assert (out / f"{fig}.png").is_file()
+
+
+def test_sweep_gathers_runs_and_tags_mlflow(tmp_path, tiny_root):
+    import mlflow
+
+    out = tmp_path / "out"
+    r = _cli("sweep", "notebooks/03_loss_comparison.ipynb", "--profile", "smoke", "--name", "t",
+             "-p", "loss_study.names", "ce", "dice", "-p", "loss_study.seeds", "0",
+             "--set", f"data.root={tiny_root}", "data.generate=false", f"output_root={out}",
+             "tracking.backend=mlflow")
+    assert r.returncode == 0, r.stderr[-3000:]
+    gathered = json.loads((out / "sweeps" / "t" / "sweep.json").read_text())
+    assert [run["params"]["loss_study.names"] for run in gathered["runs"]] == [["ce"], ["dice"]]
+    assert all(run["results"]["runs"][0]["best_miou"] >= 0 for run in gathered["runs"])
+    assert (out / "sweeps" / "t" / "loss_study.names=ce,loss_study.seeds=0" / "03_loss_comparison.html").is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    tagged = mlflow.search_runs(experiment_names=["segstudy"], filter_string="tags.sweep = 't'")
+    assert len(tagged) == 2
+    bad = _cli("sweep", "notebooks/03_loss_comparison.ipynb", "--profile", "smoke", "-p", "loss_study.nmes", "ce")
+    assert bad.returncode == 2 and "unknown key 'loss_study.nmes'" in bad.stderr

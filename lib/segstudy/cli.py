@@ -56,6 +56,20 @@ def _train(args: argparse.Namespace) -> None:
               f"checkpoints in {result['run_dir']}")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    import yaml
+
+    from segstudy.config import _parse_overrides
+    from segstudy.runner import sweep
+
+    grid = {key: [yaml.safe_load(v) for v in values] for key, *values in args.p}
+    empty = [key for key, values in grid.items() if not values]
+    if empty:
+        raise UserError(f"-p {empty[0]} has no values; write -p KEY VALUE [VALUE ...], e.g. -p loss_study.seeds 0 1")
+    path = sweep(args.notebook, grid, args.profile, _parse_overrides(args.set), args.name, args.timeout)
+    print(f"gathered results: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segstudy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint_latest.pt")
     t.set_defaults(func=_train)
+
+    w = sub.add_parser("sweep", help="run one notebook over a grid of parameters (papermill)")
+    w.add_argument("notebook", help="e.g. notebooks/03_loss_comparison.ipynb")
+    w.add_argument("-p", nargs="+", action="append", required=True, metavar=("KEY", "VALUE"),
+                   help="a config key and its values, e.g. -p loss_study.names ce dice -p loss_study.seeds 0 1")
+    w.add_argument("--profile", default="demo")
+    w.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fixed overrides for every run")
+    w.add_argument("--name", help="sweep name (folder under outputs/sweeps/); default: notebook-timestamp")
+    w.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    w.set_defaults(func=_sweep)
 
     r = sub.add_parser("run", help="execute the numbered notebooks with papermill (run_all.sh)")
     r.add_argument("profile", nargs="?", default="demo")

@@ -105,11 +105,21 @@ class LossConfig:
 
 
 @dataclass
+class LossStudyConfig:
+    """Notebook 03: every loss x every seed, one schedule."""
+
+    names: list[str] = field(default_factory=lambda: ["ce", "wce", "dice", "ce_dice"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    epochs: int = 0  # 0: train.epochs
+
+
+@dataclass
 class TrackingConfig:
     backend: str = "mlflow"  # mlflow | wandb | none
     experiment: str = "segstudy"
     uri: str = ""  # MLflow tracking URI; empty: sqlite:///<output_root>/mlflow.db
     register: bool = True  # register the final model in the MLflow model registry
+    sweep: str = ""  # set by `segstudy sweep`: every run of a sweep carries this tag
 
 
 @dataclass
@@ -132,6 +142,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    loss_study: LossStudyConfig = field(default_factory=LossStudyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 

@@ -135,3 +135,41 @@ def prediction_grid(dataset, preds: dict[str, list[np.ndarray]], n: int) -> plt.
     fig.legend(handles=legend_handles(), loc="lower center", ncol=10, fontsize=6, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
+
+
+def spread_curves(curves: dict[str, dict[str, list[float]]]) -> plt.Figure:
+    """Validation mIoU per epoch: mean over seeds as a line, min-max over seeds as a band."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for name, c in curves.items():
+        ax.plot(c["epoch"], c["mean"], marker="o", label=name)
+        ax.fill_between(c["epoch"], c["min"], c["max"], alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="val mIoU %", title="Learning curves (mean over seeds, band: min-max)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def miou_spread(per_run: pd.Series) -> plt.Figure:
+    """mIoU per loss: one dot per seed and the mean."""
+    df = per_run.rename("mIoU %").reset_index()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    sns.stripplot(df, x="loss", y="mIoU %", size=8, ax=ax, color="black")
+    sns.pointplot(df, x="loss", y="mIoU %", errorbar=None, markers="_", linestyles="none", color="red", ax=ax)
+    ax.set_title("Validation mIoU per loss (dots: seeds, red: mean)")
+    fig.tight_layout()
+    return fig
+
+
+def delta_bars(delta: pd.DataFrame, reference: str = "ce") -> plt.Figure:
+    """Small-class IoU change vs the reference loss, in points."""
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    if "note" in delta.columns:
+        ax.text(0.5, 0.5, delta["note"].iloc[0], ha="center", va="center")
+        ax.axis("off")
+        return fig
+    delta.T.plot.bar(ax=ax)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(ylabel=f"IoU points vs {reference}", title=f"Small classes: IoU gained or lost against {reference}")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig

@@ -8,7 +8,9 @@ its executed copy (with the failing cell's traceback) is kept.
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from nbconvert import HTMLExporter
 from segstudy.config import PROJECT_ROOT, load_config, resolve_profile
 from segstudy.datasets import prepare_data
 from segstudy.errors import UserError
+from segstudy.tracking import mlflow_uri
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 NOTEBOOK_PARAMETERS = {"profile", "overrides"}  # what every notebook's parameters cell defines
@@ -56,15 +59,38 @@ def export_html(executed: Path) -> Path:
     return html
 
 
+def _profile_arg(profile: str) -> str:
+    """A profile name stays a name in the executed notebooks; a YAML path becomes absolute."""
+    return str(resolve_profile(profile).resolve()) if str(profile).endswith((".yaml", ".yml")) else str(profile)
+
+
+def execute(notebook: Path, executed: Path, profile: str, overrides: dict[str, Any], timeout: int = 3600,
+            progress: bool = True, log_output: bool = False) -> float:
+    """Run one notebook with papermill (explicit kernel, cwd = its folder), export its HTML;
+    returns the seconds it took. A failing cell raises UserError naming the notebook."""
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[segstudy] {notebook.name} -> {executed}", flush=True)
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(str(notebook), str(executed), kernel_name="python3", cwd=str(notebook.parent),
+                            parameters={"profile": _profile_arg(profile), "overrides": overrides},
+                            progress_bar=progress, log_output=log_output, execution_timeout=timeout,
+                            request_save_on_cell_execute=True)
+    except pm.PapermillExecutionError as exc:
+        raise UserError(f"notebook {notebook.name} failed in cell {exc.exec_count}: {exc.ename}: "
+                        f"{exc.evalue}. The executed copy with the full traceback is {executed}") from None
+    seconds = round(time.perf_counter() - start, 1)
+    html = export_html(executed)
+    print(f"[segstudy] {notebook.name} done in {seconds:.1f} s -> {html}", flush=True)
+    return seconds
+
+
 def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None,
                   only: list[str] | None = None, notebooks_dir: Path = NOTEBOOKS_DIR,
                   timeout: int = 3600, progress: bool = True, log_output: bool = False) -> dict[str, float]:
     """Execute the notebooks in order; returns {notebook: seconds}. Raises on the first failure."""
     overrides = overrides or {}
     cfg = load_config(profile, overrides)  # a bad profile or key fails here, before any work
-    # a profile name stays a name in the executed notebooks; a YAML path becomes absolute
-    profile_arg = str(profile) if not str(profile).endswith((".yaml", ".yml")) \
-        else str(resolve_profile(profile).resolve())
     notebooks = list_notebooks(notebooks_dir, only)
     for nb in notebooks:
         check_parameters(nb)
@@ -76,20 +102,65 @@ def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None
     if timing_file.is_file():
         timings.update(json.loads(timing_file.read_text()))
     for nb in notebooks:
-        executed = out_dir / nb.name
-        print(f"[segstudy] {nb.name} -> {executed}", flush=True)
-        start = time.perf_counter()
-        try:
-            pm.execute_notebook(str(nb), str(executed), kernel_name="python3", cwd=str(nb.parent),
-                                parameters={"profile": profile_arg, "overrides": overrides},
-                                progress_bar=progress, log_output=log_output, execution_timeout=timeout,
-                                request_save_on_cell_execute=True)
-        except pm.PapermillExecutionError as exc:
-            raise UserError(f"notebook {nb.name} failed in cell {exc.exec_count}: {exc.ename}: "
-                            f"{exc.evalue}. The executed copy with the full traceback is {executed}"
-                            ) from None
-        timings[nb.stem] = round(time.perf_counter() - start, 1)
-        html = export_html(executed)
+        timings[nb.stem] = execute(nb, out_dir / nb.name, profile, overrides, timeout, progress, log_output)
         timing_file.write_text(json.dumps(timings, indent=2))
-        print(f"[segstudy] {nb.name} done in {timings[nb.stem]:.1f} s -> {html}", flush=True)
-    return timings
+    return {nb.stem: timings[nb.stem] for nb in notebooks}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def sweep(notebook: str | Path, grid: dict[str, list[Any]], profile: str = "demo",
+          fixed: dict[str, Any] | None = None, name: str | None = None, timeout: int = 3600,
+          progress: bool = True) -> Path:
+    """Run `notebook` once per combination of `grid` (config keys -> values) and gather the results.
+
+    Each run gets its own folder outputs/sweeps/<name>/<key=value,...>/ (executed notebook, HTML,
+    checkpoints, results) and logs to the profile's MLflow database with the tag sweep=<name>.
+    A list-valued key swept over single values runs one value per run (loss_study.names=ce means
+    ["ce"]). The gathered table is outputs/sweeps/<name>/sweep.json.
+    """
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise UserError(f"notebook {notebook} does not exist; e.g. notebooks/03_loss_comparison.ipynb")
+    check_parameters(notebook)
+    fixed = fixed or {}
+    base = load_config(profile, fixed)
+    for key, values in grid.items():
+        try:
+            current = _get(base, key)
+        except AttributeError:
+            load_config(profile, fixed | {key: values[0]})  # raises the unknown-key error with the valid keys
+            raise
+        if isinstance(current, list):
+            grid[key] = [v if isinstance(v, list) else [v] for v in values]
+    name = name or f"{notebook.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = Path(base.output_root) / "sweeps" / name
+    shared = {"tracking.uri": mlflow_uri(base.tracking, base.output_root), "tracking.sweep": name}
+    prepare_data(base)
+    rows = []
+    for combo in itertools.product(*grid.values()):
+        params = dict(zip(grid, combo))
+        label = ",".join(f"{k}={v[0] if isinstance(v, list) and len(v) == 1 else v}" for k, v in params.items())
+        run_root = sweep_dir / re.sub(r"[^A-Za-z0-9=,._-]", "_", label)
+        overrides = fixed | params | shared | {"output_root": str(run_root)}
+        load_config(profile, overrides)  # every combination is validated before it runs
+        row = {"params": params, "folder": str(run_root)}
+        try:
+            row["seconds"] = execute(notebook, run_root / notebook.name, profile, overrides, timeout, progress)
+            results = run_root / base.profile / notebook.stem / "results.json"
+            row["results"] = json.loads(results.read_text()) if results.is_file() else None
+        except UserError as exc:
+            row["error"] = str(exc)  # keep going: one failed combination does not lose the others
+        rows.append(row)
+        (sweep_dir / "sweep.json").write_text(json.dumps(
+            {"sweep": name, "notebook": notebook.name, "profile": base.profile, "fixed": fixed,
+             "grid": grid, "runs": rows}, indent=2, default=str))
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(rows)} sweep runs failed (first: {failed[0]['error']}); "
+                        f"the others are gathered in {sweep_dir / 'sweep.json'}")
+    return sweep_dir / "sweep.json"

@@ -198,7 +198,8 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
 
     tracker = Tracker(cfg.tracking if main else dataclasses.replace(cfg.tracking, backend="none"),
                       cfg.output_root, f"{cfg.profile}-{mcfg.name}", cfg.to_dict() | {"model": meta["model_config"]},
-                      tags={"profile": cfg.profile, "model": mcfg.name})
+                      tags={"profile": cfg.profile, "model": mcfg.name, "loss": cfg.loss.name}
+                      | ({"sweep": cfg.tracking.sweep} if cfg.tracking.sweep else {}))
     status, stopped_early, train_seconds, images_seen = "FAILED", False, 0.0, 0
     try:
         for epoch in range(start_epoch, tcfg.epochs):
