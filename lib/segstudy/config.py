@@ -118,7 +118,8 @@ class TrackingConfig:
     backend: str = "mlflow"  # mlflow | wandb | none
     experiment: str = "segstudy"
     uri: str = ""  # MLflow tracking URI; empty: sqlite:///<output_root>/mlflow.db
-    register: bool = True  # register the final model in the MLflow model registry
+    log_model: bool = True  # log the final model as an MLflow model
+    register: bool = True  # and register it in the MLflow model registry
     sweep: str = ""  # set by `segstudy sweep`: every run of a sweep carries this tag
 
 

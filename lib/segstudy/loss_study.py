@@ -23,7 +23,9 @@ def run_grid(cfg: Config, names: list[str] | None = None, seeds: list[int] | Non
         for seed in seeds or study.seeds:
             run_cfg = dataclasses.replace(cfg, seed=seed, loss=dataclasses.replace(cfg.loss, name=name),
                                           train=dataclasses.replace(cfg.train, epochs=epochs),
-                                          model=dataclasses.replace(cfg.model, name="custom"))
+                                          model=dataclasses.replace(cfg.model, name="custom"),
+                                          # metrics are tracked; the grid's models are not worth registering
+                                          tracking=dataclasses.replace(cfg.tracking, log_model=False))
             result = train(run_cfg, run_dir=cfg.output_dir / "runs" / f"custom-{name}-seed{seed}")
             runs.append({"loss": name, "seed": seed, **result})
     return runs

@@ -68,7 +68,7 @@ class Tracker:
 
     def log_model(self, model: nn.Module, registered_name: str) -> str | None:
         """Log the final model; register it as a new version of `registered_name` (MLflow)."""
-        if self.backend != "mlflow":
+        if self.backend != "mlflow" or not self.cfg.log_model:
             return None
         import mlflow.pytorch
 
