@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from segstudy.cityscapes import SegmentationFolder
 from segstudy.labels import CLASS_NAMES, PALETTE, colorize
@@ -102,6 +103,8 @@ def learning_curves(results: dict[str, dict]) -> plt.Figure:
         v = [x for x in h if "val_miou" in x]
         b.plot([x["epoch"] for x in v], [100 * x["val_miou"] for x in v], marker="o", label=name)
     a.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     b.set(xlabel="epoch", ylabel="val mIoU %", title="Validation mIoU")
     a.legend()
     fig.tight_layout()
@@ -144,6 +147,7 @@ def spread_curves(curves: dict[str, dict[str, list[float]]]) -> plt.Figure:
         ax.plot(c["epoch"], c["mean"], marker="o", label=name)
         ax.fill_between(c["epoch"], c["min"], c["max"], alpha=0.2)
     ax.set(xlabel="epoch", ylabel="val mIoU %", title="Learning curves (mean over seeds, band: min-max)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     fig.tight_layout()
     return fig
