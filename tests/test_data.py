@@ -16,7 +16,8 @@ from segstudy.cityscapes import CityscapesSegmentation, cityscapes_samples, labe
 from segstudy.config import SynthConfig
 from segstudy.datasets import build_loader
 from segstudy.errors import UserError
-from segstudy.synth import MARKER, ensure_dataset, generate, render
+from segstudy.scene import render
+from segstudy.synth import MARKER, ensure_dataset, generate
 from segstudy.transforms import eval_preset, train_preset
 
 
