@@ -115,6 +115,40 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     return cm
 
 
+def train_one_epoch(net: nn.Module, criterion: Callable, optimizer: torch.optim.Optimizer, scheduler,
+                    scaler: torch.amp.GradScaler, loader, device: torch.device, *, amp_dtype: torch.dtype | None,
+                    channels_last: bool, grad_accum: int, max_batches: int,
+                    on_step: Callable[[float, int], bool]) -> tuple[float, int, bool]:
+    """One pass over `loader` (at most `max_batches`), stepping optimiser and LR every `grad_accum`
+    batches. `on_step(loss, images seen)` runs after each optimiser step; True stops the epoch.
+    Returns (mean loss, images seen on this rank, stopped). A NaN/inf loss raises FloatingPointError
+    before it reaches the weights."""
+    net.train()
+    seen, total, batches = 0, 0.0, 0
+    for i, (image, target) in enumerate(loader):
+        if i >= max_batches:
+            break
+        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = criterion(net(image), target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(loss.item())
+        scaler.scale(loss / grad_accum).backward()
+        seen += image.shape[0]
+        total += loss.item()
+        batches += 1
+        if (i + 1) % grad_accum == 0:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if on_step(loss.item(), seen):
+                return total / batches, seen, True
+    return total / max(batches, 1), seen, False
+
+
 def _archive_previous(run_dir: Path) -> None:
     """A fresh run replaces an earlier one only once it has a checkpoint of its own; the earlier
     run is kept as <run_dir>.previous (one generation), so a failed retrain loses nothing."""
@@ -208,46 +242,38 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
                 train_sampler.set_epoch(epoch)
             loader = build_loader(train_ds, cfg.data.batch_size, train=True, seed=cfg.seed + epoch,
                                   num_workers=cfg.data.num_workers, device=device.type, sampler=train_sampler)
-            net.train()
             bar = tqdm(total=steps_per_epoch, desc=f"{mcfg.name} epoch {epoch + 1}/{tcfg.epochs}",
                        disable=not (progress and main), mininterval=2.0)
-            t0, seen, running = time.perf_counter(), 0, 0.0
-            for i, (image, target) in enumerate(loader):
-                if i >= steps_per_epoch * tcfg.grad_accum:
-                    break
-                image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
-                if tcfg.channels_last:
-                    image = image.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = criterion(net(image), target)
-                if not torch.isfinite(loss):
-                    raise UserError(f"the loss became {loss.item()} at step {step} (epoch {epoch + 1}) of "
-                                    f"{mcfg.name}; training stopped, the last good checkpoint is kept "
-                                    f"({latest if latest.is_file() else 'none yet'}); lower train.lr or "
-                                    f"use train.amp: none")
-                scaler.scale(loss / tcfg.grad_accum).backward()
-                seen += image.shape[0] * world
-                running += loss.item()
-                if (i + 1) % tcfg.grad_accum == 0:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    step += 1
-                    bar.update()
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                    img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-                    tracker.log_metrics({"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, step)
-                    if tcfg.max_steps and step >= tcfg.max_steps:
-                        stopped_early = True
-                        break
+            t0 = time.perf_counter()
+
+            def on_step(loss: float, seen: int, bar=bar, t0=t0) -> bool:
+                nonlocal step
+                step += 1
+                lr = scheduler.get_last_lr()[0]
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
+                                img_s=f"{seen * world / (time.perf_counter() - t0):.1f}")
+                tracker.log_metrics({"train_loss": loss, "lr": lr}, step)
+                return bool(tcfg.max_steps) and step >= tcfg.max_steps
+
+            try:
+                mean_loss, seen, stopped_early = train_one_epoch(
+                    net, criterion, optimizer, scheduler, scaler, loader, device, amp_dtype=amp_dtype,
+                    channels_last=tcfg.channels_last, grad_accum=tcfg.grad_accum,
+                    max_batches=steps_per_epoch * tcfg.grad_accum, on_step=on_step)
+            except FloatingPointError as exc:
+                raise UserError(f"the loss became {exc} at step {step} (epoch {epoch + 1}) of {mcfg.name}; "
+                                f"training stopped, the last good checkpoint is kept "
+                                f"({latest if latest.is_file() else 'none yet'}); lower train.lr or "
+                                f"use train.amp: none") from None
+            seen *= world
             bar.close()
             epoch_seconds = time.perf_counter() - t0
             train_seconds += epoch_seconds
             images_seen += seen
             if stopped_early:
                 break  # an interruption: the latest checkpoint stays at the last finished epoch
-            record = {"epoch": epoch + 1, "step": step, "train_loss": running / max(1, i + 1),
+            record = {"epoch": epoch + 1, "step": step, "train_loss": mean_loss,
                       "img_per_s": seen / epoch_seconds}
             if (epoch + 1) % tcfg.val_every == 0 or epoch + 1 == tcfg.epochs:
                 metrics = evaluate(model, val_loader, device, amp_dtype, tcfg.channels_last).compute()
