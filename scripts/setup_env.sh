@@ -21,5 +21,7 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     || { echo "[setup] installation failed: see the pip output above" >&2; exit 1; }
   touch "$STAMP"
   echo "[setup] installed in $(( $(date +%s) - start )) s"
+else
+  echo "[setup] reusing $VENV (delete it, or touch pyproject.toml, to reinstall)"
 fi
 export PATH="$VENV/bin:$PATH"

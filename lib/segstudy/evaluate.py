@@ -150,6 +150,8 @@ def format_result(result: dict) -> str:
     for name, v in result["iou"].items():
         lines.append(f"{name:>14s}  {pct(v)}" + (f"  {pct(result['iiou'][name])}" if has_inst else ""))
     lines.append(f"{'mean':>14s}  {pct(result['miou'])}" + (f"  {pct(result['miiou'])}" if has_inst else ""))
+    cats = "  ".join(f"{c} {pct(v).strip()}" for c, v in result["category_iou"].items())
+    lines.append(f"category IoU: {cats}")
     lines.append(f"pixel accuracy {pct(result['pixel_acc'])}   category mIoU {pct(result['category_miou'])}"
                  f"   images {result['n_images']}")
     return "\n".join(lines)
