@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 
 import torch
 
@@ -37,10 +38,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}; latency: batch 1 at {args.width}x{args.height}, "
           f"median of {args.iters}; training: batch {cfg.data.batch_size} at crop {cfg.data.crop_size}, "
           f"amp {cfg.train.amp} ({amp}), channels_last {cfg.train.channels_last}")
-    m = cfg.model
     rows = {}
     for name in MODELS:
-        model = build_model(name, 19, False, m.output_stride, False, m.unet_base, m.head_channels, m.head_layers)
+        model = build_model(num_classes=19, **(asdict(cfg.model) | {"name": name, "pretrained": False,
+                                                                     "aux_loss": False}))
         eager = measure.latency(model, args.height, args.width, device, warmup=1, iters=args.iters)["median_ms"]
         cl = measure.latency(model, args.height, args.width, device, warmup=1, iters=args.iters,
                              channels_last=True)["median_ms"]

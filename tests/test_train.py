@@ -13,7 +13,8 @@ import torch
 from segstudy.checkpoint import load_checkpoint
 from segstudy.config import load_config
 from segstudy.errors import UserError
-from segstudy.models import build_model, count_parameters
+from segstudy.measure import parameters
+from segstudy.models import build_model
 from segstudy.train import train
 
 
@@ -27,7 +28,7 @@ def test_model_shapes(name, os_):
     assert out["out"].shape == (1, 19, 72, 136)
     if name == "deeplabv3_resnet50":
         assert out["aux"].shape == (1, 19, 72, 136)
-    assert count_parameters(model) > 0
+    assert parameters(model) > 0
 
 
 def test_unknown_model_and_pretrained_true_without_weights(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 from segstudy import measure
 from segstudy.config import Config
 from segstudy.models import load_trained
-from segstudy.train import evaluate, resolve_device, train
+from segstudy.train import resolve_device, train
 
 
 def train_models(cfg: Config, names: list[str]) -> dict[str, dict]:
@@ -69,12 +69,6 @@ def predictions(cfg: Config, results: dict[str, dict], dataset, n: int) -> dict[
         model = load_trained(r["checkpoint_best"]).to(device)
         out[name] = [model(dataset[i][0][None].to(device))["out"].argmax(1)[0].cpu().numpy() for i in range(n)]
     return out
-
-
-def reevaluate(cfg: Config, result: dict, loader) -> dict:
-    """Score a saved best checkpoint again on `loader` (what later notebooks compare against)."""
-    device = resolve_device(cfg.device)
-    return evaluate(load_trained(result["checkpoint_best"]).to(device), loader, device).compute()
 
 
 def save_results(path: str | Path, results: dict[str, dict], profiles: dict[str, dict], cfg: Config) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from segstudy.labels import CLASS_CATEGORIES, CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
+from segstudy.labels import CLASS_CATEGORIES, CLASS_NAMES, NUM_CLASSES
 
 CATEGORIES = list(dict.fromkeys(CLASS_CATEGORIES))  # flat, construction, object, nature, ...
 
@@ -78,11 +78,3 @@ class ConfusionMatrix:
         lines = [f"{name:>14s}  {iou * 100:6.2f}" for name, iou in r["iou"].items()]
         lines.append(f"{'mIoU':>14s}  {r['miou'] * 100:6.2f}   pixel acc {r['pixel_acc'] * 100:.2f}")
         return "\n".join(lines)
-
-
-def predictions_to_train_ids(logits: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) logits -> (N, H, W) train ids."""
-    return logits.argmax(1)
-
-
-__all__ = ["ConfusionMatrix", "CATEGORIES", "IGNORE_INDEX", "nanmean", "predictions_to_train_ids"]

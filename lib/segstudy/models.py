@@ -149,10 +149,6 @@ def build_model(name: str, num_classes: int = 19, pretrained: str | bool = "auto
     return HybridFCN(backbone, num_classes, head_channels, head_layers)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def load_trained(checkpoint: str | Path) -> nn.Module:
     """Rebuild a model from a segstudy checkpoint (its meta says which) and load its weights."""
     from segstudy.checkpoint import load_checkpoint, load_model_state
@@ -161,7 +157,7 @@ def load_trained(checkpoint: str | Path) -> nn.Module:
     if "meta" not in ckpt or "model_config" not in ckpt["meta"]:
         raise UserError(f"{checkpoint} has no segstudy model metadata; it was not written by segstudy train")
     mc = ckpt["meta"]["model_config"]
-    model = build_model(mc["name"], ckpt["meta"]["num_classes"], "false", mc["output_stride"], mc["aux_loss"],
-                        mc["unet_base"], mc["head_channels"], mc["head_layers"])
+    # the checkpoint holds the weights: no need to look for pretrained ones
+    model = build_model(num_classes=ckpt["meta"]["num_classes"], **(mc | {"pretrained": False}))
     load_model_state(model, ckpt["model"], checkpoint)
     return model.eval()

@@ -189,8 +189,7 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
     val_ds = build_dataset(cfg.data, cfg.data.val_split)
     seed_everything(cfg.seed)
     criterion = build_criterion(cfg, train_ds)
-    model = build_model(mcfg.name, NUM_CLASSES, mcfg.pretrained, mcfg.output_stride, mcfg.aux_loss,
-                        mcfg.unet_base, mcfg.head_channels, mcfg.head_layers).to(device)
+    model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(mcfg)).to(device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = param_groups(model, tcfg.lr)
