@@ -19,3 +19,17 @@ def tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synth-tiny"
     generate(root, TINY, workers=1, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_model(tmp_path_factory, tiny_root) -> dict:
+    """One custom model trained for an epoch on the tiny data (predict and serving tests).
+
+    Returns train()'s result with "cfg", the smoke config it was trained with."""
+    from segstudy.config import load_config
+    from segstudy.train import train
+
+    out = tmp_path_factory.mktemp("smoke-model")
+    cfg = load_config("smoke", {"data.root": str(tiny_root), "data.generate": False, "output_root": str(out),
+                                "train.epochs": 1})
+    return train(cfg, progress=False) | {"cfg": cfg}

@@ -70,6 +70,31 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"gathered results: {path}")
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from segstudy.config import load_config
+    from segstudy.predict import predict
+
+    cfg = load_config(args.params, args.set)
+    result = predict(args.model, args.input, args.out, cfg)
+    print(f"{result['images']} images in {result['seconds']:.1f} s with {result['model']}: "
+          f"*_labelIds.png and *_color.png in {result['out_dir']}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import os
+
+    from segstudy.config import load_config
+    from segstudy.registry import resolve
+    from segstudy.serving import serve_command, serve_env
+    from segstudy.tracking import mlflow_uri
+
+    cfg = load_config(args.params, args.set)
+    resolve(cfg, args.model)  # a missing model or alias fails here, listing the registered ones
+    cmd = serve_command(args.model, args.host, args.port, args.workers)
+    print(" ".join(cmd), flush=True)
+    os.execve(cmd[0], cmd, serve_env(mlflow_uri(cfg.tracking, cfg.output_root)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segstudy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-output", action="store_true",
                    help="stream the notebooks' output (epoch lines, progress bars) to the terminal")
     r.set_defaults(func=_run)
+
+    d = sub.add_parser("predict", help="segment new images: labelIds PNGs + colour overlays")
+    d.add_argument("--model", required=True,
+                   help="checkpoint .pt, .onnx file, or MLflow URI (models:/segstudy-custom@champion, runs:/ID/model)")
+    d.add_argument("--input", required=True, nargs="+", help="image files and/or folders (searched recursively)")
+    d.add_argument("--out", required=True, help="output folder (scorable by segstudy evaluate)")
+    d.add_argument("--params", default="demo", help="profile: data.base_size for files, the registry for URIs")
+    d.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    d.set_defaults(func=_predict)
+
+    v = sub.add_parser("serve", help="check a registered model, then run mlflow models serve on it")
+    v.add_argument("--model", required=True, help="models:/NAME@ALIAS (or models:/NAME/VERSION)")
+    v.add_argument("--params", default="demo", help="profile whose MLflow registry holds the model")
+    v.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=5001)
+    v.add_argument("--workers", type=int, default=1)
+    v.set_defaults(func=_serve)
     return p
 
 

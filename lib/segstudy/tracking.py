@@ -26,6 +26,18 @@ def mlflow_uri(cfg: TrackingConfig, output_root: str | Path) -> str:
     return cfg.uri or f"sqlite:///{Path(output_root).resolve()}/mlflow.db"
 
 
+def use_mlflow(cfg: TrackingConfig, output_root: str | Path):
+    """Point MLflow at the profile's database and experiment (artifacts in output_root/mlartifacts)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri(cfg, output_root))
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        artifacts = (Path(output_root).resolve() / "mlartifacts").as_uri()
+        mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+    mlflow.set_experiment(cfg.experiment)
+    return mlflow
+
+
 class Tracker:
     """One run. `backend` none makes every call a no-op, so the engine never branches on it."""
 
@@ -35,17 +47,11 @@ class Tracker:
         self.cfg = cfg
         self.run_id: str | None = None
         if self.backend == "mlflow":
-            import mlflow
-
-            self.mlflow = mlflow
-            mlflow.set_tracking_uri(mlflow_uri(cfg, output_root))
-            if mlflow.get_experiment_by_name(cfg.experiment) is None:
-                artifacts = (Path(output_root).resolve() / "mlartifacts").as_uri()
-                mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
-            mlflow.set_experiment(cfg.experiment)
-            run = mlflow.start_run(run_name=run_name, tags=tags)
+            self.mlflow = use_mlflow(cfg, output_root)
+            self.params = params
+            run = self.mlflow.start_run(run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
-            mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+            self.mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
         elif self.backend == "wandb":
             try:
                 import wandb
@@ -67,14 +73,23 @@ class Tracker:
             self.wandb.log(clean, step=step)
 
     def log_model(self, model: nn.Module, registered_name: str) -> str | None:
-        """Log the final model; register it as a new version of `registered_name` (MLflow)."""
+        """Log the final model as the servable pyfunc (segstudy.serving); register it as a new
+        version of `registered_name` (MLflow). Returns the logged model's URI."""
         if self.backend != "mlflow" or not self.cfg.log_model:
             return None
-        import mlflow.pytorch
+        import tempfile
 
-        info = mlflow.pytorch.log_model(
-            model.cpu().eval(), name="model", serialization_format="pickle",  # pt2 needs fixed shapes
-            registered_model_name=registered_name if self.cfg.register else None)
+        from segstudy.checkpoint import save_checkpoint
+        from segstudy.labels import NUM_CLASSES
+        from segstudy.serving import log_servable
+
+        # the same {"model", "meta"} a training checkpoint holds, so models.load_trained reads it
+        mcfg = self.params["model"]
+        meta = {"model": mcfg["name"], "num_classes": NUM_CLASSES, "model_config": mcfg}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_checkpoint({"model": model.cpu().eval().state_dict(), "meta": meta}, Path(tmp) / "model.pt")
+            info = log_servable(path, self.params["data"]["base_size"],
+                                registered_model_name=registered_name if self.cfg.register else None)
         return info.model_uri
 
     def finish(self, status: str = "FINISHED") -> None:

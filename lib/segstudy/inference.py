@@ -1,0 +1,154 @@
+"""Inference shared by `segstudy predict` and the served MLflow model: one decode, one
+pre-processing, one post-processing, so a served mask equals a predicted one pixel for pixel.
+
+Pre-processing is exactly the evaluation preset (`transforms.eval_preset`: shorter side resized to
+`base_size`, ImageNet normalisation). Post-processing upsamples the *logits* bilinearly to the input
+image's size and takes the argmax there (as mmsegmentation does for `ori_shape`), rather than
+resizing the label map with nearest neighbour: the models themselves end in a bilinear upsampling
+of logits, so this keeps class boundaries smooth at full resolution instead of blocky at the
+base_size grid, and costs nothing when the image is already at base_size.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+
+from segstudy import labels
+from segstudy.errors import UserError
+from segstudy.transforms import eval_preset
+
+# Largest image the served model accepts: 4x a Cityscapes frame (2048x1024). Larger requests are
+# refused before decoding, so one request cannot take the server's memory.
+MAX_PIXELS = 4096 * 2048
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+@dataclass
+class Engine:
+    """A loaded model: `run(x)` maps a (1, 3, h, w) float32 tensor to (1, C, h', w') logits."""
+
+    kind: str  # torch | onnx
+    path: str
+    run: Callable[[torch.Tensor], torch.Tensor]
+    fixed_size: tuple[int, int] | None = None  # (h, w) of an ONNX graph exported with a static shape
+
+
+def load_engine(path: str | Path) -> Engine:
+    """A segstudy checkpoint (fp32 or pruned, via models.load_trained) or an ONNX file (fp32/int8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist; give a checkpoint (.pt), an .onnx file or an "
+                        f"MLflow model URI (models:/NAME@ALIAS)")
+    if path.suffix == ".onnx":
+        return _onnx_engine(path)
+    from segstudy.models import load_trained
+
+    model = load_trained(path).eval()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)["out"]
+
+    return Engine("torch", str(path), run)
+
+
+def _onnx_engine(path: Path) -> Engine:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise UserError(f"{path} is an ONNX model; it needs onnxruntime: pip install onnxruntime") from exc
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()  # the same cores torch would use
+        opts.log_severity_level = 3  # errors only
+        session = ort.InferenceSession(str(path), opts, providers=ort.get_available_providers())
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise UserError(f"{path} is not a loadable ONNX model ({str(exc).splitlines()[0]}); export it "
+                        f"again") from exc
+    inp = session.get_inputs()[0]
+    h, w = inp.shape[2:4] if len(inp.shape) == 4 else (None, None)
+    fixed = (h, w) if isinstance(h, int) and isinstance(w, int) else None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        # the first output is the logits ("out"); an aux head, if exported, comes after it
+        return torch.from_numpy(session.run(None, {inp.name: x.numpy()})[0])
+
+    return Engine("onnx", str(path), run, fixed)
+
+
+def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """PNG/JPEG bytes -> RGB image; every way the bytes can be wrong is a UserError saying which."""
+    if not data:
+        raise UserError(f"{what} is empty; send PNG or JPEG bytes")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{what} is not an image ({len(data)} bytes that are neither PNG nor JPEG)") from exc
+    if im.format not in IMAGE_FORMATS:
+        raise UserError(f"{what} is a {im.format} image; send PNG or JPEG")
+    if max_pixels and im.width * im.height > max_pixels:  # checked from the header, before decoding
+        raise UserError(f"{what} is {im.width}x{im.height} ({im.width * im.height / 1e6:.1f} MP), larger than "
+                        f"the limit of {max_pixels / 1e6:.1f} MP (e.g. 4096x2048); downscale it first")
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{what} is a truncated or corrupt {im.format} ({exc})") from exc
+    return im.convert("RGB")
+
+
+def decode_base64_image(text: str, what: str = "image", max_pixels: int | None = None) -> Image.Image:
+    if not isinstance(text, str):
+        raise UserError(f"{what} is not a string (got {type(text).__name__}); send base64 PNG/JPEG bytes")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise UserError(f"{what} is not valid base64 ({exc}); send base64-encoded PNG or JPEG bytes") from exc
+    return decode_image(data, what, max_pixels)
+
+
+def preprocess(image: Image.Image, base_size: int) -> torch.Tensor:
+    """RGB image -> (1, 3, h, w) float32, through the evaluation preset itself."""
+    x = tv_tensors.Image(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
+    return eval_preset(base_size)(x).as_subclass(torch.Tensor).unsqueeze(0).contiguous()
+
+
+def segment(engine: Engine, image: Image.Image, base_size: int) -> np.ndarray:
+    """RGB image -> (H, W) uint8 train ids at the image's own size (0..18)."""
+    x = preprocess(image, base_size)
+    if engine.fixed_size and tuple(x.shape[-2:]) != engine.fixed_size:
+        raise UserError(f"{engine.path} was exported for a fixed {engine.fixed_size[1]}x{engine.fixed_size[0]} "
+                        f"input, but this {image.width}x{image.height} image at base_size {base_size} becomes "
+                        f"{x.shape[-1]}x{x.shape[-2]}; export with dynamic height/width axes")
+    logits = engine.run(x)
+    if tuple(logits.shape[-2:]) != (image.height, image.width):
+        logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear",
+                               align_corners=False)
+    return logits.argmax(1)[0].to(torch.uint8).numpy()
+
+
+def label_ids_png(train_ids: np.ndarray) -> bytes:
+    """Train ids -> Cityscapes labelIds PNG bytes (what `segstudy evaluate` reads)."""
+    buf = io.BytesIO()
+    Image.fromarray(labels.to_label_ids(train_ids)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def overlay(image: Image.Image, train_ids: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The image with the prediction's Cityscapes colours blended over it."""
+    return Image.blend(image, Image.fromarray(labels.colorize(train_ids)), alpha)
+
+
+def class_pixels(train_ids: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(train_ids.ravel(), minlength=labels.NUM_CLASSES)[: labels.NUM_CLASSES]
+    return {name: int(n) for name, n in zip(labels.CLASS_NAMES, counts)}

@@ -1,0 +1,77 @@
+"""`segstudy predict`: round trip through `segstudy evaluate`, eval pre-processing, ONNX, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segstudy import inference
+from segstudy.cli import main
+from segstudy.datasets import build_dataset
+from segstudy.evaluate import evaluate_folder
+from segstudy.models import load_trained
+
+
+def test_predict_then_evaluate_round_trip(smoke_model, tiny_root, tmp_path, capsys):
+    out = tmp_path / "pred"
+    rc = main(["predict", "--model", smoke_model["checkpoint_best"], "--input", str(tiny_root / "leftImg8bit" / "val"),
+               "--out", str(out), "--params", "smoke", "--set", f"data.root={tiny_root}"])
+    assert rc == 0, capsys.readouterr().err
+    label_files = sorted(out.rglob("*_labelIds.png"))
+    assert len(label_files) == 6 and len(sorted(out.rglob("*_color.png"))) == 6
+    with Image.open(label_files[0]) as im:
+        assert im.mode == "L" and im.size == (128, 64)
+    # smoke evaluates at the images' own size (base_size 64), so scoring the written PNGs with the
+    # official definitions gives the validation mIoU train() recorded for this checkpoint
+    result = evaluate_folder(tiny_root, "val", out, progress=False)
+    assert result["miou"] == pytest.approx(smoke_model["best_miou"], abs=1e-9)
+
+
+def test_preprocessing_is_the_eval_preset_and_maps_come_back_at_input_size(smoke_model, tiny_root):
+    cfg = smoke_model["cfg"]
+    ds = build_dataset(cfg.data, "val")
+    image_path = ds.samples[0].image
+    image = inference.decode_image(image_path.read_bytes())
+    torch.testing.assert_close(inference.preprocess(image, cfg.data.base_size), ds[0][0].unsqueeze(0),
+                               rtol=0, atol=0)
+    engine = inference.load_engine(smoke_model["checkpoint_best"])
+    small = inference.segment(engine, image, base_size=32)  # the model runs at 32x64
+    assert small.shape == (64, 128) and small.dtype == np.uint8 and small.max() < 19
+
+
+def test_predict_onnx_matches_torch(smoke_model, tiny_root, tmp_path):
+    model = load_trained(smoke_model["checkpoint_best"])
+    onnx_path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 64, 128),), str(onnx_path), dynamo=False, input_names=["image"],
+                      output_names=["out"], dynamic_axes={"image": {2: "h", 3: "w"}, "out": {2: "h", 3: "w"}})
+    images = sorted((tiny_root / "leftImg8bit" / "val").rglob("*.png"))[:2]
+    torch_engine, onnx_engine = inference.load_engine(smoke_model["checkpoint_best"]), inference.load_engine(onnx_path)
+    assert onnx_engine.kind == "onnx" and onnx_engine.fixed_size is None
+    for path in images:
+        image = inference.decode_image(path.read_bytes())
+        a, b = inference.segment(torch_engine, image, 64), inference.segment(onnx_engine, image, 64)
+        assert (a == b).mean() > 0.999  # float rounding may flip a near-tie pixel
+    rc = main(["predict", "--model", str(onnx_path), "--input", str(images[0]), "--out", str(tmp_path / "p"),
+               "--params", "smoke"])
+    assert rc == 0 and len(list((tmp_path / "p").glob("*_labelIds.png"))) == 1
+
+
+def test_predict_bad_input(smoke_model, tiny_root, tmp_path, capsys):
+    def err(*args: str) -> str:
+        assert main(["predict", *args, "--params", "smoke", "--set", f"output_root={tmp_path}"]) == 2
+        return capsys.readouterr().err
+
+    val = str(tiny_root / "leftImg8bit" / "val")
+    ckpt = smoke_model["checkpoint_best"]
+    assert "model file nope.pt does not exist" in err("--model", "nope.pt", "--input", val, "--out", str(tmp_path))
+    msg = err("--model", "models:/segstudy-custom@champion", "--input", val, "--out", str(tmp_path / "o"))
+    assert "models:/segstudy-custom@champion: no registered model 'segstudy-custom'" in msg
+    assert "no model is registered there yet" in msg
+    assert "no .png/.jpg images under" in err("--model", ckpt, "--input", str(tmp_path), "--out", str(tmp_path / "o"))
+    bad = tmp_path / "in" / "broken_000000_000001_leftImg8bit.png"
+    bad.parent.mkdir()
+    bad.write_bytes((tiny_root / "leftImg8bit" / "val").rglob("*.png").__next__().read_bytes()[:300])
+    assert "is a truncated or corrupt PNG" in err("--model", ckpt, "--input", str(bad.parent), "--out",
+                                                  str(tmp_path / "o"))

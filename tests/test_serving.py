@@ -1,0 +1,166 @@
+"""The registry (alias, metric tags, clear errors) and the real `mlflow models serve` on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segstudy import registry
+from segstudy.cli import main
+from segstudy.config import load_config
+from segstudy.errors import UserError
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def registered(smoke_model, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("registry")
+    cfg = load_config("smoke", {"data.root": smoke_model["cfg"].data.root, "data.generate": False,
+                                "output_root": str(out), "tracking.backend": "mlflow"})
+    version = registry.register(cfg, smoke_model["checkpoint_best"], "segstudy-custom",
+                                {"val_miou": smoke_model["best_miou"], "latency_ms": 12.5})
+    return {"cfg": cfg, "version": version, "db": f"sqlite:///{out.resolve()}/mlflow.db"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, body: bytes | None = None) -> tuple[int, dict | str]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def _images(*payloads: str | bytes) -> bytes:
+    rows = [[p if isinstance(p, str) else base64.b64encode(p).decode()] for p in payloads]
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+
+
+@pytest.fixture(scope="module")
+def server(registered, tmp_path_factory):
+    """The README's command, on a free loopback port; stopped (its whole process group) afterwards."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/segstudy-custom@champion",
+           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    env = os.environ | {"MLFLOW_TRACKING_URI": registered["db"], "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no /ping answer in {START_TIMEOUT_S} s: {log.read_text()[-3000:]}"
+            try:
+                if _request(url + "/ping")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # mlflow execs uvicorn in a child: stop the group started here
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_registered_with_alias_and_metric_tags(registered, smoke_model):
+    cfg, version = registered["cfg"], registered["version"]
+    assert version["uri"] == "models:/segstudy-custom@champion"
+    mv = registry.client(cfg).get_model_version_by_alias("segstudy-custom", "champion")
+    assert str(mv.version) == version["version"]
+    assert float(mv.tags["val_miou"]) == pytest.approx(smoke_model["best_miou"], rel=1e-5)
+    assert mv.tags["format"] == "torch" and mv.tags["base_size"] == "64"
+    assert registry.resolve(cfg, "models:/segstudy-custom@champion")["version"] == version["version"]
+
+
+def test_registry_errors_name_the_uri_and_list_versions(registered, capsys):
+    cfg = registered["cfg"]
+    with pytest.raises(UserError, match=r"models:/segstudy-custom@prod: alias 'prod' is not set .* "
+                                        r"segstudy-custom: versions 1 @champion"):
+        registry.resolve(cfg, "models:/segstudy-custom@prod")
+    with pytest.raises(UserError, match=r"models:/segstudy-unet@champion: no registered model 'segstudy-unet' "
+                                        r".*registered: segstudy-custom: versions 1 @champion"):
+        registry.resolve(cfg, "models:/segstudy-unet@champion")
+    with pytest.raises(UserError, match="there is no version '7'"):
+        registry.resolve(cfg, "models:/segstudy-custom/7")
+    # segstudy serve checks before it starts anything
+    sets = ["--set", "tracking.backend=mlflow", f"output_root={cfg.output_root}"]
+    assert main(["serve", "--model", "models:/segstudy-custom@prod", "--params", "smoke", *sets]) == 2
+    assert "alias 'prod' is not set" in capsys.readouterr().err
+
+
+def test_server_masks_equal_predict(server, registered, smoke_model, tiny_root, tmp_path):
+    images = sorted((tiny_root / "leftImg8bit" / "val").rglob("*.png"))[:2]
+    jpeg = io.BytesIO()
+    Image.open(images[1]).convert("RGB").save(jpeg, format="JPEG", quality=95)
+    jpeg_path = tmp_path / "in" / "jpegcity_000000_000001_leftImg8bit.jpg"
+    jpeg_path.parent.mkdir()
+    jpeg_path.write_bytes(jpeg.getvalue())
+    status, answer = _request(server + "/invocations", _images(images[0].read_bytes(), jpeg.getvalue()))
+    assert status == 200, answer
+    preds = answer["predictions"]
+    assert len(preds) == 2
+    sets = ["--params", "smoke", "--set", f"output_root={registered['cfg'].output_root}"]
+    for model in (smoke_model["checkpoint_best"], "models:/segstudy-custom@champion"):
+        out = tmp_path / model.replace("/", "_").replace(":", "")
+        assert main(["predict", "--model", model, "--input", str(images[0]), str(jpeg_path), "--out", str(out),
+                     *sets]) == 0
+        expected = [out / f"{images[0].name[:-len('_leftImg8bit.png')]}_labelIds.png",
+                    out / "jpegcity_000000_000001_labelIds.png"]
+        for pred, path in zip(preds, expected):
+            served = np.array(Image.open(io.BytesIO(base64.b64decode(pred["label_ids_png"]))))
+            np.testing.assert_array_equal(served, np.array(Image.open(path)))
+            assert (pred["height"], pred["width"]) == served.shape == (64, 128)
+            assert sum(pred["class_pixels"].values()) == 64 * 128 and len(pred["class_pixels"]) == 19
+
+
+def test_bad_requests_get_400_with_a_reason_and_the_server_keeps_answering(server, tiny_root):
+    png = next((tiny_root / "leftImg8bit" / "val").rglob("*.png")).read_bytes()
+    big = io.BytesIO()
+    Image.new("RGB", (4100, 2100)).save(big, format="PNG")  # 8.6 MP > the 8.4 MP limit; compresses to KBs
+    cases = {
+        "not an image": (_images(b"hello, not an image"), "image 0 is not an image"),
+        "empty list": (_images(), "the request holds no images (an empty list)"),
+        "truncated PNG": (_images(png, png[: len(png) // 2]), "image 1 is a truncated or corrupt PNG"),
+        "too large": (_images(big.getvalue()), "image 0 is 4100x2100 (8.6 MP), larger than the limit of 8.4 MP"),
+        "not base64": (_images("%%% not base64 %%%"), "image 0 is not valid base64"),
+        "wrong column": (json.dumps({"dataframe_split": {"columns": ["img"], "data": [["x"]]}}).encode(),
+                         "missing inputs ['image']"),
+    }
+    for what, (body, reason) in cases.items():
+        status, answer = _request(server + "/invocations", body)
+        assert 400 <= status < 500, (what, status, answer)
+        assert reason in answer["message"], (what, answer)
+        assert _request(server + "/ping")[0] == 200
+    status, answer = _request(server + "/invocations", _images(png))
+    assert status == 200 and len(answer["predictions"]) == 1
