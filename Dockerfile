@@ -24,7 +24,7 @@ RUN python -m venv .venv \
 COPY pyproject.toml README.md ./
 COPY scripts/ scripts/
 COPY lib/ lib/
-RUN bash -c 'source scripts/setup_env.sh' && pip install onnxruntime==1.32.0
+RUN bash -c 'source scripts/setup_env.sh'
 RUN useradd --create-home segstudy
 USER segstudy
 ENV MODEL_URI=models:/segstudy-custom@champion PORT=8080 WORKERS=1 OMP_NUM_THREADS=2
