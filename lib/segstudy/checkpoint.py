@@ -25,6 +25,13 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
     return path
 
 
+def save_model(model: nn.Module, meta: dict, path: str | Path, **info) -> Path:
+    """A model-only checkpoint (weights + meta + free-form info, e.g. pruning settings and metrics)
+    that `models.load_trained` reads back. Weights are saved contiguous (not channels_last)."""
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    return save_checkpoint({"model": state, "meta": meta, **info}, path)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

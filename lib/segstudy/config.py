@@ -114,6 +114,26 @@ class LossStudyConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Notebook 04: pruning the trained custom model, then recovering its accuracy."""
+
+    sparsities: list[float] = field(default_factory=lambda: [0.3, 0.55, 0.7, 0.9])  # unstructured levels
+    scopes: list[str] = field(default_factory=lambda: ["layerwise", "global"])
+    finetune_sparsity: float = 0.55  # the unstructured level that is also fine-tuned (masks kept)
+    unstructured_epochs: float = 1.0
+    ratios: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.5])  # structured channel ratios
+    importances: list[str] = field(default_factory=lambda: ["l1", "group_norm", "taylor"])
+    importance: str = "group_norm"  # the one used for the ratio sweep and the recovery
+    layer_ratios: dict[str, float] = field(default_factory=dict)  # per-module overrides, e.g. head: 0.6
+    ratio: float = 0.4  # the structured ratio that is fine-tuned (plain and with KD) and saved
+    steps: int = 1  # iterative pruning: prune ratio/steps, fine-tune, repeat
+    epochs: float = 3.0  # fine-tune epochs in total (split over the steps)
+    lr: float = 0.001
+    kd_weight: float = 0.7  # share of the distillation term in the loss
+    kd_temperature: float = 2.0
+
+
+@dataclass
 class TrackingConfig:
     backend: str = "mlflow"  # mlflow | wandb | none
     experiment: str = "segstudy"
@@ -132,6 +152,22 @@ class BenchConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Notebook 05: int8 post-training quantization (torch FX, ONNX Runtime), QAT, bf16."""
+
+    calib_images: int = 32  # N training images (eval transforms) that set the int8 ranges
+    calib_sweep: list[int] = field(default_factory=lambda: [2, 8, 32])  # mIoU vs N (nested subsets)
+    observer: str = "histogram"  # FX activation observer: histogram (x86 default) | minmax
+    ort_activation: str = "uint8"  # ONNX Runtime activations: uint8 (fast path on x86) | int8
+    qat: str = "auto"  # auto: only when PTQ loses more than max_loss points | always | never
+    max_loss: float = 1.0  # mIoU points PTQ may lose before QAT runs (auto)
+    qat_epochs: float = 0.25  # QAT fine-tune length in epochs (fractions allowed)
+    qat_lr: float = 0.0  # 0: train.lr / 10
+    threads: int = 2  # torch and ONNX Runtime threads for every measurement (0: torch's default)
+    compare_images: int = 4  # validation images for the logits / argmax agreement checks
+
+
+@dataclass
 class Config:
     profile: str = "demo"
     seed: int = 0
@@ -144,8 +180,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     loss_study: LossStudyConfig = field(default_factory=LossStudyConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
 
     @property
     def output_dir(self) -> Path:
@@ -254,6 +292,13 @@ def _check_type(value: Any, hint: Any, key: str, path: Path) -> Any:
         if not isinstance(value, list):
             raise UserError(f"{path}: '{key}' = {value!r} must be a list of {item_type.__name__}")
         return [_check_type(v, item_type, key, path) for v in value]
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: '{key}' = {value!r} must be a mapping of {key_type.__name__} to "
+                            f"{value_type.__name__}")
+        return {_check_type(k, key_type, key, path): _check_type(v, value_type, f"{key}.{k}", path)
+                for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):

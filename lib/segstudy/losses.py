@@ -10,6 +10,8 @@
 - ce_dice: `loss.ce_weight` x CE + `loss.dice_weight` x Dice.
 - focal: smp's FocalLoss (per-class sigmoid focal, gamma = `loss.focal_gamma`).
 - lovasz: smp's Lovász-Softmax (a convex surrogate of the per-class IoU).
+
+Knowledge distillation (notebook 04's recovery after pruning): `kd_loss`, `Distiller`, `with_kd`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss, LovaszLoss
+from torch import nn
 from tqdm import tqdm
 
 from segstudy.cityscapes import SegmentationFolder
@@ -110,3 +113,43 @@ def with_aux(loss: Loss, aux_weight: float = 0.5) -> Callable[[dict, torch.Tenso
             value = value + aux_weight * loss(outputs["aux"], target)
         return value
     return criterion
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Hinton et al.'s distillation term, per pixel: T^2 * KL(softmax(t/T) || softmax(s/T)), averaged
+    over pixels. Every pixel counts, ignored ones too: the teacher has an opinion about them."""
+    if temperature <= 0:
+        raise UserError(f"prune.kd_temperature = {temperature}; it must be > 0")
+    t = temperature
+    log_p_student = F.log_softmax(student.float() / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher.float() / t, dim=1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(1)
+    return kl.mean() * t * t
+
+
+class Distiller(nn.Module):
+    """The student, plus the frozen teacher's logits for the same batch under "teacher", so the
+    ordinary training loop can distil: the criterion from `with_kd` reads both."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Distiller:
+        self.student.train(mode)  # the teacher stays in eval mode (BN statistics frozen)
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            teacher = self.teacher(x)["out"]
+        return self.student(x) | {"teacher": teacher}
+
+
+def with_kd(criterion: Callable[[dict, torch.Tensor], torch.Tensor], temperature: float,
+            weight: float) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+    """(1 - weight) x the task loss + weight x the distillation term on a Distiller's outputs."""
+    def kd_criterion(outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        task = criterion({k: v for k, v in outputs.items() if k != "teacher"}, target)
+        return (1 - weight) * task + weight * kd_loss(outputs["out"], outputs["teacher"], temperature)
+    return kd_criterion

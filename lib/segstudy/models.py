@@ -150,7 +150,8 @@ def build_model(name: str, num_classes: int = 19, pretrained: str | bool = "auto
 
 
 def load_trained(checkpoint: str | Path) -> nn.Module:
-    """Rebuild a model from a segstudy checkpoint (its meta says which) and load its weights."""
+    """Rebuild a model from a segstudy checkpoint (its meta says which, and whether it was
+    structurally pruned) and load its weights."""
     from segstudy.checkpoint import load_checkpoint, load_model_state
 
     ckpt = load_checkpoint(checkpoint)
@@ -159,5 +160,9 @@ def load_trained(checkpoint: str | Path) -> nn.Module:
     mc = ckpt["meta"]["model_config"]
     # the checkpoint holds the weights: no need to look for pretrained ones
     model = build_model(num_classes=ckpt["meta"]["num_classes"], **(mc | {"pretrained": False}))
+    if ckpt["meta"].get("pruned") == "structured":
+        from segstudy.prune import reshape_to
+
+        reshape_to(model, ckpt["model"])  # fewer channels than build_model makes
     load_model_state(model, ckpt["model"], checkpoint)
     return model.eval()

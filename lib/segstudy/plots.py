@@ -94,6 +94,73 @@ def save(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
+def pruning_curves(rows: list[dict], dense: dict) -> plt.Figure:
+    """mIoU vs pruned fraction per method (lines: no recovery; markers: fine-tuned / distilled)."""
+    df = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    plain = df[df["recovery"] == "none"]
+    for method, g in plain.groupby("method", sort=False):
+        if g["level"].nunique() > 1:
+            ax.plot(g["level"], g["miou"], marker="o", label=f"{method} (no recovery)")
+    for (method, rec), g in df[df["recovery"] != "none"].groupby(["method", "recovery"], sort=False):
+        ax.scatter(g["level"], g["miou"], s=90, marker="*" if rec == "KD" else "D", label=f"{method} + {rec}",
+                   zorder=3)
+    ax.axhline(dense["miou"], color="black", linestyle="--", label=f"dense {dense['miou']:.1f}")
+    ax.set(xlabel="pruned fraction (weights: unstructured; channels per layer: structured)",
+           ylabel="val mIoU %", title="Accuracy against pruning")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def pruning_cost(rows: list[dict], dense: dict) -> plt.Figure:
+    """Latency, parameters and size on disk against the pruned fraction (measured models only)."""
+    df = pd.DataFrame(rows)
+    df = df[(df["recovery"] == "none")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, col, label in zip(axes, ["latency_ms", "params", "size_gz_mb"],
+                              ["latency ms (batch 1, fp32)", "parameters", "gzip-compressed size MB"]):
+        for method, g in df.groupby("method", sort=False):
+            g = g.dropna(subset=[col]) if col in g else g.iloc[0:0]
+            if g["level"].nunique() > 1:
+                ax.plot([0, *g["level"]], [dense[col], *g[col]], marker="o", label=method)
+        ax.set(xlabel="pruned fraction", ylabel=label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("What pruning buys: zeros alone change neither latency nor parameters, channels do")
+    fig.tight_layout()
+    return fig
+
+
+def pareto(rows: list[dict], dense: dict) -> plt.Figure:
+    """mIoU against latency for every measured model; the Pareto front joins the undominated ones."""
+    df = pd.DataFrame([dense | {"method": "dense", "recovery": "none", "level": 0}, *rows])
+    df = df.dropna(subset=["latency_ms"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (method, rec), g in df.groupby(["method", "recovery"], sort=False):
+        ax.scatter(g["latency_ms"], g["miou"], s=50, label=method if rec == "none" else f"{method} + {rec}")
+    front, best = [], -1.0
+    for _, r in df.sort_values("latency_ms").iterrows():
+        if r["miou"] > best:
+            front.append(r)
+            best = r["miou"]
+    ax.plot([r["latency_ms"] for r in front], [r["miou"] for r in front], color="grey", zorder=0, label="Pareto front")
+    ax.set(xlabel="latency ms (batch 1, fp32, this CPU)", ylabel="val mIoU %", title="Accuracy against speed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layer_sparsity(layers: dict[str, dict[str, float]]) -> plt.Figure:
+    """Per-layer zero fraction for each unstructured scope (layerwise is flat by construction)."""
+    fig, ax = plt.subplots(figsize=(12, 3.5))
+    for scope, per_layer in layers.items():
+        ax.plot(range(len(per_layer)), [100 * v for v in per_layer.values()], marker=".", label=scope)
+    ax.set(xlabel="conv layer (input to output)", ylabel="zeros %", title="Where the zeros go")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def learning_curves(results: dict[str, dict]) -> plt.Figure:
     """Training loss and validation mIoU per epoch, one line per model."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))

@@ -1,0 +1,183 @@
+"""Notebook 04: prune the trained custom model every way, recover accuracy, measure what it buys.
+
+Every row of the study is one model: its method, level, recovery, counted sparsity, val mIoU and
+per-class IoU, parameters, FLOPs, latency (batch 1 at the bench size, fp32, this CPU) and size on
+disk (plain and gzip-compressed).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from segstudy import measure, prune
+from segstudy.checkpoint import load_checkpoint, save_model
+from segstudy.config import Config
+from segstudy.datasets import build_dataset, build_loader
+from segstudy.errors import UserError
+from segstudy.models import load_trained
+from segstudy.train import finetune, validate
+
+SAVED = "pruned_structured.pt"  # notebook 05 quantizes this one
+
+
+def dense_checkpoint(cfg: Config) -> Path:
+    return cfg.output_dir / "runs" / "custom" / "checkpoint_best.pt"
+
+
+def load_dense(cfg: Config) -> nn.Module:
+    path = dense_checkpoint(cfg)
+    if not path.is_file():
+        raise UserError(f"notebook 04 prunes the custom model trained by notebook 02, and {path} does not "
+                        f"exist; run ./run_all.sh {cfg.profile} --only 02 first")
+    return load_trained(path)
+
+
+def _eval_args(cfg: Config) -> dict:
+    return {"amp": cfg.train.amp, "channels_last": cfg.train.channels_last}
+
+
+def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool = False, **row) -> dict:
+    """Measure one model: accuracy on val, sparsity, size, and (optionally) latency and FLOPs."""
+    model = model.eval()
+    metrics = validate(copy.deepcopy(model), cfg, **_eval_args(cfg))
+    b = cfg.bench
+    out = row | {
+        "sparsity": prune.sparsity(model)["overall"], "miou": 100 * metrics["miou"],
+        "iou": {k: (None if v is None else 100 * v) for k, v in metrics["iou"].items()},
+        "params": measure.parameters(model), "size_mb": measure.size_on_disk(model) / 2**20,
+        "size_gz_mb": prune.compressed_size(model) / 2**20}
+    if latency:
+        out["latency_ms"] = measure.latency(copy.deepcopy(model), b.height, b.width, "cpu", warmup=b.warmup,
+                                            iters=b.iters)["median_ms"]
+    if flops:
+        out["gflops"] = measure.flops(copy.deepcopy(model).cpu(), b.height, b.width) / 1e9
+    return out
+
+
+def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[str, dict]]:
+    """Every scope x sparsity without fine-tuning (latency measured for the global scope: the
+    layerwise models have the same dense shapes), then the fine-tuned level. Also returns the
+    per-layer sparsity of each scope at the fine-tuned level."""
+    p = cfg.prune
+    rows, layers = [], {}
+    for scope in p.scopes:
+        for s in p.sparsities:
+            model = prune.unstructured(copy.deepcopy(dense), s, scope)
+            rows.append(describe(model, cfg, latency=scope == p.scopes[-1], method=f"unstructured {scope}",
+                                 level=s, recovery="none"))
+            if s == p.finetune_sparsity:
+                layers[scope] = prune.sparsity(model)["layers"]
+        if p.unstructured_epochs > 0 and p.finetune_sparsity:
+            model = prune.unstructured(copy.deepcopy(dense), p.finetune_sparsity, scope, permanent=False)
+            ft = finetune(model, cfg, p.unstructured_epochs, lr=p.lr, desc=f"{scope} {p.finetune_sparsity}")
+            prune.make_permanent(model)  # the zeros survived the fine-tune: the masks were kept
+            rows.append(describe(model, cfg, latency=False, method=f"unstructured {scope}",
+                                 level=p.finetune_sparsity, recovery="fine-tune",
+                                 train_seconds=ft["train_seconds"]))
+    return rows, layers
+
+
+def _taylor_batches(cfg: Config, n: int = 2) -> list:
+    ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    loader = build_loader(ds, cfg.data.batch_size, train=True, seed=cfg.seed, num_workers=0, device="cpu")
+    return [batch for _, batch in zip(range(n), loader)]
+
+
+def structured_model(cfg: Config, dense: nn.Module, ratio: float, importance: str | None = None,
+                     steps: int = 1) -> tuple[nn.Module, object]:
+    """A copy of `dense` with `ratio` of its channels removed, and the pruner for further steps."""
+    p = cfg.prune
+    model = copy.deepcopy(dense)
+    pruner = prune.structured_pruner(model, ratio, importance or p.importance, steps=steps,
+                                     layer_ratios=p.layer_ratios)
+    batches = _taylor_batches(cfg) if (importance or p.importance) == "taylor" else None
+    prune.structured_step(pruner, model, batches)
+    return model, pruner
+
+
+def structured_sweep(cfg: Config, dense: nn.Module) -> list[dict]:
+    """Importance criteria compared at prune.ratio, then prune.ratios with prune.importance; no
+    fine-tuning, so these rows show what the criterion alone keeps."""
+    p = cfg.prune
+    rows = []
+    for imp in p.importances:
+        model, _ = structured_model(cfg, dense, p.ratio, imp)
+        rows.append(describe(model, cfg, latency=False, method=f"structured {imp}", level=p.ratio,
+                             recovery="none"))
+    for r in p.ratios:
+        model, _ = structured_model(cfg, dense, r)
+        rows.append(describe(model, cfg, flops=True, method=f"structured {p.importance}", level=r, recovery="none"))
+    return rows
+
+
+def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
+    """Prune to prune.ratio in prune.steps steps with a fine-tune after each (plain, then with the
+    dense model as KD teacher); the better of the two is saved for notebook 05."""
+    p = cfg.prune
+    rows, best = [], None
+    for recovery, kd_weight in (("fine-tune", 0.0), ("KD", p.kd_weight)):
+        torch.manual_seed(cfg.seed)
+        model = copy.deepcopy(dense)
+        pruner = prune.structured_pruner(model, p.ratio, p.importance, steps=p.steps, layer_ratios=p.layer_ratios)
+        t0, history = time.perf_counter(), []
+        for step in range(p.steps):
+            prune.structured_step(pruner, model, _taylor_batches(cfg) if p.importance == "taylor" else None)
+            ft = finetune(model, cfg, p.epochs / p.steps, lr=p.lr, teacher=dense, kd_weight=kd_weight,
+                          kd_temperature=p.kd_temperature, desc=f"{recovery} step {step + 1}/{p.steps}")
+            history.append(100 * ft["miou"])
+        row = describe(model, cfg, flops=True, method=f"structured {p.importance}", level=p.ratio,
+                       recovery=recovery, train_seconds=time.perf_counter() - t0, step_miou=history)
+        rows.append(row)
+        if best is None or row["miou"] > best[0]["miou"]:
+            best = (row, model)
+    row, model = best
+    meta = load_checkpoint(dense_checkpoint(cfg))["meta"] | {"pruned": "structured"}
+    path = save_model(model.cpu(), meta, out_dir / SAVED,
+                      prune={"ratio": p.ratio, "importance": p.importance, "recovery": row["recovery"],
+                             "layer_ratios": p.layer_ratios}, miou=row["miou"])
+    row["checkpoint"] = str(path)
+    return rows
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    cols = ["method", "level", "recovery", "sparsity", "miou", "params", "gflops", "latency_ms", "size_mb",
+            "size_gz_mb"]
+    df = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows])
+    df["sparsity"] = 100 * df["sparsity"]
+    df["params"] = df["params"] / 1e6
+    return df.rename(columns={"sparsity": "zeros %", "miou": "mIoU", "params": "params (M)", "gflops": "GFLOPs",
+                              "latency_ms": "latency ms", "size_mb": "size MB", "size_gz_mb": "gzip MB"}).round(2)
+
+
+def save(path: str | Path, rows: list[dict], dense_row: dict, layers: dict, cfg: Config) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"profile": cfg.profile, "cpu": measure.cpu_info(), "bench": cfg.bench.__dict__,
+               "prune": cfg.prune.__dict__, "dense": dense_row, "rows": rows, "layer_sparsity": layers}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=lambda v: None if v != v else v))
+    tmp.replace(path)
+    return path
+
+
+def targets(rows: list[dict], dense: dict, sparsity: float = 0.55) -> pd.DataFrame:
+    """Issue 5's targets, read off the measured rows: the structured model's speed-up and mIoU
+    loss after recovery, and the share of dense mIoU kept at 55% unstructured sparsity."""
+    out = []
+    for r in rows:
+        if r["method"].startswith("structured") and r["recovery"] != "none" and r.get("latency_ms"):
+            speedup, loss = dense["latency_ms"] / r["latency_ms"], dense["miou"] - r["miou"]
+            out.append({"target": f"structured {r['level']} + {r['recovery']}: >= 2.0x faster, <= 2 mIoU points lost",
+                        "measured": f"{speedup:.2f}x, {loss:+.2f} points", "met": speedup >= 2.0 and loss <= 2.0})
+        if r["method"].startswith("unstructured") and abs(r["level"] - sparsity) < 1e-9:
+            kept = r["miou"] / dense["miou"]
+            out.append({"target": f"{r['method']} {sparsity:.0%} ({r['recovery']}): keep >= 95% of dense mIoU",
+                        "measured": f"{100 * kept:.1f}% ({r['miou']:.2f} of {dense['miou']:.2f})", "met": kept >= 0.95})
+    return pd.DataFrame(out)

@@ -1,0 +1,169 @@
+"""Pruning: sparsity really reached, structured models smaller with the same outputs' shape,
+pruned checkpoints round-trip, the KD term by hand, and clear errors for bad settings."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from segstudy import measure, prune
+from segstudy.checkpoint import save_model
+from segstudy.errors import UserError
+from segstudy.losses import Distiller, kd_loss, with_kd
+from segstudy.models import build_model, load_trained
+from segstudy.runner import run_notebooks
+
+SMALL = {"pretrained": False, "output_stride": 16, "head_channels": 32, "head_layers": 1, "unet_base": 8}
+
+
+def _model(name: str = "custom", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(name, **(SMALL | kw)).eval()
+
+
+def _meta(name: str, **kw) -> dict:
+    return {"model": name, "num_classes": 19, "model_config": {"name": name, "aux_loss": False, **SMALL, **kw}}
+
+
+@pytest.mark.parametrize("scope", ["layerwise", "global"])
+def test_unstructured_reaches_the_sparsity(scope):
+    model = prune.unstructured(_model("unet"), 0.55, scope)  # the same code path as ResNet, much faster
+    counted = prune.sparsity(model)
+    assert counted["overall"] == pytest.approx(0.55, abs=1e-3)  # zeros counted in the weights
+    per_layer = list(counted["layers"].values())
+    if scope == "layerwise":
+        assert all(s == pytest.approx(0.55, abs=0.01) for s in per_layer)
+    else:  # one threshold: layers end up with different sparsities
+        assert max(per_layer) - min(per_layer) > 0.05
+    assert not any(n.endswith("weight_orig") for n, _ in model.named_parameters())  # made permanent
+    assert prune.classifiers(model)[0].weight.count_nonzero() == prune.classifiers(model)[0].weight.numel()
+
+
+def test_unstructured_masks_survive_training():
+    model = prune.unstructured(_model("unet"), 0.5, "global", permanent=False).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        loss = model(torch.randn(2, 3, 32, 32))["out"].square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prune.make_permanent(model)
+    assert prune.sparsity(model)["overall"] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["custom", "deeplabv3_resnet50", "unet"])
+def test_structured_is_smaller_with_the_same_outputs(name):
+    kw = {"aux_loss": True} if name == "deeplabv3_resnet50" else {}
+    model = _model(name, **kw)
+    x = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        before = {k: v.shape for k, v in model(x).items()}
+    params = measure.parameters(model)
+    prune.structured(model, 0.4, "l1")
+    with torch.no_grad():
+        after = {k: v.shape for k, v in model(x).items()}
+    assert after == before and after["out"] == (1, 19, 64, 128)
+    assert measure.parameters(model) < 0.7 * params
+    assert all(c.out_channels == 19 for c in prune.classifiers(model))
+
+
+def test_structured_checkpoint_round_trip(tmp_path):
+    model = prune.structured(_model(), 0.5, "group_norm")
+    path = save_model(model, _meta("custom") | {"pruned": "structured"}, tmp_path / "p.pt")
+    x = torch.randn(1, 3, 64, 128)
+    reloaded = load_trained(path)
+    with torch.no_grad():
+        assert torch.equal(model(x)["out"], reloaded(x)["out"])
+    # the same tensors without the "pruned" mark do not fit the full architecture: a clear error
+    save_model(model, _meta("custom"), tmp_path / "unmarked.pt")
+    with pytest.raises(UserError, match="does not match the model"):
+        load_trained(tmp_path / "unmarked.pt")
+
+
+def test_taylor_needs_batches_and_uses_them():
+    model = _model()
+    pruner = prune.structured_pruner(model, 0.3, "taylor")
+    with pytest.raises(UserError, match="taylor needs training batches"):
+        prune.structured_step(pruner, model)
+    batches = [(torch.randn(1, 3, 32, 32), torch.randint(0, 19, (1, 32, 32)))]
+    prune.structured_step(pruner, model, batches)
+    assert prune.classifiers(model)[0].in_channels < 32
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
+def test_bad_amounts_are_refused(bad):
+    with pytest.raises(UserError, match=r"must be in \[0, 1\)"):
+        prune.unstructured(_model("unet"), bad)
+    with pytest.raises(UserError, match=r"must be in \[0, 1\)"):
+        prune.structured(_model(), bad)
+    with pytest.raises(UserError, match="layer_ratios.head"):
+        prune.structured(_model(), 0.2, layer_ratios={"head": bad})
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(UserError, match="layerwise or global"):
+        prune.unstructured(_model("unet"), 0.5, "random")
+    with pytest.raises(UserError, match="prune.importance"):
+        prune.structured(_model(), 0.5, "entropy")
+    with pytest.raises(UserError, match="does not have"):
+        prune.structured(_model(), 0.2, layer_ratios={"decoder": 0.5})
+
+
+def test_kd_loss_by_hand():
+    # two pixels, two classes; T = 2
+    s = torch.tensor([[[[1.0, 0.0]], [[0.0, 0.0]]]])  # N=1, C=2, H=1, W=2
+    t = torch.tensor([[[[3.0, 0.0]], [[1.0, 0.0]]]])
+    T = 2.0
+
+    def kl(ps, pt):
+        return sum(b * math.log(b / a) for a, b in zip(ps, pt))
+
+    def sm(a, b):
+        e = [math.exp(a / T), math.exp(b / T)]
+        return [v / sum(e) for v in e]
+
+    expected = T * T * (kl(sm(1, 0), sm(3, 1)) + kl(sm(0, 0), sm(0, 0))) / 2
+    assert kd_loss(s, t, T).item() == pytest.approx(expected, rel=1e-5)
+    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(UserError, match="kd_temperature"):
+        kd_loss(s, t, 0.0)
+
+
+def test_distiller_freezes_the_teacher_and_mixes_the_losses():
+    student, teacher = _model(), _model()
+    net = Distiller(student, teacher).train()
+    assert student.training and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    out = net(torch.randn(1, 3, 64, 64))
+    target = torch.full((1, 64, 64), 255)  # all ignored: only the KD term is left
+    target[0, 0, 0] = 1
+
+    def task(o, y):
+        return torch.nn.functional.cross_entropy(o["out"], y, ignore_index=255)
+
+    mixed = with_kd(task, 2.0, 0.7)(out, target)
+    expected = 0.3 * task(out, target) + 0.7 * kd_loss(out["out"], out["teacher"], 2.0)
+    assert mixed.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_notebook_04_on_smoke(smoke_model):
+    cfg = smoke_model["cfg"]
+    overrides = {"data.root": cfg.data.root, "data.generate": False, "output_root": cfg.output_root}
+    run_notebooks("smoke", overrides, only=["04"], progress=False)
+    out = cfg.output_dir / "04_pruning_sweeps"
+    result = json.loads((out / "results.json").read_text())
+    methods = {(r["method"], r["recovery"]) for r in result["rows"]}
+    assert {("unstructured layerwise", "fine-tune"), ("unstructured global", "none"),
+            ("structured group_norm", "KD"), ("structured group_norm", "fine-tune")} <= methods
+    for r in result["rows"]:
+        if r["method"].startswith("unstructured"):
+            assert r["sparsity"] == pytest.approx(r["level"], abs=0.01)
+    saved = load_trained(out / "pruned_structured.pt")
+    assert measure.parameters(saved) < result["dense"]["params"]
+    for fig in ("layer_sparsity", "miou_vs_pruning", "cost_vs_pruning", "pareto"):
+        assert (out / f"{fig}.png").is_file()
+    assert "Targets" in (cfg.output_dir / "04_pruning_sweeps.html").read_text()
+    assert result["dense"]["latency_ms"] > 0 and 0 <= result["dense"]["miou"] <= 100
