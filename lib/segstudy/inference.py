@@ -93,6 +93,9 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None
         raise UserError(f"{what} is empty; send PNG or JPEG bytes")
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
+        limit = (max_pixels or MAX_PIXELS) / 1e6
+        raise UserError(f"{what} is far too large ({exc}); send at most {limit:.1f} MP") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{what} is not an image ({len(data)} bytes that are neither PNG nor JPEG)") from exc
     if im.format not in IMAGE_FORMATS:

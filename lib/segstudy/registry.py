@@ -47,6 +47,8 @@ def register(cfg: Config, model: str | Path, name: str, metrics: dict[str, float
     from segstudy.serving import log_servable
 
     model = Path(model)
+    if not model.is_file():
+        raise UserError(f"cannot register {model}: no such file; give a checkpoint (.pt) or an .onnx file")
     metrics = {k: float(v) for k, v in (metrics or {}).items()}
     mlflow = use_mlflow(cfg.tracking, cfg.output_root)
     base_size = int(base_size or cfg.data.base_size)
