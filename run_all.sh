@@ -9,3 +9,9 @@ profile="${1:-demo}"
 start=$(date +%s)
 segstudy run "$profile" "$@"
 echo "[run_all] profile $profile finished in $(( $(date +%s) - start )) s; outputs in outputs/$profile/"
+out=$(python -c 'import sys; from segstudy.config import load_config; print(load_config(sys.argv[1]).output_dir)' "$profile")
+if [ -f "$out/report.html" ]; then
+    echo "[run_all] report: $out/report.html (every notebook: $out/index.html)"
+else
+    echo "[run_all] no report yet: it is written when notebook 06 runs (./run_all.sh $profile --only 06)"
+fi

@@ -3,7 +3,9 @@
 `./run_all.sh [profile]` calls `segstudy run`. Every `notebooks/NN_*.ipynb` runs in order with
 the profile injected into its `parameters` cell; the executed copy goes to
 outputs/<profile>/NN_*.ipynb and its HTML next to it. The first failing notebook stops the run;
-its executed copy (with the failing cell's traceback) is kept.
+its executed copy (with the failing cell's traceback) is kept. After the run, notebook 06's
+executed copy becomes outputs/<profile>/report.html (no code, figures embedded) and
+outputs/<profile>/index.html links every executed notebook with its wall time.
 """
 
 from __future__ import annotations
@@ -102,9 +104,24 @@ def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None
     if timing_file.is_file():
         timings.update(json.loads(timing_file.read_text()))
     for nb in notebooks:
-        timings[nb.stem] = execute(nb, out_dir / nb.name, profile, overrides, timeout, progress, log_output)
+        seconds = execute(nb, out_dir / nb.name, profile, overrides, timeout, progress, log_output)
+        if timing_file.is_file():  # re-read: another run of this profile may have recorded a notebook since
+            timings.update(json.loads(timing_file.read_text()))
+        timings[nb.stem] = seconds
         timing_file.write_text(json.dumps(timings, indent=2))
+    write_pages(out_dir, notebooks_dir, timings, ran=[nb.stem for nb in notebooks])
     return {nb.stem: timings[nb.stem] for nb in notebooks}
+
+
+def write_pages(out_dir: Path, notebooks_dir: Path, timings: dict[str, float], ran: list[str]) -> None:
+    """report.html (when notebook 06 ran) and index.html linking every executed notebook."""
+    from segstudy import report  # pandas/matplotlib: only needed once notebooks have run
+
+    if report.REPORT_NOTEBOOK in ran:
+        path = report.write_report(out_dir / f"{report.REPORT_NOTEBOOK}.ipynb", out_dir / "report.html")
+        print(f"[segstudy] report: {path}", flush=True)
+    index = report.write_index(out_dir, [nb.stem for nb in list_notebooks(notebooks_dir)], timings)
+    print(f"[segstudy] index: {index}", flush=True)
 
 
 def _get(cfg: Any, dotted: str) -> Any:

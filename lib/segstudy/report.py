@@ -1,0 +1,460 @@
+"""Notebook 06 and the HTML report: the study's tables and figures, read from what notebooks
+00-05 saved under outputs/<profile>/.
+
+Nothing here trains or measures. Every table is a `Part` that names the files its numbers come
+from; a results file that is not there becomes a visible note naming it and the command that
+writes it, so a partial run still gives a report that says what it lacks instead of silently
+shrinking.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from segstudy.config import PROJECT_ROOT, Config
+from segstudy.errors import UserError
+
+REPORT_NOTEBOOK = "06_report_figures"
+# every upstream file the report reads (relative to outputs/<profile>/) and the notebook writing it
+UPSTREAM = {
+    "data": "00_data_exploration/summary.json",
+    "baselines": "01_baselines/results.json",
+    "custom": "02_custom_model/results.json",
+    "losses": "03_loss_comparison/results.json",
+    "pruning": "04_pruning_sweeps/results.json",
+    "quantization": "05_quantization/results.json",
+}
+_NOTE_STYLE = "border-left:4px solid #d9822b;background:#fff4e5;padding:6px 10px;margin:8px 0"
+
+
+def _rel(path: Path) -> str:
+    """Paths are shown relative to the repository when they are inside it (shorter, and the same
+    on every machine); otherwise absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _writer(cfg: Config, key: str) -> str:
+    notebook = UPSTREAM[key].split("/")[0]
+    return f"notebook {notebook} (./run_all.sh {cfg.profile} --only {notebook[:2]})"
+
+
+@dataclass
+class Part:
+    """One table of the report with where it came from; notebooks display it as HTML."""
+
+    table: pd.DataFrame | None = None
+    sources: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what is missing, said plainly
+    caption: str = ""
+    images: list[Path] = field(default_factory=list)  # saved figures embedded as they are
+
+    def _repr_html_(self) -> str:
+        out = [f'<div class="segstudy-missing" style="{_NOTE_STYLE}"><b>Missing:</b> {html.escape(n)}</div>'
+               for n in self.notes]
+        if self.caption:
+            out.append(f"<p>{html.escape(self.caption)}</p>")
+        if self.table is not None and not self.table.empty:
+            out.append(_table_html(self.table))
+        for path in self.images:
+            data = base64.b64encode(path.read_bytes()).decode()
+            out.append(f'<p><b>{html.escape(_rel(path))}</b></p>'
+                       f'<img src="data:image/png;base64,{data}" style="max-width:100%" alt="{path.name}">')
+        if self.sources:
+            files = ", ".join(f"<code>{html.escape(_rel(p))}</code>" for p in self.sources)
+            out.append(f'<p style="color:#555;font-size:90%">Source: {files}</p>')
+        return "\n".join(out)
+
+
+def _table_html(table: pd.DataFrame) -> str:
+    """Numbers with two decimals, text columns left-aligned, a named index as a plain first
+    column (pandas would give it a second header row)."""
+    named = any(n is not None for n in table.index.names)
+    df = table.reset_index() if named else table
+    text = [c for c in df.columns if not pd.to_numeric(df[c].dropna(), errors="coerce").notna().all()]
+    style = df.style.format(precision=2, na_rep="–", thousands=",").set_properties(subset=text, **{
+        "text-align": "left"}).set_table_styles([{"selector": "th", "props": "text-align: left"}])
+    return (style.hide(axis="index") if named else style).to_html()
+
+
+def _load(cfg: Config, key: str) -> tuple[dict | None, Path, str | None]:
+    """(data, path, note): data is None and note says why when the file is absent."""
+    path = cfg.output_dir / UPSTREAM[key]
+    if not path.is_file():
+        return None, path, f"{_rel(path)} does not exist; it is written by {_writer(cfg, key)}."
+    try:
+        return json.loads(path.read_text()), path, None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); re-run {_writer(cfg, key)}") from None
+
+
+@contextmanager
+def _reading(cfg: Config, key: str) -> Iterator[None]:
+    """A results file without the fields read here comes from another version of its notebook."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{cfg.output_dir / UPSTREAM[key]} lacks a field notebook 06 reads ({exc!r}); it may "
+                        f"come from an older segstudy: re-run {_writer(cfg, key)}") from None
+
+
+def sources(cfg: Config) -> Part:
+    """Which upstream files exist, when they were written, and what writes them."""
+    rows = []
+    for key, rel in UPSTREAM.items():
+        path = cfg.output_dir / rel
+        found = path.is_file()
+        rows.append({"file": _rel(path), "written": time.strftime("%Y-%m-%d %H:%M", time.localtime(
+            path.stat().st_mtime)) if found else "MISSING", "by": _writer(cfg, key)})
+    notes = [f"{r['file']} does not exist; it is written by {r['by']}." for r in rows if r["written"] == "MISSING"]
+    return Part(pd.DataFrame(rows).set_index("file"), notes=notes,
+                caption="The results files this report reads, and the notebook that writes each.")
+
+
+def data(cfg: Config) -> Part:
+    d, path, note = _load(cfg, "data")
+    if d is None:
+        return Part(notes=[note])
+    with _reading(cfg, "data"):
+        rows = {split: {"images": s["images"], "image sizes": ", ".join(s["image_sizes"]),
+                        "classes present": s["classes_present"], "ignored %": 100 * s["ignored_fraction"],
+                        "rarest classes": ", ".join(s["rarest"])} for split, s in d["splits"].items()}
+        return Part(pd.DataFrame(rows).T.rename_axis("split"), [path], caption=f"Dataset: {d['data_root']}")
+
+
+def _models(cfg: Config) -> tuple[dict[str, dict], list[Path], list[str], dict]:
+    """The trained models of notebooks 01 and 02 (name -> saved result), sources, notes, bench."""
+    models, paths, notes, bench = {}, [], [], {}
+    for key in ("baselines", "custom"):
+        d, path, note = _load(cfg, key)
+        if d is None:
+            notes.append(note)
+            continue
+        with _reading(cfg, key):
+            models.update({name: m | {"source": path} for name, m in d["models"].items()})
+            bench = bench or d["bench"]
+        paths.append(path)
+    return models, paths, notes, bench
+
+
+def models(cfg: Config) -> Part:
+    """Accuracy, speed and size of the trained models, one row each."""
+    found, paths, notes, b = _models(cfg)
+    rows = []
+    for name, m in found.items():
+        with _reading(cfg, "baselines" if m["source"].parent.name.startswith("01") else "custom"):
+            rows.append({"model": name, "val mIoU %": 100 * m["best_miou"],
+                         "pixel acc %": 100 * (m["final"].get("val_pixel_acc") or float("nan")),
+                         "latency ms": m["latency_ms"], "latency ms channels_last": m.get("latency_cl_ms"),
+                         "params M": m["parameters"] / 1e6, "GFLOPs": m["gflops"], "size MB": m.get("size_mb"),
+                         "train s": m["train_seconds"], "source": m["source"].parent.name})
+    caption = (f"Latency: batch 1 at {b['width']}x{b['height']}, fp32, median, measured by each notebook on "
+               f"{b['cpu']} ({b['threads']} threads). mIoU: best validation epoch." if b else "")
+    table = pd.DataFrame(rows).set_index("model").round(2) if rows else None
+    return Part(table, paths, notes, caption)
+
+
+def per_class(cfg: Config) -> Part:
+    """IoU % per class (rows) and model (columns) at each model's best validation epoch."""
+    from segstudy.compare import per_class_table
+
+    found, paths, notes, _ = _models(cfg)
+    with _reading(cfg, "custom"):
+        table = per_class_table(found).T if found else None
+    return Part(table, paths, notes)
+
+
+def per_class_figure(part: Part) -> plt.Figure | None:
+    from segstudy import plots
+
+    return None if part.table is None else plots.iou_heatmap(part.table.T, "Per-class validation IoU % (best epoch)")
+
+
+def losses(cfg: Config) -> Part:
+    """mIoU mean, spread and range over seeds per loss (notebook 03's summary, as saved)."""
+    d, path, note = _load(cfg, "losses")
+    if d is None:
+        return Part(notes=[note])
+    with _reading(cfg, "losses"):
+        table = pd.DataFrame(d["summary"]).set_index("loss")
+        seeds = sorted({r["seed"] for r in d["runs"]})
+        return Part(table, [path], caption=f"The custom model, {d['epochs']} epochs per run, seeds "
+                                           f"{', '.join(map(str, seeds))}: std and min-max are over seeds.")
+
+
+def loss_figure(cfg: Config) -> plt.Figure | None:
+    from segstudy import plots
+
+    d, _, _ = _load(cfg, "losses")
+    if d is None:
+        return None
+    with _reading(cfg, "losses"):
+        per_run = pd.Series({(r["loss"], r["seed"]): 100 * r["best_miou"] for r in d["runs"]})
+    return plots.miou_spread(per_run.rename_axis(["loss", "seed"]))
+
+
+def pruning(cfg: Config) -> tuple[Part, Part]:
+    """Every pruned model of notebook 04 (dense first), and the targets read off those rows."""
+    from segstudy import prune_study
+
+    d, path, note = _load(cfg, "pruning")
+    if d is None:
+        return Part(notes=[note]), Part()
+    with _reading(cfg, "pruning"):
+        rows, dense = d["rows"], d["dense"]
+        b = d["bench"]
+        caption = (f"Latency: batch 1 at {b['width']}x{b['height']}, fp32, {d['cpu']['cpu']}; "
+                   f"mIoU in points on the validation split; the dense row is notebook 02's custom model.")
+        return (Part(prune_study.table([dense, *rows]), [path], caption=caption),
+                Part(prune_study.targets(rows, dense), [path]))
+
+
+def pruning_figure(cfg: Config) -> plt.Figure | None:
+    from segstudy import plots
+
+    d, _, _ = _load(cfg, "pruning")
+    return None if d is None else plots.pareto(d["rows"], d["dense"])
+
+
+def _quant_rows(d: dict) -> dict[str, dict]:
+    """Notebook 05's variants as {name: row}; tolerant of a list or a dict under a few names."""
+    rows = next((d[k] for k in ("rows", "variants", "results") if k in d), None)
+    if isinstance(rows, list):
+        rows = {r.get("name") or f"{r.get('engine')} {r.get('precision')}": r for r in rows}
+    if not isinstance(rows, dict):
+        raise KeyError("rows")
+    return rows
+
+
+def quantization(cfg: Config) -> tuple[Part, Part]:
+    """One row per variant (engine x precision): mIoU, its change, latency, speed-up, size; and
+    notebook 05's targets as it checked them."""
+    d, path, note = _load(cfg, "quantization")
+    if d is None:
+        return Part(notes=[note]), Part()
+    with _reading(cfg, "quantization"):
+        rows = _quant_rows(d)
+        ref_name = d.get("reference", "fp32 eager")
+        ref_name = ref_name if ref_name in rows else next(iter(rows))
+        ref = rows[ref_name]
+        table = pd.DataFrame({name: {
+            "engine": r.get("engine"), "precision": r.get("precision"), "val mIoU %": 100 * r["miou"],
+            "Δ mIoU points": 100 * (r["miou"] - ref["miou"]), "latency ms": r["latency_ms"],
+            "speed-up": ref["latency_ms"] / r["latency_ms"],
+            "size MB": r["size_bytes"] / 2**20 if r.get("size_bytes") else None} for name, r in rows.items()}).T
+        table = table.astype({c: float for c in table.columns if c not in ("engine", "precision")}).round(2)
+        cpu = d.get("cpu", {})
+        caption = (f"Speed-up against '{ref_name}', measured side by side in one run"
+                   + (f" on {cpu.get('cpu')} (AVX-512 VNNI: {cpu.get('avx512_vnni')})." if cpu else "."))
+        targets = d.get("targets") or {}
+        target_part = Part(pd.DataFrame(targets).T.round(3).rename_axis("variant"), [path]) if targets else Part()
+        return Part(table.rename_axis("variant"), [path], caption=caption), target_part
+
+
+def candidates(cfg: Config) -> tuple[pd.DataFrame, list[Path], list[str]]:
+    """Every measured model with an accuracy and a latency: the pool the recommendation picks from.
+    Notebook 04's dense row is left out: it is notebook 02's custom model measured again."""
+    rows, paths, notes = [], [], []
+    found, model_paths, model_notes, _ = _models(cfg)
+    paths += model_paths
+    notes += model_notes
+    for name, m in found.items():
+        src = _rel(m["source"])
+        rows.append({"model": f"{name} · fp32", "mIoU %": 100 * m["best_miou"], "latency ms": m["latency_ms"],
+                     "source": src})
+        if m.get("latency_cl_ms"):
+            rows.append({"model": f"{name} · fp32 channels_last", "mIoU %": 100 * m["best_miou"],
+                         "latency ms": m["latency_cl_ms"], "source": src})
+    d, path, note = _load(cfg, "pruning")
+    if d is None:
+        notes.append(note)
+    else:
+        paths.append(path)
+        with _reading(cfg, "pruning"):
+            rows += [{"model": f"custom · {r['method']} {r['level']:g} + {r['recovery']}", "mIoU %": r["miou"],
+                      "latency ms": r["latency_ms"], "source": _rel(path)} for r in d["rows"] if r.get("latency_ms")]
+    d, path, note = _load(cfg, "quantization")
+    if d is None:
+        notes.append(note)
+    else:
+        paths.append(path)
+        with _reading(cfg, "quantization"):
+            base = d.get("model", "custom")
+            rows += [{"model": f"{base} · {name}", "mIoU %": 100 * r["miou"], "latency ms": r["latency_ms"],
+                      "source": _rel(path)} for name, r in _quant_rows(d).items() if r.get("latency_ms")]
+    table = pd.DataFrame(rows, columns=["model", "mIoU %", "latency ms", "source"])
+    return table.dropna(subset=["mIoU %", "latency ms"]).reset_index(drop=True), paths, notes
+
+
+def recommend(cfg: Config, tolerance: float = 1.0) -> tuple[Part, dict | None]:
+    """The fastest measured model within `tolerance` mIoU points of the most accurate one.
+
+    Why this rule: a gap under about a point is within the seed-to-seed range notebook 03
+    measures, so it is no evidence for paying with a slower model."""
+    pool, paths, notes = candidates(cfg)
+    notes = [f"not in the pool below: {n}" for n in notes]
+    if pool.empty:
+        return Part(notes=notes or ["no model with both mIoU and latency was found"], sources=paths), None
+    best = pool.loc[pool["mIoU %"].idxmax()]
+    close = pool[pool["mIoU %"] >= best["mIoU %"] - tolerance].sort_values("latency ms")
+    pick = close.iloc[0].to_dict()
+    speedup = best["latency ms"] / pick["latency ms"]
+    caption = (f"Rule: the fastest model within {tolerance:g} mIoU point of the most accurate one ({best['model']}, "
+               f"{best['mIoU %']:.2f}). Recommended: {pick['model']}, {pick['mIoU %']:.2f} mIoU % "
+               f"({pick['mIoU %'] - best['mIoU %']:+.2f} points), {pick['latency ms']:.1f} ms "
+               f"({speedup:.2f}x faster than {best['model']}); from {pick['source']}. "
+               f"Rows: every measured model, most accurate first.")
+    table = pool.assign(**{"Δ mIoU vs best": pool["mIoU %"] - best["mIoU %"]}).sort_values(
+        ["mIoU %", "latency ms"], ascending=[False, True])
+    table["within tolerance"] = ["yes" if i in close.index else "" for i in table.index]
+    table["recommended"] = ["★" if m == pick["model"] else "" for m in table["model"]]
+    table = table[["model", "mIoU %", "Δ mIoU vs best", "latency ms", "within tolerance", "recommended", "source"]]
+    return Part(table.set_index("model").round(2), paths, notes, caption), pick | {
+        "tolerance": tolerance, "best": best.to_dict()}
+
+
+def _pareto_front(pool: pd.DataFrame) -> pd.DataFrame:
+    """The models no other model beats on both latency and mIoU."""
+    front, top = [], float("-inf")
+    for i, r in pool.sort_values(["latency ms", "mIoU %"], ascending=[True, False]).iterrows():
+        if r["mIoU %"] > top:
+            front.append(i)
+            top = r["mIoU %"]
+    return pool.loc[front]
+
+
+def tradeoff_figure(cfg: Config, tolerance: float = 1.0) -> plt.Figure | None:
+    """mIoU against latency for every candidate, the tolerance band and the recommended model;
+    the Pareto front is named on the plot (every point is a row of recommend()'s table)."""
+    pool, _, _ = candidates(cfg)
+    _, pick = recommend(cfg, tolerance)
+    if pick is None:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 5.2))
+    for source, g in pool.groupby("source", sort=False):
+        ax.scatter(g["latency ms"], g["mIoU %"], s=45, label=Path(source).parent.name, zorder=2)
+    front = _pareto_front(pool)
+    ax.step(front["latency ms"], front["mIoU %"], where="post", color="grey", linewidth=1, zorder=1,
+            label="Pareto front")
+    for _, r in front.iterrows():
+        ax.annotate(r["model"], (r["latency ms"], r["mIoU %"]), xytext=(6, -11), textcoords="offset points",
+                    fontsize=8)
+    top = pick["best"]["mIoU %"]
+    ax.axhspan(top - tolerance, top, color="green", alpha=0.12, label=f"within {tolerance:g} point of the best")
+    ax.scatter([pick["latency ms"]], [pick["mIoU %"]], s=320, marker="*", color="gold", edgecolor="black",
+               zorder=3, label="recommended")
+    ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.1)  # room for the names of the points at the edges
+    ax.set(xlabel="latency ms (batch 1, log scale)", ylabel="val mIoU %", title="Accuracy against speed, every model")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=6, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def predictions(cfg: Config) -> Part:
+    """The prediction grids notebooks 01 and 02 saved (image | ground truth | each model)."""
+    part = Part()
+    for key in ("baselines", "custom"):
+        path = cfg.output_dir / UPSTREAM[key].replace("results.json", "predictions.png")
+        if path.is_file():
+            part.images.append(path)
+        else:
+            part.notes.append(f"{_rel(path)} does not exist; it is written by {_writer(cfg, key)}.")
+    return part
+
+
+def sweeps(cfg: Config) -> Part:
+    """The runs of `segstudy sweep` made with this profile (outputs/sweeps/*/sweep.json)."""
+    rows, paths = [], []
+    for path in sorted((Path(cfg.output_root) / "sweeps").glob("*/sweep.json")):
+        d = json.loads(path.read_text())
+        if d.get("profile") != cfg.profile:
+            continue
+        paths.append(path)
+        for run in d.get("runs", []):
+            res = run.get("results") or {}  # notebook 03 saves "runs", notebooks 01/02 "models"
+            entries = res.get("runs") or list((res.get("models") or {}).values())
+            scores = [r["best_miou"] for r in entries if isinstance(r, dict) and r.get("best_miou") is not None]
+            rows.append({"sweep": d["sweep"], "notebook": d.get("notebook"),
+                         "params": ", ".join(f"{k}={v}" for k, v in run.get("params", {}).items()),
+                         "best mIoU %": 100 * max(scores) if scores else None, "seconds": run.get("seconds"),
+                         "error": run.get("error", "")})
+    if not rows:
+        return Part(caption="No sweep was run with this profile (segstudy sweep NOTEBOOK -p KEY VALUES ...).")
+    table = pd.DataFrame(rows).set_index("sweep").round(2)
+    return Part(table if table["error"].any() else table.drop(columns="error"), paths)
+
+
+def save(fig: plt.Figure | None, path: Path) -> Path | None:
+    """Save a figure next to the report and show the saved PNG now (None: its data is missing,
+    and a note says so). Showing the file, not the figure, works whatever matplotlib backend the
+    kernel has (MPLBACKEND=Agg shows nothing inline) and keeps it above the next output."""
+    from IPython.display import Image, display
+
+    from segstudy import plots
+
+    if fig is None:
+        return None
+    plots.save(fig, path)
+    plt.close(fig)
+    display(Image(data=path.read_bytes(), format="png"))
+    return path
+
+
+# ---- the HTML files: report.html (notebook 06 without code) and index.html (every notebook)
+
+def write_report(executed: Path, out: Path) -> Path:
+    """report.html from the executed notebook 06: code hidden, stream outputs (progress bars,
+    prints) dropped, figures embedded as data URIs, so the file stands alone."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(executed, as_version=4)
+    for cell in nb.cells:
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = [o for o in cell.get("outputs", []) if o.get("output_type") != "stream"]
+    title = f"segstudy report ({executed.parent.name})"
+    nb.metadata["title"] = title
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def write_index(out_dir: Path, notebooks: list[str], timings: dict[str, float]) -> Path:
+    """index.html: the report and every notebook's HTML with its wall time (timings.json)."""
+    items = []
+    for stem in notebooks:
+        page = out_dir / f"{stem}.html"
+        seconds = timings.get(stem)
+        when = f"{seconds:.1f} s" if seconds is not None else "no timing"
+        link = f'<a href="{page.name}">{stem}</a>' if page.is_file() else f"{stem} (not run: no {page.name})"
+        items.append(f"<tr><td>{link}</td><td style='text-align:right'>{when}</td></tr>")
+    total = sum(timings.get(s, 0.0) for s in notebooks)
+    report = (f'<p><b><a href="report.html">The report</a></b> (notebook {REPORT_NOTEBOOK} without code)</p>'
+              if (out_dir / "report.html").is_file() else
+              f"<p><b>No report.html yet</b>: it is built when notebook {REPORT_NOTEBOOK} runs.</p>")
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>segstudy: {out_dir.name}</title>
+<style>body{{font-family:sans-serif;max-width:46em;margin:2em auto}} td{{padding:2px 14px 2px 0}}</style>
+</head><body><h1>segstudy, profile {html.escape(out_dir.name)}</h1>{report}
+<h2>Executed notebooks</h2><table><tr><th align="left">notebook</th><th>wall time</th></tr>
+{chr(10).join(items)}
+<tr><td><b>total</b></td><td style='text-align:right'><b>{total:.1f} s</b></td></tr></table>
+<p style="color:#555">Wall times from timings.json (the latest run of each notebook).</p></body></html>
+"""
+    path = out_dir / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path

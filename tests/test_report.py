@@ -1,0 +1,138 @@
+"""Notebook 06 and the HTML report on smoke-profile outputs.
+
+The upstream results are small JSON files in the formats notebooks 00-05 write (compare.save_results,
+loss_study.save, prune_study.save, notebook 05's quantize.save_json), so nothing is trained here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from segstudy import report
+from segstudy.config import load_config
+from segstudy.errors import UserError
+from segstudy.labels import CLASS_NAMES
+from segstudy.runner import run_notebooks
+
+BENCH = {"height": 64, "width": 128, "cpu": "Test CPU", "threads": 2, "avx2": True, "avx512_vnni": True}
+
+
+def _iou(level: float) -> dict[str, float]:
+    return {c: level * (i % 4) / 3 for i, c in enumerate(CLASS_NAMES)}
+
+
+def _model(miou: float, latency: float, latency_cl: float, params: float) -> dict:
+    best = {"epoch": 1, "step": 4, "train_loss": 1.0, "val_miou": miou, "val_pixel_acc": 0.7, "val_iou": _iou(miou)}
+    return {"best_miou": miou, "final": best, "history": [best], "train_seconds": 3.0, "train_img_per_s": 5.0,
+            "parameters": params, "gflops": 2.0, "size_mb": params * 4 / 2**20, "latency_ms": latency,
+            "latency_cl_ms": latency_cl}
+
+
+def _write(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def _png(path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.plot([0, 1], [1, 0])
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def fake_outputs(out: Path, skip: tuple[str, ...] = ()) -> None:
+    """outputs/smoke/ as notebooks 00-05 leave it, without the results named in `skip`."""
+    files = {
+        "data": {"profile": "smoke", "data_root": "/data/synth-smoke", "splits": {
+            s: {"images": n, "image_sizes": ["128x64"], "ignored_fraction": 0.02, "classes_present": 19,
+                "rarest": ["bicycle", "rider"]} for s, n in (("train", 8), ("val", 4))}},
+        "baselines": {"profile": "smoke", "bench": BENCH, "models": {
+            "unet": _model(0.20, 30.0, 20.0, 2e6), "deeplabv3_resnet50": _model(0.25, 90.0, 80.0, 4e7)}},
+        "custom": {"profile": "smoke", "bench": BENCH, "models": {"custom": _model(0.27, 60.0, 50.0, 3e7)}},
+        "losses": {"profile": "smoke", "epochs": 1, "runs": [
+            {"loss": loss, "seed": seed, "best_miou": m, "history": []}
+            for loss, seed, m in (("ce", 0, 0.10), ("ce", 1, 0.12), ("dice", 0, 0.14), ("dice", 1, 0.15))],
+            "summary": [{"loss": "ce", "seeds": 2, "mIoU mean": 11.0, "mIoU std": 1.41, "mIoU min": 10.0,
+                         "mIoU max": 12.0, "small-class IoU mean": 0.0},
+                        {"loss": "dice", "seeds": 2, "mIoU mean": 14.5, "mIoU std": 0.71, "mIoU min": 14.0,
+                         "mIoU max": 15.0, "small-class IoU mean": 0.5}]},
+        "pruning": {"profile": "smoke", "cpu": BENCH, "bench": BENCH, "prune": {}, "layer_sparsity": {},
+                    "dense": {"method": "dense", "level": 0.0, "recovery": "none", "sparsity": 0.0, "miou": 27.0,
+                              "params": 3e7, "size_mb": 110.0, "size_gz_mb": 100.0, "latency_ms": 60.0,
+                              "gflops": 2.0},
+                    "rows": [{"method": "structured group_norm", "level": 0.3, "recovery": "KD", "sparsity": 0.0,
+                              "miou": 26.5, "params": 1e7, "size_mb": 40.0, "size_gz_mb": 37.0,
+                              "latency_ms": 25.0, "gflops": 0.9},
+                             {"method": "structured group_norm", "level": 0.5, "recovery": "none", "sparsity": 0.0,
+                              "miou": 25.0, "params": 5e6, "size_mb": 20.0, "size_gz_mb": 18.0,
+                              "latency_ms": 12.0, "gflops": 0.4}]},
+        "quantization": {"profile": "smoke", "cpu": BENCH, "variants": {
+            "fp32 eager": {"engine": "torch", "precision": "fp32", "miou": 0.27, "latency_ms": 60.0,
+                           "size_bytes": 2**20 * 110},
+            "int8 ONNX Runtime": {"engine": "onnxruntime", "precision": "int8", "miou": 0.268, "latency_ms": 15.0,
+                                  "size_bytes": 2**20 * 28}},
+            "targets": {"int8 ONNX Runtime": {"speedup": 4.0, "speedup_target": 5.0, "passed": False}}},
+    }
+    for key, payload in files.items():
+        if key not in skip:
+            _write(out / report.UPSTREAM[key], payload)
+    for nb in ("01_baselines", "02_custom_model"):
+        _png(out / nb / "predictions.png")
+
+
+def test_notebook_06_and_report_on_smoke(tmp_path, tiny_root):
+    root = tmp_path / "out"
+    fake_outputs(root / "smoke", skip=("pruning",))
+    overrides = {"data.root": str(tiny_root), "data.generate": False, "output_root": str(root)}
+    timings = run_notebooks("smoke", overrides, only=["06"], progress=False)
+    assert set(timings) == {"06_report_figures"}
+    out = root / "smoke"
+    page = (out / "report.html").read_text()
+    for heading in ("Models", "Losses", "Pruning", "Quantization", "Recommended model", "Predictions"):
+        assert re.search(rf"<h2[^>]*>{heading}", page), heading
+    assert page.count("data:image/png;base64") >= 4  # heatmap, loss spread, trade-off, 2 prediction grids
+    assert "report.models(cfg)" not in page and "load_config" not in page  # no code cell input
+    assert "hl-ipython3" not in page  # the class nbconvert gives highlighted code input
+    # the absent pruning results: a visible note naming the file and the command that writes it
+    assert "segstudy-missing" in page
+    assert "smoke/04_pruning_sweeps/results.json does not exist" in page and "--only 04" in page
+    # every table names its file; the recommendation follows the stated rule on these numbers
+    assert "01_baselines/results.json" in page and "05_quantization/results.json" in page
+    pick = json.loads((out / "06_report_figures" / "recommended.json").read_text())
+    assert pick["model"] == "custom · int8 ONNX Runtime" and pick["source"].endswith("05_quantization/results.json")
+    index = (out / "index.html").read_text()
+    assert 'href="report.html"' in index and 'href="06_report_figures.html"' in index
+    assert f"{timings['06_report_figures']:.1f} s" in index
+    assert "00_data_exploration (not run" in index
+
+
+def test_recommendation_rule_and_pool(tmp_path):
+    cfg = load_config("smoke", {"output_root": str(tmp_path)})
+    fake_outputs(cfg.output_dir, skip=("quantization",))
+    part, pick = report.recommend(cfg, tolerance=1.0)
+    # best: custom at 27.0; the KD-recovered pruned model (26.5, 25 ms) is the fastest within a point;
+    # the 0.5-ratio one is faster still but 2 points down
+    assert pick["model"] == "custom · structured group_norm 0.3 + KD"
+    assert pick["best"]["model"] == "custom · fp32"
+    assert part.table.loc["custom · structured group_norm 0.3 + KD", "recommended"] == "★"
+    assert any("05_quantization/results.json does not exist" in n for n in part.notes)
+    assert report.tradeoff_figure(cfg) is not None
+    table, targets = report.pruning(cfg)
+    assert list(table.table["method"])[0] == "dense" and table.sources == [cfg.output_dir / report.UPSTREAM["pruning"]]
+    assert len(targets.table) == 1  # the recovered structured row checked against the dense one
+
+
+def test_bad_upstream_file_is_a_user_error(tmp_path):
+    cfg = load_config("smoke", {"output_root": str(tmp_path)})
+    path = cfg.output_dir / report.UPSTREAM["losses"]
+    _write(path, {"profile": "smoke"})
+    with pytest.raises(UserError, match=r"03_loss_comparison/results.json lacks a field.*--only 03"):
+        report.losses(cfg)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match=r"is not valid JSON.*--only 03"):
+        report.losses(cfg)
