@@ -264,14 +264,15 @@ def quantization(cfg: Config) -> tuple[Part, Part]:
 
 
 def candidates(cfg: Config) -> tuple[pd.DataFrame, list[Path], list[str]]:
-    """Every measured model with an accuracy and a latency: the pool the recommendation picks from.
-    Notebook 04's dense row is left out: it is notebook 02's custom model measured again."""
+    """Every measured model with an accuracy and a latency: the pool the recommendation picks from
+    (source: the file under outputs/<profile>/). Notebook 04's dense row is left out: it is
+    notebook 02's custom model measured again."""
     rows, paths, notes = [], [], []
     found, model_paths, model_notes, _ = _models(cfg)
     paths += model_paths
     notes += model_notes
     for name, m in found.items():
-        src = _rel(m["source"])
+        src = UPSTREAM["baselines" if m["source"].parent.name.startswith("01") else "custom"]
         rows.append({"model": f"{name} · fp32", "mIoU %": 100 * m["best_miou"], "latency ms": m["latency_ms"],
                      "source": src})
         if m.get("latency_cl_ms"):
@@ -284,7 +285,8 @@ def candidates(cfg: Config) -> tuple[pd.DataFrame, list[Path], list[str]]:
         paths.append(path)
         with _reading(cfg, "pruning"):
             rows += [{"model": f"custom · {r['method']} {r['level']:g} + {r['recovery']}", "mIoU %": r["miou"],
-                      "latency ms": r["latency_ms"], "source": _rel(path)} for r in d["rows"] if r.get("latency_ms")]
+                      "latency ms": r["latency_ms"], "source": UPSTREAM["pruning"]}
+                     for r in d["rows"] if r.get("latency_ms")]
     d, path, note = _load(cfg, "quantization")
     if d is None:
         notes.append(note)
@@ -293,7 +295,7 @@ def candidates(cfg: Config) -> tuple[pd.DataFrame, list[Path], list[str]]:
         with _reading(cfg, "quantization"):
             base = d.get("model", "custom")
             rows += [{"model": f"{base} · {name}", "mIoU %": 100 * r["miou"], "latency ms": r["latency_ms"],
-                      "source": _rel(path)} for name, r in _quant_rows(d).items() if r.get("latency_ms")]
+                      "source": UPSTREAM["quantization"]} for name, r in _quant_rows(d).items() if r.get("latency_ms")]
     table = pd.DataFrame(rows, columns=["model", "mIoU %", "latency ms", "source"])
     return table.dropna(subset=["mIoU %", "latency ms"]).reset_index(drop=True), paths, notes
 
