@@ -225,7 +225,10 @@ def pruning_figure(cfg: Config) -> plt.Figure | None:
     from segstudy import plots
 
     d, _, _ = _load(cfg, "pruning")
-    return None if d is None else plots.pareto(d["rows"], d["dense"])
+    if d is None:
+        return None
+    with _reading(cfg, "pruning"):
+        return plots.pareto(d["rows"], d["dense"])
 
 
 def _quant_rows(d: dict) -> dict[str, dict]:
@@ -284,7 +287,8 @@ def candidates(cfg: Config) -> tuple[pd.DataFrame, list[Path], list[str]]:
     else:
         paths.append(path)
         with _reading(cfg, "pruning"):
-            rows += [{"model": f"custom · {r['method']} {r['level']:g} + {r['recovery']}", "mIoU %": r["miou"],
+            rows += [{"model": f"custom · {r['method']} {r['level']:g}"
+                      + ("" if r["recovery"] == "none" else f" + {r['recovery']}"), "mIoU %": r["miou"],
                       "latency ms": r["latency_ms"], "source": UPSTREAM["pruning"]}
                      for r in d["rows"] if r.get("latency_ms")]
     d, path, note = _load(cfg, "quantization")
