@@ -129,3 +129,30 @@ def test_sweep_gathers_runs_and_tags_mlflow(tmp_path, tiny_root):
     assert len(tagged) == 2
     bad = _cli("sweep", "notebooks/03_loss_comparison.ipynb", "--profile", "smoke", "-p", "loss_study.nmes", "ce")
     assert bad.returncode == 2 and "unknown key 'loss_study.nmes'" in bad.stderr
+
+
+def test_notebook_05_on_smoke(tmp_path, tiny_root):
+    overrides = {"data.root": str(tiny_root), "data.generate": False, "output_root": str(tmp_path / "out"),
+                 "train.epochs": 1, "bench.warmup": 1, "bench.iters": 2}
+    run_notebooks("smoke", overrides, only=["05"], progress=False)
+    out = tmp_path / "out" / "smoke" / "05_quantization"
+    result = json.loads((out / "results.json").read_text())
+    variants = result["variants"]
+    assert set(variants) == {"fp32 eager", "fp32 channels_last", "bf16 autocast + channels_last", "int8 PTQ torch FX",
+                             "ONNX Runtime fp32", "int8 ONNX Runtime", "int8 QAT torch FX"}  # smoke: quant.qat always
+    for r in variants.values():
+        assert 0 <= r["miou"] <= 1 and r["latency_ms"] > 0 and r["size_bytes"] > 0 and len(r["iou"]) == 19
+    assert variants["int8 ONNX Runtime"]["size_bytes"] < 0.3 * variants["ONNX Runtime fp32"]["size_bytes"]
+    assert variants["int8 PTQ torch FX"]["size_bytes"] < 0.3 * variants["fp32 eager"]["size_bytes"]
+    agreement = result["agreement_vs_fp32"]
+    onnx_fp32 = agreement["ONNX Runtime fp32"]
+    assert onnx_fp32["max_abs"] < 1e-3 and onnx_fp32["pixel_agreement"] > 0.999
+    assert set(result["calibration_sweep"]) == {"2", "4"} and result["qat"]["ran"]
+    assert result["pruned"]["available"] is False  # notebook 04 did not run: said, not failed
+    assert set(result["targets"]) == {"int8 PTQ torch FX", "int8 ONNX Runtime", "int8 QAT torch FX"}
+    for name in ("variants.png", "per_class_iou_delta.png", "miou_vs_calibration_images.png", "custom_fp32.onnx",
+                 "custom_int8.onnx", "custom_int8_fx.pt", "custom_int8_qat.pt"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".*partial*"))
+    html = (tmp_path / "out" / "smoke" / "05_quantization.html").read_text()
+    assert "Why torch FX graph mode and ONNX Runtime, not PT2E" in html and "no pruned model at" in html

@@ -244,3 +244,55 @@ def delta_bars(delta: pd.DataFrame, reference: str = "ce") -> plt.Figure:
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return fig
+
+
+# --- notebook 05 (quantization) ------------------------------------------------------------------
+
+_PRECISION_COLORS = {"fp32": "tab:blue", "bf16": "tab:purple", "int8": "tab:green"}
+
+
+def quant_variants(table: pd.DataFrame) -> plt.Figure:
+    """Every variant of notebook 05 side by side: latency, validation mIoU and size on disk, one bar
+    each, coloured by precision (the table from quantize.table)."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 1.4 + 0.42 * len(table)), sharey=True)
+    colors = [_PRECISION_COLORS.get(str(p).split()[0], "tab:gray") for p in table["precision"]]
+    y = np.arange(len(table))
+    for ax, col in zip(axes, ["latency ms", "val mIoU %", "size MB"]):
+        values = table[col].astype(float)
+        ax.barh(y, values, color=colors)
+        for k, v in enumerate(values):
+            ax.text(v, k, f" {v:.1f}", va="center", fontsize=8)
+        ax.set_xlabel(col)
+        ax.set_xlim(0, 1.2 * values.max())
+    axes[0].set_yticks(y, table.index)
+    axes[0].invert_yaxis()
+    fig.legend(handles=[Patch(color=c, label=p) for p, c in _PRECISION_COLORS.items()], loc="upper right",
+               ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("Every variant: batch-1 latency, validation mIoU, size on disk", x=0.01, ha="left")
+    fig.tight_layout()
+    return fig
+
+
+def calibration_curve(miou_by_n: dict[int, float], reference: float) -> plt.Figure:
+    """int8 validation mIoU % against the number of calibration images, fp32 as a dashed line."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ns = sorted(miou_by_n)
+    ax.plot(ns, [miou_by_n[n] for n in ns], marker="o", label="int8 PTQ (torch FX)")
+    ax.axhline(reference, color="black", linestyle="--", linewidth=1, label="fp32")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set(xlabel="calibration images N", ylabel="val mIoU %", title="mIoU vs number of calibration images")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def iou_delta_heatmap(delta: pd.DataFrame, title: str = "Per-class IoU change vs fp32 (points)") -> plt.Figure:
+    """Variants x classes, IoU points gained (blue) or lost (red) against the reference."""
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.45 * len(delta)))
+    limit = max(1.0, float(np.nanmax(np.abs(delta.to_numpy(dtype=float)))) if delta.size else 1.0)
+    sns.heatmap(delta.astype(float), annot=True, fmt=".1f", center=0, vmin=-limit, vmax=limit, cmap="RdBu",
+                ax=ax, cbar=False, annot_kws={"fontsize": 7})
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,146 @@
+"""Issue 6's quantization targets, measured side by side in one process on this machine.
+
+    python benchmarks/bench_quantize.py [--params demo] [--model custom] [--iters N] [--warmup N]
+                                        [--threads N] [--height H --width W] [--calib N]
+
+Batch-1 latency at the bench size (params' bench.height x bench.width, 512x1024 in demo) of the trained
+model (outputs/<profile>/runs/<model>/checkpoint_best.pt; random weights when it is missing, which
+does not change the speed): fp32 eager, fp32 channels_last, bf16 autocast + channels_last, ONNX
+Runtime fp32, torch FX int8 (x86), ONNX Runtime static int8 QDQ with uint8 and with int8
+activations, and the pruned model of notebook 04 (fp32 and int8) when it exists. Prints the CPU and
+its ISA flags, the median per variant, the speed-up against fp32 eager, the ratio to the fastest int8
+engine and PASS/FAIL for the target: >= 5x on VNNI/AMX CPUs (>= 3x AVX2-only), within 1.2x of the
+fastest int8 engine. Writes outputs/<profile>/benchmarks/quantize.json. On a CUDA machine it adds
+fp32 / fp16 / bf16 GPU latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import torch
+
+from segstudy import measure, onnx_export, quantize
+from segstudy.config import load_config
+from segstudy.datasets import prepare_data
+from segstudy.labels import NUM_CLASSES
+from segstudy.models import build_model, load_trained
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="demo")
+    p.add_argument("--model", default="custom", help="custom | deeplabv3_resnet50 (the pruned rows are custom's)")
+    p.add_argument("--height", type=int, help="default: bench.height")
+    p.add_argument("--width", type=int, help="default: bench.width")
+    p.add_argument("--warmup", type=int, help="default: bench.warmup")
+    p.add_argument("--iters", type=int, help="default: bench.iters")
+    p.add_argument("--threads", type=int, help="default: quant.threads")
+    p.add_argument("--calib", type=int, help="calibration images, default: quant.calib_images")
+    args = p.parse_args()
+    cfg = load_config(args.params)
+    h, w = args.height or cfg.bench.height, args.width or cfg.bench.width
+    warmup, iters = args.warmup if args.warmup is not None else cfg.bench.warmup, args.iters or cfg.bench.iters
+    n_calib = args.calib or cfg.quant.calib_images
+    threads = quantize.set_threads(args.threads if args.threads is not None else cfg.quant.threads)
+    info = measure.cpu_info()
+    print(f"CPU: {info['cpu']}  threads: {threads}  " +
+          "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.items() if k not in ("cpu", "threads")))
+    print(f"torch {torch.__version__} (quantized engine {quantize.BACKEND}), onnxruntime "
+          f"{onnx_export.ort.__version__}; batch 1 at {w}x{h}, median of {iters} after {warmup} warm-up")
+
+    prepare_data(cfg)
+    ckpt = cfg.output_dir / "runs" / args.model / "checkpoint_best.pt"
+    if ckpt.is_file():
+        model, source = load_trained(ckpt), str(ckpt)
+    else:
+        mc = dataclasses.asdict(cfg.model) | {"name": args.model, "pretrained": False}
+        model, source = build_model(num_classes=NUM_CLASSES, **mc).eval(), "random weights (no checkpoint)"
+    calib = quantize.calibration_images(cfg, n_calib)
+    batches = quantize.batched(calib, cfg.data.batch_size)
+    print(f"model: {args.model} from {source}; calibration: {n_calib} training images")
+
+    rows: dict[str, dict] = {}
+
+    def torch_row(name: str, net, **kw) -> None:
+        rows[name] = measure.latency(net, h, w, warmup=warmup, iters=iters, **kw)
+        print(f"  measured {name:34s} {rows[name]['median_ms']:9.1f} ms", flush=True)
+
+    def ort_row(name: str, path: Path) -> None:
+        rows[name] = onnx_export.latency(onnx_export.session(path, threads), h, w, warmup, iters)
+        print(f"  measured {name:34s} {rows[name]['median_ms']:9.1f} ms", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch_row("fp32 eager", model)
+        torch_row("fp32 channels_last", copy.deepcopy(model), channels_last=True)
+        torch_row("bf16 autocast + channels_last", copy.deepcopy(model), channels_last=True, dtype=torch.bfloat16)
+        fp32_onnx = onnx_export.export(model, tmp / "fp32.onnx", calib[0][None])
+        ort_row("ONNX Runtime fp32", fp32_onnx)
+        torch_row("int8 torch FX (x86)", quantize.fx_ptq(model, calib, [n_calib], cfg.data.batch_size,
+                                                         cfg.quant.observer)["models"][n_calib])
+        for act in onnx_export.ACTIVATIONS:
+            ort_row(f"int8 ONNX Runtime ({act} act.)",
+                    onnx_export.quantize_int8(fp32_onnx, tmp / f"int8_{act}.onnx", batches, act))
+        pruned_path = quantize.pruned_checkpoint(cfg)
+        if args.model != "custom":
+            print("pruned rows: only for the custom model")
+        elif pruned_path.is_file():
+            pruned = load_trained(pruned_path)
+            torch_row("pruned fp32", pruned)
+            torch_row("pruned + int8 torch FX", quantize.fx_ptq(pruned, calib, [n_calib], cfg.data.batch_size,
+                                                                cfg.quant.observer)["models"][n_calib])
+            ort_row("pruned + int8 ONNX Runtime (uint8 act.)", onnx_export.quantize_int8(
+                onnx_export.export(pruned, tmp / "pruned.onnx", calib[0][None]), tmp / "pruned_int8.onnx", batches))
+        else:
+            print(f"pruned rows skipped: no pruned model at {pruned_path} (notebook 04 writes it)")
+
+    dense_int8 = [k for k in rows if k.startswith("int8")]
+    targets = quantize.check_targets(info, {k: {"latency_ms": r["median_ms"]} for k, r in rows.items()}, dense_int8)
+    fp32_ms = rows["fp32 eager"]["median_ms"]
+    fastest_int8 = min(rows[k]["median_ms"] for k in dense_int8)
+    print(f"\n{'variant':42s} {'median ms':>10s} {'min ms':>9s} {'vs fp32 eager':>14s} {'/ fastest int8':>15s}  target")
+    for name, r in rows.items():
+        t = targets.get(name)
+        verdict = ""
+        if t:
+            verdict = (f"{'PASS' if t['passed'] else 'FAIL'} (>= {t['speedup_target']:.0f}x and within 1.2x "
+                       f"of the fastest int8)")
+        ratio = f"{r['median_ms'] / fastest_int8:14.2f}x" if "int8" in name else " " * 15
+        print(f"{name:42s} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {fp32_ms / r['median_ms']:13.2f}x {ratio}  "
+              f"{verdict}")
+    fastest = min(rows, key=lambda k: rows[k]["median_ms"])
+    print(f"fastest variant: {fastest}")
+    gpu = gpu_rows(model, h, w, warmup, iters)
+
+    out = cfg.output_dir / "benchmarks" / f"quantize_{args.model}.json"
+    quantize.save_json(out, {"cpu": info, "threads": threads, "size": f"{w}x{h}", "warmup": warmup, "iters": iters,
+                             "model": args.model, "weights": source, "calibration_images": n_calib,
+                             "latency": rows, "targets": targets, "fastest": fastest, "gpu": gpu})
+    print("wrote", out)
+
+
+def gpu_rows(model: torch.nn.Module, h: int, w: int, warmup: int, iters: int) -> dict:
+    """fp32, fp16 and bf16 autocast (channels_last) batch-1 latency on a CUDA GPU, when there is one."""
+    if not torch.cuda.is_available():
+        print("GPU: none in this session (fp16/bf16 GPU rows skipped)")
+        return {}
+    name, rows = torch.cuda.get_device_name(), {}
+    net = copy.deepcopy(model)
+    rows["fp32"] = measure.latency(net, h, w, "cuda", warmup=warmup, iters=iters)["median_ms"]
+    for label, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            continue
+        rows[f"{label} autocast + channels_last"] = measure.latency(net, h, w, "cuda", warmup=warmup, iters=iters,
+                                                                    channels_last=True, dtype=dtype)["median_ms"]
+    for k, v in rows.items():
+        print(f"GPU {name}: {k:30s} {v:8.2f} ms ({rows['fp32'] / v:4.2f}x vs fp32)")
+    return {"device": name, "latency_ms": rows}
+
+
+if __name__ == "__main__":
+    main()

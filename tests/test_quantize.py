@@ -1,0 +1,206 @@
+"""Int8 quantization (notebook 05): torch FX PTQ and QAT, ONNX export and ONNX Runtime int8, bad input.
+
+A small segmentation net (conv-BN-ReLU stem, residual add, stride 4, 1x1 classifier, bilinear
+upsampling: the custom hybrid's structure at a fraction of its size) is trained briefly on the tiny
+generated dataset, so that int8 is compared against a model with real class margins.
+Tolerances: int8 argmax agrees with fp32 on >= 95% of the pixels and the mean absolute logit
+difference is below 5% of the mean absolute fp32 logit; ORT fp32 matches torch to 1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segstudy import onnx_export, quantize
+from segstudy.config import load_config
+from segstudy.errors import UserError
+from segstudy.train import finetune, validate
+
+
+class TinySeg(nn.Module):
+    def __init__(self, classes: int = 19):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64))
+        self.down = nn.Sequential(nn.Conv2d(64, 128, 3, 2, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU())
+        self.classifier = nn.Conv2d(128, classes, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        h = self.stem(x)
+        h = F.relu(h + self.block(h))
+        return {"out": F.interpolate(self.classifier(self.down(h)), size=size, mode="bilinear", align_corners=False)}
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_root, tmp_path_factory):
+    return load_config("smoke", {"data.root": str(tiny_root), "data.generate": False, "train.amp": "none",
+                                 "output_root": str(tmp_path_factory.mktemp("out")), "train.channels_last": False})
+
+
+@pytest.fixture(scope="module")
+def trained(cfg):
+    torch.manual_seed(0)
+    quantize.set_threads(2)
+    model = TinySeg()
+    finetune(model, cfg, 6, lr=0.01, amp="none", channels_last=False, progress=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def calib(cfg):
+    return quantize.calibration_images(cfg, 4)
+
+
+def _assert_close_to_fp32(agree: dict, fp32_scale: float) -> None:
+    assert agree["pixel_agreement"] >= 0.95, agree
+    assert agree["mean_abs"] <= 0.05 * fp32_scale, (agree, fp32_scale)
+
+
+def _scale(model, images) -> float:
+    with torch.no_grad():
+        return float(torch.stack([model(x[None])["out"].abs().mean() for x in images]).mean())
+
+
+def test_fx_ptq_agrees_with_fp32_and_saves_smaller(cfg, trained, calib, tmp_path):
+    val = quantize.validation_images(cfg, 4)
+    ptq = quantize.fx_ptq(trained, calib, [2, 4], batch_size=2, observer="minmax")
+    assert set(ptq["models"]) == {2, 4} and ptq["notes"] == []
+    int8 = ptq["models"][4]
+    gm = int8.net
+    assert any("quantized" in str(type(m)) for m in gm.modules())  # real int8 modules, not fake-quant
+    _assert_close_to_fp32(quantize.agreement(trained, int8, val), _scale(trained, val))
+    # mIoU on the tiny val split within 2 points of fp32 (tiny data: a few pixels swing it)
+    assert abs(validate(trained, cfg)["miou"] - validate(int8, cfg)["miou"]) < 0.02
+    # histogram observer (the x86 default) too, and TorchScript round trip: same outputs, smaller file
+    hist = quantize.fx_ptq(trained, calib, [4], batch_size=4)["models"][4]
+    _assert_close_to_fp32(quantize.agreement(trained, hist, val), _scale(trained, val))
+    path = quantize.save_torchscript(int8, tmp_path / "int8.pt")
+    loaded = torch.jit.load(str(path))
+    assert quantize.agreement(int8, loaded, val)["max_abs"] == 0.0
+    fp32_path = tmp_path / "fp32.pt"
+    torch.save(trained.state_dict(), fp32_path)
+    assert path.stat().st_size < 0.5 * fp32_path.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.pt", "int8.pt"]  # no temporary left
+
+
+def test_onnx_round_trip_and_ort_int8(cfg, trained, calib, tmp_path):
+    val = quantize.validation_images(cfg, 3)
+    fp32_path = onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
+    ort_fp32 = onnx_export.OrtModule(onnx_export.session(fp32_path, 2))
+    agree = quantize.agreement(trained, ort_fp32, val)
+    assert agree["max_abs"] < 1e-4 and agree["pixel_agreement"] == 1.0
+    other = torch.randn(2, 3, 48, 96)  # dynamic batch, height and width
+    assert ort_fp32(other)["out"].shape == (2, 19, 48, 96)
+    for act in ("uint8", "int8"):
+        path = onnx_export.quantize_int8(fp32_path, tmp_path / f"{act}.onnx", quantize.batched(calib, 2), act)
+        _assert_close_to_fp32(quantize.agreement(trained, onnx_export.OrtModule(onnx_export.session(path)), val),
+                              _scale(trained, val))
+        assert path.stat().st_size < 0.5 * fp32_path.stat().st_size
+    lat = onnx_export.latency(onnx_export.session(fp32_path, 2), 32, 64, warmup=1, iters=2)
+    assert lat["median_ms"] > 0 and lat["threads"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx", "m.onnx", "uint8.onnx"]
+
+
+def test_bad_calibration_data(trained, calib, tmp_path):
+    with pytest.raises(UserError, match="calibration set is empty"):
+        quantize.fx_ptq(trained, [], [4], batch_size=2)
+    with pytest.raises(UserError, match="calibration set is empty"):
+        quantize.check_calibration([])
+    with pytest.raises(UserError, match=r"calibration batch 0 has shape \(3, 64, 128\).*expected float images"):
+        quantize.check_calibration([calib[0]])  # no batch dimension
+    with pytest.raises(UserError, match=r"shape \(1, 1, 64, 128\)"):
+        quantize.check_calibration([calib[0][None, :1]])  # one channel
+    with pytest.raises(UserError, match="torch.uint8"):
+        quantize.check_calibration([(calib[0][None] * 50).to(torch.uint8)])
+    with pytest.raises(UserError, match="asks for more than the 4 images"):
+        quantize.fx_ptq(trained, calib, [8], batch_size=2)
+    fp32_path = onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
+    with pytest.raises(UserError, match="calibration set is empty"):
+        onnx_export.quantize_int8(fp32_path, tmp_path / "int8.onnx", [])
+    with pytest.raises(UserError, match=r"calibration batch 0 has shape \(3, 64, 128\)"):
+        onnx_export.quantize_int8(fp32_path, tmp_path / "int8.onnx", [calib[0]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # nothing half-written
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        if x.mean() > 0:  # Python branching on a tensor value: FX cannot trace it
+            return x
+        return -x
+
+
+class WithGate(TinySeg):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        h = self.gate(self.stem(x))
+        return {"out": F.interpolate(self.classifier(self.down(h)), size=size, mode="bilinear", align_corners=False)}
+
+
+class BranchingRoot(TinySeg):
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return super().forward(x)
+
+
+def test_ops_the_quantizer_cannot_handle(calib, tmp_path, capsys):
+    torch.manual_seed(0)
+    # in a submodule: that submodule stays in float, the rest is int8, and it is said
+    model = WithGate().eval()
+    ptq = quantize.fx_ptq(model, calib, [2], batch_size=2, observer="minmax")
+    assert len(ptq["notes"]) == 1 and ptq["notes"][0].startswith("gate (Gate) kept in float")
+    assert "if x.mean() > 0" in ptq["notes"][0] and "kept in float" in capsys.readouterr().out
+    assert quantize.agreement(model, ptq["models"][2], calib[:2])["pixel_agreement"] >= 0.9
+    # in the model's own forward: a UserError naming the line
+    with pytest.raises(UserError, match=r"BranchingRoot.forward cannot be quantized.*`if x.sum\(\) > 0:`"):
+        quantize.fx_ptq(BranchingRoot().eval(), calib, [2], batch_size=2)
+
+    # an operator the ONNX exporter does not know: named, nothing written, an earlier file kept intact
+    class Bessel(TinySeg):
+        def forward(self, x):
+            return {"out": torch.special.bessel_j0(super().forward(x)["out"])}
+
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"earlier valid file")
+    with pytest.raises(UserError, match="aten::special_bessel_j0"):
+        onnx_export.export(Bessel().eval(), target, calib[0][None])
+    assert target.read_bytes() == b"earlier valid file"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_qat_fine_tunes_and_converts(cfg, trained):
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    result = quantize.qat(trained, cfg, epochs=0.5, lr=1e-4)
+    assert result["train_seconds"] > 0 and 0 <= result["fake_quant_miou"] <= 1
+    assert any("quantized" in str(type(m)) for m in result["model"].net.modules())
+    val = quantize.validation_images(cfg, 2)
+    assert quantize.agreement(trained, result["model"], val)["pixel_agreement"] >= 0.9
+    after = trained.state_dict()  # QAT trains a copy: the fp32 model is untouched
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_targets_and_qat_decision():
+    vnni = {"avx512_vnni": True, "amx_int8": False}
+    avx2 = {"avx512_vnni": False, "amx_int8": False}
+    rows = {"fp32 eager": {"latency_ms": 600, "miou": 0.30}, "fx": {"latency_ms": 100, "miou": 0.295},
+            "ort": {"latency_ms": 130, "miou": 0.299}}
+    t = quantize.check_targets(vnni, rows, ["fx", "ort"])
+    assert t["fx"]["passed"] and round(t["fx"]["speedup"], 2) == 6.0
+    assert not t["ort"]["passed"] and round(t["ort"]["ratio_to_fastest_int8"], 2) == 1.3  # 4.6x, 1.3x slower
+    assert quantize.check_targets(avx2, rows, ["ort"])["ort"]["passed"]  # 3x bar on AVX2-only
+    rows["fx"]["miou"] = 0.28  # 2 points lost
+    assert not quantize.check_targets(vnni, rows, ["fx"])["fx"]["passed"]
+    assert quantize.qat_decision("auto", 1.5, 1.0)[0] and not quantize.qat_decision("auto", 0.5, 1.0)[0]
+    assert quantize.qat_decision("always", 0.0, 1.0)[0] and not quantize.qat_decision("never", 9.0, 1.0)[0]
+    with pytest.raises(UserError, match="quant.qat = 'sometimes'"):
+        quantize.qat_decision("sometimes", 0.0, 1.0)
+    with pytest.raises(UserError, match="quant.observer = 'percentile'"):
+        quantize.qconfig_mapping("percentile")
