@@ -28,7 +28,7 @@ def _meta(name: str, **kw) -> dict:
     return {"model": name, "num_classes": 19, "model_config": {"name": name, "aux_loss": False, **SMALL, **kw}}
 
 
-@pytest.mark.parametrize("scope", ["layerwise", "global"])
+@pytest.mark.parametrize("scope", ["layerwise", "global", "lamp"])
 def test_unstructured_reaches_the_sparsity(scope):
     model = prune.unstructured(_model("unet"), 0.55, scope)  # the same code path as ResNet, much faster
     counted = prune.sparsity(model)
@@ -38,6 +38,8 @@ def test_unstructured_reaches_the_sparsity(scope):
         assert all(s == pytest.approx(0.55, abs=0.01) for s in per_layer)
     else:  # one threshold: layers end up with different sparsities
         assert max(per_layer) - min(per_layer) > 0.05
+    if scope == "lamp":  # LAMP keeps every layer alive (its largest weight always scores 1)
+        assert max(per_layer) < 1.0
     assert not any(n.endswith("weight_orig") for n, _ in model.named_parameters())  # made permanent
     assert prune.classifiers(model)[0].weight.count_nonzero() == prune.classifiers(model)[0].weight.numel()
 
@@ -104,7 +106,7 @@ def test_bad_amounts_are_refused(bad):
 
 
 def test_bad_settings_name_the_key():
-    with pytest.raises(UserError, match="layerwise or global"):
+    with pytest.raises(UserError, match="layerwise, global or lamp"):
         prune.unstructured(_model("unet"), 0.5, "random")
     with pytest.raises(UserError, match="prune.importance"):
         prune.structured(_model(), 0.5, "entropy")
@@ -167,3 +169,9 @@ def test_notebook_04_on_smoke(smoke_model):
         assert (out / f"{fig}.png").is_file()
     assert "Targets" in (cfg.output_dir / "04_pruning_sweeps.html").read_text()
     assert result["dense"]["latency_ms"] > 0 and 0 <= result["dense"]["miou"] <= 100
+
+
+def test_lamp_scores_by_hand():
+    # w^2 = 9, 1, 4; each divided by the sum of squares of the weights at least as large
+    scores = prune.lamp_scores(torch.tensor([3.0, -1.0, 2.0]))
+    assert scores.tolist() == pytest.approx([9 / 9, 1 / 14, 4 / 13])

@@ -118,8 +118,9 @@ class PruneConfig:
     """Notebook 04: pruning the trained custom model, then recovering its accuracy."""
 
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.55, 0.7, 0.9])  # unstructured levels
-    scopes: list[str] = field(default_factory=lambda: ["layerwise", "global"])
+    scopes: list[str] = field(default_factory=lambda: ["layerwise", "global", "lamp"])
     finetune_sparsity: float = 0.55  # the unstructured level that is also fine-tuned (masks kept)
+    finetune_scopes: list[str] = field(default_factory=lambda: ["layerwise", "lamp"])
     unstructured_epochs: float = 1.0
     ratios: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.5])  # structured channel ratios
     importances: list[str] = field(default_factory=lambda: ["l1", "group_norm", "taylor"])

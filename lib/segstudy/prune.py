@@ -1,9 +1,9 @@
 """Pruning (notebook 04): unstructured with torch.nn.utils.prune, structured with Torch-Pruning.
 
 - Unstructured zeroes single weights: `layerwise` gives every conv the same sparsity (L1 per
-  layer), `global` ranks all conv weights together (one magnitude threshold), which spares the
-  small, sensitive layers. The tensors stay dense, so dense kernels run exactly as slowly; only a
-  compressed file gets smaller.
+  layer), `global` ranks all conv weights together (one magnitude threshold), `lamp` ranks them
+  together by LAMP scores (one threshold, but scale-free per layer). The tensors stay dense, so
+  dense kernels run exactly as slowly; only a compressed file gets smaller.
 - Structured removes whole channels along Torch-Pruning's dependency graph (residual additions,
   DeepLabV3's ASPP concatenation, the head), leaving a smaller dense model that is really faster.
   The classifiers' output channels (the 19 classes) are never pruned.
@@ -63,12 +63,26 @@ def unstructured(model: nn.Module, amount: float, scope: str = "global", permane
     if scope == "layerwise":
         for _, conv in convs:
             nn_prune.l1_unstructured(conv, "weight", amount=amount)
-    elif scope == "global":
+    elif scope in ("global", "lamp"):
+        scores = {(c, "weight"): lamp_scores(c.weight) for _, c in convs} if scope == "lamp" else None
         nn_prune.global_unstructured([(c, "weight") for _, c in convs], pruning_method=nn_prune.L1Unstructured,
-                                     amount=amount)
+                                     amount=amount, importance_scores=scores)
     else:
-        raise UserError(f"prune scope = '{scope}'; choose layerwise or global")
+        raise UserError(f"prune scope = '{scope}'; choose layerwise, global or lamp")
     return make_permanent(model) if permanent else model
+
+
+def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
+    """LAMP (Lee et al., ICLR 2021): w_u^2 / sum of w_v^2 over the layer's weights v with |w_v| >= |w_u|.
+    Plain global magnitude compares raw weights across layers, but a conv followed by BatchNorm can
+    have any scale, so it empties whole layers (measured in notebook 04); LAMP scores are comparable
+    across layers while one global threshold still chooses how sparse each layer gets."""
+    sq = weight.detach().flatten().float().pow(2)
+    order = sq.argsort()
+    ranked = sq[order]
+    scores = torch.empty_like(sq)
+    scores[order] = ranked / ranked.flip(0).cumsum(0).flip(0)
+    return scores.view_as(weight)
 
 
 def make_permanent(model: nn.Module) -> nn.Module:

@@ -62,19 +62,21 @@ def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool
 
 
 def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[str, dict]]:
-    """Every scope x sparsity without fine-tuning (latency measured for the global scope: the
-    layerwise models have the same dense shapes), then the fine-tuned level. Also returns the
-    per-layer sparsity of each scope at the fine-tuned level."""
+    """Every scope x sparsity without fine-tuning, then the fine-tuned level. Latency is measured
+    once, at the fine-tuned level of the last scope: every unstructured model has the dense
+    model's shapes, so one measurement shows the (absent) speed-up. Also returns the per-layer
+    sparsity of each scope at the fine-tuned level."""
     p = cfg.prune
     rows, layers = [], {}
     for scope in p.scopes:
         for s in p.sparsities:
             model = prune.unstructured(copy.deepcopy(dense), s, scope)
-            rows.append(describe(model, cfg, latency=scope == p.scopes[-1], method=f"unstructured {scope}",
+            timed = scope == p.scopes[-1] and s == p.finetune_sparsity
+            rows.append(describe(model, cfg, latency=timed, method=f"unstructured {scope}",
                                  level=s, recovery="none"))
             if s == p.finetune_sparsity:
                 layers[scope] = prune.sparsity(model)["layers"]
-        if p.unstructured_epochs > 0 and p.finetune_sparsity:
+        if p.unstructured_epochs > 0 and p.finetune_sparsity and scope in p.finetune_scopes:
             model = prune.unstructured(copy.deepcopy(dense), p.finetune_sparsity, scope, permanent=False)
             ft = finetune(model, cfg, p.unstructured_epochs, lr=p.lr, desc=f"{scope} {p.finetune_sparsity}")
             prune.make_permanent(model)  # the zeros survived the fine-tune: the masks were kept
@@ -181,3 +183,15 @@ def targets(rows: list[dict], dense: dict, sparsity: float = 0.55) -> pd.DataFra
             out.append({"target": f"{r['method']} {sparsity:.0%} ({r['recovery']}): keep >= 95% of dense mIoU",
                         "measured": f"{100 * kept:.1f}% ({r['miou']:.2f} of {dense['miou']:.2f})", "met": kept >= 0.95})
     return pd.DataFrame(out)
+
+
+def register(cfg: Config, rows: list[dict]) -> dict | None:
+    """Register the saved structured model (the recovered row that was kept) in MLflow as
+    segstudy-custom-pruned@champion, with its measured figures as tags."""
+    from segstudy import registry
+
+    kept = next(r for r in rows if r.get("checkpoint"))
+    metrics = {"val_miou": kept["miou"] / 100, "latency_ms": kept["latency_ms"], "params": kept["params"],
+               "gflops": kept["gflops"]}
+    return registry.register(cfg, kept["checkpoint"], "segstudy-custom-pruned", metrics,
+                             tags={"recovery": kept["recovery"], "ratio": str(kept["level"])})
