@@ -82,11 +82,15 @@ def _table_html(table: pd.DataFrame) -> str:
     """Numbers with two decimals, text columns left-aligned, a named index as a plain first
     column (pandas would give it a second header row)."""
     named = any(n is not None for n in table.index.names)
-    df = table.reset_index() if named else table
+    plain = isinstance(table.index, pd.RangeIndex)  # row numbers say nothing: hide them
+    df = table.reset_index() if named else table.copy()
     text = [c for c in df.columns if not pd.to_numeric(df[c].dropna(), errors="coerce").notna().all()]
+    for c in df.columns:
+        if pd.api.types.is_float_dtype(df[c]):
+            df[c] = df[c].round(2) + 0.0  # -0.004 shows as 0.00, not -0.00
     style = df.style.format(precision=2, na_rep="–", thousands=",").set_properties(subset=text, **{
         "text-align": "left"}).set_table_styles([{"selector": "th", "props": "text-align: left"}])
-    return (style.hide(axis="index") if named else style).to_html()
+    return (style.hide(axis="index") if named or plain else style).to_html()
 
 
 def _load(cfg: Config, key: str) -> tuple[dict | None, Path, str | None]:
@@ -131,7 +135,7 @@ def data(cfg: Config) -> Part:
         rows = {split: {"images": s["images"], "image sizes": ", ".join(s["image_sizes"]),
                         "classes present": s["classes_present"], "ignored %": 100 * s["ignored_fraction"],
                         "rarest classes": ", ".join(s["rarest"])} for split, s in d["splits"].items()}
-        return Part(pd.DataFrame(rows).T.rename_axis("split"), [path], caption=f"Dataset: {d['data_root']}")
+        return Part(pd.DataFrame(rows).T.rename_axis("split"), [path], caption=f"Dataset: {_rel(Path(d['data_root']))}")
 
 
 def _models(cfg: Config) -> tuple[dict[str, dict], list[Path], list[str], dict]:
@@ -321,7 +325,9 @@ def recommend(cfg: Config, tolerance: float = 1.0) -> tuple[Part, dict | None]:
                f"{best['mIoU %']:.2f}). Recommended: {pick['model']}, {pick['mIoU %']:.2f} mIoU % "
                f"({pick['mIoU %'] - best['mIoU %']:+.2f} points), {pick['latency ms']:.1f} ms "
                f"({speedup:.2f}x faster than {best['model']}); from {pick['source']}. "
-               f"Rows: every measured model, most accurate first.")
+               f"Rows: every measured model, most accurate first. Latencies come from each notebook's own run "
+               f"on this machine, so ratios are exact only within one source (notebook 05 measures its "
+               f"variants side by side).")
     table = pool.assign(**{"Δ mIoU vs best": pool["mIoU %"] - best["mIoU %"]}).sort_values(
         ["mIoU %", "latency ms"], ascending=[False, True])
     table["within tolerance"] = ["yes" if i in close.index else "" for i in table.index]
@@ -341,30 +347,43 @@ def _pareto_front(pool: pd.DataFrame) -> pd.DataFrame:
     return pool.loc[front]
 
 
-def tradeoff_figure(cfg: Config, tolerance: float = 1.0) -> plt.Figure | None:
-    """mIoU against latency for every candidate, the tolerance band and the recommended model;
-    the Pareto front is named on the plot (every point is a row of recommend()'s table)."""
+def tradeoff_figure(cfg: Config, tolerance: float = 1.0, view: float = 6.0) -> plt.Figure | None:
+    """mIoU against latency for the candidates within `view` points of the best (how many are
+    below is written on the plot; all are in recommend()'s table), the tolerance band and the
+    recommended model. Named: the Pareto front's steps of at least 0.1 point, and its end."""
     pool, _, _ = candidates(cfg)
     _, pick = recommend(cfg, tolerance)
     if pick is None:
         return None
+    top = pick["best"]["mIoU %"]
+    shown = pool[pool["mIoU %"] >= top - view]
     fig, ax = plt.subplots(figsize=(10, 5.2))
-    for source, g in pool.groupby("source", sort=False):
+    for source, g in shown.groupby("source", sort=False):
         ax.scatter(g["latency ms"], g["mIoU %"], s=45, label=Path(source).parent.name, zorder=2)
-    front = _pareto_front(pool)
+    front = _pareto_front(shown)
     ax.step(front["latency ms"], front["mIoU %"], where="post", color="grey", linewidth=1, zorder=1,
             label="Pareto front")
-    for _, r in front.iterrows():
-        ax.annotate(r["model"], (r["latency ms"], r["mIoU %"]), xytext=(6, -11), textcoords="offset points",
-                    fontsize=8)
-    top = pick["best"]["mIoU %"]
+    named, last = [], float("-inf")
+    for _, r in front.iterrows():  # variants a hair apart in mIoU would pile their names on one spot
+        if r["mIoU %"] >= last + 0.1:
+            named.append(r)
+            last = r["mIoU %"]
+    end = front.iloc[-1]  # the most accurate model at its lowest latency
+    if all(r["model"] != end["model"] for r in named):
+        named.append(end)
+    for r in named:  # a leader line ties each name to its point when points crowd
+        ax.annotate(r["model"], (r["latency ms"], r["mIoU %"]), xytext=(8, -18), textcoords="offset points",
+                    fontsize=8, arrowprops={"arrowstyle": "-", "linewidth": 0.6, "color": "dimgrey"})
     ax.axhspan(top - tolerance, top, color="green", alpha=0.12, label=f"within {tolerance:g} point of the best")
     ax.scatter([pick["latency ms"]], [pick["mIoU %"]], s=320, marker="*", color="gold", edgecolor="black",
                zorder=3, label="recommended")
+    if len(shown) < len(pool):
+        ax.text(0.01, 0.02, f"{len(pool) - len(shown)} models below {top - view:.1f}% mIoU are off this view "
+                f"(see the table)", transform=ax.transAxes, fontsize=8, color="dimgrey")
     ax.set_xscale("log")
-    ax.margins(x=0.25, y=0.1)  # room for the names of the points at the edges
-    ax.set(xlabel="latency ms (batch 1, log scale)", ylabel="val mIoU %", title="Accuracy against speed, every model")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=6, frameon=False)
+    ax.margins(x=0.15, y=0.1)  # room for the names of the points at the edges
+    ax.set(xlabel="latency ms (batch 1, log scale)", ylabel="val mIoU %", title="Accuracy against speed")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
     fig.tight_layout()
     return fig
 
