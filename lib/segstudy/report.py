@@ -328,8 +328,8 @@ def recommend(cfg: Config, tolerance: float = 1.0) -> tuple[Part, dict | None]:
                f"Rows: every measured model, most accurate first. Latencies come from each notebook's own run "
                f"on this machine, so ratios are exact only within one source (notebook 05 measures its "
                f"variants side by side).")
-    table = pool.assign(**{"Δ mIoU vs best": pool["mIoU %"] - best["mIoU %"]}).sort_values(
-        ["mIoU %", "latency ms"], ascending=[False, True])
+    table = pool.assign(**{"Δ mIoU vs best": pool["mIoU %"] - best["mIoU %"], "_shown": pool["mIoU %"].round(2)})
+    table = table.sort_values(["_shown", "latency ms"], ascending=[False, True])  # ties as printed: fastest first
     table["within tolerance"] = ["yes" if i in close.index else "" for i in table.index]
     table["recommended"] = ["★" if m == pick["model"] else "" for m in table["model"]]
     table = table[["model", "mIoU %", "Δ mIoU vs best", "latency ms", "within tolerance", "recommended", "source"]]
