@@ -10,7 +10,7 @@ Runtime fp32, torch FX int8 (x86), ONNX Runtime static int8 QDQ with uint8 and w
 activations, and the pruned model of notebook 04 (fp32 and int8) when it exists. Prints the CPU and
 its ISA flags, the median per variant, the speed-up against fp32 eager, the ratio to the fastest int8
 engine and PASS/FAIL for the target: >= 5x on VNNI/AMX CPUs (>= 3x AVX2-only), within 1.2x of the
-fastest int8 engine. Writes outputs/<profile>/benchmarks/quantize.json. On a CUDA machine it adds
+fastest int8 engine. Writes outputs/<profile>/benchmarks/quantize_<model>.json. On a CUDA machine it adds
 fp32 / fp16 / bf16 GPU latency.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from segstudy import measure, onnx_export, quantize
+from segstudy import measure, onnx_export, quant_study, quantize
 from segstudy.config import load_config
 from segstudy.datasets import prepare_data
 from segstudy.labels import NUM_CLASSES
@@ -86,7 +86,7 @@ def main() -> None:
         for act in onnx_export.ACTIVATIONS:
             ort_row(f"int8 ONNX Runtime ({act} act.)",
                     onnx_export.quantize_int8(fp32_onnx, tmp / f"int8_{act}.onnx", batches, act))
-        pruned_path = quantize.pruned_checkpoint(cfg)
+        pruned_path = quant_study.pruned_checkpoint(cfg)
         if args.model != "custom":
             print("pruned rows: only for the custom model")
         elif pruned_path.is_file():
@@ -100,7 +100,7 @@ def main() -> None:
             print(f"pruned rows skipped: no pruned model at {pruned_path} (notebook 04 writes it)")
 
     dense_int8 = [k for k in rows if k.startswith("int8")]
-    targets = quantize.check_targets(info, {k: {"latency_ms": r["median_ms"]} for k, r in rows.items()}, dense_int8)
+    targets = quant_study.check_targets(info, {k: {"latency_ms": r["median_ms"]} for k, r in rows.items()}, dense_int8)
     fp32_ms = rows["fp32 eager"]["median_ms"]
     fastest_int8 = min(rows[k]["median_ms"] for k in dense_int8)
     print(f"\n{'variant':42s} {'median ms':>10s} {'min ms':>9s} {'vs fp32 eager':>14s} {'/ fastest int8':>15s}  target")
@@ -118,7 +118,7 @@ def main() -> None:
     gpu = gpu_rows(model, h, w, warmup, iters)
 
     out = cfg.output_dir / "benchmarks" / f"quantize_{args.model}.json"
-    quantize.save_json(out, {"cpu": info, "threads": threads, "size": f"{w}x{h}", "warmup": warmup, "iters": iters,
+    quant_study.save_json(out, {"cpu": info, "threads": threads, "size": f"{w}x{h}", "warmup": warmup, "iters": iters,
                              "model": args.model, "weights": source, "calibration_images": n_calib,
                              "latency": rows, "targets": targets, "fastest": fastest, "gpu": gpu})
     print("wrote", out)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segstudy import onnx_export, quantize
+from segstudy import onnx_export, quant_study, quantize
 from segstudy.config import load_config
 from segstudy.errors import UserError
 from segstudy.train import finetune, validate
@@ -72,6 +72,8 @@ def test_fx_ptq_agrees_with_fp32_and_saves_smaller(cfg, trained, calib, tmp_path
     int8 = ptq["models"][4]
     gm = int8.net
     assert any("quantized" in str(type(m)) for m in gm.modules())  # real int8 modules, not fake-quant
+    upsample = next(n for n in gm.graph.nodes if n.target is F.interpolate)
+    assert upsample.args[0].target == "dequantize"  # the final upsampling runs in float
     _assert_close_to_fp32(quantize.agreement(trained, int8, val), _scale(trained, val))
     # mIoU on the tiny val split within 2 points of fp32 (tiny data: a few pixels swing it)
     assert abs(validate(trained, cfg)["miou"] - validate(int8, cfg)["miou"]) < 0.02
@@ -192,15 +194,15 @@ def test_targets_and_qat_decision():
     avx2 = {"avx512_vnni": False, "amx_int8": False}
     rows = {"fp32 eager": {"latency_ms": 600, "miou": 0.30}, "fx": {"latency_ms": 100, "miou": 0.295},
             "ort": {"latency_ms": 130, "miou": 0.299}}
-    t = quantize.check_targets(vnni, rows, ["fx", "ort"])
+    t = quant_study.check_targets(vnni, rows, ["fx", "ort"])
     assert t["fx"]["passed"] and round(t["fx"]["speedup"], 2) == 6.0
     assert not t["ort"]["passed"] and round(t["ort"]["ratio_to_fastest_int8"], 2) == 1.3  # 4.6x, 1.3x slower
-    assert quantize.check_targets(avx2, rows, ["ort"])["ort"]["passed"]  # 3x bar on AVX2-only
+    assert quant_study.check_targets(avx2, rows, ["ort"])["ort"]["passed"]  # 3x bar on AVX2-only
     rows["fx"]["miou"] = 0.28  # 2 points lost
-    assert not quantize.check_targets(vnni, rows, ["fx"])["fx"]["passed"]
-    assert quantize.qat_decision("auto", 1.5, 1.0)[0] and not quantize.qat_decision("auto", 0.5, 1.0)[0]
-    assert quantize.qat_decision("always", 0.0, 1.0)[0] and not quantize.qat_decision("never", 9.0, 1.0)[0]
+    assert not quant_study.check_targets(vnni, rows, ["fx"])["fx"]["passed"]
+    assert quant_study.qat_decision("auto", 1.5, 1.0)[0] and not quant_study.qat_decision("auto", 0.5, 1.0)[0]
+    assert quant_study.qat_decision("always", 0.0, 1.0)[0] and not quant_study.qat_decision("never", 9.0, 1.0)[0]
     with pytest.raises(UserError, match="quant.qat = 'sometimes'"):
-        quantize.qat_decision("sometimes", 0.0, 1.0)
+        quant_study.qat_decision("sometimes", 0.0, 1.0)
     with pytest.raises(UserError, match="quant.observer = 'percentile'"):
         quantize.qconfig_mapping("percentile")

@@ -166,6 +166,7 @@ class QuantConfig:
     qat_lr: float = 0.0  # 0: train.lr / 10
     threads: int = 2  # torch and ONNX Runtime threads for every measurement (0: torch's default)
     compare_images: int = 4  # validation images for the logits / argmax agreement checks
+    other_models: list[str] = field(default_factory=lambda: ["deeplabv3_resnet50"])  # also PTQ'd (notebook 01's)
 
 
 @dataclass

@@ -281,6 +281,10 @@ def calibration_curve(miou_by_n: dict[int, float], reference: float) -> plt.Figu
     ax.axhline(reference, color="black", linestyle="--", linewidth=1, label="fp32")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
+    # at least 2 points of mIoU on the axis, so hundredths of a point do not look like a slope
+    lo, hi = min([*miou_by_n.values(), reference]), max([*miou_by_n.values(), reference])
+    pad = max(0.0, 2.0 - (hi - lo)) / 2
+    ax.set_ylim(lo - pad - 0.1, hi + pad + 0.1)
     ax.set(xlabel="calibration images N", ylabel="val mIoU %", title="mIoU vs number of calibration images")
     ax.legend()
     fig.tight_layout()
