@@ -74,6 +74,7 @@ def test_fx_ptq_agrees_with_fp32_and_saves_smaller(cfg, trained, calib, tmp_path
     assert any("quantized" in str(type(m)) for m in gm.modules())  # real int8 modules, not fake-quant
     upsample = next(n for n in gm.graph.nodes if n.target is F.interpolate)
     assert upsample.args[0].target == "dequantize"  # the final upsampling runs in float
+    assert quant_study.cpu_only(int8) and not quant_study.cpu_only(trained)  # int8 is scored on the CPU
     _assert_close_to_fp32(quantize.agreement(trained, int8, val), _scale(trained, val))
     # mIoU on the tiny val split within 2 points of fp32 (tiny data: a few pixels swing it)
     assert abs(validate(trained, cfg)["miou"] - validate(int8, cfg)["miou"]) < 0.02
@@ -93,6 +94,7 @@ def test_onnx_round_trip_and_ort_int8(cfg, trained, calib, tmp_path):
     val = quantize.validation_images(cfg, 3)
     fp32_path = onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
     ort_fp32 = onnx_export.OrtModule(onnx_export.session(fp32_path, 2))
+    assert quant_study.cpu_only(ort_fp32)
     agree = quantize.agreement(trained, ort_fp32, val)
     assert agree["max_abs"] < 1e-4 and agree["pixel_agreement"] == 1.0
     other = torch.randn(2, 3, 48, 96)  # dynamic batch, height and width

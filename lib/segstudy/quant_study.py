@@ -22,6 +22,24 @@ from segstudy.errors import UserError
 from segstudy.quantize import atomic_path
 
 
+def cpu_only(model: nn.Module) -> bool:
+    """int8 kernels (torch's quantized modules) and ONNX Runtime sessions run on the CPU only."""
+    from segstudy.onnx_export import OrtModule
+
+    return any(isinstance(m, OrtModule) or type(m).__module__.startswith("torch.ao.nn.quantized")
+               for m in model.modules())
+
+
+def validate(model: nn.Module, cfg: Config, *, amp: str = "none", channels_last: bool = False) -> dict:
+    """train.validate on cfg.device, or on the CPU for int8 / ONNX Runtime models (a GPU profile
+    still scores them)."""
+    from segstudy.train import validate as validate_on
+
+    if cpu_only(model) and cfg.device != "cpu":
+        cfg = dataclasses.replace(cfg, device="cpu")
+    return validate_on(model, cfg, amp=amp, channels_last=channels_last)
+
+
 def variant(model: nn.Module, cfg: Config, *, engine: str, precision: str, metrics: dict | None = None,
             latency: dict | None = None, channels_last: bool = False, amp: str = "none",
             size_bytes: int | None = None, path: str | Path | None = None) -> dict:
@@ -30,8 +48,6 @@ def variant(model: nn.Module, cfg: Config, *, engine: str, precision: str, metri
     (measure.latency; pass `latency` for ORT) and size on disk (the file at `path`, else the
     state_dict). With channels_last the model is copied first: validate and measure.latency
     convert in place."""
-    from segstudy.train import validate
-
     if channels_last:
         model = copy.deepcopy(model)
     if metrics is None:

@@ -292,7 +292,8 @@ def qat(model: nn.Module, cfg: Config, epochs: float, lr: float | None = None) -
     example = calibration_images(cfg, 1)[0][None]
     prepared, notes = fx_prepare(model, example, qat=True)
     result = finetune(AsDict(prepared), cfg, epochs, lr=lr, amp="none", channels_last=False, desc="QAT")
-    return {"model": AsDict(fx_convert(prepared.eval(), example)), "notes": notes,
+    # int8 kernels are CPU kernels: convert on the CPU even when the fine-tune ran on a GPU
+    return {"model": AsDict(fx_convert(prepared.cpu().eval(), example)), "notes": notes,
             "train_seconds": result["train_seconds"], "fake_quant_miou": result["miou"]}
 
 
