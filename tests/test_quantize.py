@@ -109,7 +109,7 @@ def test_onnx_round_trip_and_ort_int8(cfg, trained, calib, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx", "m.onnx", "uint8.onnx"]
 
 
-def test_bad_calibration_data(trained, calib, tmp_path):
+def test_bad_calibration_data(cfg, trained, calib, tmp_path):
     with pytest.raises(UserError, match="calibration set is empty"):
         quantize.fx_ptq(trained, [], [4], batch_size=2)
     with pytest.raises(UserError, match="calibration set is empty"):
@@ -122,6 +122,8 @@ def test_bad_calibration_data(trained, calib, tmp_path):
         quantize.check_calibration([(calib[0][None] * 50).to(torch.uint8)])
     with pytest.raises(UserError, match="asks for more than the 4 images"):
         quantize.fx_ptq(trained, calib, [8], batch_size=2)
+    with pytest.raises(UserError, match="100 calibration images asked for .* has 8 training images"):
+        quantize.calibration_images(cfg, 100)
     fp32_path = onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
     with pytest.raises(UserError, match="calibration set is empty"):
         onnx_export.quantize_int8(fp32_path, tmp_path / "int8.onnx", [])

@@ -29,7 +29,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+from torch.ao.quantization import QConfig, QConfigMapping, get_default_qat_qconfig_mapping, get_default_qconfig_mapping
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
@@ -118,6 +118,9 @@ def calibration_images(cfg: Config, n: int) -> list[torch.Tensor]:
     if n < 1 or len(ds) == 0:
         raise UserError(f"the calibration set is empty (quant.calib_images = {n}, {len(ds)} training "
                         f"images in {cfg.data.root}); int8 ranges need at least one image")
+    if n > len(ds):
+        raise UserError(f"{n} calibration images asked for (quant.calib_images / quant.calib_sweep), but "
+                        f"{cfg.data.root} has {len(ds)} training images; lower those settings")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n]
     return [ds[int(i)][0] for i in order]
 
@@ -145,7 +148,7 @@ def batched(images: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tenso
 
 # --- FX graph mode -----------------------------------------------------------------------------------
 
-def qconfig_mapping(observer: str = "histogram", qat: bool = False):
+def qconfig_mapping(observer: str = "histogram", qat: bool = False) -> QConfigMapping:
     """torch's x86 mapping (per-channel symmetric int8 weights, uint8 activations with reduce_range),
     optionally with MinMax activation observers (cheaper calibration), the final upsampling in float."""
     if observer not in OBSERVERS:
@@ -254,8 +257,9 @@ def fx_convert(prepared: torch.fx.GraphModule, example: torch.Tensor) -> torch.f
             q(example)
     except (NotImplementedError, RuntimeError) as exc:
         first = str(exc).splitlines()[0]
-        raise UserError(f"the int8 model cannot run: {first}. That op has no quantized CPU kernel; keep "
-                        f"its module in float (qconfig None) or use the ONNX Runtime path") from None
+        raise UserError(f"the int8 model fails on an example image: {first}. When this names an op without "
+                        f"a quantized CPU kernel, keep its module in float (qconfig None) or use the ONNX "
+                        f"Runtime path") from None
     return q
 
 
