@@ -96,3 +96,15 @@ def load_tables(*paths: str | Path) -> pd.DataFrame:
             rows.append({"model": name, "val mIoU %": 100 * m["best_miou"], "latency ms": m["latency_ms"],
                          "params M": m["parameters"] / 1e6, "GFLOPs": m["gflops"], "source": path.parent.name})
     return pd.DataFrame(rows).set_index("model").round(2)
+
+
+def register_best(cfg: Config, results: dict[str, dict], profiles: dict[str, dict]) -> dict[str, dict | None]:
+    """Each model's best checkpoint as a new version of segstudy-<model> in the MLflow registry,
+    alias `champion`, tagged with its validation mIoU and measured latency (training itself
+    registers the last epoch's weights, without alias)."""
+    from segstudy import registry
+
+    return {name: registry.register(cfg, r["checkpoint_best"], f"segstudy-{name}",
+                                    {"val_miou": r["best_miou"], "latency_ms": profiles[name]["latency_ms"],
+                                     "params": profiles[name]["parameters"]})
+            for name, r in results.items()}

@@ -160,3 +160,14 @@ def save_json(path: str | Path, payload: dict) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(_plain(payload), indent=2))
     return Path(path)
+
+
+def register_int8(cfg: Config, rows: dict[str, dict], artefacts: dict[str, str]) -> dict | None:
+    """The ONNX Runtime int8 model (the servable int8 form: no torch needed to run it) as
+    segstudy-custom-int8@champion, tagged with its measured mIoU and latency."""
+    from segstudy import registry
+
+    row = rows["int8 ONNX Runtime"]
+    return registry.register(cfg, artefacts["int8_onnx"], "segstudy-custom-int8",
+                             {"val_miou": row["miou"], "latency_ms": row["latency_ms"]},
+                             tags={"engine": "onnxruntime", "precision": row["precision"]})
