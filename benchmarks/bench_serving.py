@@ -152,6 +152,21 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def cpu_ticks(server_session: int) -> dict[int, int]:
+    """utime + stime (clock ticks) of every process but this script and its server's session:
+    the load average counts our own threads, this shows what others used meanwhile."""
+    ticks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        pid = int(stat.parent.name)
+        if pid != os.getpid() and int(fields[3]) != server_session:  # fields[3] is the session id
+            ticks[pid] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,6 +185,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--iters", type=int, default=10, help="repetitions of the bare measurements")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the server it started
     cfg = load_config(args.params)
     info = measure.cpu_info()
     print(f"CPU: {info['cpu']}  threads: {info['threads']}  " +
@@ -195,12 +211,18 @@ def main() -> None:
             print("no int8 ONNX model (notebook 05 not run): give --onnx PATH or --make-int8")
         reg_cfg = load_config(args.params, {"output_root": str(tmp), "tracking.backend": "mlflow",
                                             "tracking.uri": ""})
+        print("others: CPU used by other processes on this machine during that loop (% of one core)")
         print(f"input {args.width}x{args.height} PNG ({len(bodies[0]) / 1e6:.2f} MB as JSON), model run at "
               f"base_size {args.height}; {args.requests} requests per concurrency, 1 server worker\n")
         print(f"{'model':11s} {'bare ms':>8s} {'in-proc ms':>10s} {'conc':>4s} {'p50 ms':>8s} {'p95 ms':>8s} "
-              f"{'img/s':>6s} {'p50/bare':>8s}")
+              f"{'img/s':>6s} {'p50/bare':>8s} {'others':>7s}")
         for label, path in models:
+            before, start = cpu_ticks(-1), time.perf_counter()
             bare, inproc = bare_ms(path, images[0], args.height, args.iters)
+            after, wall = cpu_ticks(-1), time.perf_counter() - start
+            others = sum(t - before.get(pid, 0) for pid, t in after.items()) / os.sysconf("SC_CLK_TCK")
+            print(f"{label}: bare forward {bare:.1f} ms, in-process request {inproc:.1f} ms "
+                  f"(others {100 * others / wall:.0f}%)", flush=True)
             name = "bench-" + label.replace(" ", "-")
             uri = registry.register(reg_cfg, path, name, base_size=args.height)["uri"]
             port = free_port()
@@ -210,14 +232,16 @@ def main() -> None:
                 for body in bodies[:2]:
                     post(url, body)  # warm-up
                 for conc in args.concurrency:
-                    start = time.perf_counter()
+                    before, start = cpu_ticks(proc.pid), time.perf_counter()
                     with ThreadPoolExecutor(conc) as pool:
                         lat = list(pool.map(post, [url] * args.requests,
                                             [bodies[i % len(bodies)] for i in range(args.requests)]))
                     wall = time.perf_counter() - start
+                    after = cpu_ticks(proc.pid)
+                    others = sum(t - before.get(pid, 0) for pid, t in after.items()) / os.sysconf("SC_CLK_TCK")
                     p50, p95 = 1000 * np.percentile(lat, 50), 1000 * np.percentile(lat, 95)
                     print(f"{label:11s} {bare:8.1f} {inproc:10.1f} {conc:4d} {p50:8.1f} {p95:8.1f} "
-                          f"{args.requests / wall:6.2f} {p50 / bare:7.2f}x", flush=True)
+                          f"{args.requests / wall:6.2f} {p50 / bare:7.2f}x {100 * others / wall:6.0f}%", flush=True)
             finally:
                 stop(proc)
     print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f}")

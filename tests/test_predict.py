@@ -75,3 +75,11 @@ def test_predict_bad_input(smoke_model, tiny_root, tmp_path, capsys):
     bad.write_bytes((tiny_root / "leftImg8bit" / "val").rglob("*.png").__next__().read_bytes()[:300])
     assert "is a truncated or corrupt PNG" in err("--model", ckpt, "--input", str(bad.parent), "--out",
                                                   str(tmp_path / "o"))
+
+
+def test_argmax_classes_equals_argmax_including_ties():
+    logits = np.random.default_rng(0).standard_normal((19, 33, 65)).astype(np.float32)
+    logits[:, :4, :4] = 0.5  # all classes tie: the first one wins, as with argmax
+    logits[[3, 7], 10, 10] = 9.0
+    np.testing.assert_array_equal(inference.argmax_classes(logits), np.argmax(logits, axis=0))
+    assert inference.argmax_classes(logits)[10, 10] == 3

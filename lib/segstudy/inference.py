@@ -137,9 +137,23 @@ def segment(engine: Engine, image: Image.Image, base_size: int) -> np.ndarray:
     if tuple(logits.shape[-2:]) != (image.height, image.width):
         logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear",
                                align_corners=False)
-    # numpy's argmax over the class axis is ~3x faster than torch's strided reduction over dim 1
-    # on CPU (70 vs 200 ms for 19x512x1024); both return the first maximum on ties
-    return np.argmax(logits[0].float().numpy(), axis=0).astype(np.uint8)
+    return argmax_classes(logits[0].float().numpy())
+
+
+def argmax_classes(logits: np.ndarray) -> np.ndarray:
+    """(C, H, W) logits -> (H, W) uint8 index of the largest, the first one on ties (= argmax).
+
+    A running maximum over the classes: on 19x512x1024 logits it takes 7 ms where np.argmax(axis=0)
+    takes 30 and torch's argmax(dim=0) 90 (reductions over the outer, strided axis), which is a
+    fifth of the int8 model's own forward time on this machine."""
+    best = logits[0].copy()
+    ids = np.zeros(logits.shape[1:], dtype=np.uint8)
+    greater = np.empty(logits.shape[1:], dtype=bool)
+    for c in range(1, logits.shape[0]):
+        np.greater(logits[c], best, out=greater)
+        np.maximum(best, logits[c], out=best)
+        ids[greater] = c
+    return ids
 
 
 def label_ids_png(train_ids: np.ndarray) -> bytes:
