@@ -122,13 +122,15 @@ class PruneConfig:
     finetune_sparsity: float = 0.55  # the unstructured level that is also fine-tuned (masks kept)
     finetune_scopes: list[str] = field(default_factory=lambda: ["layerwise", "lamp"])
     unstructured_epochs: float = 1.0
+    # the masked model keeps the dense solution: a gentle lr keeps it (1e-3 lost 2 points in the demo)
+    unstructured_lr: float = 0.0001
     ratios: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.5])  # structured channel ratios
     importances: list[str] = field(default_factory=lambda: ["l1", "group_norm", "taylor"])
     importance: str = "group_norm"  # the one used for the ratio sweep and the recovery
     layer_ratios: dict[str, float] = field(default_factory=dict)  # per-module overrides, e.g. head: 0.6
-    ratio: float = 0.4  # the structured ratio that is fine-tuned (plain and with KD) and saved
+    ratio: float = 0.35  # the structured ratio that is fine-tuned (plain and with KD) and saved
     steps: int = 1  # iterative pruning: prune ratio/steps, fine-tune, repeat
-    epochs: float = 3.0  # fine-tune epochs in total (split over the steps)
+    epochs: float = 4.0  # fine-tune epochs in total (split over the steps)
     lr: float = 0.001
     kd_weight: float = 0.7  # share of the distillation term in the loss
     kd_temperature: float = 2.0

@@ -78,7 +78,8 @@ def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[
                 layers[scope] = prune.sparsity(model)["layers"]
         if p.unstructured_epochs > 0 and p.finetune_sparsity and scope in p.finetune_scopes:
             model = prune.unstructured(copy.deepcopy(dense), p.finetune_sparsity, scope, permanent=False)
-            ft = finetune(model, cfg, p.unstructured_epochs, lr=p.lr, desc=f"{scope} {p.finetune_sparsity}")
+            ft = finetune(model, cfg, p.unstructured_epochs, lr=p.unstructured_lr,
+                          desc=f"{scope} {p.finetune_sparsity}")
             prune.make_permanent(model)  # the zeros survived the fine-tune: the masks were kept
             rows.append(describe(model, cfg, latency=False, method=f"unstructured {scope}",
                                  level=p.finetune_sparsity, recovery="fine-tune",
@@ -105,17 +106,19 @@ def structured_model(cfg: Config, dense: nn.Module, ratio: float, importance: st
 
 
 def structured_sweep(cfg: Config, dense: nn.Module) -> list[dict]:
-    """Importance criteria compared at prune.ratio, then prune.ratios with prune.importance; no
-    fine-tuning, so these rows show what the criterion alone keeps."""
+    """prune.ratios with prune.importance (FLOPs and latency), then the other importance criteria
+    at prune.ratio; no fine-tuning, so these rows show what the criterion alone keeps."""
     p = cfg.prune
     rows = []
-    for imp in p.importances:
-        model, _ = structured_model(cfg, dense, p.ratio, imp)
-        rows.append(describe(model, cfg, latency=False, method=f"structured {imp}", level=p.ratio,
-                             recovery="none"))
     for r in p.ratios:
         model, _ = structured_model(cfg, dense, r)
         rows.append(describe(model, cfg, flops=True, method=f"structured {p.importance}", level=r, recovery="none"))
+    for imp in p.importances:
+        if imp == p.importance and p.ratio in p.ratios:
+            continue  # that model is a row above
+        model, _ = structured_model(cfg, dense, p.ratio, imp)
+        rows.append(describe(model, cfg, latency=False, method=f"structured {imp}", level=p.ratio,
+                             recovery="none"))
     return rows
 
 
