@@ -178,13 +178,17 @@ def learning_curves(results: dict[str, dict]) -> plt.Figure:
     return fig
 
 
-def iou_heatmap(table: pd.DataFrame, title: str = "Per-class IoU %") -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(12, 1.0 + 0.45 * len(table)))
-    sns.heatmap(table, annot=True, fmt=".0f", vmin=0, vmax=100, cmap="magma", ax=ax, cbar=False,
-                annot_kws={"fontsize": 7})
+def _annotated_heatmap(table: pd.DataFrame, title: str, **style) -> plt.Figure:
+    """Rows x classes with the value written in each cell: one row per model, loss or variant."""
+    fig, ax = plt.subplots(figsize=(12, 1.1 + 0.45 * len(table)))
+    sns.heatmap(table.astype(float), annot=True, ax=ax, cbar=False, annot_kws={"fontsize": 7}, **style)
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def iou_heatmap(table: pd.DataFrame, title: str = "Per-class IoU %") -> plt.Figure:
+    return _annotated_heatmap(table, title, fmt=".0f", vmin=0, vmax=100, cmap="magma")
 
 
 def prediction_grid(dataset, preds: dict[str, list[np.ndarray]], n: int) -> plt.Figure:
@@ -293,10 +297,5 @@ def calibration_curve(miou_by_n: dict[int, float], reference: float) -> plt.Figu
 
 def iou_delta_heatmap(delta: pd.DataFrame, title: str = "Per-class IoU change vs fp32 (points)") -> plt.Figure:
     """Variants x classes, IoU points gained (blue) or lost (red) against the reference."""
-    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.45 * len(delta)))
     limit = max(1.0, float(np.nanmax(np.abs(delta.to_numpy(dtype=float)))) if delta.size else 1.0)
-    sns.heatmap(delta.astype(float), annot=True, fmt=".1f", center=0, vmin=-limit, vmax=limit, cmap="RdBu",
-                ax=ax, cbar=False, annot_kws={"fontsize": 7})
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
+    return _annotated_heatmap(delta, title, fmt=".1f", center=0, vmin=-limit, vmax=limit, cmap="RdBu")

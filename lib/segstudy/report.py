@@ -194,7 +194,8 @@ def losses(cfg: Config) -> Part:
     with _reading(cfg, "losses"):
         table = pd.DataFrame(d["summary"]).set_index("loss")
         seeds = sorted({r["seed"] for r in d["runs"]})
-        return Part(table, [path], caption=f"The custom model, {d['epochs']} epochs per run, seeds "
+        epochs = f"{d['epochs']:g} epoch{'' if d['epochs'] == 1 else 's'}"
+        return Part(table, [path], caption=f"The custom model, {epochs} per run, seeds "
                                            f"{', '.join(map(str, seeds))}: std and min-max are over seeds.")
 
 
