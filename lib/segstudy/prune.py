@@ -53,10 +53,13 @@ def prunable_convs(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 
 # --- unstructured -------------------------------------------------------------------------------
 
-def unstructured(model: nn.Module, amount: float, scope: str = "global", permanent: bool = True) -> nn.Module:
+def unstructured(model: nn.Module, amount: float, scope: str = "global", permanent: bool = True,
+                 scores: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Zero `amount` of the conv weights by L1 magnitude, per layer or globally, in place. With
     `permanent`, the masks are folded in (prune.remove) so the model saves and loads like any
-    other; without, they stay as hooks so a fine-tune keeps the zeros (then call make_permanent)."""
+    other; without, they stay as hooks so a fine-tune keeps the zeros (then call make_permanent).
+    `scores` ({conv name: LAMP scores}, from model_lamp_scores) spares recomputing them when the
+    same weights are pruned to several levels."""
     _check_amount(amount, "prune.sparsity")
     model.to(memory_format=torch.contiguous_format)  # global ranking flattens weights with .view
     convs = prunable_convs(model)
@@ -64,9 +67,12 @@ def unstructured(model: nn.Module, amount: float, scope: str = "global", permane
         for _, conv in convs:
             nn_prune.l1_unstructured(conv, "weight", amount=amount)
     elif scope in ("global", "lamp"):
-        scores = {(c, "weight"): lamp_scores(c.weight) for _, c in convs} if scope == "lamp" else None
+        importance = None  # global: the weights' own magnitudes
+        if scope == "lamp":
+            scores = scores or model_lamp_scores(model)
+            importance = {(c, "weight"): scores[n] for n, c in convs}
         nn_prune.global_unstructured([(c, "weight") for _, c in convs], pruning_method=nn_prune.L1Unstructured,
-                                     amount=amount, importance_scores=scores)
+                                     amount=amount, importance_scores=importance)
     else:
         raise UserError(f"prune scope = '{scope}'; choose layerwise, global or lamp")
     return make_permanent(model) if permanent else model
@@ -83,6 +89,10 @@ def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
     scores = torch.empty_like(sq)
     scores[order] = ranked / ranked.flip(0).cumsum(0).flip(0)
     return scores.view_as(weight)
+
+
+def model_lamp_scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: lamp_scores(conv.weight) for name, conv in prunable_convs(model)}
 
 
 def make_permanent(model: nn.Module) -> nn.Module:

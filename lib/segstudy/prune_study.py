@@ -68,16 +68,18 @@ def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[
     sparsity of each scope at the fine-tuned level."""
     p = cfg.prune
     rows, layers = [], {}
+    lamp = prune.model_lamp_scores(dense) if "lamp" in p.scopes else None  # the same for every level
     for scope in p.scopes:
         for s in p.sparsities:
-            model = prune.unstructured(copy.deepcopy(dense), s, scope)
+            model = prune.unstructured(copy.deepcopy(dense), s, scope, scores=lamp)
             timed = scope == p.scopes[-1] and s == p.finetune_sparsity
             rows.append(describe(model, cfg, latency=timed, method=f"unstructured {scope}",
                                  level=s, recovery="none"))
             if s == p.finetune_sparsity:
                 layers[scope] = prune.sparsity(model)["layers"]
         if p.unstructured_epochs > 0 and p.finetune_sparsity and scope in p.finetune_scopes:
-            model = prune.unstructured(copy.deepcopy(dense), p.finetune_sparsity, scope, permanent=False)
+            model = prune.unstructured(copy.deepcopy(dense), p.finetune_sparsity, scope, permanent=False,
+                                       scores=lamp)
             ft = finetune(model, cfg, p.unstructured_epochs, lr=p.unstructured_lr,
                           desc=f"{scope} {p.finetune_sparsity}")
             prune.make_permanent(model)  # the zeros survived the fine-tune: the masks were kept
