@@ -3,6 +3,7 @@ pruned checkpoints round-trip, the KD term by hand, and clear errors for bad set
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -42,6 +43,16 @@ def test_unstructured_reaches_the_sparsity(scope):
         assert max(per_layer) < 1.0
     assert not any(n.endswith("weight_orig") for n, _ in model.named_parameters())  # made permanent
     assert prune.classifiers(model)[0].weight.count_nonzero() == prune.classifiers(model)[0].weight.numel()
+
+
+def test_lamp_scores_computed_once_prune_the_same_weights():
+    dense = _model("unet")
+    scores = prune.model_lamp_scores(dense)  # what the sweep computes once for every level
+    for amount in (0.3, 0.7):
+        fresh = prune.unstructured(copy.deepcopy(dense), amount, "lamp")
+        reused = prune.unstructured(copy.deepcopy(dense), amount, "lamp", scores=scores)
+        for a, b in zip(fresh.state_dict().values(), reused.state_dict().values()):
+            assert torch.equal(a, b)
 
 
 def test_unstructured_masks_survive_training():
