@@ -3,13 +3,16 @@ loopback, for the fp32 checkpoint and an int8 ONNX model, with the bare model la
 the same run.
 
     python benchmarks/bench_serving.py [--params demo] [--checkpoint PATH.pt] [--onnx PATH.onnx | --make-int8]
-                                       [--requests 50] [--concurrency 1 4] [--height 512 --width 1024]
+                                       [--models fp32 int8] [--format png|jpeg] [--requests 50]
+                                       [--concurrency 1 4] [--height 512 --width 1024]
 
 Each model is registered in a temporary MLflow registry (pre-processing base_size = --height, so
 the network runs at the stated size), served with the documented command on 127.0.0.1 (1 worker),
-and sent --requests requests of one --width x --height PNG street scene at each concurrency.
-Prints p50/p95 latency, images/s, and served p50 / bare p50, where "bare" is the network's own
-forward pass on the pre-processed tensor (no decode, no PNG, no HTTP). Target for int8: <= 1.3x.
+and sent --requests requests of one --width x --height PNG (or JPEG) street scene at each concurrency.
+Prints p50/p95 latency, images/s, and served p50 / bare, where "bare" is the network's own
+forward pass on the pre-processed tensor (no decode, no PNG, no HTTP), measured before and after
+the served loops; and the in-process request path stage by stage, which tells what the server
+adds besides HTTP and JSON. Target for int8: <= 1.3x.
 The int8 model is notebook 05's (outputs/<profile>/05_quantization/*int8*.onnx) when it exists,
 --onnx PATH to name one, or --make-int8 to export and statically quantize (ONNX Runtime QDQ,
 per-channel int8 weights, uint8 activations, MinMax) the checkpoint in a temporary folder.
@@ -87,32 +90,42 @@ def make_int8(checkpoint: Path, images: list[Image.Image], base_size: int, out_d
     return int8
 
 
-def bare_ms(path: Path, image: Image.Image, base_size: int, iters: int) -> tuple[float, float]:
-    """(median forward ms on the pre-processed tensor, median in-process request ms: base64
-    decode + pre-processing + forward + post-processing + PNG + base64 encode)."""
-    engine = inference.load_engine(path)
-    x = inference.preprocess(image, base_size)
-    for _ in range(2):
-        engine.run(x)
-    fwd = []
+def forward_ms(engine: inference.Engine, x: torch.Tensor, iters: int) -> list[float]:
+    """Times (ms) of the network's own forward pass on a pre-processed tensor: the bare model."""
+    engine.run(x)
+    times = []
     for _ in range(iters):
         t = time.perf_counter()
         engine.run(x)
-        fwd.append(time.perf_counter() - t)
-    payload = base64.b64encode(png_bytes(image)).decode()
-    full = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        ids = inference.segment(engine, inference.decode_base64_image(payload), base_size)
+        times.append(1000 * (time.perf_counter() - t))
+    return times
+
+
+def request_stages(engine: inference.Engine, payload: str, base_size: int, iters: int) -> dict[str, float]:
+    """Median ms of each stage of the served path, run in this process on one base64 request image:
+    what the server adds besides HTTP, JSON and MLflow's DataFrame handling."""
+    stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "forward": [], "postprocess": [], "total": []}
+    for i in range(iters + 1):
+        t0 = time.perf_counter()
+        image = inference.decode_base64_image(payload)
+        t1 = time.perf_counter()
+        x = inference.preprocess(image, base_size)
+        t2 = time.perf_counter()
+        logits = engine.run(x)
+        t3 = time.perf_counter()
+        ids = inference.argmax_classes(logits[0].float().numpy())
         base64.b64encode(inference.label_ids_png(ids))
         inference.class_pixels(ids)
-        full.append(time.perf_counter() - t)
-    return 1000 * statistics.median(fwd), 1000 * statistics.median(full)
+        t4 = time.perf_counter()
+        if i:  # the first pass warms up
+            for name, (a, b) in zip(stages, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t0, t4)]):
+                stages[name].append(1000 * (b - a))
+    return {name: statistics.median(v) for name, v in stages.items()}
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def encode(image: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buf.getvalue()
 
 
@@ -173,17 +186,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def others_pct(before: dict[int, int], after: dict[int, int], wall: float) -> float:
+    return 100 * sum(t - before.get(pid, 0) for pid, t in after.items()) / os.sysconf("SC_CLK_TCK") / wall
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="demo")
     p.add_argument("--checkpoint", help="fp32 checkpoint (default outputs/<profile>/runs/custom/checkpoint_best.pt)")
     p.add_argument("--onnx", help="int8 ONNX model (default: notebook 05's, if written)")
     p.add_argument("--make-int8", action="store_true", help="quantize the checkpoint here when no --onnx is given")
+    p.add_argument("--models", nargs="+", choices=["fp32", "int8"], default=["fp32", "int8"])
+    p.add_argument("--format", choices=["png", "jpeg"], default="png", help="request image format (JPEG quality 90)")
     p.add_argument("--requests", type=int, default=50)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--iters", type=int, default=10, help="repetitions of the bare measurements")
+    p.add_argument("--iters", type=int, default=10, help="repetitions of the bare and in-process measurements")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the server it started
     cfg = load_config(args.params)
@@ -194,14 +213,16 @@ def main() -> None:
     print(f"load average (1 min) at start: {load1:.2f}" + ("  (machine busy: figures are not reliable)"
                                                            if load1 > 1.5 else ""))
     images = scenes(args.height, args.width)
-    bodies = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png_bytes(im))
-                                                                              .decode()]]}}).encode() for im in images]
+    payloads = [base64.b64encode(encode(im, args.format.upper())).decode() for im in images]
+    bodies = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b]]}}).encode() for b in payloads]
     checkpoint = Path(args.checkpoint or cfg.output_dir / "runs" / "custom" / "checkpoint_best.pt")
-    models = [("fp32 torch", checkpoint)]
+    models = [("fp32 torch", checkpoint)] if "fp32" in args.models else []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         found = sorted((cfg.output_dir / "05_quantization").glob("*int8*.onnx"))
-        if args.onnx or found:
+        if "int8" not in args.models:
+            pass
+        elif args.onnx or found:
             models.append(("int8 onnx", Path(args.onnx) if args.onnx else found[0]))
         elif args.make_int8:
             t = time.perf_counter()
@@ -211,23 +232,29 @@ def main() -> None:
             print("no int8 ONNX model (notebook 05 not run): give --onnx PATH or --make-int8")
         reg_cfg = load_config(args.params, {"output_root": str(tmp), "tracking.backend": "mlflow",
                                             "tracking.uri": ""})
-        print("others: CPU used by other processes on this machine during that loop (% of one core)")
-        print(f"input {args.width}x{args.height} PNG ({len(bodies[0]) / 1e6:.2f} MB as JSON), model run at "
-              f"base_size {args.height}; {args.requests} requests per concurrency, 1 server worker\n")
-        print(f"{'model':11s} {'bare ms':>8s} {'in-proc ms':>10s} {'conc':>4s} {'p50 ms':>8s} {'p95 ms':>8s} "
-              f"{'img/s':>6s} {'p50/bare':>8s} {'others':>7s}")
+        print(f"input {args.width}x{args.height} {args.format.upper()} ({len(bodies[0]) / 1e6:.2f} MB as JSON), "
+              f"model run at base_size {args.height}; {args.requests} requests per concurrency, 1 server worker")
+        print("bare: the network's forward pass alone, measured before and after the served loops (median of both);"
+              "\nin-proc: the served request path in this process (decode, pre-processing, forward, post-processing);"
+              "\nadded: served p50 - bare; others: CPU used by other processes meanwhile (% of one core)\n")
+        header = (f"{'model':11s} {'bare ms':>8s} {'in-proc ms':>10s} {'conc':>4s} {'p50 ms':>8s} {'p95 ms':>8s} "
+                  f"{'img/s':>6s} {'added ms':>8s} {'p50/bare':>8s} {'others':>7s}")
+        rows = []
         for label, path in models:
+            engine = inference.load_engine(path)
+            x = inference.preprocess(inference.decode_base64_image(payloads[0]), args.height)
             before, start = cpu_ticks(-1), time.perf_counter()
-            bare, inproc = bare_ms(path, images[0], args.height, args.iters)
-            after, wall = cpu_ticks(-1), time.perf_counter() - start
-            others = sum(t - before.get(pid, 0) for pid, t in after.items()) / os.sysconf("SC_CLK_TCK")
-            print(f"{label}: bare forward {bare:.1f} ms, in-process request {inproc:.1f} ms "
-                  f"(others {100 * others / wall:.0f}%)", flush=True)
+            bare = forward_ms(engine, x, args.iters)
+            stages = request_stages(engine, payloads[0], args.height, args.iters)
+            print(f"{label}: bare forward {statistics.median(bare):.1f} ms; in-process request "
+                  f"{stages['total']:.1f} ms = " + " + ".join(f"{k} {v:.1f}" for k, v in stages.items() if k != "total")
+                  + f" (others {others_pct(before, cpu_ticks(-1), time.perf_counter() - start):.0f}%)", flush=True)
             name = "bench-" + label.replace(" ", "-")
             uri = registry.register(reg_cfg, path, name, base_size=args.height)["uri"]
             port = free_port()
             proc = serve(uri, mlflow_uri(reg_cfg.tracking, reg_cfg.output_root), port, tmp / f"{name}.log")
             url = f"http://127.0.0.1:{port}/invocations"
+            served = []
             try:
                 for body in bodies[:2]:
                     post(url, body)  # warm-up
@@ -237,13 +264,16 @@ def main() -> None:
                         lat = list(pool.map(post, [url] * args.requests,
                                             [bodies[i % len(bodies)] for i in range(args.requests)]))
                     wall = time.perf_counter() - start
-                    after = cpu_ticks(proc.pid)
-                    others = sum(t - before.get(pid, 0) for pid, t in after.items()) / os.sysconf("SC_CLK_TCK")
-                    p50, p95 = 1000 * np.percentile(lat, 50), 1000 * np.percentile(lat, 95)
-                    print(f"{label:11s} {bare:8.1f} {inproc:10.1f} {conc:4d} {p50:8.1f} {p95:8.1f} "
-                          f"{args.requests / wall:6.2f} {p50 / bare:7.2f}x {100 * others / wall:6.0f}%", flush=True)
+                    served.append((conc, 1000 * np.percentile(lat, 50), 1000 * np.percentile(lat, 95),
+                                   args.requests / wall, others_pct(before, cpu_ticks(proc.pid), wall)))
             finally:
                 stop(proc)
+            after = forward_ms(engine, x, args.iters)  # the machine may have drifted meanwhile
+            print(f"{label}: bare forward after the served loops {statistics.median(after):.1f} ms", flush=True)
+            b = statistics.median(bare + after)
+            rows += [f"{label:11s} {b:8.1f} {stages['total']:10.1f} {conc:4d} {p50:8.1f} {p95:8.1f} {ips:6.2f} "
+                     f"{p50 - b:8.1f} {p50 / b:7.2f}x {oth:6.0f}%" for conc, p50, p95, ips, oth in served]
+        print("\n" + header + "\n" + "\n".join(rows))
     print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f}")
 
 

@@ -36,6 +36,11 @@ def test_label_mapping_matches_cityscapesscripts():
     ids = np.arange(34, dtype=np.uint8)
     roundtrip = labels.to_train_ids(labels.to_label_ids(labels.to_train_ids(ids)))
     assert (roundtrip == labels.to_train_ids(ids)).all()
+    # the uint8 lookup table (predictions) and the general path (int64, -1) agree; 255 and -1 -> 0
+    train_ids = np.array([0, 5, 18, 19, 255], dtype=np.uint8)
+    assert labels.to_label_ids(train_ids).tolist() == [7, 17, 33, 0, 0]
+    assert labels.to_label_ids(train_ids.astype(np.int64)).tolist() == [7, 17, 33, 0, 0]
+    assert labels.to_label_ids(np.array([-1, 18])).tolist() == [0, 33]
 
 
 def test_generator_is_deterministic_and_in_layout(tiny_root, tmp_path):

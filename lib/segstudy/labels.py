@@ -19,6 +19,9 @@ CLASS_NAMES: list[str] = [lb.name for lb in _TRAIN_LABELS]
 CLASS_CATEGORIES: list[str] = [lb.category for lb in _TRAIN_LABELS]
 PALETTE = np.array([lb.color for lb in _TRAIN_LABELS], dtype=np.uint8)  # (19, 3)
 TRAIN_ID_TO_LABEL_ID = np.array([lb.id for lb in _TRAIN_LABELS], dtype=np.uint8)
+# The same as a 256-entry table: anything outside 0..18 (255 = ignored) -> 0 "unlabeled"
+_TRAIN_ID_LUT = np.zeros(256, dtype=np.uint8)
+_TRAIN_ID_LUT[:NUM_CLASSES] = TRAIN_ID_TO_LABEL_ID
 LABEL_ID_TO_COLOR = {lb.id: lb.color for lb in labels if lb.id >= 0}
 HAS_INSTANCES: list[bool] = [lb.hasInstances for lb in _TRAIN_LABELS]
 
@@ -48,8 +51,10 @@ def to_train_ids(label_ids: np.ndarray) -> np.ndarray:
 def to_label_ids(train_ids: np.ndarray | torch.Tensor) -> np.ndarray:
     """Map predicted train ids back to Cityscapes label ids (what official evaluation reads)."""
     arr = train_ids.cpu().numpy() if isinstance(train_ids, torch.Tensor) else np.asarray(train_ids)
+    if arr.dtype == np.uint8:
+        return np.take(_TRAIN_ID_LUT, arr)  # one table lookup per pixel (the served path)
     out = np.zeros(arr.shape, dtype=np.uint8)  # 0 = "unlabeled" for anything outside 0..18
-    valid = arr < NUM_CLASSES
+    valid = (arr >= 0) & (arr < NUM_CLASSES)
     out[valid] = TRAIN_ID_TO_LABEL_ID[arr[valid]]
     return out
 

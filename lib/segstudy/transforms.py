@@ -1,7 +1,8 @@
 """Training and evaluation presets (torchvision.transforms.v2), as in torchvision's references.
 
 Images and masks travel together as tv_tensors; v2 resizes a `tv_tensors.Mask` with nearest
-neighbour only, so labels are never blended. Crops pad masks with 255 (ignored).
+neighbour only, so labels are never blended. Crops pad masks with 255 (ignored). Images come in
+as uint8 (as decoded): ToDtype makes a new float tensor, which Normalize then updates in place.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def _to_tensors() -> list:
     return [
         v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None},
                    scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD, inplace=True),  # on ToDtype's new tensor: no extra copy
     ]
 
 
