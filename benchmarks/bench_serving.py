@@ -43,7 +43,7 @@ from PIL import Image
 from segstudy import inference, measure, registry
 from segstudy.config import load_config
 from segstudy.scene import render
-from segstudy.serving import serve_command, serve_env
+from segstudy.serving import answer, serve_command, serve_env
 from segstudy.tracking import mlflow_uri
 
 
@@ -113,9 +113,7 @@ def request_stages(engine: inference.Engine, payload: str, base_size: int, iters
         t2 = time.perf_counter()
         logits = engine.run(x)
         t3 = time.perf_counter()
-        ids = inference.argmax_classes(logits[0].float().numpy())
-        base64.b64encode(inference.label_ids_png(ids))
-        inference.class_pixels(ids)
+        answer(inference.postprocess(logits, image.height, image.width))
         t4 = time.perf_counter()
         if i:  # the first pass warms up
             for name, (a, b) in zip(stages, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t0, t4)]):
@@ -220,16 +218,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         found = sorted((cfg.output_dir / "05_quantization").glob("*int8*.onnx"))
-        if "int8" not in args.models:
-            pass
-        elif args.onnx or found:
-            models.append(("int8 onnx", Path(args.onnx) if args.onnx else found[0]))
-        elif args.make_int8:
-            t = time.perf_counter()
-            models.append(("int8 onnx", make_int8(checkpoint, images, args.height, tmp)))
-            print(f"quantized {checkpoint} to int8 ONNX in {time.perf_counter() - t:.0f} s")
-        else:
-            print("no int8 ONNX model (notebook 05 not run): give --onnx PATH or --make-int8")
+        if "int8" in args.models:
+            if args.onnx or found:
+                models.append(("int8 onnx", Path(args.onnx) if args.onnx else found[0]))
+            elif args.make_int8:
+                t = time.perf_counter()
+                models.append(("int8 onnx", make_int8(checkpoint, images, args.height, tmp)))
+                print(f"quantized {checkpoint} to int8 ONNX in {time.perf_counter() - t:.0f} s")
+            else:
+                print("no int8 ONNX model (notebook 05 not run): give --onnx PATH or --make-int8")
         reg_cfg = load_config(args.params, {"output_root": str(tmp), "tracking.backend": "mlflow",
                                             "tracking.uri": ""})
         print(f"input {args.width}x{args.height} {args.format.upper()} ({len(bodies[0]) / 1e6:.2f} MB as JSON), "

@@ -136,10 +136,14 @@ def segment(engine: Engine, image: Image.Image, base_size: int) -> np.ndarray:
         raise UserError(f"{engine.path} was exported for a fixed {engine.fixed_size[1]}x{engine.fixed_size[0]} "
                         f"input, but this {image.width}x{image.height} image at base_size {base_size} becomes "
                         f"{x.shape[-1]}x{x.shape[-2]}; export with dynamic height/width axes")
-    logits = engine.run(x)
-    if tuple(logits.shape[-2:]) != (image.height, image.width):
-        logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear",
-                               align_corners=False)
+    return postprocess(engine.run(x), image.height, image.width)
+
+
+def postprocess(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """(1, C, h, w) logits -> (height, width) uint8 train ids: logits upsampled bilinearly to the
+    image's size (when they are not at it already), then the argmax."""
+    if tuple(logits.shape[-2:]) != (height, width):
+        logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
     return argmax_classes(logits[0].float().numpy())
 
 

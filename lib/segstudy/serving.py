@@ -65,9 +65,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                 train_ids = self.segment(image)
             except UserError as exc:  # e.g. a fixed-shape ONNX graph and an image of another aspect
                 raise _invalid(f"image {i}: {exc}") from None
-            rows.append({"label_ids_png": base64.b64encode(inference.label_ids_png(train_ids)).decode("ascii"),
-                         "height": image.height, "width": image.width,
-                         "class_pixels": inference.class_pixels(train_ids)})
+            rows.append(answer(train_ids))
         return pd.DataFrame(rows, columns=["label_ids_png", "height", "width", "class_pixels"])
 
     def _decode(self, model_input: pd.DataFrame) -> list[Image.Image]:
@@ -89,6 +87,13 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
             except UserError as exc:
                 raise _invalid(str(exc)) from None
         return images
+
+
+def answer(train_ids: np.ndarray) -> dict[str, Any]:
+    """One image's prediction as served: base64 labelIds PNG, its size, pixels per class."""
+    height, width = train_ids.shape
+    return {"label_ids_png": base64.b64encode(inference.label_ids_png(train_ids)).decode("ascii"),
+            "height": height, "width": width, "class_pixels": inference.class_pixels(train_ids)}
 
 
 def example_image(height: int = 64, width: int = 128) -> bytes:
