@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from PIL import Image
 from segstudy import inference
 from segstudy.cli import main
 from segstudy.datasets import build_dataset
+from segstudy.errors import UserError
 from segstudy.evaluate import evaluate_folder
 from segstudy.models import load_trained
 
@@ -83,3 +86,31 @@ def test_argmax_classes_equals_argmax_including_ties():
     logits[[3, 7], 10, 10] = 9.0
     np.testing.assert_array_equal(inference.argmax_classes(logits), np.argmax(logits, axis=0))
     assert inference.argmax_classes(logits)[10, 10] == 3
+
+
+def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_decode_image_gives_pils_rgb_pixels_channels_first():
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    images = {"RGB": Image.fromarray(rgb), "L": Image.fromarray(rgb[..., 0]), "P": Image.fromarray(rgb).quantize(16),
+              "RGBA": Image.fromarray(np.dstack([rgb, rgb[..., :1]]))}
+    cases = [(mode, "PNG") for mode in images] + [("RGB", "JPEG"), ("L", "JPEG")]
+    for mode, fmt in cases:
+        data = _encoded(images[mode], fmt)
+        with Image.open(io.BytesIO(data)) as im:
+            expected = np.asarray(im.convert("RGB"))
+        got = inference.decode_image(data)
+        assert got.dtype == torch.uint8 and got.shape == (3, 24, 40), (mode, fmt)
+        np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), expected, err_msg=f"{mode} {fmt}")
+    deep = inference.decode_image(_encoded(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)))
+    # a 16-bit PNG is scaled to 8 bits, not clipped
+    assert deep.dtype == torch.uint8 and torch.equal(deep[0], torch.from_numpy(rgb[..., 0]))
+    jpeg = _encoded(images["RGB"], "JPEG")
+    with pytest.raises(UserError, match="x.jpg is a truncated or corrupt JPEG"):
+        inference.decode_image(jpeg[: len(jpeg) // 2], "x.jpg")
+    with pytest.raises(UserError, match="x.png is 40x24 .* larger than the limit"):
+        inference.decode_image(_encoded(images["RGB"]), "x.png", max_pixels=500)

@@ -24,6 +24,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -53,8 +54,8 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.max_pixels = int(cfg.get("max_pixels", inference.MAX_PIXELS))
         self.engine = inference.load_engine(context.artifacts["model"])
 
-    def segment(self, image: Image.Image) -> np.ndarray:
-        """RGB image -> train ids at its size; what `segstudy predict` calls for an MLflow URI."""
+    def segment(self, image: torch.Tensor) -> np.ndarray:
+        """(3, H, W) uint8 RGB -> train ids at its size; what `segstudy predict` calls for an MLflow URI."""
         return inference.segment(self.engine, image, self.base_size)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -68,7 +69,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
             rows.append(answer(train_ids))
         return pd.DataFrame(rows, columns=["label_ids_png", "height", "width", "class_pixels"])
 
-    def _decode(self, model_input: pd.DataFrame) -> list[Image.Image]:
+    def _decode(self, model_input: pd.DataFrame) -> list[torch.Tensor]:
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             cols = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
             raise _invalid(f"expected a column '{IMAGE_COLUMN}' of base64 PNG/JPEG strings, got {cols}; send "
