@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from segstudy import inference, measure, registry
 from segstudy.config import load_config
@@ -69,7 +68,7 @@ def make_int8(checkpoint: Path, images: list[Image.Image], base_size: int, out_d
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)["out"]
 
-    batches = [inference.preprocess(pil_to_tensor(im), base_size) for im in images]
+    batches = [inference.preprocess(np.asarray(im), base_size) for im in images]
     fp32, pre, int8 = out_dir / "fp32.onnx", out_dir / "pre.onnx", out_dir / "int8.onnx"
     torch.onnx.export(Logits(model).eval(), (batches[0],), str(fp32), dynamo=False, opset_version=17,
                       input_names=["image"], output_names=["logits"],
@@ -114,7 +113,7 @@ def request_stages(engine: inference.Engine, payload: str, base_size: int, iters
         t2 = time.perf_counter()
         logits = engine.run(x)
         t3 = time.perf_counter()
-        answer(inference.postprocess(logits, image.height, image.width))
+        answer(inference.postprocess(logits, *image.shape[:2]))
         t4 = time.perf_counter()
         if i:  # the first pass warms up
             for name, (a, b) in zip(stages, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t0, t4)]):

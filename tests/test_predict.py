@@ -94,23 +94,25 @@ def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def test_decode_image_gives_pils_rgb_pixels_channels_first():
+def test_decode_image_gives_pils_rgb_pixels():
     rgb = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
     images = {"RGB": Image.fromarray(rgb), "L": Image.fromarray(rgb[..., 0]), "P": Image.fromarray(rgb).quantize(16),
-              "RGBA": Image.fromarray(np.dstack([rgb, rgb[..., :1]]))}
+              "RGBA": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
+              "I;16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)}
     cases = [(mode, "PNG") for mode in images] + [("RGB", "JPEG"), ("L", "JPEG")]
     for mode, fmt in cases:
         data = _encoded(images[mode], fmt)
         with Image.open(io.BytesIO(data)) as im:
             expected = np.asarray(im.convert("RGB"))
         got = inference.decode_image(data)
-        assert got.dtype == torch.uint8 and got.shape == (3, 24, 40), (mode, fmt)
-        np.testing.assert_array_equal(got.permute(1, 2, 0).numpy(), expected, err_msg=f"{mode} {fmt}")
-    deep = inference.decode_image(_encoded(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)))
-    # a 16-bit PNG is scaled to 8 bits, not clipped
-    assert deep.dtype == torch.uint8 and torch.equal(deep[0], torch.from_numpy(rgb[..., 0]))
+        assert got.dtype == np.uint8 and got.shape == (24, 40, 3), (mode, fmt)
+        np.testing.assert_array_equal(got, expected, err_msg=f"{mode} {fmt}")
+    png = _encoded(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 128, 3), dtype=np.uint8)))
     jpeg = _encoded(images["RGB"], "JPEG")
-    with pytest.raises(UserError, match="x.jpg is a truncated or corrupt JPEG"):
-        inference.decode_image(jpeg[: len(jpeg) // 2], "x.jpg")
+    idat = png.index(b"IDAT") + 100  # one bit of compressed pixel data flipped: the chunk's CRC no longer matches
+    for bad, what in ((png[:idat] + bytes([png[idat] ^ 1]) + png[idat + 1:], "x.png"), (png[: len(png) // 2], "x.png"),
+                      (jpeg[: len(jpeg) // 2], "x.jpg")):
+        with pytest.raises(UserError, match=rf"{what} is a truncated or corrupt (PNG|JPEG)"):
+            inference.decode_image(bad, what)
     with pytest.raises(UserError, match="x.png is 40x24 .* larger than the limit"):
         inference.decode_image(_encoded(images["RGB"]), "x.png", max_pixels=500)

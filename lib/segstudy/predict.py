@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from segstudy import inference
@@ -27,7 +26,7 @@ def is_model_uri(model: str) -> bool:
     return model.startswith(("models:/", "runs:/")) or "://" in model
 
 
-def load_segmenter(model: str | Path, cfg: Config) -> tuple[Callable[[torch.Tensor], np.ndarray], str]:
+def load_segmenter(model: str | Path, cfg: Config) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """(image -> train ids, description) for a checkpoint, an .onnx file or an MLflow model URI.
 
     A file is pre-processed with the profile's data.base_size; a registered model carries the

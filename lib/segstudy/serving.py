@@ -24,7 +24,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -54,8 +53,8 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.max_pixels = int(cfg.get("max_pixels", inference.MAX_PIXELS))
         self.engine = inference.load_engine(context.artifacts["model"])
 
-    def segment(self, image: torch.Tensor) -> np.ndarray:
-        """(3, H, W) uint8 RGB -> train ids at its size; what `segstudy predict` calls for an MLflow URI."""
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> train ids at its size; what `segstudy predict` calls for an MLflow URI."""
         return inference.segment(self.engine, image, self.base_size)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -69,7 +68,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
             rows.append(answer(train_ids))
         return pd.DataFrame(rows, columns=["label_ids_png", "height", "width", "class_pixels"])
 
-    def _decode(self, model_input: pd.DataFrame) -> list[torch.Tensor]:
+    def _decode(self, model_input: pd.DataFrame) -> list[np.ndarray]:
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             cols = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
             raise _invalid(f"expected a column '{IMAGE_COLUMN}' of base64 PNG/JPEG strings, got {cols}; send "
@@ -117,7 +116,7 @@ def _signature() -> tuple[pd.DataFrame, ModelSignature]:
 
 def _requirements(kind: str) -> list[str]:
     # pinned from this environment; stated so that MLflow does not load the model to infer them
-    names = ["torch", "torchvision", "mlflow", "pillow", "pandas", "numpy", "segstudy"]
+    names = ["torch", "torchvision", "mlflow", "pillow", "imagecodecs", "pandas", "numpy", "segstudy"]
     names += ["onnxruntime"] if kind == "onnx" else []
     return [f"{n}=={metadata.version(n)}" for n in names]
 
