@@ -146,12 +146,15 @@ def test_server_masks_equal_predict(server, registered, smoke_model, tiny_root, 
 
 def test_bad_requests_get_400_with_a_reason_and_the_server_keeps_answering(server, tiny_root):
     png = next((tiny_root / "leftImg8bit" / "val").rglob("*.png")).read_bytes()
+    at = png.index(b"IDAT") + 100
+    flipped = png[:at] + bytes([png[at] ^ 1]) + png[at + 1:]  # the chunk's checksum no longer matches
     big = io.BytesIO()
     Image.new("RGB", (4100, 2100)).save(big, format="PNG")  # 8.6 MP > the 8.4 MP limit; compresses to KBs
     cases = {
         "not an image": (_images(b"hello, not an image"), "image 0 is not an image"),
         "empty list": (_images(), "the request holds no images (an empty list)"),
         "truncated PNG": (_images(png, png[: len(png) // 2]), "image 1 is a truncated or corrupt PNG"),
+        "corrupt PNG": (_images(flipped), "image 0 is a truncated or corrupt PNG"),
         "too large": (_images(big.getvalue()), "image 0 is 4100x2100 (8.6 MP), larger than the limit of 8.4 MP"),
         "not base64": (_images("%%% not base64 %%%"), "image 0 is not valid base64"),
         "wrong column": (json.dumps({"dataframe_split": {"columns": ["img"], "data": [["x"]]}}).encode(),
