@@ -1,5 +1,5 @@
-"""Notebook 06 and the HTML report: the study's tables and figures, read from what notebooks
-00-05 saved under outputs/<profile>/.
+"""Notebook 06: the study's tables and figures, read from what notebooks 00-05 saved under
+outputs/<profile>/ (runner.py turns the executed notebook into report.html).
 
 Nothing here trains or measures. Every table is a `Part` that names the files its numbers come
 from; a results file that is not there becomes a visible note naming it and the command that
@@ -24,7 +24,6 @@ import pandas as pd
 from segstudy.config import PROJECT_ROOT, Config
 from segstudy.errors import UserError
 
-REPORT_NOTEBOOK = "06_report_figures"
 # every upstream file the report reads (relative to outputs/<profile>/) and the notebook writing it
 UPSTREAM = {
     "data": "00_data_exploration/summary.json",
@@ -436,51 +435,4 @@ def save(fig: plt.Figure | None, path: Path) -> Path | None:
     plots.save(fig, path)
     plt.close(fig)
     display(Image(data=path.read_bytes(), format="png"))
-    return path
-
-
-# ---- the HTML files: report.html (notebook 06 without code) and index.html (every notebook)
-
-def write_report(executed: Path, out: Path) -> Path:
-    """report.html from the executed notebook 06: code hidden, stream outputs (progress bars,
-    prints) dropped, figures embedded as data URIs, so the file stands alone."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    nb = nbformat.read(executed, as_version=4)
-    for cell in nb.cells:
-        if cell.get("cell_type") == "code":
-            cell["outputs"] = [o for o in cell.get("outputs", []) if o.get("output_type") != "stream"]
-    title = f"segstudy report ({executed.parent.name})"
-    nb.metadata["title"] = title
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
-    out.write_text(body, encoding="utf-8")
-    return out
-
-
-def write_index(out_dir: Path, notebooks: list[str], timings: dict[str, float]) -> Path:
-    """index.html: the report and every notebook's HTML with its wall time (timings.json)."""
-    items = []
-    for stem in notebooks:
-        page = out_dir / f"{stem}.html"
-        seconds = timings.get(stem)
-        when = f"{seconds:.1f} s" if seconds is not None else "no timing"
-        link = f'<a href="{page.name}">{stem}</a>' if page.is_file() else f"{stem} (not run: no {page.name})"
-        items.append(f"<tr><td>{link}</td><td style='text-align:right'>{when}</td></tr>")
-    total = sum(timings.get(s, 0.0) for s in notebooks)
-    report = (f'<p><b><a href="report.html">The report</a></b> (notebook {REPORT_NOTEBOOK} without code)</p>'
-              if (out_dir / "report.html").is_file() else
-              f"<p><b>No report.html yet</b>: it is built when notebook {REPORT_NOTEBOOK} runs.</p>")
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>segstudy: {out_dir.name}</title>
-<style>body{{font-family:sans-serif;max-width:46em;margin:2em auto}} td{{padding:2px 14px 2px 0}}</style>
-</head><body><h1>segstudy, profile {html.escape(out_dir.name)}</h1>{report}
-<h2>Executed notebooks</h2><table><tr><th align="left">notebook</th><th>wall time</th></tr>
-{chr(10).join(items)}
-<tr><td><b>total</b></td><td style='text-align:right'><b>{total:.1f} s</b></td></tr></table>
-<p style="color:#555">Wall times from timings.json (the latest run of each notebook).</p></body></html>
-"""
-    path = out_dir / "index.html"
-    path.write_text(page, encoding="utf-8")
     return path

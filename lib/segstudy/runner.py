@@ -10,6 +10,7 @@ outputs/<profile>/index.html links every executed notebook with its wall time.
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
 import re
@@ -27,6 +28,7 @@ from segstudy.errors import UserError
 from segstudy.tracking import mlflow_uri
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+REPORT_NOTEBOOK = "06_report_figures"  # its executed copy becomes report.html
 NOTEBOOK_PARAMETERS = {"profile", "overrides"}  # what every notebook's parameters cell defines
 
 
@@ -48,17 +50,23 @@ def check_parameters(notebook: Path) -> None:
                         f"'parameters'; every notebook starts with: profile = \"demo\"; overrides = {{}}")
 
 
-def export_html(executed: Path) -> Path:
-    """HTML next to the executed notebook, without stderr streams (progress bars)."""
+def _read_without_streams(executed: Path, names: tuple[str, ...]) -> nbformat.NotebookNode:
+    """The executed notebook without its stream outputs called `names` (tqdm bars go to stderr:
+    nbconvert would show each as a pink box)."""
     nb = nbformat.read(executed, as_version=4)
     for cell in nb.cells:
         if cell.get("cell_type") == "code":
             cell["outputs"] = [o for o in cell.get("outputs", [])
-                               if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
-    body, _ = HTMLExporter().from_notebook_node(nb)
-    html = executed.with_suffix(".html")
-    html.write_text(body, encoding="utf-8")
-    return html
+                               if not (o.get("output_type") == "stream" and o.get("name") in names)]
+    return nb
+
+
+def export_html(executed: Path) -> Path:
+    """HTML next to the executed notebook, without stderr streams (progress bars)."""
+    body, _ = HTMLExporter().from_notebook_node(_read_without_streams(executed, ("stderr",)))
+    page = executed.with_suffix(".html")
+    page.write_text(body, encoding="utf-8")
+    return page
 
 
 def _profile_arg(profile: str) -> str:
@@ -115,13 +123,50 @@ def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None
 
 def write_pages(out_dir: Path, notebooks_dir: Path, timings: dict[str, float], ran: list[str]) -> None:
     """report.html (when notebook 06 ran) and index.html linking every executed notebook."""
-    from segstudy import report  # pandas/matplotlib: only needed once notebooks have run
-
-    if report.REPORT_NOTEBOOK in ran:
-        path = report.write_report(out_dir / f"{report.REPORT_NOTEBOOK}.ipynb", out_dir / "report.html")
+    if REPORT_NOTEBOOK in ran:
+        path = write_report(out_dir / f"{REPORT_NOTEBOOK}.ipynb", out_dir / "report.html")
         print(f"[segstudy] report: {path}", flush=True)
-    index = report.write_index(out_dir, [nb.stem for nb in list_notebooks(notebooks_dir)], timings)
+    index = write_index(out_dir, [nb.stem for nb in list_notebooks(notebooks_dir)], timings)
     print(f"[segstudy] index: {index}", flush=True)
+
+
+def write_report(executed: Path, out: Path) -> Path:
+    """report.html from the executed notebook 06: code hidden, stream outputs (progress bars,
+    prints) dropped, figures embedded as data URIs, so the file stands alone."""
+    nb = _read_without_streams(executed, ("stdout", "stderr"))
+    title = f"segstudy report ({executed.parent.name})"
+    nb.metadata["title"] = title
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def write_index(out_dir: Path, notebooks: list[str], timings: dict[str, float]) -> Path:
+    """index.html: the report and every notebook's HTML with its wall time (timings.json)."""
+    items = []
+    for stem in notebooks:
+        page = out_dir / f"{stem}.html"
+        seconds = timings.get(stem)
+        when = f"{seconds:.1f} s" if seconds is not None else "no timing"
+        link = f'<a href="{page.name}">{stem}</a>' if page.is_file() else f"{stem} (not run: no {page.name})"
+        items.append(f"<tr><td>{link}</td><td style='text-align:right'>{when}</td></tr>")
+    total = sum(timings.get(s, 0.0) for s in notebooks)
+    report = (f'<p><b><a href="report.html">The report</a></b> (notebook {REPORT_NOTEBOOK} without code)</p>'
+              if (out_dir / "report.html").is_file() else
+              f"<p><b>No report.html yet</b>: it is built when notebook {REPORT_NOTEBOOK} runs.</p>")
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>segstudy: {out_dir.name}</title>
+<style>body{{font-family:sans-serif;max-width:46em;margin:2em auto}} td{{padding:2px 14px 2px 0}}</style>
+</head><body><h1>segstudy, profile {html.escape(out_dir.name)}</h1>{report}
+<h2>Executed notebooks</h2><table><tr><th align="left">notebook</th><th>wall time</th></tr>
+{chr(10).join(items)}
+<tr><td><b>total</b></td><td style='text-align:right'><b>{total:.1f} s</b></td></tr></table>
+<p style="color:#555">Wall times from timings.json (the latest run of each notebook).</p></body></html>
+"""
+    path = out_dir / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
 
 
 def _get(cfg: Any, dotted: str) -> Any:
