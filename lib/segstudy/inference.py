@@ -107,8 +107,8 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None
     if im.format not in IMAGE_FORMATS:
         raise UserError(f"{what} is a {im.format} image; send PNG or JPEG")
     if max_pixels and im.width * im.height > max_pixels:  # checked from the header, before decoding
-        raise UserError(f"{what} is {im.width}x{im.height} ({im.width * im.height / 1e6:.1f} MP), larger than "
-                        f"the limit of {max_pixels / 1e6:.1f} MP (e.g. 4096x2048); downscale it first")
+        raise UserError(f"{what} is {im.width}x{im.height} ({im.width * im.height:,} pixels), more than the limit "
+                        f"of {max_pixels:,} ({max_pixels / 1e6:.1f} MP); downscale it first")
     try:
         if im.format == "PNG" and im.mode == "RGB":
             pixels = imagecodecs.png_decode(data)
@@ -117,7 +117,7 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None
         im.load()
     except (OSError, SyntaxError, ValueError, imagecodecs.PngError) as exc:
         raise UserError(f"{what} is a truncated or corrupt {im.format} ({exc})") from exc
-    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    return np.array(im if im.mode == "RGB" else im.convert("RGB"))  # a writable copy, as torch wants
 
 
 def decode_base64_image(text: str, what: str = "image", max_pixels: int | None = None) -> np.ndarray:
