@@ -88,9 +88,9 @@ def test_argmax_classes_equals_argmax_including_ties():
     assert inference.argmax_classes(logits)[10, 10] == 3
 
 
-def _encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+def _encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format=fmt)
+    image.save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -99,9 +99,10 @@ def test_decode_image_gives_pils_rgb_pixels():
     images = {"RGB": Image.fromarray(rgb), "L": Image.fromarray(rgb[..., 0]), "P": Image.fromarray(rgb).quantize(16),
               "RGBA": Image.fromarray(np.dstack([rgb, rgb[..., :1]])),
               "I;16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)}
-    cases = [(mode, "PNG") for mode in images] + [("RGB", "JPEG"), ("L", "JPEG")]
+    cases = [(mode, "PNG") for mode in images] + [("RGB", "JPEG"), ("L", "JPEG"), ("tRNS", "PNG")]
     for mode, fmt in cases:
-        data = _encoded(images[mode], fmt)
+        # tRNS: an RGB PNG with a transparent colour, which libpng would hand out as RGBA
+        data = _encoded(images["RGB"], fmt, transparency=(1, 2, 3)) if mode == "tRNS" else _encoded(images[mode], fmt)
         with Image.open(io.BytesIO(data)) as im:
             expected = np.asarray(im.convert("RGB"))
         got = inference.decode_image(data)

@@ -112,7 +112,8 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None
     try:
         if im.format == "PNG" and im.mode == "RGB":
             pixels = imagecodecs.png_decode(data)
-            if pixels.dtype == np.uint8:  # a 16-bit RGB PNG (rare) is left to PIL's conversion
+            # 16 bit (uint16) or a transparent colour (tRNS: RGBA out) is rare: PIL converts those
+            if pixels.dtype == np.uint8 and pixels.shape[2:] == (3,):
                 return pixels
         im.load()
     except (OSError, SyntaxError, ValueError, imagecodecs.PngError) as exc:
