@@ -137,10 +137,10 @@ def server_work_ms(uri: str, body: bytes, logits: torch.Tensor, iters: int) -> f
     times = []
     for i in range(iters + 1):
         t = time.perf_counter()
-        answer = scoring_server.invocations(body, "application/json", model, schema)
+        scored = scoring_server.invocations(body, "application/json", model, schema)
         if i:  # the first pass warms up
             times.append(1000 * (time.perf_counter() - t))
-        assert answer.status == 200, answer.response[:500]
+        assert scored.status == 200, scored.response[:500]
     return statistics.median(times)
 
 
