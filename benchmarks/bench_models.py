@@ -15,10 +15,10 @@ from dataclasses import asdict
 
 import torch
 
-from segstudy import measure
 from segstudy.config import load_config
-from segstudy.models import MODELS, build_model
-from segstudy.train import autocast_dtype, resolve_device
+from segstudy.engine import measure
+from segstudy.engine.device import autocast_dtype, resolve_device
+from segstudy.models.networks import MODELS, build_model
 
 
 def main() -> None:

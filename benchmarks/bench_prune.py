@@ -1,4 +1,4 @@
-"""Pruning targets (issue 5), measured side by side in one process on this machine.
+"""Pruning targets, measured side by side in one process on this machine.
 
     python benchmarks/bench_prune.py [--params demo] [--iters 7] [--control]
 
@@ -25,11 +25,14 @@ import time
 
 import torch
 
-from segstudy import measure, prune, prune_study
+from segstudy.compress import prune
 from segstudy.config import load_config
+from segstudy.engine import measure
+from segstudy.engine.evaluation import validate
+from segstudy.engine.training import finetune
 from segstudy.errors import UserError
-from segstudy.models import load_trained
-from segstudy.train import finetune, validate
+from segstudy.models.checkpoint import load_trained
+from segstudy.studies import pruning_sweeps
 
 
 def _interleaved_latency(models: dict[str, torch.nn.Module], height: int, width: int, iters: int) -> dict:
@@ -57,12 +60,12 @@ def main() -> None:
     info = measure.cpu_info()
     print(f"CPU: {info['cpu']}  threads: {info['threads']}  " +
           "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.items() if k not in ("cpu", "threads")))
-    saved = cfg.output_dir / "04_pruning_sweeps" / prune_study.SAVED
+    saved = cfg.output_dir / "04_pruning_sweeps" / pruning_sweeps.SAVED
     results = cfg.output_dir / "04_pruning_sweeps" / "results.json"
     if not saved.is_file() or not results.is_file():
         raise UserError(f"{saved} or {results} is missing; run notebook 04 first (./run_all.sh {cfg.profile} "
                         f"--only 04)")
-    dense = prune_study.load_dense(cfg)
+    dense = pruning_sweeps.load_dense(cfg)
     structured = load_trained(saved)
     unstructured = prune.unstructured(copy.deepcopy(dense), cfg.prune.finetune_sparsity, "lamp")
     models = {"dense": dense, "structured": structured, "unstructured": unstructured}

@@ -1,4 +1,4 @@
-"""Issue 6's quantization targets, measured side by side in one process on this machine.
+"""The quantization targets, measured side by side in one process on this machine.
 
     python benchmarks/bench_quantize.py [--params demo] [--model custom] [--iters N] [--warmup N]
                                         [--threads N] [--height H --width W] [--calib N]
@@ -24,11 +24,14 @@ from pathlib import Path
 
 import torch
 
-from segstudy import measure, onnx_export, quant_study, quantize
+from segstudy.compress import onnx_export, quantize
 from segstudy.config import load_config
-from segstudy.datasets import prepare_data
-from segstudy.labels import NUM_CLASSES
-from segstudy.models import build_model, load_trained
+from segstudy.data.datasets import prepare_data
+from segstudy.data.labels import NUM_CLASSES
+from segstudy.engine import measure
+from segstudy.models.checkpoint import load_trained
+from segstudy.models.networks import build_model
+from segstudy.studies import quantization, results_files
 
 
 def main() -> None:
@@ -86,7 +89,7 @@ def main() -> None:
         for act in onnx_export.ACTIVATIONS:
             ort_row(f"int8 ONNX Runtime ({act} act.)",
                     onnx_export.quantize_int8(fp32_onnx, tmp / f"int8_{act}.onnx", batches, act))
-        pruned_path = quant_study.pruned_checkpoint(cfg)
+        pruned_path = quantization.pruned_checkpoint(cfg)
         if args.model != "custom":
             print("pruned rows: only for the custom model")
         elif pruned_path.is_file():
@@ -100,7 +103,7 @@ def main() -> None:
             print(f"pruned rows skipped: no pruned model at {pruned_path} (notebook 04 writes it)")
 
     dense_int8 = [k for k in rows if k.startswith("int8")]
-    targets = quant_study.check_targets(info, {k: {"latency_ms": r["median_ms"]} for k, r in rows.items()}, dense_int8)
+    targets = quantization.check_targets(info, {k: {"latency_ms": r["median_ms"]} for k, r in rows.items()}, dense_int8)
     fp32_ms = rows["fp32 eager"]["median_ms"]
     fastest_int8 = min(rows[k]["median_ms"] for k in dense_int8)
     print(f"\n{'variant':42s} {'median ms':>10s} {'min ms':>9s} {'vs fp32 eager':>14s} {'/ fastest int8':>15s}  target")
@@ -118,9 +121,10 @@ def main() -> None:
     gpu = gpu_rows(model, h, w, warmup, iters)
 
     out = cfg.output_dir / "benchmarks" / f"quantize_{args.model}.json"
-    quant_study.save_json(out, {"cpu": info, "threads": threads, "size": f"{w}x{h}", "warmup": warmup, "iters": iters,
-                             "model": args.model, "weights": source, "calibration_images": n_calib,
-                             "latency": rows, "targets": targets, "fastest": fastest, "gpu": gpu})
+    results_files.write_json(out, {"cpu": info, "threads": threads, "size": f"{w}x{h}", "warmup": warmup,
+                                   "iters": iters, "model": args.model, "weights": source,
+                                   "calibration_images": n_calib, "latency": rows, "targets": targets,
+                                   "fastest": fastest, "gpu": gpu})
     print("wrote", out)
 
 

@@ -43,10 +43,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segstudy import inference, measure, registry
 from segstudy.config import load_config
-from segstudy.scene import render
-from segstudy.serving import answer, serve_command, serve_env
+from segstudy.data.synthetic_scene import render
+from segstudy.deploy import inference, registry
+from segstudy.deploy.serving import answer, serve_command, serve_env
+from segstudy.engine import measure
 from segstudy.tracking import mlflow_uri
 
 
@@ -59,7 +60,7 @@ def make_int8(checkpoint: Path, images: list[Image.Image], base_size: int, out_d
     import onnxruntime.quantization as oq
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from segstudy.models import load_trained
+    from segstudy.models.checkpoint import load_trained
 
     model = load_trained(checkpoint)
 

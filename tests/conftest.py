@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from segstudy.config import SynthConfig
-from segstudy.synth import generate
+from segstudy.data.synthetic_dataset import generate
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 TINY = SynthConfig(train=8, val=6, height=64, width=128, seed=3)
@@ -27,7 +27,7 @@ def smoke_model(tmp_path_factory, tiny_root) -> dict:
 
     Returns train()'s result with "cfg", the smoke config it was trained with."""
     from segstudy.config import load_config
-    from segstudy.train import train
+    from segstudy.engine.training import train
 
     out = tmp_path_factory.mktemp("smoke-model")
     cfg = load_config("smoke", {"data.root": str(tiny_root), "data.generate": False, "output_root": str(out),

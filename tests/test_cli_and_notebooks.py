@@ -11,9 +11,9 @@ import nbformat
 import numpy as np
 from PIL import Image
 
-from segstudy import labels
-from segstudy.cityscapes import cityscapes_samples
-from segstudy.runner import run_notebooks
+from segstudy.data import labels
+from segstudy.data.cityscapes import cityscapes_samples
+from segstudy.notebook_runner import run_notebooks
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -131,9 +131,11 @@ def test_sweep_gathers_runs_and_tags_mlflow(tmp_path, tiny_root):
     assert bad.returncode == 2 and "unknown key 'loss_study.nmes'" in bad.stderr
 
 
-def test_notebook_05_on_smoke(tmp_path, tiny_root):
+def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     overrides = {"data.root": str(tiny_root), "data.generate": False, "output_root": str(tmp_path / "out"),
                  "train.epochs": 1, "bench.warmup": 1, "bench.iters": 2}
+    runs = tmp_path / "out" / "smoke" / "runs"
+    shutil.copytree(smoke_model["run_dir"], runs / "custom")  # notebook 02's model: 05 never trains it
     run_notebooks("smoke", overrides, only=["05"], progress=False)
     out = tmp_path / "out" / "smoke" / "05_quantization"
     result = json.loads((out / "results.json").read_text())

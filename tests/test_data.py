@@ -10,15 +10,15 @@ import torch
 from cityscapesscripts.helpers.labels import labels as cs_labels
 from PIL import Image
 
-from segstudy import labels
-from segstudy.bdd100k import BDD100KSegmentation
-from segstudy.cityscapes import CityscapesSegmentation, cityscapes_samples, label_ids_to_train_ids
 from segstudy.config import SynthConfig
-from segstudy.datasets import build_loader
+from segstudy.data import labels
+from segstudy.data.bdd100k import BDD100KSegmentation
+from segstudy.data.cityscapes import CityscapesSegmentation, cityscapes_samples, label_ids_to_train_ids
+from segstudy.data.datasets import build_loader
+from segstudy.data.synthetic_dataset import MARKER, ensure_dataset, generate
+from segstudy.data.synthetic_scene import render
+from segstudy.data.transforms import eval_preset, train_preset
 from segstudy.errors import UserError
-from segstudy.scene import render
-from segstudy.synth import MARKER, ensure_dataset, generate
-from segstudy.transforms import eval_preset, train_preset
 
 
 def test_label_mapping_matches_cityscapesscripts():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from segstudy.config import LossConfig
-from segstudy.losses import LOSSES, build_loss, class_weights
+from segstudy.models.losses import LOSSES, build_loss, class_weights
 
 # one image, 2 classes, 1x3 pixels; the third pixel is ignored
 LOGITS = torch.tensor([[[[2.0, 0.0, 5.0]], [[0.0, 1.0, -3.0]]]])

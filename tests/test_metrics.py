@@ -11,11 +11,11 @@ import torch
 from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
 from PIL import Image
 
-from segstudy import labels
-from segstudy.cityscapes import cityscapes_samples
+from segstudy.data import labels
+from segstudy.data.cityscapes import cityscapes_samples
+from segstudy.engine.cityscapes_eval import evaluate_folder
+from segstudy.engine.metrics import ConfusionMatrix
 from segstudy.errors import UserError
-from segstudy.evaluate import evaluate_folder
-from segstudy.metrics import ConfusionMatrix
 
 
 def _imperfect_predictions(root, out):

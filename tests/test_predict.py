@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from segstudy import inference
 from segstudy.cli import main
-from segstudy.datasets import build_dataset
+from segstudy.data.datasets import build_dataset
+from segstudy.deploy import inference
+from segstudy.engine.cityscapes_eval import evaluate_folder
 from segstudy.errors import UserError
-from segstudy.evaluate import evaluate_folder
-from segstudy.models import load_trained
+from segstudy.models.checkpoint import load_trained
 
 
 def test_predict_then_evaluate_round_trip(smoke_model, tiny_root, tmp_path, capsys):

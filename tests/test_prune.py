@@ -10,12 +10,13 @@ import math
 import pytest
 import torch
 
-from segstudy import measure, prune
-from segstudy.checkpoint import save_model
+from segstudy.compress import prune
+from segstudy.engine import measure
 from segstudy.errors import UserError
-from segstudy.losses import Distiller, kd_loss, with_kd
-from segstudy.models import build_model, load_trained
-from segstudy.runner import run_notebooks
+from segstudy.models.checkpoint import load_trained, save_model
+from segstudy.models.losses import Distiller, kd_loss, with_kd
+from segstudy.models.networks import build_model
+from segstudy.notebook_runner import run_notebooks
 
 SMALL = {"pretrained": False, "output_stride": 16, "head_channels": 32, "head_layers": 1, "unet_base": 8}
 

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segstudy import onnx_export, quant_study, quantize
+from segstudy.compress import onnx_export, quantize
 from segstudy.config import load_config
+from segstudy.engine.evaluation import validate
+from segstudy.engine.training import finetune
 from segstudy.errors import UserError
-from segstudy.train import finetune, validate
+from segstudy.studies import quantization
 
 
 class TinySeg(nn.Module):
@@ -74,7 +76,7 @@ def test_fx_ptq_agrees_with_fp32_and_saves_smaller(cfg, trained, calib, tmp_path
     assert any("quantized" in str(type(m)) for m in gm.modules())  # real int8 modules, not fake-quant
     upsample = next(n for n in gm.graph.nodes if n.target is F.interpolate)
     assert upsample.args[0].target == "dequantize"  # the final upsampling runs in float
-    assert quant_study.cpu_only(int8) and not quant_study.cpu_only(trained)  # int8 is scored on the CPU
+    assert quantization.cpu_only(int8) and not quantization.cpu_only(trained)  # int8 is scored on the CPU
     _assert_close_to_fp32(quantize.agreement(trained, int8, val), _scale(trained, val))
     # mIoU on the tiny val split within 2 points of fp32 (tiny data: a few pixels swing it)
     assert abs(validate(trained, cfg)["miou"] - validate(int8, cfg)["miou"]) < 0.02
@@ -94,7 +96,7 @@ def test_onnx_round_trip_and_ort_int8(cfg, trained, calib, tmp_path):
     val = quantize.validation_images(cfg, 3)
     fp32_path = onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
     ort_fp32 = onnx_export.OrtModule(onnx_export.session(fp32_path, 2))
-    assert quant_study.cpu_only(ort_fp32)
+    assert quantization.cpu_only(ort_fp32)
     agree = quantize.agreement(trained, ort_fp32, val)
     assert agree["max_abs"] < 1e-4 and agree["pixel_agreement"] == 1.0
     other = torch.randn(2, 3, 48, 96)  # dynamic batch, height and width
@@ -198,15 +200,21 @@ def test_targets_and_qat_decision():
     avx2 = {"avx512_vnni": False, "amx_int8": False}
     rows = {"fp32 eager": {"latency_ms": 600, "miou": 0.30}, "fx": {"latency_ms": 100, "miou": 0.295},
             "ort": {"latency_ms": 130, "miou": 0.299}}
-    t = quant_study.check_targets(vnni, rows, ["fx", "ort"])
+    t = quantization.check_targets(vnni, rows, ["fx", "ort"])
     assert t["fx"]["passed"] and round(t["fx"]["speedup"], 2) == 6.0
     assert not t["ort"]["passed"] and round(t["ort"]["ratio_to_fastest_int8"], 2) == 1.3  # 4.6x, 1.3x slower
-    assert quant_study.check_targets(avx2, rows, ["ort"])["ort"]["passed"]  # 3x bar on AVX2-only
+    assert quantization.check_targets(avx2, rows, ["ort"])["ort"]["passed"]  # 3x bar on AVX2-only
     rows["fx"]["miou"] = 0.28  # 2 points lost
-    assert not quant_study.check_targets(vnni, rows, ["fx"])["fx"]["passed"]
-    assert quant_study.qat_decision("auto", 1.5, 1.0)[0] and not quant_study.qat_decision("auto", 0.5, 1.0)[0]
-    assert quant_study.qat_decision("always", 0.0, 1.0)[0] and not quant_study.qat_decision("never", 9.0, 1.0)[0]
+    assert not quantization.check_targets(vnni, rows, ["fx"])["fx"]["passed"]
+    assert quantization.qat_decision("auto", 1.5, 1.0)[0] and not quantization.qat_decision("auto", 0.5, 1.0)[0]
+    assert quantization.qat_decision("always", 0.0, 1.0)[0] and not quantization.qat_decision("never", 9.0, 1.0)[0]
     with pytest.raises(UserError, match="quant.qat = 'sometimes'"):
-        quant_study.qat_decision("sometimes", 0.0, 1.0)
+        quantization.qat_decision("sometimes", 0.0, 1.0)
     with pytest.raises(UserError, match="quant.observer = 'percentile'"):
         quantize.qconfig_mapping("percentile")
+
+
+def test_notebook_05_asks_for_notebook_02s_model_instead_of_training_it(tmp_path):
+    cfg = load_config("smoke", {"output_root": str(tmp_path)})
+    with pytest.raises(UserError, match=r"02_custom_model trains; run it first \(./run_all.sh smoke --only 02\)"):
+        quantization.trained_model(cfg)

@@ -1,7 +1,7 @@
 """Notebook 06 and the HTML report on smoke-profile outputs.
 
-The upstream results are small JSON files in the formats notebooks 00-05 write (compare.save_results,
-loss_study.save, prune_study.save, notebook 05's quantize.save_json), so nothing is trained here.
+The upstream results are small JSON files in the formats notebooks 00-05 write (studies.results_files),
+so nothing is trained here.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from segstudy import report
 from segstudy.config import load_config
+from segstudy.data.labels import CLASS_NAMES
 from segstudy.errors import UserError
-from segstudy.labels import CLASS_NAMES
-from segstudy.runner import run_notebooks
+from segstudy.notebook_runner import run_notebooks
+from segstudy.studies import report_figures, results_files
 
 BENCH = {"height": 64, "width": 128, "cpu": "Test CPU", "threads": 2, "avx2": True, "avx512_vnni": True}
 
@@ -80,7 +80,7 @@ def fake_outputs(out: Path, skip: tuple[str, ...] = ()) -> None:
     }
     for key, payload in files.items():
         if key not in skip:
-            _write(out / report.UPSTREAM[key], payload)
+            _write(out / results_files.FILES[key], payload)
     for nb in ("01_baselines", "02_custom_model"):
         _png(out / nb / "predictions.png")
 
@@ -96,7 +96,7 @@ def test_notebook_06_and_report_on_smoke(tmp_path, tiny_root):
     for heading in ("Models", "Losses", "Pruning", "Quantization", "Recommended model", "Predictions"):
         assert re.search(rf"<h2[^>]*>{heading}", page), heading
     assert page.count("data:image/png;base64") >= 4  # heatmap, loss spread, trade-off, 2 prediction grids
-    assert "report.models(cfg)" not in page and "load_config" not in page  # no code cell input
+    assert "report_figures.models(cfg)" not in page and "load_config" not in page  # no code cell input
     assert "hl-ipython3" not in page  # the class nbconvert gives highlighted code input
     # the absent pruning results: a visible note naming the file and the command that writes it
     assert "segstudy-missing" in page
@@ -114,25 +114,26 @@ def test_notebook_06_and_report_on_smoke(tmp_path, tiny_root):
 def test_recommendation_rule_and_pool(tmp_path):
     cfg = load_config("smoke", {"output_root": str(tmp_path)})
     fake_outputs(cfg.output_dir, skip=("quantization",))
-    part, pick = report.recommend(cfg, tolerance=1.0)
+    part, pick = report_figures.recommend(cfg, tolerance=1.0)
     # best: custom at 27.0; the KD-recovered pruned model (26.5, 25 ms) is the fastest within a point;
     # the 0.5-ratio one is faster still but 2 points down
     assert pick["model"] == "custom · structured group_norm 0.3 + KD"
     assert pick["best"]["model"] == "custom · fp32"
     assert part.table.loc["custom · structured group_norm 0.3 + KD", "recommended"] == "★"
     assert any("05_quantization/results.json does not exist" in n for n in part.notes)
-    assert report.tradeoff_figure(cfg) is not None
-    table, targets = report.pruning(cfg)
-    assert list(table.table["method"])[0] == "dense" and table.sources == [cfg.output_dir / report.UPSTREAM["pruning"]]
+    assert report_figures.tradeoff_figure(cfg) is not None
+    table, targets = report_figures.pruning(cfg)
+    assert list(table.table["method"])[0] == "dense"
+    assert table.sources == [cfg.output_dir / results_files.FILES["pruning"]]
     assert len(targets.table) == 1  # the recovered structured row checked against the dense one
 
 
 def test_bad_upstream_file_is_a_user_error(tmp_path):
     cfg = load_config("smoke", {"output_root": str(tmp_path)})
-    path = cfg.output_dir / report.UPSTREAM["losses"]
+    path = cfg.output_dir / results_files.FILES["losses"]
     _write(path, {"profile": "smoke"})
     with pytest.raises(UserError, match=r"03_loss_comparison/results.json lacks a field.*--only 03"):
-        report.losses(cfg)
+        report_figures.losses(cfg)
     path.write_text("{not json")
     with pytest.raises(UserError, match=r"is not valid JSON.*--only 03"):
-        report.losses(cfg)
+        report_figures.losses(cfg)

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segstudy import registry
 from segstudy.cli import main
 from segstudy.config import load_config
+from segstudy.deploy import registry
 from segstudy.errors import UserError
 
 BIN = Path(sys.executable).parent

@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from segstudy.checkpoint import load_checkpoint
 from segstudy.config import load_config
+from segstudy.engine.measure import parameters
+from segstudy.engine.training import train
 from segstudy.errors import UserError
-from segstudy.measure import parameters
-from segstudy.models import build_model
-from segstudy.train import train
+from segstudy.models.checkpoint import load_checkpoint
+from segstudy.models.networks import build_model
 
 
 @pytest.mark.parametrize("name,os_", [("unet", 16), ("deeplabv3_resnet50", 8), ("deeplabv3_resnet50", 16),
@@ -135,7 +135,7 @@ def test_ddp_two_gloo_processes(tmp_path, tiny_root):
 
 def test_criterion_aux_and_ignore():
     from segstudy.config import LossConfig
-    from segstudy.losses import build_loss, with_aux
+    from segstudy.models.losses import build_loss, with_aux
 
     criterion = with_aux(build_loss(LossConfig("ce")), aux_weight=0.5)
     logits = torch.zeros(1, 3, 1, 2)

@@ -12,7 +12,7 @@ from segstudy.errors import UserError
 
 def _synth(args: argparse.Namespace) -> None:
     from segstudy.config import SynthConfig
-    from segstudy.synth import generate
+    from segstudy.data.synthetic_dataset import generate
 
     cfg = SynthConfig(train=args.train, val=args.val, height=args.height, width=args.width,
                       seed=args.seed)
@@ -22,7 +22,7 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from segstudy.evaluate import evaluate_folder, format_result
+    from segstudy.engine.cityscapes_eval import evaluate_folder, format_result
 
     result = evaluate_folder(args.data_root, args.split, args.pred_dir, progress=not args.json)
     if args.json:
@@ -34,7 +34,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     from segstudy.config import _parse_overrides
-    from segstudy.runner import run_notebooks
+    from segstudy.notebook_runner import run_notebooks
 
     start = time.perf_counter()
     timings = run_notebooks(args.profile, _parse_overrides(args.set), only=args.only,
@@ -47,10 +47,12 @@ def _run(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from segstudy.config import load_config
-    from segstudy.train import train
+    from segstudy.deploy.registry import log_trained
+    from segstudy.engine.training import train
 
     cfg = load_config(args.params, args.set)
     result = train(cfg, model_name=args.model, resume=args.resume)
+    log_trained(cfg, result)
     if result.get("finished"):
         print(f"{result['model']}: best val mIoU {result['best_miou'] * 100:.2f} after {result['steps']} steps; "
               f"checkpoints in {result['run_dir']}")
@@ -60,7 +62,7 @@ def _sweep(args: argparse.Namespace) -> None:
     import yaml
 
     from segstudy.config import _parse_overrides
-    from segstudy.runner import sweep
+    from segstudy.notebook_runner import sweep
 
     grid = {key: [yaml.safe_load(v) for v in values] for key, *values in args.p}
     empty = [key for key, values in grid.items() if not values]
@@ -72,7 +74,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     from segstudy.config import load_config
-    from segstudy.predict import predict
+    from segstudy.deploy.predict import predict
 
     cfg = load_config(args.params, args.set)
     result = predict(args.model, args.input, args.out, cfg)
@@ -84,8 +86,8 @@ def _serve(args: argparse.Namespace) -> None:
     import os
 
     from segstudy.config import load_config
-    from segstudy.registry import resolve
-    from segstudy.serving import serve_command, serve_env
+    from segstudy.deploy.registry import resolve
+    from segstudy.deploy.serving import serve_command, serve_env
     from segstudy.tracking import mlflow_uri
 
     cfg = load_config(args.params, args.set)

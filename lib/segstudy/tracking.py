@@ -6,8 +6,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from segstudy.config import TrackingConfig
 from segstudy.errors import UserError
 
@@ -75,26 +73,6 @@ class Tracker:
             self.mlflow.log_metrics(clean, step=step)
         elif self.backend == "wandb":
             self.wandb.log(clean, step=step)
-
-    def log_model(self, model: nn.Module, registered_name: str) -> str | None:
-        """Log the final model as the servable pyfunc (segstudy.serving); register it as a new
-        version of `registered_name` (MLflow). Returns the logged model's URI."""
-        if self.backend != "mlflow" or not self.cfg.log_model:
-            return None
-        import tempfile
-
-        from segstudy.checkpoint import save_checkpoint
-        from segstudy.labels import NUM_CLASSES
-        from segstudy.serving import log_servable
-
-        # the same {"model", "meta"} a training checkpoint holds, so models.load_trained reads it
-        mcfg = self.params["model"]
-        meta = {"model": mcfg["name"], "num_classes": NUM_CLASSES, "model_config": mcfg}
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_checkpoint({"model": model.cpu().eval().state_dict(), "meta": meta}, Path(tmp) / "model.pt")
-            info = log_servable(path, self.params["data"]["base_size"],
-                                registered_model_name=registered_name if self.cfg.register else None)
-        return info.model_uri
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.backend == "mlflow":

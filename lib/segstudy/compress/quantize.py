@@ -1,0 +1,334 @@
+"""Int8 quantization of segstudy models (notebook 05): calibration data, torch FX post-training
+quantization and quantization-aware training, saving, and output agreement with fp32.
+
+Why FX graph mode and not PT2E: on this torch (2.14.1) `torch.ao.quantization.quantize_pt2e` no
+longer exists, and torchao's X86InductorQuantizer fails on torchvision ResNet graphs ("Input
+partition has more than one output node"); FX graph mode with the x86 backend still works and
+runs real int8 kernels (oneDNN/FBGEMM) without a compile step. ONNX Runtime's static int8 is the
+second engine (see onnx_export.py). Both quantize weights per channel.
+
+The models end with a bilinear upsampling of 19-channel logits to full resolution; it is kept in
+float (the classifier's int8 output is dequantized first): measured, that was faster than the
+upsampling in uint8 on the custom model, and float keeps the logits the argmax compares at full
+precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.ao.quantization import QConfig, QConfigMapping, get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+
+from segstudy.config import Config
+from segstudy.errors import UserError
+
+OBSERVERS = ("histogram", "minmax")
+BACKEND = "x86"  # oneDNN or FBGEMM per op, chosen by torch for this CPU
+_TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; move it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def set_threads(threads: int) -> int:
+    """Use `threads` intra-op threads in torch (0: leave torch's default); returns the count in use.
+    ONNX Runtime sessions from onnx_export.session() take the same count."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+class LogitsOnly(nn.Module):
+    """A segstudy model ({"out": logits[, "aux"]}) as a tensor -> logits tensor function, the form
+    FX quantization and ONNX export work with."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    # no annotations here: FX copies the root's (string) annotations into its generated code,
+    # which TorchScript then cannot resolve when the int8 model is saved
+    def forward(self, x):
+        return self.model(x)["out"]
+
+
+class AsDict(nn.Module):
+    """The reverse: a tensor -> logits network (int8 GraphModule, ORT session) as a segstudy model,
+    so engine.evaluation.validate / engine.training.finetune score it like any other."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.net(x)}
+
+
+# --- calibration data -----------------------------------------------------------------------------
+
+def check_calibration(batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Calibration batches must be non-empty float tensors shaped (N, 3, H, W), as the eval preset
+    makes them: anything else is a UserError saying what was found."""
+    batches = list(batches)
+    if not batches:
+        raise UserError("the calibration set is empty: int8 ranges need at least one image; "
+                        "set quant.calib_images >= 1 and check the training split has images")
+    for i, b in enumerate(batches):
+        if not isinstance(b, torch.Tensor):
+            raise UserError(f"calibration batch {i} is a {type(b).__name__}; expected a float tensor (N, 3, H, W)")
+        if b.ndim != 4 or b.shape[1] != 3 or b.shape[0] == 0 or not b.is_floating_point():
+            raise UserError(f"calibration batch {i} has shape {tuple(b.shape)} and dtype {b.dtype}; expected "
+                            f"float images (N, 3, H, W), normalised like the eval preset")
+    return batches
+
+
+def calibration_images(cfg: Config, n: int) -> list[torch.Tensor]:
+    """n training images with the eval transforms (no augmentation), a seeded random subset, so that
+    the first k of them are also the k-image calibration set (nested subsets for the N sweep)."""
+    from segstudy.data.datasets import build_dataset
+
+    ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
+    if n < 1 or len(ds) == 0:
+        raise UserError(f"the calibration set is empty (quant.calib_images = {n}, {len(ds)} training "
+                        f"images in {cfg.data.root}); int8 ranges need at least one image")
+    if n > len(ds):
+        raise UserError(f"{n} calibration images asked for (quant.calib_images / quant.calib_sweep), but "
+                        f"{cfg.data.root} has {len(ds)} training images; lower those settings")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n]
+    return [ds[int(i)][0] for i in order]
+
+
+def validation_images(cfg: Config, n: int) -> list[torch.Tensor]:
+    """The first n validation images (eval preset), for output agreement checks."""
+    from segstudy.data.datasets import build_dataset
+
+    ds = build_dataset(cfg.data, cfg.data.val_split)
+    return [ds[i][0] for i in range(min(n, len(ds)))]
+
+
+def batched(images: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Stack consecutive same-sized (3, H, W) images into batches of at most batch_size."""
+    batches, current = [], []
+    for image in images:
+        if current and (len(current) == batch_size or current[0].shape != image.shape):
+            batches.append(torch.stack(current))
+            current = []
+        current.append(image)
+    if current:
+        batches.append(torch.stack(current))
+    return batches
+
+
+# --- FX graph mode -----------------------------------------------------------------------------------
+
+def qconfig_mapping(observer: str = "histogram", qat: bool = False) -> QConfigMapping:
+    """torch's x86 mapping (per-channel symmetric int8 weights, uint8 activations with reduce_range),
+    optionally with MinMax activation observers (cheaper calibration), the final upsampling in float."""
+    if observer not in OBSERVERS:
+        raise UserError(f"quant.observer = '{observer}'; choose one of {', '.join(OBSERVERS)}")
+    if qat:
+        mapping = get_default_qat_qconfig_mapping(BACKEND)
+    else:
+        mapping = get_default_qconfig_mapping(BACKEND)
+        if observer == "minmax":
+            mapping.set_global(QConfig(
+                activation=MinMaxObserver.with_args(reduce_range=True),
+                weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)))
+    # the first F.interpolate in the segstudy model's own forward is the final upsampling of the
+    # logits (custom hybrid, DeepLabV3): float; inner ones (ASPP's image pooling) stay int8
+    return mapping.set_module_name_object_type_order("model", F.interpolate, 0, None)
+
+
+class _WhereTracer(torch.fx.Tracer):
+    """Records the module path being traced when tracing fails (the deepest one)."""
+
+    def __init__(self, skip: Sequence[str]):
+        super().__init__()
+        self.skip, self.stack, self.failed_in = set(skip), [], None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.skip or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def _where_untraceable(root: nn.Module, skip: Sequence[str]) -> tuple[str | None, str]:
+    """(module path, "file:line `source`") of the code symbolic tracing cannot handle; path None
+    when tracing succeeds, "" when it fails in the root's own forward."""
+    tracer = _WhereTracer(skip)
+    try:
+        tracer.trace(root)
+        return None, ""
+    except Exception as exc:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+        site = f"{Path(frames[-1].filename).name}:{frames[-1].lineno} `{frames[-1].line}`" if frames else "?"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return tracer.failed_in or "", f"{first}, at {site}"
+
+
+def fx_prepare(model: nn.Module, example: torch.Tensor, observer: str = "histogram",
+               qat: bool = False) -> tuple[torch.fx.GraphModule, list[str]]:
+    """Insert observers (or fake-quant modules for QAT) into a copy of `model`.
+
+    Code FX cannot trace (Python control flow on tensor values, .item(), ...) inside a submodule
+    keeps that submodule in float and says so (second return value); in the model's own forward
+    it is a UserError naming the line. Returns (prepared GraphModule taking images -> logits, notes)."""
+    if BACKEND in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = BACKEND  # the kernels convert_fx will pick
+    root = LogitsOnly(copy.deepcopy(model))
+    root.train(qat)
+    skip: list[str] = []
+    notes: list[str] = []
+    mapping = qconfig_mapping(observer, qat)
+    prepare = prepare_qat_fx if qat else prepare_fx
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # FX mode's deprecation notices
+                config = PrepareCustomConfig().set_non_traceable_module_names(skip)
+                return prepare(root, mapping, (example,), prepare_custom_config=config), notes
+        except Exception as exc:
+            where, what = _where_untraceable(root, skip)
+            if where is None:  # tracing works: the failure is elsewhere in FX's preparation
+                raise UserError(f"FX quantization cannot prepare {type(model).__name__}: "
+                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+            if where in ("", "model") or where in skip:
+                raise UserError(f"{type(model).__name__}.forward cannot be quantized with FX graph mode: "
+                                f"{what}. Make that code traceable (no Python branching on tensor values) "
+                                f"or use the ONNX Runtime path") from None
+            name = type(root.get_submodule(where)).__name__
+            notes.append(f"{where.removeprefix('model.')} ({name}) kept in float: {what}")
+            print(f"[segstudy] FX quantization: {notes[-1]}")
+            skip.append(where)
+
+
+@torch.inference_mode()
+def calibrate(prepared: torch.fx.GraphModule, batches: Sequence[torch.Tensor]) -> None:
+    """Run calibration batches through the observers (eval mode: BN uses its running stats)."""
+    prepared.eval()
+    for b in check_calibration(batches):
+        prepared(b)
+
+
+def fx_convert(prepared: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
+    """Replace observers by int8 ops (on a copy, so calibration can go on), then run one example so
+    a missing int8 kernel is a UserError naming the op now rather than a crash later."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = convert_fx(copy.deepcopy(prepared).eval())
+    try:
+        with torch.inference_mode():
+            q(example)
+    except (NotImplementedError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"the int8 model fails on an example image: {first}. When this names an op without "
+                        f"a quantized CPU kernel, keep its module in float (qconfig None) or use the ONNX "
+                        f"Runtime path") from None
+    return q
+
+
+def fx_ptq(model: nn.Module, images: Sequence[torch.Tensor], sizes: Sequence[int], batch_size: int,
+           observer: str = "histogram") -> dict:
+    """Post-training static int8 for every calibration size in `sizes` in one pass: the observers
+    accumulate over images[:n] and a converted copy is taken at each n (nested subsets).
+    Returns {"models": {n: int8 model returning {"out": logits}}, "notes": [...],
+    "calibrate_s": {n: cumulative calibration seconds}}."""
+    sizes = sorted(set(sizes))
+    if not images or not sizes or sizes[0] < 1:
+        raise UserError(f"the calibration set is empty ({len(images)} images, sizes {list(sizes)}); "
+                        f"int8 ranges need at least one image")
+    if sizes[-1] > len(images):
+        raise UserError(f"calibration size {sizes[-1]} asks for more than the {len(images)} images given")
+    check_calibration(batched(images, batch_size))
+    example = images[0][None]
+    prepared, notes = fx_prepare(model, example, observer)
+    models, seconds, done, start = {}, {}, 0, time.perf_counter()
+    for n in sizes:
+        calibrate(prepared, batched(images[done:n], batch_size))
+        done = n
+        seconds[n] = time.perf_counter() - start
+        models[n] = AsDict(fx_convert(prepared, example))
+    return {"models": models, "notes": notes, "calibrate_s": seconds}
+
+
+def qat(model: nn.Module, cfg: Config, epochs: float, lr: float | None = None) -> dict:
+    """Quantization-aware fine-tune of a copy of `model` (fake-quant in the forward pass, x86 QAT
+    qconfig, fp32, no channels_last) with engine.training.finetune, then conversion to int8.
+    Returns {"model": int8 model returning {"out": logits}, "notes", "train_seconds", "fake_quant_miou"}."""
+    from segstudy.engine.training import finetune
+
+    example = calibration_images(cfg, 1)[0][None]
+    prepared, notes = fx_prepare(model, example, qat=True)
+    result = finetune(AsDict(prepared), cfg, epochs, lr=lr, amp="none", channels_last=False, desc="QAT")
+    # int8 kernels are CPU kernels: convert on the CPU even when the fine-tune ran on a GPU
+    return {"model": AsDict(fx_convert(prepared.cpu().eval(), example)), "notes": notes,
+            "train_seconds": result["train_seconds"], "fake_quant_miou": result["miou"]}
+
+
+def save_torchscript(net: nn.Module, path: str | Path) -> Path:
+    """Save an int8 model as TorchScript, atomically: torch.jit.load reads it back without segstudy
+    (and returns {"out": logits} like every segstudy model)."""
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(net), str(tmp))
+    return Path(path)
+
+
+# --- measuring -----------------------------------------------------------------------------------------
+
+def _logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = net(x)
+    return out["out"] if isinstance(out, dict) else out
+
+
+@torch.inference_mode()
+def agreement(reference: nn.Module, candidate: nn.Module, images: Sequence[torch.Tensor]) -> dict:
+    """Logits of `candidate` against `reference` on the same images (one at a time): max and mean
+    absolute difference, and the share of pixels whose argmax class agrees."""
+    if not images:
+        raise UserError("no images to compare outputs on")
+    max_abs, sum_abs, agree, pixels = 0.0, 0.0, 0, 0
+    for image in images:
+        a, b = _logits(reference.eval(), image[None]).float(), _logits(candidate.eval(), image[None]).float()
+        diff = (a - b).abs()
+        max_abs, sum_abs = max(max_abs, diff.max().item()), sum_abs + diff.mean().item()
+        agree += (a.argmax(1) == b.argmax(1)).sum().item()
+        pixels += a.shape[0] * a.shape[2] * a.shape[3]
+    return {"max_abs": max_abs, "mean_abs": sum_abs / len(images), "pixel_agreement": agree / pixels,
+            "images": len(images)}

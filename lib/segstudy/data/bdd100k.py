@@ -1,0 +1,47 @@
+"""BDD100K semantic segmentation: the same 19 classes, already stored as train ids.
+
+Layout: ROOT/images/10k/{train,val}/NAME.jpg with ROOT/labels/sem_seg/masks/{train,val}/NAME.png
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from segstudy.data.cityscapes import Sample, SegmentationFolder, read_label_array
+from segstudy.errors import UserError
+from segstudy.data.labels import IGNORE_INDEX, NUM_CLASSES
+
+
+def bdd100k_samples(root: str | Path, split: str) -> list[Sample]:
+    root = Path(root)
+    img_dir, mask_dir = root / "images" / "10k" / split, root / "labels" / "sem_seg" / "masks" / split
+    for needed in (img_dir, mask_dir):
+        if not needed.is_dir():
+            raise UserError(f"{root} is not in BDD100K layout: expected the folder {needed} "
+                            f"(images/10k/{split}/*.jpg and labels/sem_seg/masks/{split}/*.png)")
+    images = sorted(img_dir.glob("*.jpg"))
+    if not images:
+        raise UserError(f"{img_dir} holds no .jpg images")
+    samples = []
+    for image in images:
+        mask = mask_dir / f"{image.stem}.png"
+        if not mask.is_file():
+            raise UserError(f"image {image} has no label file: expected {mask}")
+        samples.append(Sample(image, mask, image.stem))
+    return samples
+
+
+class BDD100KSegmentation(SegmentationFolder):
+    def __init__(self, root: str | Path, split: str, transforms=None, max_images: int = 0):
+        samples = bdd100k_samples(root, split)
+        super().__init__(samples[:max_images] if max_images else samples, transforms)
+
+    def load_train_ids(self, sample: Sample) -> np.ndarray:
+        arr = read_label_array(sample.label)
+        bad = (arr >= NUM_CLASSES) & (arr != IGNORE_INDEX)
+        if arr.ndim != 2 or bad.any():
+            raise UserError(f"{sample.label} is not a BDD100K sem_seg mask: expected one channel "
+                            f"of train ids 0..{NUM_CLASSES - 1} or {IGNORE_INDEX}")
+        return arr.astype(np.uint8)

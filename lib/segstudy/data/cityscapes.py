@@ -1,0 +1,129 @@
+"""The Cityscapes reader: `leftImg8bit/` images with `gtFine/*_labelIds.png`, 34 ids -> 19.
+
+Layout (the official one; the generated dataset is written the same way):
+    ROOT/leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
+    ROOT/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelIds.png
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from segstudy.data import labels
+from segstudy.errors import UserError
+
+STEM = re.compile(r"([a-z_]+_\d{6}_\d{6})")
+GENERATE_HINT = "generate the default dataset with: segstudy synth --out ROOT (or ./run_all.sh)"
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    label: Path
+    stem: str  # {city}_{seq}_{frame}: how predictions are matched to ground truth
+
+
+def cityscapes_samples(root: str | Path, split: str) -> list[Sample]:
+    """List image/label pairs of a split, with one clear error for each way the layout is off."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data root {root} does not exist; point data.root at a Cityscapes "
+                        f"folder (with leftImg8bit/ and gtFine/) or {GENERATE_HINT}")
+    img_dir, gt_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+    for needed in (img_dir, gt_dir):
+        if not needed.is_dir():
+            raise UserError(f"{root} is not in Cityscapes layout: expected the folder {needed} "
+                            f"(ROOT/leftImg8bit/{split}/<city>/*_leftImg8bit.png and "
+                            f"ROOT/gtFine/{split}/<city>/*_gtFine_labelIds.png); {GENERATE_HINT}")
+    images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
+    if not images:
+        raise UserError(f"{img_dir} holds no <city>/*_leftImg8bit.png images; {GENERATE_HINT}")
+    samples = []
+    for image in images:
+        stem = image.name[: -len("_leftImg8bit.png")]
+        label = gt_dir / image.parent.name / f"{stem}_gtFine_labelIds.png"
+        if not label.is_file():
+            raise UserError(f"image {image} has no label file: expected {label} "
+                            f"(Cityscapes gtFine '*_gtFine_labelIds.png'; for the official "
+                            f"data run cityscapesscripts' createTrainIdLabelImgs is not needed, "
+                            f"only the labelIds files)")
+        samples.append(Sample(image, label, stem))
+    return samples
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable image (corrupt or truncated: {exc}); "
+                        f"replace the file or regenerate the dataset") from exc
+
+
+def read_label_array(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.array(im)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable label PNG (corrupt or truncated: {exc}); "
+                        f"replace the file or regenerate the dataset") from exc
+
+
+def label_ids_to_train_ids(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Validate a labelIds array (0..33, or -1 for the license plate) and map it to train ids."""
+    if arr.ndim != 2:
+        raise UserError(f"{path} has {arr.ndim} dimensions; a *_labelIds.png is a single-channel "
+                        f"image of label ids (did you pass the *_color.png?)")
+    low, high = int(arr.min()), int(arr.max())
+    if low < -1 or high > labels.MAX_LABEL_ID:
+        raise UserError(f"{path} holds label ids {low}..{high}, outside 0..{labels.MAX_LABEL_ID} "
+                        f"(-1 allowed for license plates); this is not a Cityscapes labelIds file "
+                        f"(train-id files '*_labelTrainIds.png' are not read, use the labelIds)")
+    arr = np.where(arr < 0, 0, arr).astype(np.uint8)  # license plate (-1) -> ignored, like 0
+    return labels.to_train_ids(arr)
+
+
+class SegmentationFolder(Dataset):
+    """Image/label pairs -> (tv_tensors.Image uint8, tv_tensors.Mask int64 train ids)."""
+
+    def __init__(self, samples: list[Sample], transforms=None):
+        self.samples = samples
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_train_ids(self, sample: Sample) -> np.ndarray:
+        return label_ids_to_train_ids(read_label_array(sample.label), sample.label)
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        target = self.load_train_ids(sample)
+        if target.shape != (image.height, image.width):
+            raise UserError(f"size mismatch: image {sample.image} is {image.width}x{image.height} "
+                            f"but its label {sample.label} is {target.shape[1]}x{target.shape[0]}; "
+                            f"labels must have the image's size")
+        return image, target
+
+    def __getitem__(self, index: int):
+        image, target = self.load(index)
+        img = tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1))
+        mask = tv_tensors.Mask(torch.from_numpy(target))
+        if self.transforms is not None:
+            img, mask = self.transforms(img, mask)
+        return img, mask
+
+
+class CityscapesSegmentation(SegmentationFolder):
+    def __init__(self, root: str | Path, split: str, transforms=None, max_images: int = 0):
+        samples = cityscapes_samples(root, split)
+        super().__init__(samples[:max_images] if max_images else samples, transforms)

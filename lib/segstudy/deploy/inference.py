@@ -1,0 +1,197 @@
+"""Inference shared by `segstudy predict` and the served MLflow model: one decode, one
+pre-processing, one post-processing, so a served mask equals a predicted one pixel for pixel.
+
+Pre-processing is exactly the evaluation preset (`transforms.eval_preset`: shorter side resized to
+`base_size`, ImageNet normalisation). Post-processing upsamples the *logits* bilinearly to the input
+image's size and takes the argmax there (as mmsegmentation does for `ori_shape`), rather than
+resizing the label map with nearest neighbour: the models themselves end in a bilinear upsampling
+of logits, so this keeps class boundaries smooth at full resolution instead of blocky at the
+base_size grid, and costs nothing when the image is already at base_size.
+"""
+
+from __future__ import annotations
+
+import binascii
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+
+from segstudy.data import labels
+from segstudy.data.transforms import eval_preset
+from segstudy.errors import UserError
+
+# Largest image the served model accepts: 4x a Cityscapes frame (2048x1024). Larger requests are
+# refused before decoding, so one request cannot take the server's memory.
+MAX_PIXELS = 4096 * 2048
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+@dataclass
+class Engine:
+    """A loaded model: `run(x)` maps a (1, 3, h, w) float32 tensor to (1, C, h', w') logits."""
+
+    kind: str  # torch | onnx
+    path: str
+    run: Callable[[torch.Tensor], torch.Tensor]
+    fixed_size: tuple[int, int] | None = None  # (h, w) of an ONNX graph exported with a static shape
+
+
+def load_engine(path: str | Path) -> Engine:
+    """A segstudy checkpoint (fp32 or pruned, via models.checkpoint.load_trained) or an ONNX file (fp32/int8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist; give a checkpoint (.pt), an .onnx file or an "
+                        f"MLflow model URI (models:/NAME@ALIAS)")
+    if path.suffix == ".onnx":
+        return _onnx_engine(path)
+    from segstudy.models.checkpoint import load_trained
+
+    model = load_trained(path).eval()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)["out"]
+
+    return Engine("torch", str(path), run)
+
+
+def _onnx_engine(path: Path) -> Engine:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise UserError(f"{path} is an ONNX model; it needs onnxruntime: pip install onnxruntime") from exc
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()  # the same cores torch would use
+        opts.log_severity_level = 3  # errors only
+        session = ort.InferenceSession(str(path), opts, providers=ort.get_available_providers())
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise UserError(f"{path} is not a loadable ONNX model ({str(exc).splitlines()[0]}); export it "
+                        f"again") from exc
+    inp = session.get_inputs()[0]
+    h, w = inp.shape[2:4] if len(inp.shape) == 4 else (None, None)
+    fixed = (h, w) if isinstance(h, int) and isinstance(w, int) else None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        # the first output is the logits ("out"); an aux head, if exported, comes after it
+        return torch.from_numpy(session.run(None, {inp.name: x.numpy()})[0])
+
+    return Engine("onnx", str(path), run, fixed)
+
+
+def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """PNG/JPEG bytes -> (H, W, 3) uint8 RGB; every way the bytes can be wrong is a UserError saying which.
+
+    PIL reads the header (format and size are checked before any pixel is decoded) and decodes
+    JPEG and unusual PNGs (grey, palette, alpha, 16 bit: PIL's `convert("RGB")`). An 8-bit RGB PNG,
+    what cameras and Cityscapes give, goes to libpng through imagecodecs, which is faster than PIL
+    (decoding is the largest cost of a served request after the forward pass; docs/serving.md has
+    the figures). torchvision's decode_png is not an option for untrusted bytes: a corrupt IDAT
+    checksum crashes the process."""
+    if not data:
+        raise UserError(f"{what} is empty; send PNG or JPEG bytes")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
+        limit = (max_pixels or MAX_PIXELS) / 1e6
+        raise UserError(f"{what} is far too large ({exc}); send at most {limit:.1f} MP") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{what} is not an image ({len(data)} bytes that are neither PNG nor JPEG)") from exc
+    if im.format not in IMAGE_FORMATS:
+        raise UserError(f"{what} is a {im.format} image; send PNG or JPEG")
+    if max_pixels and im.width * im.height > max_pixels:  # checked from the header, before decoding
+        raise UserError(f"{what} is {im.width}x{im.height} ({im.width * im.height:,} pixels), more than the limit "
+                        f"of {max_pixels:,} ({max_pixels / 1e6:.1f} MP); downscale it first")
+    try:
+        if im.format == "PNG" and im.mode == "RGB":
+            pixels = imagecodecs.png_decode(data)
+            # 16 bit (uint16) or a transparent colour (tRNS: RGBA out) is rare: PIL converts those
+            if pixels.dtype == np.uint8 and pixels.shape[2:] == (3,):
+                return pixels
+        im.load()
+    except (OSError, SyntaxError, ValueError, imagecodecs.PngError) as exc:
+        raise UserError(f"{what} is a truncated or corrupt {im.format} ({exc})") from exc
+    return np.array(im if im.mode == "RGB" else im.convert("RGB"))  # a writable copy, as torch wants
+
+
+def decode_base64_image(text: str, what: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    if not isinstance(text, str):
+        raise UserError(f"{what} is not a string (got {type(text).__name__}); send base64 PNG/JPEG bytes")
+    try:
+        # strict a2b_base64 validates in C; b64decode(validate=True) first runs a regex over the
+        # whole payload, which is slower
+        data = binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError) as exc:
+        raise UserError(f"{what} is not valid base64 ({exc}); send base64-encoded PNG or JPEG bytes") from exc
+    return decode_image(data, what, max_pixels)
+
+
+def preprocess(image: np.ndarray, base_size: int) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, h, w) float32, through the evaluation preset itself."""
+    # channels first and contiguous while still uint8 (1.5 MB): the preset's float steps on the
+    # permuted HWC view would read strided memory and end in a layout copy, twice as slow
+    x = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())
+    return eval_preset(base_size)(x).as_subclass(torch.Tensor).unsqueeze(0).contiguous()
+
+
+def segment(engine: Engine, image: np.ndarray, base_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (H, W) uint8 train ids at the image's own size (0..18)."""
+    height, width = image.shape[:2]
+    x = preprocess(image, base_size)
+    if engine.fixed_size and tuple(x.shape[-2:]) != engine.fixed_size:
+        raise UserError(f"{engine.path} was exported for a fixed {engine.fixed_size[1]}x{engine.fixed_size[0]} "
+                        f"input, but this {width}x{height} image at base_size {base_size} becomes "
+                        f"{x.shape[-1]}x{x.shape[-2]}; export with dynamic height/width axes")
+    return postprocess(engine.run(x), height, width)
+
+
+def postprocess(logits: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """(1, C, h, w) logits -> (height, width) uint8 train ids: logits upsampled bilinearly to the
+    image's size (when they are not at it already), then the argmax."""
+    if tuple(logits.shape[-2:]) != (height, width):
+        logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+    return argmax_classes(logits[0].float().numpy())
+
+
+def argmax_classes(logits: np.ndarray) -> np.ndarray:
+    """(C, H, W) logits -> (H, W) uint8 index of the largest, the first one on ties (= argmax).
+
+    A running maximum over the classes, branch-free: where class c beats the best so far, c is
+    larger than every index recorded yet, so max(ids, c * beats) records it. np.argmax(axis=0) and
+    torch's argmax(dim=0) reduce over the outer, strided axis and are several times slower, and a
+    masked `ids[beats] = c` slows down on noisy logits from branch mispredictions (docs/serving.md)."""
+    best = logits[0].copy()
+    ids = np.zeros(logits.shape[1:], dtype=np.uint8)
+    beats = np.empty(logits.shape[1:], dtype=bool)
+    candidate = np.empty(logits.shape[1:], dtype=np.uint8)
+    for c in range(1, logits.shape[0]):
+        np.greater(logits[c], best, out=beats)
+        np.maximum(best, logits[c], out=best)
+        np.multiply(beats.view(np.uint8), np.uint8(c), out=candidate)
+        np.maximum(ids, candidate, out=ids)
+    return ids
+
+
+def label_ids_png(train_ids: np.ndarray) -> bytes:
+    """Train ids -> Cityscapes labelIds PNG bytes (what `segstudy evaluate` reads)."""
+    buf = io.BytesIO()
+    Image.fromarray(labels.to_label_ids(train_ids)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def overlay(image: np.ndarray, train_ids: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The (H, W, 3) uint8 image with the prediction's Cityscapes colours blended over it."""
+    return Image.blend(Image.fromarray(image), Image.fromarray(labels.colorize(train_ids)), alpha)
+
+
+def class_pixels(train_ids: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(train_ids.ravel(), minlength=labels.NUM_CLASSES)[: labels.NUM_CLASSES]
+    return {name: int(n) for name, n in zip(labels.CLASS_NAMES, counts)}

@@ -1,0 +1,89 @@
+"""`segstudy predict`: a trained model (checkpoint, ONNX file or MLflow model URI) on new images.
+
+For each input image `X[_leftImg8bit].png` it writes, under --out (mirroring input sub-folders):
+    X_labelIds.png   Cityscapes labelIds (what `segstudy evaluate` scores; matched by {city}_{seq}_{frame})
+    X_color.png      the image with the predicted Cityscapes colours blended over it (evaluate skips it)
+The decode, pre- and post-processing are segstudy.deploy.inference's, shared with the served model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from segstudy.config import Config
+from segstudy.deploy import inference
+from segstudy.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def is_model_uri(model: str) -> bool:
+    return model.startswith(("models:/", "runs:/")) or "://" in model
+
+
+def load_segmenter(model: str | Path, cfg: Config) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """(image -> train ids, description) for a checkpoint, an .onnx file or an MLflow model URI.
+
+    A file is pre-processed with the profile's data.base_size; a registered model carries the
+    base_size it was registered with (so predict and the server agree)."""
+    if is_model_uri(str(model)):
+        from segstudy.deploy import registry
+
+        seg = registry.load(cfg, str(model))  # a missing model/alias fails here, naming what exists
+        return seg.segment, f"{model} ({seg.engine.kind}, base_size {seg.base_size})"
+    engine = inference.load_engine(model)
+    base_size = cfg.data.base_size
+    return (lambda image: inference.segment(engine, image, base_size),
+            f"{model} ({engine.kind}, base_size {base_size})")
+
+
+def find_images(inputs: Sequence[str | Path], exclude: Path | None = None) -> list[tuple[Path, Path]]:
+    """(image file, its path relative to the input it was found under), sorted, per input."""
+    found: list[tuple[Path, Path]] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                           and not (exclude and p.resolve().is_relative_to(exclude)))
+            found += [(p, p.relative_to(item)) for p in files]
+        elif item.is_file():
+            if item.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UserError(f"--input {item} is not a .png/.jpg image; give images or folders of them")
+            found.append((item, Path(item.name)))
+        else:
+            raise UserError(f"--input {item} does not exist; give image files or folders of images")
+    if not found:
+        raise UserError(f"no .png/.jpg images under {', '.join(map(str, inputs))}")
+    return found
+
+
+def output_stem(relative: Path) -> Path:
+    """aachen/aachen_000000_000019_leftImg8bit.png -> aachen/aachen_000000_000019"""
+    name = relative.stem
+    return relative.with_name(name[: -len("_leftImg8bit")] if name.endswith("_leftImg8bit") else name)
+
+
+def predict(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, cfg: Config,
+            progress: bool = True) -> dict:
+    """Segment every image of `inputs`, write labelIds PNGs and colour overlays to `out_dir`.
+    Returns {"images", "seconds", "out_dir", "model"}."""
+    out_dir = Path(out_dir)
+    images = find_images(inputs, exclude=out_dir.resolve())
+    segment, described = load_segmenter(model, cfg)  # before any output is written: fail early
+    start = time.perf_counter()
+    for path, relative in tqdm(images, desc="predict", unit="img", disable=not progress, mininterval=2.0):
+        try:
+            image = inference.decode_image(path.read_bytes(), str(path))
+        except UserError as exc:
+            raise UserError(f"{exc}; remove or replace the file") from None
+        train_ids = segment(image)
+        stem = out_dir / output_stem(relative)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_name(stem.name + "_labelIds.png").write_bytes(inference.label_ids_png(train_ids))
+        inference.overlay(image, train_ids).save(stem.with_name(stem.name + "_color.png"))
+    return {"images": len(images), "seconds": time.perf_counter() - start, "out_dir": str(out_dir),
+            "model": described}

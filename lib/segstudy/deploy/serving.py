@@ -1,0 +1,178 @@
+"""The servable segstudy model: an MLflow pyfunc around a checkpoint (fp32 or pruned) or an ONNX
+file (fp32 or int8), served by `mlflow models serve -m models:/NAME@champion --env-manager local`.
+
+Request (`POST /invocations`, JSON): one row per image, base64 PNG/JPEG in the column `image`:
+    {"dataframe_split": {"columns": ["image"], "data": [["iVBORw0..."], ["/9j/4AAQ..."]]}}
+Answer: one prediction per image, in order:
+    {"predictions": [{"label_ids_png": "<base64 Cityscapes labelIds PNG>", "height": H, "width": W,
+                      "class_pixels": {"road": n, ..., "bicycle": n}}, ...]}
+The decode / pre-processing / post-processing is segstudy.deploy.inference's, the same as `segstudy predict`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import ColSpec, Object, Property, Schema
+from PIL import Image
+
+from segstudy.data import labels
+from segstudy.deploy import inference
+from segstudy.errors import UserError
+
+IMAGE_COLUMN = "image"
+MAX_IMAGES_PER_REQUEST = 16
+# Training-only parts of a checkpoint: dropped from the served copy (a third of its size).
+TRAINING_STATE = ("optimizer", "lr_scheduler", "scaler", "rng", "history")
+
+
+def _invalid(message: str) -> MlflowException:
+    # INVALID_PARAMETER_VALUE is answered as HTTP 400 with this message (not a stack trace)
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class SegmentationModel(mlflow.pyfunc.PythonModel):
+    """Images in, Cityscapes labelIds PNGs and per-class pixel counts out."""
+
+    def load_context(self, context) -> None:
+        cfg = context.model_config or {}
+        self.base_size = int(cfg["base_size"])
+        self.max_pixels = int(cfg.get("max_pixels", inference.MAX_PIXELS))
+        self.engine = inference.load_engine(context.artifacts["model"])
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> train ids at its size; what `segstudy predict` calls for an MLflow URI."""
+        return inference.segment(self.engine, image, self.base_size)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        images = self._decode(model_input)
+        rows = []
+        for i, image in enumerate(images):
+            try:
+                train_ids = self.segment(image)
+            except UserError as exc:  # e.g. a fixed-shape ONNX graph and an image of another aspect
+                raise _invalid(f"image {i}: {exc}") from None
+            rows.append(answer(train_ids))
+        return pd.DataFrame(rows, columns=["label_ids_png", "height", "width", "class_pixels"])
+
+    def _decode(self, model_input: pd.DataFrame) -> list[np.ndarray]:
+        if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
+            cols = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
+            raise _invalid(f"expected a column '{IMAGE_COLUMN}' of base64 PNG/JPEG strings, got {cols}; send "
+                           f'{{"dataframe_split": {{"columns": ["{IMAGE_COLUMN}"], "data": [["<base64>"]]}}}}')
+        values = model_input[IMAGE_COLUMN].tolist()
+        if not values:
+            raise _invalid(f"the request holds no images (an empty list); send 1 to {MAX_IMAGES_PER_REQUEST} rows "
+                           f"in the column '{IMAGE_COLUMN}'")
+        if len(values) > MAX_IMAGES_PER_REQUEST:
+            raise _invalid(f"the request holds {len(values)} images; send at most {MAX_IMAGES_PER_REQUEST} "
+                           f"per request")
+        images = []
+        for i, value in enumerate(values):
+            try:
+                images.append(inference.decode_base64_image(value, f"image {i}", self.max_pixels))
+            except UserError as exc:
+                raise _invalid(str(exc)) from None
+        return images
+
+
+def answer(train_ids: np.ndarray) -> dict[str, Any]:
+    """One image's prediction as served: base64 labelIds PNG, its size, pixels per class."""
+    height, width = train_ids.shape
+    return {"label_ids_png": base64.b64encode(inference.label_ids_png(train_ids)).decode("ascii"),
+            "height": height, "width": width, "class_pixels": inference.class_pixels(train_ids)}
+
+
+def example_image(height: int = 64, width: int = 128) -> bytes:
+    """A small deterministic PNG (sky over road) for the logged input example."""
+    arr = np.zeros((height, width, 3), dtype=np.uint8)
+    arr[: height // 2] = (70, 130, 180)
+    arr[height // 2:] = (128, 64, 128)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _signature() -> tuple[pd.DataFrame, ModelSignature]:
+    example = pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(example_image()).decode("ascii")]})
+    counts = Object([Property(name, "long") for name in labels.CLASS_NAMES])
+    outputs = Schema([ColSpec("string", "label_ids_png"), ColSpec("long", "height"), ColSpec("long", "width"),
+                      ColSpec(counts, "class_pixels")])
+    return example, ModelSignature(Schema([ColSpec("string", IMAGE_COLUMN)]), outputs)
+
+
+def _requirements(kind: str) -> list[str]:
+    # pinned from this environment; stated so that MLflow does not load the model to infer them
+    names = ["torch", "torchvision", "mlflow", "pillow", "imagecodecs", "pandas", "numpy", "segstudy"]
+    names += ["onnxruntime"] if kind == "onnx" else []
+    return [f"{n}=={metadata.version(n)}" for n in names]
+
+
+def servable_copy(model_path: str | Path, out_dir: str | Path) -> Path:
+    """The file to log: an ONNX file as it is; a checkpoint without its training-only state."""
+    from segstudy.models.checkpoint import load_checkpoint, save_checkpoint
+
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    if model_path.suffix == ".onnx":
+        return Path(shutil.copy2(model_path, out_dir / model_path.name))
+    ckpt = load_checkpoint(model_path)
+    return save_checkpoint({k: v for k, v in ckpt.items() if k not in TRAINING_STATE}, out_dir / "model.pt")
+
+
+def log_servable(model_path: str | Path, base_size: int, registered_model_name: str | None = None,
+                 max_pixels: int = inference.MAX_PIXELS, name: str = "model") -> mlflow.models.model.ModelInfo:
+    """Log (into the active MLflow run) the pyfunc model serving `model_path`; optionally register it.
+
+    `model_path`: a segstudy checkpoint (.pt, fp32 or pruned) or an .onnx file (fp32 or int8).
+    `base_size`: the evaluation shorter side the model was trained for (cfg.data.base_size).
+    """
+    model_path = Path(model_path)
+    inference.load_engine(model_path)  # fail here, with the file named, rather than in the server
+    kind = "onnx" if model_path.suffix == ".onnx" else "torch"
+    example, signature = _signature()
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = servable_copy(model_path, tmp)
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(Path(__file__).with_name("serving_model.py")),  # models from code
+            artifacts={"model": str(artifact)},
+            model_config={"base_size": int(base_size), "max_pixels": int(max_pixels), "format": kind},
+            signature=signature, input_example=example, pip_requirements=_requirements(kind),
+            registered_model_name=registered_model_name)
+
+
+def load_segmenter(model_uri: str) -> SegmentationModel:
+    """Load a logged/registered segstudy model in-process (what `segstudy predict` uses for URIs)."""
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    if not isinstance(model, SegmentationModel):
+        raise UserError(f"{model_uri} is an MLflow model but not a segstudy segmentation model "
+                        f"({type(model).__name__}); register one with segstudy.deploy.registry.register")
+    return model
+
+
+def serve_command(model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
+                  timeout: int = 60) -> list[str]:
+    """The documented `mlflow models serve ... --env-manager local` command, from this environment."""
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    return [str(mlflow_bin), "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "-h", host, "-p", str(port), "-w", str(workers), "-t", str(timeout)]
+
+
+def serve_env(tracking_uri: str) -> dict[str, str]:
+    """The scoring server execs `uvicorn`: this environment's bin/ goes first on PATH."""
+    bindir = str(Path(sys.executable).parent)
+    return os.environ | {"MLFLOW_TRACKING_URI": tracking_uri,
+                         "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}

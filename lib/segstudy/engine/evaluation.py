@@ -1,0 +1,42 @@
+"""Scoring a model on labelled data: the confusion matrix over a loader (torchvision's
+`evaluate`), and `validate`, which scores a model on a profile's validation split."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from segstudy.config import Config
+from segstudy.data.datasets import build_dataset, build_loader
+from segstudy.data.labels import NUM_CLASSES
+from segstudy.engine.device import autocast_dtype, resolve_device
+from segstudy.engine.metrics import ConfusionMatrix
+
+
+@torch.inference_mode()
+def confusion_over(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False, progress: bool = False) -> ConfusionMatrix:
+    model.eval()
+    cm = ConfusionMatrix(NUM_CLASSES, device=device)
+    for image, target in tqdm(loader, desc="val", leave=False, disable=not progress, mininterval=2.0):
+        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(image)["out"]
+        cm.update(target, logits.argmax(1))
+    cm.reduce_from_all_processes()
+    return cm
+
+
+def validate(model: nn.Module, cfg: Config, *, amp: str = "none", channels_last: bool = False) -> dict:
+    """Score a model on cfg's validation split (CPU or cfg.device): ConfusionMatrix.compute()."""
+    device = resolve_device(cfg.device)
+    val_ds = build_dataset(cfg.data, cfg.data.val_split)
+    loader = build_loader(val_ds, cfg.data.batch_size, train=False, seed=cfg.seed,
+                          num_workers=cfg.data.num_workers, device=device.type)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return confusion_over(model, loader, device, autocast_dtype(amp, device), channels_last).compute()

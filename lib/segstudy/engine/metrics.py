@@ -1,0 +1,80 @@
+"""Confusion-matrix metrics with the exact definitions of cityscapesscripts' evaluation.
+
+Rows are ground-truth train ids (ignored pixels are dropped), columns are predicted train ids
+plus one extra "void" column for predictions outside the 19 classes. That void column is what
+makes the numbers match the official script: a pixel of class c predicted as, say, "unlabeled"
+is a false negative of c, but a false positive of nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from segstudy.data.labels import CLASS_CATEGORIES, CLASS_NAMES, NUM_CLASSES
+
+CATEGORIES = list(dict.fromkeys(CLASS_CATEGORIES))  # flat, construction, object, nature, ...
+
+
+def nanmean(values) -> float:
+    valid = [v for v in values if not math.isnan(v)]
+    return sum(valid) / len(valid) if valid else float("nan")
+
+
+class ConfusionMatrix:
+    """Accumulates (target, prediction) train-id pairs with bincount, on CPU or GPU."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, device: torch.device | str = "cpu"):
+        self.n = num_classes
+        self.mat = torch.zeros((num_classes, num_classes + 1), dtype=torch.int64, device=device)
+
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        """target, pred: integer tensors of the same shape; target 255 is ignored."""
+        if target.shape != pred.shape:
+            raise ValueError(f"target {tuple(target.shape)} and prediction {tuple(pred.shape)} differ")
+        target, pred = target.flatten().long(), pred.flatten().long().to(target.device)
+        keep = (target >= 0) & (target < self.n)
+        t = target[keep]
+        p = pred[keep].clamp(0, self.n)  # every non-class prediction lands in the void column
+        self.mat += torch.bincount(t * (self.n + 1) + p, minlength=self.n * (self.n + 1)).view(
+            self.n, self.n + 1).to(self.mat.device)
+
+    def reset(self) -> None:
+        self.mat.zero_()
+
+    def reduce_from_all_processes(self) -> None:
+        """Sum the matrices of all DDP ranks (every rank then holds the global matrix)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.mat)
+
+    def compute(self) -> dict:
+        m = self.mat.double().cpu().numpy()
+        tp = np.diag(m[:, : self.n])
+        fn = m.sum(1) - tp
+        fp = m[:, : self.n].sum(0) - tp
+        iou = [float(t / d) if d > 0 else float("nan") for t, d in zip(tp, tp + fp + fn)]
+        valid = m.sum()
+        cats = {}
+        for cat in CATEGORIES:
+            ids = [i for i, c in enumerate(CLASS_CATEGORIES[: self.n]) if c == cat]
+            others = [i for i in range(self.n) if i not in ids]
+            ctp = m[np.ix_(ids, ids)].sum()
+            cfn = m[ids, :].sum() - ctp
+            cfp = m[np.ix_(others, ids)].sum()
+            cats[cat] = float(ctp / (ctp + cfp + cfn)) if ctp + cfp + cfn > 0 else float("nan")
+        return {
+            "iou": dict(zip(CLASS_NAMES[: self.n], iou)),
+            "miou": nanmean(iou),
+            "pixel_acc": float(tp.sum() / valid) if valid > 0 else float("nan"),
+            "category_iou": cats,
+            "category_miou": nanmean(cats.values()),
+        }
+
+    def __str__(self) -> str:
+        r = self.compute()
+        lines = [f"{name:>14s}  {iou * 100:6.2f}" for name, iou in r["iou"].items()]
+        lines.append(f"{'mIoU':>14s}  {r['miou'] * 100:6.2f}   pixel acc {r['pixel_acc'] * 100:.2f}")
+        return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""Checkpoints: one dict (model, optimizer, scheduler, scaler, RNG states, step, meta), written
+atomically and read back with `torch.load(weights_only=True)`."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from segstudy.errors import UserError
+from segstudy.models.networks import build_model
+
+
+def save_checkpoint(state: dict, path: str | Path) -> Path:
+    """Write to a temporary file, then rename: a crash never leaves a truncated checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_model(model: nn.Module, meta: dict, path: str | Path, **info) -> Path:
+    """A model-only checkpoint (weights + meta + free-form info, e.g. pruning settings and metrics)
+    that `load_trained` below reads back. Weights are saved contiguous (not channels_last)."""
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    return save_checkpoint({"model": state, "meta": meta, **info}, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; train first (segstudy train) or "
+                        f"point at an existing checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise UserError(f"{path} is not a readable checkpoint (corrupt, truncated or not saved by "
+                        f"segstudy: {str(exc).splitlines()[0]}); delete it and train again") from exc
+
+
+def check_meta(ckpt: dict, model_name: str, num_classes: int, path: str | Path) -> None:
+    meta = ckpt.get("meta", {})
+    if meta.get("model") != model_name or meta.get("num_classes") != num_classes:
+        raise UserError(f"checkpoint {path} holds a '{meta.get('model')}' model with "
+                        f"{meta.get('num_classes')} classes, but the params ask for '{model_name}' "
+                        f"with {num_classes}; use that model's checkpoint or another run folder")
+
+
+def load_model_state(model: nn.Module, state: dict, path: str | Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:3]
+        raise UserError(f"checkpoint {path} does not match the model built from the params "
+                        f"({'; '.join(first)}); check model.* settings (output_stride, "
+                        f"head_channels, unet_base) against the run that wrote it") from exc
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": int(np_state[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_trained(checkpoint: str | Path) -> nn.Module:
+    """Rebuild a model from a segstudy checkpoint (its meta says which, and whether it was
+    structurally pruned) and load its weights."""
+    ckpt = load_checkpoint(checkpoint)
+    if "meta" not in ckpt or "model_config" not in ckpt["meta"]:
+        raise UserError(f"{checkpoint} has no segstudy model metadata; it was not written by segstudy train")
+    mc = ckpt["meta"]["model_config"]
+    # the checkpoint holds the weights: no need to look for pretrained ones
+    model = build_model(num_classes=ckpt["meta"]["num_classes"], **(mc | {"pretrained": False}))
+    if ckpt["meta"].get("pruned") == "structured":
+        reshape_to(model, ckpt["model"])  # fewer channels than build_model makes
+    load_model_state(model, ckpt["model"], checkpoint)
+    return model.eval()
+
+
+def reshape_to(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Resize a freshly built model's convs and BNs to a pruned checkpoint's tensor shapes, so that
+    load_state_dict fits. Only channel counts change under structured pruning."""
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        w = state.get(prefix + "weight")
+        if w is None or not isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)):
+            continue
+        for pname, param in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            saved = state.get(prefix + pname)
+            if saved is not None and saved.shape != param.shape:
+                new = torch.empty(saved.shape, dtype=param.dtype)
+                if isinstance(param, nn.Parameter):
+                    setattr(module, pname, nn.Parameter(new, requires_grad=param.requires_grad))
+                else:
+                    setattr(module, pname, new)
+        if isinstance(module, nn.BatchNorm2d):
+            module.num_features = w.shape[0]
+        elif isinstance(module, nn.ConvTranspose2d):
+            module.in_channels, module.out_channels = w.shape[0], w.shape[1] * module.groups
+        elif isinstance(module, nn.Conv2d):
+            module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
+    return model

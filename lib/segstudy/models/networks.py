@@ -1,0 +1,149 @@
+"""The study's three models, built by one factory. Each returns {"out": logits[, "aux": logits]}
+at the input resolution, like torchvision's segmentation models.
+
+- unet: the classic encoder-decoder U-Net with skip connections (the baseline).
+- deeplabv3_resnet50: torchvision's DeepLabV3 (ASPP) on a dilated ResNet-50, output stride 8/16.
+- custom: the study's hybrid, ResNet-50 backbone -> conv-BN-ReLU layers -> 1x1 classifier ->
+  bilinear upsampling to the input size (no skip connections), output stride 8/16/32.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import ResNet50_Weights, resnet50
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+from torchvision.models.segmentation.fcn import FCNHead
+
+from segstudy.errors import UserError
+
+MODELS = ("unet", "deeplabv3_resnet50", "custom")
+BACKBONE_WEIGHTS = ResNet50_Weights.IMAGENET1K_V1
+
+# ResNet's replace_stride_with_dilation for layer2..layer4 per output stride
+_DILATION = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}
+
+
+def _double_conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """Ronneberger et al. (2015) with BatchNorm and padded convs: 4 downsamplings, skip connections,
+    transposed-conv upsampling. `base` is the first level's width (64 in the paper)."""
+
+    def __init__(self, num_classes: int, base: int = 64, depth: int = 4):
+        super().__init__()
+        widths = [base * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList([_double_conv(3, widths[0])] +
+                                  [_double_conv(widths[i], widths[i + 1]) for i in range(depth)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+                                 for i in reversed(range(depth))])
+        self.dec = nn.ModuleList([_double_conv(2 * widths[i], widths[i]) for i in reversed(range(depth))])
+        self.classifier = nn.Conv2d(widths[0], num_classes, 1)
+        self.stride = 2**depth
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, w = x.shape[-2:]
+        # pad to a multiple of 2**depth so every skip connection lines up, crop at the end
+        ph, pw = (-h) % self.stride, (-w) % self.stride
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for up, dec in zip(self.up, self.dec):
+            x = dec(torch.cat([skips.pop(), up(x)], dim=1))
+        return {"out": self.classifier(x)[..., :h, :w]}
+
+
+class HybridFCN(nn.Module):
+    """ResNet-50 features -> `layers` x (3x3 conv-BN-ReLU) -> 1x1 classifier -> bilinear upsampling."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head_channels: int = 256, layers: int = 2):
+        super().__init__()
+        self.backbone = backbone
+        blocks: list[nn.Module] = []
+        cin = 2048
+        for _ in range(layers):
+            blocks += [nn.Conv2d(cin, head_channels, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(head_channels), nn.ReLU(inplace=True)]
+            cin = head_channels
+        self.head = nn.Sequential(*blocks)
+        self.classifier = nn.Conv2d(cin, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = x.shape[-2:]
+        features = self.backbone(x)["out"]
+        logits = self.classifier(self.head(features))
+        return {"out": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
+
+
+def backbone_weights(pretrained: str | bool) -> ResNet50_Weights | None:
+    """ImageNet weights for the ResNet-50 backbone through torchvision's weights API.
+
+    auto: use them if they are in the torch hub cache or can be downloaded, else say so once
+    and train from scratch. true: fail clearly when they cannot be had. false: random init.
+    """
+    mode = str(pretrained).lower()
+    if mode in ("false", "no", "0"):
+        return None
+    if mode not in ("auto", "true", "yes", "1"):
+        raise UserError(f"model.pretrained = {pretrained!r}; use auto, true or false")
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(BACKBONE_WEIGHTS.url).name
+    if cached.is_file():
+        return BACKBONE_WEIGHTS
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(10)
+    try:
+        BACKBONE_WEIGHTS.get_state_dict(progress=False)  # downloads into the cache
+        return BACKBONE_WEIGHTS
+    except Exception as exc:  # no network, proxy, disk: all mean "not available"
+        if mode != "auto":
+            raise UserError(f"model.pretrained = true but the ImageNet ResNet-50 weights are not in "
+                            f"{cached} and could not be downloaded ({type(exc).__name__}: {exc}); "
+                            f"copy {Path(BACKBONE_WEIGHTS.url).name} there or set pretrained: auto") from exc
+        print(f"[segstudy] pretrained weights unavailable (not cached in {cached.parent}, no "
+              f"download): the ResNet-50 backbone starts from random init")
+        return None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def _resnet_backbone(weights, output_stride: int, layers: dict[str, str]) -> nn.Module:
+    if output_stride not in _DILATION:
+        raise UserError(f"model.output_stride = {output_stride}; choose one of 8, 16, 32")
+    net = resnet50(weights=weights, replace_stride_with_dilation=_DILATION[output_stride])
+    return IntermediateLayerGetter(net, return_layers=layers)
+
+
+def build_model(name: str, num_classes: int = 19, pretrained: str | bool = "auto", output_stride: int = 16,
+                aux_loss: bool = False, unet_base: int = 64, head_channels: int = 256,
+                head_layers: int = 2) -> nn.Module:
+    """One of MODELS, returning {"out"[, "aux"]} logits at the input size."""
+    if name not in MODELS:
+        raise UserError(f"model.name = '{name}' is unknown; choose one of {', '.join(MODELS)}")
+    if name == "unet":
+        return UNet(num_classes, base=unet_base)
+    weights = backbone_weights(pretrained)
+    if name == "deeplabv3_resnet50":
+        if output_stride not in (8, 16):
+            raise UserError(f"model.output_stride = {output_stride}; DeepLabV3 uses 8 or 16")
+        layers = OrderedDict(layer4="out", **({"layer3": "aux"} if aux_loss else {}))
+        backbone = _resnet_backbone(weights, output_stride, layers)
+        rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)  # as in the DeepLabV3 paper
+        aux = FCNHead(1024, num_classes) if aux_loss else None
+        return DeepLabV3(backbone, DeepLabHead(2048, num_classes, rates), aux)
+    backbone = _resnet_backbone(weights, output_stride, {"layer4": "out"})
+    return HybridFCN(backbone, num_classes, head_channels, head_layers)

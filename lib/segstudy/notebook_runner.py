@@ -1,0 +1,228 @@
+"""Run the numbered notebooks headlessly with papermill and export each to HTML.
+
+`./run_all.sh [profile]` calls `segstudy run`. Every `notebooks/NN_*.ipynb` runs in order with
+the profile injected into its `parameters` cell; the executed copy goes to
+outputs/<profile>/NN_*.ipynb and its HTML next to it. The first failing notebook stops the run;
+its executed copy (with the failing cell's traceback) is kept. After the run, notebook 06's
+executed copy becomes outputs/<profile>/report.html (no code, figures embedded) and
+outputs/<profile>/index.html links every executed notebook with its wall time.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import papermill as pm
+from nbconvert import HTMLExporter
+
+from segstudy.config import PROJECT_ROOT, load_config, resolve_profile
+from segstudy.data.datasets import prepare_data
+from segstudy.errors import UserError
+from segstudy.tracking import mlflow_uri
+
+NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
+REPORT_NOTEBOOK = "06_report_figures"  # its executed copy becomes report.html
+NOTEBOOK_PARAMETERS = {"profile", "overrides"}  # what every notebook's parameters cell defines
+
+
+def list_notebooks(notebooks_dir: Path = NOTEBOOKS_DIR, only: list[str] | None = None) -> list[Path]:
+    notebooks = sorted(notebooks_dir.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        notebooks = [nb for nb in notebooks if any(nb.name.startswith(o) for o in only)]
+        if not notebooks:
+            raise UserError(f"--only {' '.join(only)} matches no notebook in {notebooks_dir}")
+    return notebooks
+
+
+def check_parameters(notebook: Path) -> None:
+    """papermill only warns about unknown parameters; a notebook that lacks ours is an error."""
+    declared = set(pm.inspect_notebook(str(notebook)))
+    missing = NOTEBOOK_PARAMETERS - declared
+    if missing:
+        raise UserError(f"{notebook} has no {', '.join(sorted(missing))} in a cell tagged "
+                        f"'parameters'; every notebook starts with: profile = \"demo\"; overrides = {{}}")
+
+
+def _read_without_streams(executed: Path, names: tuple[str, ...]) -> nbformat.NotebookNode:
+    """The executed notebook without its stream outputs called `names` (tqdm bars go to stderr:
+    nbconvert would show each as a pink box)."""
+    nb = nbformat.read(executed, as_version=4)
+    for cell in nb.cells:
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = [o for o in cell.get("outputs", [])
+                               if not (o.get("output_type") == "stream" and o.get("name") in names)]
+    return nb
+
+
+def export_html(executed: Path) -> Path:
+    """HTML next to the executed notebook, without stderr streams (progress bars)."""
+    body, _ = HTMLExporter().from_notebook_node(_read_without_streams(executed, ("stderr",)))
+    page = executed.with_suffix(".html")
+    page.write_text(body, encoding="utf-8")
+    return page
+
+
+def _profile_arg(profile: str) -> str:
+    """A profile name stays a name in the executed notebooks; a YAML path becomes absolute."""
+    return str(resolve_profile(profile).resolve()) if str(profile).endswith((".yaml", ".yml")) else str(profile)
+
+
+def execute(notebook: Path, executed: Path, profile: str, overrides: dict[str, Any], timeout: int = 3600,
+            progress: bool = True, log_output: bool = False) -> float:
+    """Run one notebook with papermill (explicit kernel, cwd = its folder), export its HTML;
+    returns the seconds it took. A failing cell raises UserError naming the notebook."""
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[segstudy] {notebook.name} -> {executed}", flush=True)
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(str(notebook), str(executed), kernel_name="python3", cwd=str(notebook.parent),
+                            parameters={"profile": _profile_arg(profile), "overrides": overrides},
+                            progress_bar=progress, log_output=log_output, execution_timeout=timeout,
+                            request_save_on_cell_execute=True)
+    except pm.PapermillExecutionError as exc:
+        raise UserError(f"notebook {notebook.name} failed in cell {exc.exec_count}: {exc.ename}: "
+                        f"{exc.evalue}. The executed copy with the full traceback is {executed}") from None
+    seconds = round(time.perf_counter() - start, 1)
+    html = export_html(executed)
+    print(f"[segstudy] {notebook.name} done in {seconds:.1f} s -> {html}", flush=True)
+    return seconds
+
+
+def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None,
+                  only: list[str] | None = None, notebooks_dir: Path = NOTEBOOKS_DIR,
+                  timeout: int = 3600, progress: bool = True, log_output: bool = False) -> dict[str, float]:
+    """Execute the notebooks in order; returns {notebook: seconds}. Raises on the first failure."""
+    overrides = overrides or {}
+    cfg = load_config(profile, overrides)  # a bad profile or key fails here, before any work
+    notebooks = list_notebooks(notebooks_dir, only)
+    for nb in notebooks:
+        check_parameters(nb)
+    prepare_data(cfg)
+    out_dir = cfg.output_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    timing_file = out_dir / "timings.json"
+    if timing_file.is_file():
+        timings.update(json.loads(timing_file.read_text()))
+    for nb in notebooks:
+        seconds = execute(nb, out_dir / nb.name, profile, overrides, timeout, progress, log_output)
+        if timing_file.is_file():  # re-read: another run of this profile may have recorded a notebook since
+            timings.update(json.loads(timing_file.read_text()))
+        timings[nb.stem] = seconds
+        timing_file.write_text(json.dumps(timings, indent=2))
+    write_pages(out_dir, notebooks_dir, timings, ran=[nb.stem for nb in notebooks])
+    return {nb.stem: timings[nb.stem] for nb in notebooks}
+
+
+def write_pages(out_dir: Path, notebooks_dir: Path, timings: dict[str, float], ran: list[str]) -> None:
+    """report.html (when notebook 06 ran) and index.html linking every executed notebook."""
+    if REPORT_NOTEBOOK in ran:
+        path = write_report(out_dir / f"{REPORT_NOTEBOOK}.ipynb", out_dir / "report.html")
+        print(f"[segstudy] report: {path}", flush=True)
+    index = write_index(out_dir, [nb.stem for nb in list_notebooks(notebooks_dir)], timings)
+    print(f"[segstudy] index: {index}", flush=True)
+
+
+def write_report(executed: Path, out: Path) -> Path:
+    """report.html from the executed notebook 06: code hidden, stream outputs (progress bars,
+    prints) dropped, figures embedded as data URIs, so the file stands alone."""
+    nb = _read_without_streams(executed, ("stdout", "stderr"))
+    title = f"segstudy report ({executed.parent.name})"
+    nb.metadata["title"] = title
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    out.write_text(body, encoding="utf-8")
+    return out
+
+
+def write_index(out_dir: Path, notebooks: list[str], timings: dict[str, float]) -> Path:
+    """index.html: the report and every notebook's HTML with its wall time (timings.json)."""
+    items = []
+    for stem in notebooks:
+        page = out_dir / f"{stem}.html"
+        seconds = timings.get(stem)
+        when = f"{seconds:.1f} s" if seconds is not None else "no timing"
+        link = f'<a href="{page.name}">{stem}</a>' if page.is_file() else f"{stem} (not run: no {page.name})"
+        items.append(f"<tr><td>{link}</td><td style='text-align:right'>{when}</td></tr>")
+    total = sum(timings.get(s, 0.0) for s in notebooks)
+    report = (f'<p><b><a href="report.html">The report</a></b> (notebook {REPORT_NOTEBOOK} without code)</p>'
+              if (out_dir / "report.html").is_file() else
+              f"<p><b>No report.html yet</b>: it is built when notebook {REPORT_NOTEBOOK} runs.</p>")
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>segstudy: {out_dir.name}</title>
+<style>body{{font-family:sans-serif;max-width:46em;margin:2em auto}} td{{padding:2px 14px 2px 0}}</style>
+</head><body><h1>segstudy, profile {html.escape(out_dir.name)}</h1>{report}
+<h2>Executed notebooks</h2><table><tr><th align="left">notebook</th><th>wall time</th></tr>
+{chr(10).join(items)}
+<tr><td><b>total</b></td><td style='text-align:right'><b>{total:.1f} s</b></td></tr></table>
+<p style="color:#555">Wall times from timings.json (the latest run of each notebook).</p></body></html>
+"""
+    path = out_dir / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def sweep(notebook: str | Path, grid: dict[str, list[Any]], profile: str = "demo",
+          fixed: dict[str, Any] | None = None, name: str | None = None, timeout: int = 3600,
+          progress: bool = True) -> Path:
+    """Run `notebook` once per combination of `grid` (config keys -> values) and gather the results.
+
+    Each run gets its own folder outputs/sweeps/<name>/<key=value,...>/ (executed notebook, HTML,
+    checkpoints, results) and logs to the profile's MLflow database with the tag sweep=<name>.
+    A list-valued key swept over single values runs one value per run (loss_study.names=ce means
+    ["ce"]). The gathered table is outputs/sweeps/<name>/sweep.json.
+    """
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise UserError(f"notebook {notebook} does not exist; e.g. notebooks/03_loss_comparison.ipynb")
+    check_parameters(notebook)
+    fixed = fixed or {}
+    base = load_config(profile, fixed)
+    for key, values in grid.items():
+        try:
+            current = _get(base, key)
+        except AttributeError:
+            load_config(profile, fixed | {key: values[0]})  # raises the unknown-key error with the valid keys
+            raise
+        if isinstance(current, list):
+            grid[key] = [v if isinstance(v, list) else [v] for v in values]
+    name = name or f"{notebook.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = Path(base.output_root) / "sweeps" / name
+    shared = {"tracking.uri": mlflow_uri(base.tracking, base.output_root), "tracking.sweep": name}
+    prepare_data(base)
+    rows = []
+    for combo in itertools.product(*grid.values()):
+        params = dict(zip(grid, combo))
+        label = ",".join(f"{k}={v[0] if isinstance(v, list) and len(v) == 1 else v}" for k, v in params.items())
+        run_root = sweep_dir / re.sub(r"[^A-Za-z0-9=,._-]", "_", label)
+        overrides = fixed | params | shared | {"output_root": str(run_root)}
+        load_config(profile, overrides)  # every combination is validated before it runs
+        row = {"params": params, "folder": str(run_root)}
+        try:
+            row["seconds"] = execute(notebook, run_root / notebook.name, profile, overrides, timeout, progress)
+            results = run_root / base.profile / notebook.stem / "results.json"
+            row["results"] = json.loads(results.read_text()) if results.is_file() else None
+        except UserError as exc:
+            row["error"] = str(exc)  # keep going: one failed combination does not lose the others
+        rows.append(row)
+        (sweep_dir / "sweep.json").write_text(json.dumps(
+            {"sweep": name, "notebook": notebook.name, "profile": base.profile, "fixed": fixed,
+             "grid": grid, "runs": rows}, indent=2, default=str))
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(rows)} sweep runs failed (first: {failed[0]['error']}); "
+                        f"the others are gathered in {sweep_dir / 'sweep.json'}")
+    return sweep_dir / "sweep.json"

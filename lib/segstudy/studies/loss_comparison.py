@@ -1,0 +1,88 @@
+"""Notebook 03: the custom model trained with each loss under one schedule and several seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from segstudy.config import Config
+from segstudy.data.labels import CLASS_NAMES, SMALL_CLASSES
+from segstudy.engine.training import train
+from segstudy.studies import results_files
+
+
+def run_grid(cfg: Config, names: list[str] | None = None, seeds: list[int] | None = None) -> list[dict]:
+    """One training run per (loss, seed), each in runs/custom-<loss>-seed<seed>/ (reused if finished)."""
+    study = cfg.loss_study
+    epochs = study.epochs or cfg.train.epochs
+    runs = []
+    for name in names or study.names:
+        for seed in seeds or study.seeds:
+            run_cfg = dataclasses.replace(cfg, seed=seed, loss=dataclasses.replace(cfg.loss, name=name),
+                                          train=dataclasses.replace(cfg.train, epochs=epochs),
+                                          model=dataclasses.replace(cfg.model, name="custom"),
+                                          # metrics are tracked; the grid's models are not worth registering
+                                          tracking=dataclasses.replace(cfg.tracking, log_model=False))
+            result = train(run_cfg, run_dir=cfg.output_dir / "runs" / f"custom-{name}-seed{seed}")
+            runs.append({"loss": name, "seed": seed, **result})
+    return runs
+
+
+def _best(run: dict) -> dict:
+    return max((h for h in run["history"] if "val_iou" in h), key=lambda h: h["val_miou"])
+
+
+def per_run_iou(runs: list[dict]) -> pd.DataFrame:
+    """Rows (loss, seed), columns: the 19 classes (IoU %, best epoch)."""
+    rows = {(r["loss"], r["seed"]): {c: 100 * (_best(r)["val_iou"][c] if _best(r)["val_iou"][c] is not None
+                                               else np.nan) for c in CLASS_NAMES} for r in runs}
+    return pd.DataFrame(rows).T.rename_axis(["loss", "seed"])
+
+
+def summary(runs: list[dict]) -> pd.DataFrame:
+    """Per loss: mIoU mean, std and range over seeds, and the mean IoU of the small classes."""
+    ious = per_run_iou(runs)
+    miou = pd.Series({(r["loss"], r["seed"]): 100 * r["best_miou"] for r in runs})
+    small = ious[SMALL_CLASSES].mean(axis=1)
+    df = pd.DataFrame({"mIoU": miou, "small-class IoU": small})
+    g = df.groupby(level=0, sort=False)
+    out = pd.DataFrame({"seeds": g.size(), "mIoU mean": g["mIoU"].mean(), "mIoU std": g["mIoU"].std(ddof=1),
+                        "mIoU min": g["mIoU"].min(), "mIoU max": g["mIoU"].max(),
+                        "small-class IoU mean": g["small-class IoU"].mean()})
+    return out.round(2)
+
+
+def class_means(runs: list[dict]) -> pd.DataFrame:
+    """Loss x class: IoU % averaged over seeds."""
+    return per_run_iou(runs).groupby(level=0, sort=False).mean().round(1)
+
+
+def small_class_delta(runs: list[dict], reference: str = "ce") -> pd.DataFrame:
+    """Small-class IoU of each loss minus the reference loss's (points, seed-averaged)."""
+    means = class_means(runs)[SMALL_CLASSES]
+    if reference not in means.index:
+        return pd.DataFrame({"note": [f"reference loss '{reference}' was not run"]})
+    delta = (means - means.loc[reference]).drop(index=reference).round(1)
+    if delta.empty:
+        return pd.DataFrame({"note": [f"only the reference loss '{reference}' was run: nothing to compare"]})
+    return delta
+
+
+def curves(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Per loss: epochs, and mean/min/max validation mIoU % over seeds per epoch."""
+    out = {}
+    for loss in dict.fromkeys(r["loss"] for r in runs):
+        hist = [[100 * h["val_miou"] for h in r["history"] if "val_miou" in h] for r in runs if r["loss"] == loss]
+        n = min(map(len, hist))
+        arr = np.array([h[:n] for h in hist])
+        out[loss] = {"epoch": list(range(1, n + 1)), "mean": arr.mean(0).tolist(), "min": arr.min(0).tolist(),
+                     "max": arr.max(0).tolist()}
+    return out
+
+
+def save(cfg: Config, runs: list[dict]) -> Path:
+    """outputs/<profile>/03_loss_comparison/results.json: the runs and the tables above."""
+    return results_files.write_losses(cfg, runs, summary(runs), class_means(runs), small_class_delta(runs))

@@ -1,0 +1,75 @@
+"""Train several models under one schedule and compare them (notebooks 01 and 02)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from segstudy.config import Config
+from segstudy.deploy import registry
+from segstudy.engine import measure
+from segstudy.engine.device import resolve_device
+from segstudy.engine.training import train
+from segstudy.models.checkpoint import load_trained
+
+
+def train_models(cfg: Config, names: list[str]) -> dict[str, dict]:
+    """Each model with the profile's data, schedule, seed and metric (or its reused run)."""
+    results = {}
+    for name in names:
+        results[name] = train(cfg, model_name=name)
+        results[name]["model_uri"] = registry.log_trained(cfg, results[name])
+    return results
+
+
+def profile_models(cfg: Config, results: dict[str, dict]) -> dict[str, dict]:
+    """Parameters, FLOPs, size and batch-1 latency (fp32 eager and channels_last) at bench size."""
+    b = cfg.bench
+    rows = {}
+    for name, result in results.items():
+        model = load_trained(result["checkpoint_best"])
+        rows[name] = {
+            "parameters": measure.parameters(model),
+            "gflops": measure.flops(model, b.height, b.width) / 1e9,
+            "size_mb": measure.size_on_disk(model) / 2**20,
+            "latency_ms": measure.latency(model, b.height, b.width, warmup=b.warmup, iters=b.iters)["median_ms"],
+            "latency_cl_ms": measure.latency(model, b.height, b.width, warmup=b.warmup, iters=b.iters,
+                                             channels_last=True)["median_ms"],
+        }
+    return rows
+
+
+def comparison_table(results: dict[str, dict], profiles: dict[str, dict], cfg: Config) -> pd.DataFrame:
+    b = cfg.bench
+    rows = []
+    for name, r in results.items():
+        p = profiles[name]
+        rows.append({"model": name, "val mIoU %": 100 * r["best_miou"],
+                     "pixel acc %": 100 * r["final"].get("val_pixel_acc", float("nan")),
+                     f"latency ms ({b.width}x{b.height})": p["latency_ms"],
+                     "latency ms channels_last": p["latency_cl_ms"], "params M": p["parameters"] / 1e6,
+                     "GFLOPs": p["gflops"], "size MB": p["size_mb"], "train img/s": r["train_img_per_s"],
+                     "train s": r["train_seconds"]})
+    return pd.DataFrame(rows).set_index("model").round(2)
+
+
+@torch.inference_mode()
+def predictions(cfg: Config, results: dict[str, dict], dataset, n: int) -> dict[str, list[np.ndarray]]:
+    """Argmax train ids of the first n images of `dataset` (eval preset) for every model."""
+    device = resolve_device(cfg.device)
+    out = {}
+    for name, r in results.items():
+        model = load_trained(r["checkpoint_best"]).to(device)
+        out[name] = [model(dataset[i][0][None].to(device))["out"].argmax(1)[0].cpu().numpy() for i in range(n)]
+    return out
+
+
+def register_best(cfg: Config, results: dict[str, dict], profiles: dict[str, dict]) -> dict[str, dict | None]:
+    """Each model's best checkpoint as a new version of segstudy-<model> in the MLflow registry,
+    alias `champion`, tagged with its validation mIoU and measured latency (training itself
+    registers the last epoch's weights, without alias)."""
+    return {name: registry.register(cfg, r["checkpoint_best"], f"segstudy-{name}",
+                                    {"val_miou": r["best_miou"], "latency_ms": profiles[name]["latency_ms"],
+                                     "params": profiles[name]["parameters"]})
+            for name, r in results.items()}

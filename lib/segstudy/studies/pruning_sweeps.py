@@ -1,0 +1,164 @@
+"""Notebook 04: prune the trained custom model every way, recover accuracy, measure what it buys.
+
+Every row of the study is one model: its method, level, recovery, counted sparsity, val mIoU and
+per-class IoU, parameters, FLOPs, latency (batch 1 at the bench size, fp32, this CPU) and size on
+disk (plain and gzip-compressed).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from segstudy.compress import prune
+from segstudy.config import Config
+from segstudy.data.datasets import build_dataset, build_loader
+from segstudy.engine import measure
+from segstudy.engine.evaluation import validate
+from segstudy.engine.training import finetune
+from segstudy.errors import UserError
+from segstudy.models.checkpoint import load_checkpoint, load_trained, save_model
+
+SAVED = "pruned_structured.pt"  # notebook 05 quantizes this one
+
+
+def dense_checkpoint(cfg: Config) -> Path:
+    return cfg.output_dir / "runs" / "custom" / "checkpoint_best.pt"
+
+
+def load_dense(cfg: Config) -> nn.Module:
+    path = dense_checkpoint(cfg)
+    if not path.is_file():
+        raise UserError(f"notebook 04 prunes the custom model trained by notebook 02, and {path} does not "
+                        f"exist; run ./run_all.sh {cfg.profile} --only 02 first")
+    return load_trained(path)
+
+
+def _eval_args(cfg: Config) -> dict:
+    return {"amp": cfg.train.amp, "channels_last": cfg.train.channels_last}
+
+
+def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool = False, **row) -> dict:
+    """Measure one model: accuracy on val, sparsity, size, and (optionally) latency and FLOPs."""
+    model = model.eval()
+    metrics = validate(copy.deepcopy(model), cfg, **_eval_args(cfg))
+    b = cfg.bench
+    out = row | {
+        "sparsity": prune.sparsity(model)["overall"], "miou": 100 * metrics["miou"],
+        "iou": {k: (None if v is None else 100 * v) for k, v in metrics["iou"].items()},
+        "params": measure.parameters(model), "size_mb": measure.size_on_disk(model) / 2**20,
+        "size_gz_mb": prune.compressed_size(model) / 2**20}
+    if latency:
+        out["latency_ms"] = measure.latency(copy.deepcopy(model), b.height, b.width, "cpu", warmup=b.warmup,
+                                            iters=b.iters)["median_ms"]
+    if flops:
+        out["gflops"] = measure.flops(copy.deepcopy(model).cpu(), b.height, b.width) / 1e9
+    return out
+
+
+def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[str, dict]]:
+    """Every scope x sparsity without fine-tuning, then the fine-tuned level. Latency is measured
+    once, at the fine-tuned level of the last scope: every unstructured model has the dense
+    model's shapes, so one measurement shows the (absent) speed-up. Also returns the per-layer
+    sparsity of each scope at the fine-tuned level."""
+    p = cfg.prune
+    rows, layers = [], {}
+    lamp = prune.model_lamp_scores(dense) if "lamp" in p.scopes else None  # the same for every level
+    for scope in p.scopes:
+        for s in p.sparsities:
+            model = prune.unstructured(copy.deepcopy(dense), s, scope, scores=lamp)
+            timed = scope == p.scopes[-1] and s == p.finetune_sparsity
+            rows.append(describe(model, cfg, latency=timed, method=f"unstructured {scope}",
+                                 level=s, recovery="none"))
+            if s == p.finetune_sparsity:
+                layers[scope] = prune.sparsity(model)["layers"]
+        if p.unstructured_epochs > 0 and p.finetune_sparsity and scope in p.finetune_scopes:
+            model = prune.unstructured(copy.deepcopy(dense), p.finetune_sparsity, scope, permanent=False,
+                                       scores=lamp)
+            ft = finetune(model, cfg, p.unstructured_epochs, lr=p.unstructured_lr,
+                          desc=f"{scope} {p.finetune_sparsity}")
+            prune.make_permanent(model)  # the zeros survived the fine-tune: the masks were kept
+            rows.append(describe(model, cfg, latency=False, method=f"unstructured {scope}",
+                                 level=p.finetune_sparsity, recovery="fine-tune",
+                                 train_seconds=ft["train_seconds"]))
+    return rows, layers
+
+
+def _taylor_batches(cfg: Config, n: int = 2) -> list:
+    ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    loader = build_loader(ds, cfg.data.batch_size, train=True, seed=cfg.seed, num_workers=0, device="cpu")
+    return [batch for _, batch in zip(range(n), loader)]
+
+
+def structured_model(cfg: Config, dense: nn.Module, ratio: float, importance: str | None = None,
+                     steps: int = 1) -> tuple[nn.Module, object]:
+    """A copy of `dense` with `ratio` of its channels removed, and the pruner for further steps."""
+    p = cfg.prune
+    model = copy.deepcopy(dense)
+    pruner = prune.structured_pruner(model, ratio, importance or p.importance, steps=steps,
+                                     layer_ratios=p.layer_ratios)
+    batches = _taylor_batches(cfg) if (importance or p.importance) == "taylor" else None
+    prune.structured_step(pruner, model, batches)
+    return model, pruner
+
+
+def structured_sweep(cfg: Config, dense: nn.Module) -> list[dict]:
+    """prune.ratios with prune.importance (FLOPs and latency), then the other importance criteria
+    at prune.ratio; no fine-tuning, so these rows show what the criterion alone keeps."""
+    p = cfg.prune
+    rows = []
+    for r in p.ratios:
+        model, _ = structured_model(cfg, dense, r)
+        rows.append(describe(model, cfg, flops=True, method=f"structured {p.importance}", level=r, recovery="none"))
+    for imp in p.importances:
+        if imp == p.importance and p.ratio in p.ratios:
+            continue  # that model is a row above
+        model, _ = structured_model(cfg, dense, p.ratio, imp)
+        rows.append(describe(model, cfg, latency=False, method=f"structured {imp}", level=p.ratio,
+                             recovery="none"))
+    return rows
+
+
+def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
+    """Prune to prune.ratio in prune.steps steps with a fine-tune after each (plain, then with the
+    dense model as KD teacher); the better of the two is saved for notebook 05."""
+    p = cfg.prune
+    rows, best = [], None
+    for recovery, kd_weight in (("fine-tune", 0.0), ("KD", p.kd_weight)):
+        torch.manual_seed(cfg.seed)
+        model = copy.deepcopy(dense)
+        pruner = prune.structured_pruner(model, p.ratio, p.importance, steps=p.steps, layer_ratios=p.layer_ratios)
+        t0, history = time.perf_counter(), []
+        for step in range(p.steps):
+            prune.structured_step(pruner, model, _taylor_batches(cfg) if p.importance == "taylor" else None)
+            ft = finetune(model, cfg, p.epochs / p.steps, lr=p.lr, teacher=dense, kd_weight=kd_weight,
+                          kd_temperature=p.kd_temperature, desc=f"{recovery} step {step + 1}/{p.steps}")
+            history.append(100 * ft["miou"])
+        row = describe(model, cfg, flops=True, method=f"structured {p.importance}", level=p.ratio,
+                       recovery=recovery, train_seconds=time.perf_counter() - t0, step_miou=history)
+        rows.append(row)
+        if best is None or row["miou"] > best[0]["miou"]:
+            best = (row, model)
+    row, model = best
+    meta = load_checkpoint(dense_checkpoint(cfg))["meta"] | {"pruned": "structured"}
+    path = save_model(model.cpu(), meta, out_dir / SAVED,
+                      prune={"ratio": p.ratio, "importance": p.importance, "recovery": row["recovery"],
+                             "layer_ratios": p.layer_ratios}, miou=row["miou"])
+    row["checkpoint"] = str(path)
+    return rows
+
+
+def register(cfg: Config, rows: list[dict]) -> dict | None:
+    """Register the saved structured model (the recovered row that was kept) in MLflow as
+    segstudy-custom-pruned@champion, with its measured figures as tags."""
+    from segstudy.deploy import registry
+
+    kept = next(r for r in rows if r.get("checkpoint"))
+    metrics = {"val_miou": kept["miou"] / 100, "latency_ms": kept["latency_ms"], "params": kept["params"],
+               "gflops": kept["gflops"]}
+    return registry.register(cfg, kept["checkpoint"], "segstudy-custom-pruned", metrics,
+                             tags={"recovery": kept["recovery"], "ratio": str(kept["level"])})

@@ -1,0 +1,323 @@
+"""Notebook 05: the trained custom model in every inference form this CPU offers, one row per
+variant (engine x precision) with validation mIoU, per-class IoU, batch-1 latency and size on
+disk; the int8 targets, the QAT decision and what the results file holds. The quantization itself
+is in compress/quantize.py (torch FX) and compress/onnx_export.py (ONNX Runtime).
+
+The notebook runs one function per step on a `QuantStudy`, which gathers the rows as it goes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from segstudy.compress import onnx_export, quantize
+from segstudy.compress.onnx_export import OrtModule
+from segstudy.config import Config
+from segstudy.deploy import registry
+from segstudy.engine import measure
+from segstudy.engine.evaluation import validate as validate_on
+from segstudy.errors import UserError
+from segstudy.models.checkpoint import load_trained
+from segstudy.studies import results_files
+
+
+def cpu_only(model: nn.Module) -> bool:
+    """int8 kernels (torch's quantized modules) and ONNX Runtime sessions run on the CPU only."""
+    return any(isinstance(m, OrtModule) or type(m).__module__.startswith("torch.ao.nn.quantized")
+               for m in model.modules())
+
+
+def validate_variant(model: nn.Module, cfg: Config, *, amp: str = "none", channels_last: bool = False) -> dict:
+    """engine.evaluation.validate on cfg.device, or on the CPU for int8 / ONNX Runtime models (a GPU profile
+    still scores them)."""
+    if cpu_only(model) and cfg.device != "cpu":
+        cfg = dataclasses.replace(cfg, device="cpu")
+    return validate_on(model, cfg, amp=amp, channels_last=channels_last)
+
+
+def variant(model: nn.Module, cfg: Config, *, engine: str, precision: str, metrics: dict | None = None,
+            latency: dict | None = None, channels_last: bool = False, amp: str = "none",
+            size_bytes: int | None = None, path: str | Path | None = None) -> dict:
+    """One row of the study for a model returning {"out": logits}: validation metrics
+    (validate_variant; pass `metrics` to reuse them), batch-1 latency at the bench size
+    (measure.latency; pass `latency` for ORT) and size on disk (the file at `path`, else the
+    state_dict). With channels_last the model is copied first: validate and measure.latency
+    convert in place."""
+    if channels_last:
+        model = copy.deepcopy(model)
+    if metrics is None:
+        metrics = validate_variant(model, cfg, amp=amp, channels_last=channels_last)
+    if latency is None:
+        b = cfg.bench
+        latency = measure.latency(model, b.height, b.width, warmup=b.warmup, iters=b.iters,
+                                  channels_last=channels_last, dtype=torch.bfloat16 if amp == "bf16" else None)
+    if size_bytes is None:
+        size_bytes = Path(path).stat().st_size if path else measure.size_on_disk(model)
+    return {"engine": engine, "precision": precision, "miou": metrics["miou"], "iou": metrics["iou"],
+            "latency_ms": latency["median_ms"], "latency": latency, "size_bytes": size_bytes,
+            "path": str(path) if path else None}
+
+
+def table(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:
+    """mIoU, its change vs the reference, latency, speed-up, size: one row per variant."""
+    ref = rows[reference]
+    out = pd.DataFrame({name: {
+        "engine": r["engine"], "precision": r["precision"], "val mIoU %": 100 * r["miou"],
+        "Δ mIoU points": 100 * (r["miou"] - ref["miou"]), "latency ms": r["latency_ms"],
+        "speed-up vs fp32 eager": ref["latency_ms"] / r["latency_ms"], "size MB": r["size_bytes"] / 2**20,
+    } for name, r in rows.items()}).T
+    return out.astype({c: float for c in out.columns if c not in ("engine", "precision")}).round(2)
+
+
+def per_class_delta(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:
+    """IoU change in points per class (columns) and variant (rows) against the reference."""
+    ref = rows[reference]["iou"]
+    return pd.DataFrame({name: {c: 100 * (v - ref[c]) if _finite(v) and _finite(ref[c]) else math.nan
+                                for c, v in r["iou"].items()}
+                         for name, r in rows.items() if name != reference}).T.round(2)
+
+
+def _finite(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def speedup_target(cpu: dict) -> float:
+    """The issue's bar: 5x over fp32 eager where the CPU has int8 dot-product instructions
+    (AVX-512 VNNI / AMX), 3x on AVX2-only machines."""
+    return 5.0 if cpu.get("avx512_vnni") or cpu.get("amx_int8") else 3.0
+
+
+def check_targets(cpu: dict, rows: dict[str, dict], int8: Sequence[str], *, fp32: str = "fp32 eager",
+                  max_loss: float = 1.0, within: float = 1.2) -> dict[str, dict]:
+    """The int8 targets for each dense int8 variant in `int8`: speed-up vs `fp32` >= speedup_target,
+    latency within `within` x of the fastest of them, mIoU loss <= max_loss points (when measured:
+    rows without "miou", as in the benchmark, are judged on speed only)."""
+    need = speedup_target(cpu)
+    present = [k for k in int8 if k in rows]
+    if fp32 not in rows or not present:
+        return {}
+    fastest = min(rows[k]["latency_ms"] for k in present)
+    out = {}
+    for k in present:
+        r = rows[k]
+        speedup, ratio = rows[fp32]["latency_ms"] / r["latency_ms"], r["latency_ms"] / fastest
+        loss = 100 * (rows[fp32]["miou"] - r["miou"]) if "miou" in r and "miou" in rows[fp32] else None
+        out[k] = {"speedup": speedup, "speedup_target": need, "ratio_to_fastest_int8": ratio,
+                  "miou_loss_points": loss,
+                  "passed": speedup >= need and ratio <= within and (loss is None or loss <= max_loss)}
+    return out
+
+
+def qat_decision(mode: str, ptq_loss_points: float, max_loss: float) -> tuple[bool, str]:
+    """Whether to run QAT (quant.qat: auto | always | never) and why, in words."""
+    if mode not in ("auto", "always", "never"):
+        raise UserError(f"quant.qat = '{mode}'; choose auto, always or never")
+    if mode != "auto":
+        return mode == "always", f"quant.qat = {mode}"
+    if ptq_loss_points > max_loss:
+        return True, f"PTQ lost {ptq_loss_points:.2f} mIoU points > {max_loss}"
+    return False, f"PTQ lost {ptq_loss_points:.2f} mIoU points <= {max_loss}: QAT not needed"
+
+
+def trained_model(cfg: Config, name: str = "custom") -> nn.Module:
+    """The trained model of notebooks 01/02 (outputs/<profile>/runs/<name>/checkpoint_best.pt)."""
+    ckpt = cfg.output_dir / "runs" / name / "checkpoint_best.pt"
+    if not ckpt.is_file():
+        notebook = "02_custom_model" if name == "custom" else "01_baselines"
+        raise UserError(f"{ckpt} does not exist: notebook 05 quantizes the model notebook {notebook} trains; "
+                        f"run it first (./run_all.sh {cfg.profile} --only {notebook[:2]})")
+    return load_trained(ckpt)
+
+
+def pruned_checkpoint(cfg: Config) -> Path:
+    """Where notebook 04 saves the structurally pruned custom model."""
+    return cfg.output_dir / "04_pruning_sweeps" / "pruned_structured.pt"
+
+
+@dataclasses.dataclass
+class QuantStudy:
+    """What notebook 05 has measured so far: rows by variant name, the models behind them, the
+    files written, and the notes each step leaves for the results file."""
+
+    cfg: Config
+    out: Path
+    cpu: dict
+    threads: int
+    fp32: nn.Module
+    calib: list[torch.Tensor]
+    rows: dict[str, dict] = dataclasses.field(default_factory=dict)
+    models: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    artefacts: dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: dict = dataclasses.field(default_factory=dict)
+
+    def describe(self) -> str:
+        c, b = self.cpu, self.cfg.bench
+        return (f"{c['cpu']}: {self.threads} threads, avx2={c['avx2']} avx512_vnni={c['avx512_vnni']} "
+                f"avx512_bf16={c['avx512_bf16']} amx_int8={c['amx_int8']}; latency: batch 1 at {b.width}x{b.height}, "
+                f"median of {b.iters} after {b.warmup} warm-up; int8 speed-up target {speedup_target(c):.0f}x")
+
+
+def start(cfg: Config) -> QuantStudy:
+    """Threads (torch and ONNX Runtime get the same cores), the CPU, notebook 02's model and the
+    calibration images (training images, eval transforms)."""
+    q = cfg.quant
+    threads = quantize.set_threads(q.threads)
+    study = QuantStudy(cfg, cfg.output_dir / "05_quantization", measure.cpu_info(), threads, trained_model(cfg),
+                       quantize.calibration_images(cfg, max(q.calib_images, *q.calib_sweep)))
+    study.models["fp32 eager"] = study.fp32
+    return study
+
+
+def references(study: QuantStudy) -> pd.DataFrame:
+    """fp32 eager, fp32 channels_last and bf16 autocast + channels_last."""
+    fp32, cfg = study.fp32, study.cfg
+    study.rows["fp32 eager"] = variant(fp32, cfg, engine="torch", precision="fp32")
+    study.rows["fp32 channels_last"] = variant(fp32, cfg, engine="torch", precision="fp32", channels_last=True)
+    study.rows["bf16 autocast + channels_last"] = variant(fp32, cfg, engine="torch", precision="bf16",
+                                                          channels_last=True, amp="bf16")
+    return table(study.rows)
+
+
+def _fx_int8(study: QuantStudy, model: nn.Module) -> nn.Module:
+    q = study.cfg.quant
+    return quantize.fx_ptq(model, study.calib, [q.calib_images], study.cfg.data.batch_size,
+                           q.observer)["models"][q.calib_images]
+
+
+def fx_ptq(study: QuantStudy) -> pd.DataFrame:
+    """Post-training int8 with torch FX; one calibration pass, a converted copy at each N of
+    quant.calib_sweep. Returns validation mIoU vs N (and cumulative calibration time)."""
+    cfg, q = study.cfg, study.cfg.quant
+    ptq = quantize.fx_ptq(study.fp32, study.calib, [q.calib_images, *q.calib_sweep], cfg.data.batch_size,
+                          q.observer)
+    sweep = {n: validate_variant(m, cfg) for n, m in ptq["models"].items()}
+    int8 = study.models["int8 PTQ torch FX"] = ptq["models"][q.calib_images]
+    path = quantize.save_torchscript(int8, study.out / "custom_int8_fx.pt")
+    study.artefacts["int8_fx_torchscript"] = str(path)
+    study.rows["int8 PTQ torch FX"] = variant(int8, cfg, engine="torch FX (x86)", precision="int8",
+                                              metrics=sweep[q.calib_images], path=path)
+    study.notes["calibration_sweep"] = {n: {"miou": m["miou"], "calibrate_s": ptq["calibrate_s"][n]}
+                                        for n, m in sweep.items()}
+    study.notes["fx_kept_in_float"] = ptq["notes"]
+    return pd.DataFrame({"val mIoU %": {n: 100 * m["miou"] for n, m in sweep.items()},
+                         "calibration s (cumulative)": ptq["calibrate_s"]}).rename_axis("N images").round(2)
+
+
+def onnx_runtime(study: QuantStudy) -> pd.DataFrame:
+    """ONNX Runtime fp32 and static int8 (QDQ) from the same calibration images; returns how far
+    their outputs (and torch FX int8's) are from PyTorch fp32 on a few validation images."""
+    cfg, q, b = study.cfg, study.cfg.quant, study.cfg.bench
+    onnx_fp32 = onnx_export.export(study.fp32, study.out / "custom_fp32.onnx", study.calib[0][None])
+    onnx_int8 = onnx_export.quantize_int8(onnx_fp32, study.out / "custom_int8.onnx",
+                                          quantize.batched(study.calib[:q.calib_images], cfg.data.batch_size),
+                                          q.ort_activation)
+    study.artefacts |= {"fp32_onnx": str(onnx_fp32), "int8_onnx": str(onnx_int8)}
+    for name, path, precision in [("ONNX Runtime fp32", onnx_fp32, "fp32"),
+                                  ("int8 ONNX Runtime", onnx_int8, f"int8 ({q.ort_activation} activations)")]:
+        session = onnx_export.session(path, study.threads)
+        study.models[name] = onnx_export.OrtModule(session)
+        study.rows[name] = variant(study.models[name], cfg, engine="onnxruntime", precision=precision, path=path,
+                                   latency=onnx_export.latency(session, b.height, b.width, b.warmup, b.iters))
+    val_images = quantize.validation_images(cfg, q.compare_images)
+    agreement = {name: quantize.agreement(study.fp32, study.models[name], val_images)
+                 for name in ("ONNX Runtime fp32", "int8 PTQ torch FX", "int8 ONNX Runtime")}
+    study.notes["agreement_vs_fp32"] = agreement
+    return pd.DataFrame(agreement).T.rename(columns={"max_abs": "max |Δ logits|", "mean_abs": "mean |Δ logits|",
+                                                     "pixel_agreement": "argmax agreement"})
+
+
+def qat(study: QuantStudy) -> str:
+    """Quantization-aware training when qat_decision says so; returns the decision in words."""
+    cfg, q = study.cfg, study.cfg.quant
+    ptq_loss = 100 * (study.rows["fp32 eager"]["miou"] - study.rows["int8 PTQ torch FX"]["miou"])
+    run, reason = qat_decision(q.qat, ptq_loss, q.max_loss)
+    info = study.notes["qat"] = {"ran": run, "reason": reason}
+    if run:
+        result = quantize.qat(study.fp32, cfg, q.qat_epochs, lr=q.qat_lr or None)
+        path = quantize.save_torchscript(result["model"], study.out / "custom_int8_qat.pt")
+        study.rows["int8 QAT torch FX"] = variant(result["model"], cfg, engine="torch FX (x86)", precision="int8",
+                                                  path=path)
+        info |= {"epochs": q.qat_epochs, "train_seconds": result["train_seconds"],
+                 "fake_quant_miou": result["fake_quant_miou"], "path": str(path)}
+        study.artefacts["int8_qat_torchscript"] = str(path)
+    return ("running QAT: " if run else "QAT skipped: ") + reason
+
+
+def pruned_int8(study: QuantStudy) -> str:
+    """Notebook 04's structurally pruned model in fp32 and FX int8, when it exists."""
+    cfg, path = study.cfg, pruned_checkpoint(study.cfg)
+    info = study.notes["pruned"] = {"checkpoint": str(path), "available": path.is_file()}
+    if not path.is_file():
+        return f"no pruned model at {path}: run notebook 04 first; the pruned rows are skipped"
+    pruned = load_trained(path)
+    study.rows["pruned fp32"] = variant(pruned, cfg, engine="torch", precision="fp32")
+    int8 = _fx_int8(study, pruned)
+    int8_path = quantize.save_torchscript(int8, study.out / "pruned_int8_fx.pt")
+    study.rows["pruned + int8 torch FX"] = variant(int8, cfg, engine="torch FX (x86)", precision="int8",
+                                                   path=int8_path)
+    info["parameters"] = measure.parameters(pruned)
+    study.artefacts["pruned_int8_fx_torchscript"] = str(int8_path)
+    return f"pruned model of {info['parameters'] / 1e6:.1f} M parameters quantized from {path}"
+
+
+def other_models(study: QuantStudy) -> list[pd.DataFrame]:
+    """Each model of quant.other_models whose trained checkpoint exists, fp32 and FX int8; one
+    table each, against that model's own fp32."""
+    cfg, tables = study.cfg, []
+    other = study.notes.setdefault("other_models", {})
+    for name in cfg.quant.other_models:
+        ckpt = cfg.output_dir / "runs" / name / "checkpoint_best.pt"
+        if not ckpt.is_file():
+            print(f"no trained {name} at {ckpt}: run notebook 01 first; skipped")
+            continue
+        model = load_trained(ckpt)
+        int8 = _fx_int8(study, model)
+        path = quantize.save_torchscript(int8, study.out / f"{name}_int8_fx.pt")
+        rows = {f"{name} fp32 eager": variant(model, cfg, engine="torch", precision="fp32"),
+                f"{name} int8 PTQ torch FX": variant(int8, cfg, engine="torch FX (x86)", precision="int8", path=path)}
+        other |= rows
+        study.artefacts[f"{name}_int8_fx_torchscript"] = str(path)
+        tables.append(table(rows, reference=f"{name} fp32 eager"))
+    return tables
+
+
+def targets(study: QuantStudy) -> pd.DataFrame:
+    """The int8 targets for each dense int8 variant, and whether pruned + int8 is the fastest."""
+    rows, q = study.rows, study.cfg.quant
+    int8 = [k for k in ("int8 PTQ torch FX", "int8 ONNX Runtime", "int8 QAT torch FX") if k in rows]
+    checked = study.notes["targets"] = check_targets(study.cpu, rows, int8, max_loss=q.max_loss)
+    fastest = study.notes["fastest"] = min(rows, key=lambda k: rows[k]["latency_ms"])
+    if "pruned + int8 torch FX" in rows:
+        study.notes["pruned"] |= {"lowest_latency": fastest == "pruned + int8 torch FX",
+                                  "miou_loss_vs_dense_fp32_points": 100 * (rows["fp32 eager"]["miou"]
+                                                                           - rows["pruned + int8 torch FX"]["miou"])}
+    print(f"fastest variant: {fastest} ({rows[fastest]['latency_ms']:.1f} ms)")
+    return pd.DataFrame(checked).T.round(3)
+
+
+def save(study: QuantStudy) -> Path:
+    """results.json (every row, the notes of each step) and the two tables as CSV."""
+    variants, deltas = table(study.rows), per_class_delta(study.rows)
+    variants.to_csv(study.out / "variants.csv")
+    deltas.to_csv(study.out / "per_class_iou_delta.csv")
+    return results_files.write_quantization(study.cfg, {
+        "cpu": study.cpu, "threads": study.threads, "variants": study.rows,
+        "per_class_iou_delta_vs_fp32": deltas.to_dict(orient="index"), **study.notes,
+        "artefacts": study.artefacts})
+
+
+def register_int8(study: QuantStudy) -> dict | None:
+    """The ONNX Runtime int8 model (the servable int8 form: no torch needed to run it) as
+    segstudy-custom-int8@champion, tagged with its measured mIoU and latency."""
+    row = study.rows["int8 ONNX Runtime"]
+    return registry.register(study.cfg, study.artefacts["int8_onnx"], "segstudy-custom-int8",
+                             {"val_miou": row["miou"], "latency_ms": row["latency_ms"]},
+                             tags={"engine": "onnxruntime", "precision": row["precision"]})

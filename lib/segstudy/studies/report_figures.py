@@ -1,0 +1,358 @@
+"""Notebook 06: the study's tables and figures, read from what notebooks 00-05 saved under
+outputs/<profile>/ (notebook_runner.py turns the executed notebook into report.html).
+
+Nothing here trains or measures. Every table is a `Part` that names the files its numbers come
+from; a results file that is not there becomes a visible note naming it and the command that
+writes it, so a partial run still gives a report that says what it lacks instead of silently
+shrinking.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from segstudy.config import Config
+from segstudy.studies import figures, results_files
+
+_NOTE_STYLE = "border-left:4px solid #d9822b;background:#fff4e5;padding:6px 10px;margin:8px 0"
+
+
+@dataclass
+class Part:
+    """One table of the report with where it came from; notebooks display it as HTML."""
+
+    table: pd.DataFrame | None = None
+    sources: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what is missing, said plainly
+    caption: str = ""
+    images: list[Path] = field(default_factory=list)  # saved figures embedded as they are
+
+    def _repr_html_(self) -> str:
+        out = [f'<div class="segstudy-missing" style="{_NOTE_STYLE}"><b>Missing:</b> {html.escape(n)}</div>'
+               for n in self.notes]
+        if self.caption:
+            out.append(f"<p>{html.escape(self.caption)}</p>")
+        if self.table is not None and not self.table.empty:
+            out.append(_table_html(self.table))
+        for path in self.images:
+            data = base64.b64encode(path.read_bytes()).decode()
+            out.append(f'<p><b>{html.escape(results_files.shown(path))}</b></p>'
+                       f'<img src="data:image/png;base64,{data}" style="max-width:100%" alt="{path.name}">')
+        if self.sources:
+            files = ", ".join(f"<code>{html.escape(results_files.shown(p))}</code>" for p in self.sources)
+            out.append(f'<p style="color:#555;font-size:90%">Source: {files}</p>')
+        return "\n".join(out)
+
+
+def _table_html(table: pd.DataFrame) -> str:
+    """Numbers with two decimals, text columns left-aligned, a named index as a plain first
+    column (pandas would give it a second header row)."""
+    named = any(n is not None for n in table.index.names)
+    plain = isinstance(table.index, pd.RangeIndex)  # row numbers say nothing: hide them
+    df = table.reset_index() if named else table.copy()
+    text = [c for c in df.columns if not pd.to_numeric(df[c].dropna(), errors="coerce").notna().all()]
+    for c in df.columns:
+        if pd.api.types.is_float_dtype(df[c]):
+            df[c] = df[c].round(2) + 0.0  # -0.004 shows as 0.00, not -0.00
+    style = df.style.format(precision=2, na_rep="–", thousands=",").set_properties(subset=text, **{
+        "text-align": "left"}).set_table_styles([{"selector": "th", "props": "text-align: left"}])
+    return (style.hide(axis="index") if named or plain else style).to_html()
+
+
+def sources(cfg: Config) -> Part:
+    """Which upstream files exist, when they were written, and what writes them."""
+    rows = []
+    for key, rel in results_files.FILES.items():
+        path = cfg.output_dir / rel
+        found = path.is_file()
+        rows.append({"file": results_files.shown(path), "written": time.strftime("%Y-%m-%d %H:%M", time.localtime(
+            path.stat().st_mtime)) if found else "MISSING", "by": results_files.writer(cfg, key)})
+    notes = [f"{r['file']} does not exist; it is written by {r['by']}." for r in rows if r["written"] == "MISSING"]
+    return Part(pd.DataFrame(rows).set_index("file"), notes=notes,
+                caption="The results files this report reads, and the notebook that writes each.")
+
+
+def data(cfg: Config) -> Part:
+    d, path, note = results_files.read(cfg, "data")
+    if d is None:
+        return Part(notes=[note])
+    with results_files.reading(cfg, "data"):
+        rows = {split: {"images": s["images"], "image sizes": ", ".join(s["image_sizes"]),
+                        "classes present": s["classes_present"], "ignored %": 100 * s["ignored_fraction"],
+                        "rarest classes": ", ".join(s["rarest"])} for split, s in d["splits"].items()}
+        caption = f"Dataset: {results_files.shown(Path(d['data_root']))}"
+        return Part(pd.DataFrame(rows).T.rename_axis("split"), [path], caption=caption)
+
+
+def models(cfg: Config) -> Part:
+    """Accuracy, speed and size of the trained models, one row each."""
+    found, paths, notes, b = results_files.trained_models(cfg)
+    rows = []
+    for name, m in found.items():
+        with results_files.reading(cfg, "baselines" if m["source"].parent.name.startswith("01") else "custom"):
+            rows.append({"model": name, "val mIoU %": 100 * m["best_miou"],
+                         "pixel acc %": 100 * (m["final"].get("val_pixel_acc") or float("nan")),
+                         "latency ms": m["latency_ms"], "latency ms channels_last": m.get("latency_cl_ms"),
+                         "params M": m["parameters"] / 1e6, "GFLOPs": m["gflops"], "size MB": m.get("size_mb"),
+                         "train s": m["train_seconds"], "source": m["source"].parent.name})
+    caption = (f"Latency: batch 1 at {b['width']}x{b['height']}, fp32, median, measured by each notebook on "
+               f"{b['cpu']} ({b['threads']} threads). mIoU: best validation epoch." if b else "")
+    table = pd.DataFrame(rows).set_index("model").round(2) if rows else None
+    return Part(table, paths, notes, caption)
+
+
+def per_class(cfg: Config) -> Part:
+    """IoU % per class (rows) and model (columns) at each model's best validation epoch."""
+    found, paths, notes, _ = results_files.trained_models(cfg)
+    with results_files.reading(cfg, "custom"):
+        table = results_files.per_class_table(found).T if found else None
+    return Part(table, paths, notes)
+
+
+def per_class_figure(part: Part) -> plt.Figure | None:
+    return None if part.table is None else figures.iou_heatmap(part.table.T, "Per-class validation IoU % (best epoch)")
+
+
+def losses(cfg: Config) -> Part:
+    """mIoU mean, spread and range over seeds per loss (notebook 03's summary, as saved)."""
+    d, path, note = results_files.read(cfg, "losses")
+    if d is None:
+        return Part(notes=[note])
+    with results_files.reading(cfg, "losses"):
+        table = pd.DataFrame(d["summary"]).set_index("loss")
+        seeds = sorted({r["seed"] for r in d["runs"]})
+        epochs = f"{d['epochs']:g} epoch{'' if d['epochs'] == 1 else 's'}"
+        return Part(table, [path], caption=f"The custom model, {epochs} per run, seeds "
+                                           f"{', '.join(map(str, seeds))}: std and min-max are over seeds.")
+
+
+def loss_figure(cfg: Config) -> plt.Figure | None:
+    d, _, _ = results_files.read(cfg, "losses")
+    if d is None:
+        return None
+    with results_files.reading(cfg, "losses"):
+        per_run = pd.Series({(r["loss"], r["seed"]): 100 * r["best_miou"] for r in d["runs"]})
+    return figures.miou_spread(per_run.rename_axis(["loss", "seed"]))
+
+
+def pruning(cfg: Config) -> tuple[Part, Part]:
+    """Every pruned model of notebook 04 (dense first), and the targets read off those rows."""
+    d, path, note = results_files.read(cfg, "pruning")
+    if d is None:
+        return Part(notes=[note]), Part()
+    with results_files.reading(cfg, "pruning"):
+        rows, dense = d["rows"], d["dense"]
+        b = d["bench"]
+        caption = (f"Latency: batch 1 at {b['width']}x{b['height']}, fp32, {d['cpu']['cpu']}; "
+                   f"mIoU in points on the validation split; the dense row is notebook 02's custom model.")
+        return (Part(results_files.pruning_table([dense, *rows]), [path], caption=caption),
+                Part(results_files.pruning_targets(rows, dense), [path]))
+
+
+def pruning_figure(cfg: Config) -> plt.Figure | None:
+    d, _, _ = results_files.read(cfg, "pruning")
+    if d is None:
+        return None
+    with results_files.reading(cfg, "pruning"):
+        return figures.pareto(d["rows"], d["dense"])
+
+
+def quantization(cfg: Config) -> tuple[Part, Part]:
+    """One row per variant (engine x precision): mIoU, its change, latency, speed-up, size; and
+    notebook 05's targets as it checked them."""
+    d, path, note = results_files.read(cfg, "quantization")
+    if d is None:
+        return Part(notes=[note]), Part()
+    with results_files.reading(cfg, "quantization"):
+        rows = results_files.quantization_rows(d)
+        ref_name = d.get("reference", "fp32 eager")
+        ref_name = ref_name if ref_name in rows else next(iter(rows))
+        ref = rows[ref_name]
+        table = pd.DataFrame({name: {
+            "engine": r.get("engine"), "precision": r.get("precision"), "val mIoU %": 100 * r["miou"],
+            "Δ mIoU points": 100 * (r["miou"] - ref["miou"]), "latency ms": r["latency_ms"],
+            "speed-up": ref["latency_ms"] / r["latency_ms"],
+            "size MB": r["size_bytes"] / 2**20 if r.get("size_bytes") else None} for name, r in rows.items()}).T
+        table = table.astype({c: float for c in table.columns if c not in ("engine", "precision")}).round(2)
+        cpu = d.get("cpu", {})
+        caption = (f"Speed-up against '{ref_name}', measured side by side in one run"
+                   + (f" on {cpu.get('cpu')} (AVX-512 VNNI: {cpu.get('avx512_vnni')})." if cpu else "."))
+        targets = d.get("targets") or {}
+        target_part = Part(pd.DataFrame(targets).T.round(3).rename_axis("variant"), [path]) if targets else Part()
+        return Part(table.rename_axis("variant"), [path], caption=caption), target_part
+
+
+def candidates(cfg: Config) -> tuple[pd.DataFrame, list[Path], list[str]]:
+    """Every measured model with an accuracy and a latency: the pool the recommendation picks from
+    (source: the file under outputs/<profile>/). Notebook 04's dense row is left out: it is
+    notebook 02's custom model measured again."""
+    rows, paths, notes = [], [], []
+    found, model_paths, model_notes, _ = results_files.trained_models(cfg)
+    paths += model_paths
+    notes += model_notes
+    for name, m in found.items():
+        src = results_files.FILES["baselines" if m["source"].parent.name.startswith("01") else "custom"]
+        rows.append({"model": f"{name} · fp32", "mIoU %": 100 * m["best_miou"], "latency ms": m["latency_ms"],
+                     "source": src})
+        if m.get("latency_cl_ms"):
+            rows.append({"model": f"{name} · fp32 channels_last", "mIoU %": 100 * m["best_miou"],
+                         "latency ms": m["latency_cl_ms"], "source": src})
+    d, path, note = results_files.read(cfg, "pruning")
+    if d is None:
+        notes.append(note)
+    else:
+        paths.append(path)
+        with results_files.reading(cfg, "pruning"):
+            rows += [{"model": f"custom · {r['method']} {r['level']:g}"
+                      + ("" if r["recovery"] == "none" else f" + {r['recovery']}"), "mIoU %": r["miou"],
+                      "latency ms": r["latency_ms"], "source": results_files.FILES["pruning"]}
+                     for r in d["rows"] if r.get("latency_ms")]
+    d, path, note = results_files.read(cfg, "quantization")
+    if d is None:
+        notes.append(note)
+    else:
+        paths.append(path)
+        with results_files.reading(cfg, "quantization"):
+            base = d.get("model", "custom")
+            rows += [{"model": f"{base} · {name}", "mIoU %": 100 * r["miou"], "latency ms": r["latency_ms"],
+                      "source": results_files.FILES["quantization"]}
+                     for name, r in results_files.quantization_rows(d).items() if r.get("latency_ms")]
+    table = pd.DataFrame(rows, columns=["model", "mIoU %", "latency ms", "source"])
+    return table.dropna(subset=["mIoU %", "latency ms"]).reset_index(drop=True), paths, notes
+
+
+def recommend(cfg: Config, tolerance: float = 1.0) -> tuple[Part, dict | None]:
+    """The fastest measured model within `tolerance` mIoU points of the most accurate one.
+
+    Why this rule: a gap under about a point is within the seed-to-seed range notebook 03
+    measures, so it is no evidence for paying with a slower model."""
+    pool, paths, notes = candidates(cfg)
+    notes = [f"not in the pool below: {n}" for n in notes]
+    if pool.empty:
+        return Part(notes=notes or ["no model with both mIoU and latency was found"], sources=paths), None
+    best = pool.loc[pool["mIoU %"].idxmax()]
+    close = pool[pool["mIoU %"] >= best["mIoU %"] - tolerance].sort_values("latency ms")
+    pick = close.iloc[0].to_dict()
+    speedup = best["latency ms"] / pick["latency ms"]
+    caption = (f"Rule: the fastest model within {tolerance:g} mIoU point of the most accurate one ({best['model']}, "
+               f"{best['mIoU %']:.2f}). Recommended: {pick['model']}, {pick['mIoU %']:.2f} mIoU % "
+               f"({pick['mIoU %'] - best['mIoU %']:+.2f} points), {pick['latency ms']:.1f} ms "
+               f"({speedup:.2f}x faster than {best['model']}); from {pick['source']}. "
+               f"Rows: every measured model, most accurate first. Latencies come from each notebook's own run "
+               f"on this machine, so ratios are exact only within one source (notebook 05 measures its "
+               f"variants side by side).")
+    table = pool.assign(**{"Δ mIoU vs best": pool["mIoU %"] - best["mIoU %"], "_shown": pool["mIoU %"].round(2)})
+    table = table.sort_values(["_shown", "latency ms"], ascending=[False, True])  # ties as printed: fastest first
+    table["within tolerance"] = ["yes" if i in close.index else "" for i in table.index]
+    table["recommended"] = ["★" if m == pick["model"] else "" for m in table["model"]]
+    table = table[["model", "mIoU %", "Δ mIoU vs best", "latency ms", "within tolerance", "recommended", "source"]]
+    return Part(table.set_index("model").round(2), paths, notes, caption), pick | {
+        "tolerance": tolerance, "best": best.to_dict()}
+
+
+def _pareto_front(pool: pd.DataFrame) -> pd.DataFrame:
+    """The models no other model beats on both latency and mIoU."""
+    front, top = [], float("-inf")
+    for i, r in pool.sort_values(["latency ms", "mIoU %"], ascending=[True, False]).iterrows():
+        if r["mIoU %"] > top:
+            front.append(i)
+            top = r["mIoU %"]
+    return pool.loc[front]
+
+
+def tradeoff_figure(cfg: Config, tolerance: float = 1.0, view: float = 6.0) -> plt.Figure | None:
+    """mIoU against latency for the candidates within `view` points of the best (how many are
+    below is written on the plot; all are in recommend()'s table), the tolerance band and the
+    recommended model. Named: the Pareto front's steps of at least 0.1 point, and its end."""
+    pool, _, _ = candidates(cfg)
+    _, pick = recommend(cfg, tolerance)
+    if pick is None:
+        return None
+    top = pick["best"]["mIoU %"]
+    shown = pool[pool["mIoU %"] >= top - view]
+    fig, ax = plt.subplots(figsize=(10, 5.2))
+    for source, g in shown.groupby("source", sort=False):
+        ax.scatter(g["latency ms"], g["mIoU %"], s=45, label=Path(source).parent.name, zorder=2)
+    front = _pareto_front(shown)
+    ax.step(front["latency ms"], front["mIoU %"], where="post", color="grey", linewidth=1, zorder=1,
+            label="Pareto front")
+    named, last = [], float("-inf")
+    for _, r in front.iterrows():  # variants a hair apart in mIoU would pile their names on one spot
+        if r["mIoU %"] >= last + 0.1:
+            named.append(r)
+            last = r["mIoU %"]
+    end = front.iloc[-1]  # the most accurate model at its lowest latency
+    if all(r["model"] != end["model"] for r in named):
+        named.append(end)
+    for r in named:  # a leader line ties each name to its point when points crowd
+        ax.annotate(r["model"], (r["latency ms"], r["mIoU %"]), xytext=(8, -18), textcoords="offset points",
+                    fontsize=8, arrowprops={"arrowstyle": "-", "linewidth": 0.6, "color": "dimgrey"})
+    ax.axhspan(top - tolerance, top, color="green", alpha=0.12, label=f"within {tolerance:g} point of the best")
+    ax.scatter([pick["latency ms"]], [pick["mIoU %"]], s=320, marker="*", color="gold", edgecolor="black",
+               zorder=3, label="recommended")
+    if len(shown) < len(pool):
+        ax.text(0.01, 0.02, f"{len(pool) - len(shown)} models below {top - view:.1f}% mIoU are off this view "
+                f"(see the table)", transform=ax.transAxes, fontsize=8, color="dimgrey")
+    ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.1)  # room for the names of the points at the edges
+    ax.set(xlabel="latency ms (batch 1, log scale)", ylabel="val mIoU %", title="Accuracy against speed")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def predictions(cfg: Config) -> Part:
+    """The prediction grids notebooks 01 and 02 saved (image | ground truth | each model)."""
+    part = Part()
+    for key in ("baselines", "custom"):
+        path = cfg.output_dir / results_files.FILES[key].replace("results.json", "predictions.png")
+        if path.is_file():
+            part.images.append(path)
+        else:
+            part.notes.append(f"{results_files.shown(path)} does not exist; "
+                              f"it is written by {results_files.writer(cfg, key)}.")
+    return part
+
+
+def sweeps(cfg: Config) -> Part:
+    """The runs of `segstudy sweep` made with this profile (outputs/sweeps/*/sweep.json)."""
+    rows, paths = [], []
+    for path in sorted((Path(cfg.output_root) / "sweeps").glob("*/sweep.json")):
+        d = json.loads(path.read_text())
+        if d.get("profile") != cfg.profile:
+            continue
+        paths.append(path)
+        for run in d.get("runs", []):
+            res = run.get("results") or {}  # notebook 03 saves "runs", notebooks 01/02 "models"
+            entries = res.get("runs") or list((res.get("models") or {}).values())
+            scores = [r["best_miou"] for r in entries if isinstance(r, dict) and r.get("best_miou") is not None]
+            rows.append({"sweep": d["sweep"], "notebook": d.get("notebook"),
+                         "params": ", ".join(f"{k}={v}" for k, v in run.get("params", {}).items()),
+                         "best mIoU %": 100 * max(scores) if scores else None, "seconds": run.get("seconds"),
+                         "error": run.get("error", "")})
+    if not rows:
+        return Part(caption="No sweep was run with this profile (segstudy sweep NOTEBOOK -p KEY VALUES ...).")
+    table = pd.DataFrame(rows).set_index("sweep").round(2)
+    return Part(table if table["error"].any() else table.drop(columns="error"), paths)
+
+
+def save(fig: plt.Figure | None, path: Path) -> Path | None:
+    """Save a figure next to the report and show the saved PNG now (None: its data is missing,
+    and a note says so). Showing the file, not the figure, works whatever matplotlib backend the
+    kernel has (MPLBACKEND=Agg shows nothing inline) and keeps it above the next output."""
+    from IPython.display import Image, display
+
+    if fig is None:
+        return None
+    figures.save(fig, path)
+    plt.close(fig)
+    display(Image(data=path.read_bytes(), format="png"))
+    return path
