@@ -44,6 +44,7 @@ def test_synth_and_evaluate_cli(tmp_path):
 
 
 def test_notebook_00_on_smoke(tmp_path):
+    (tmp_path / "data").mkdir()  # generated here on purpose: not the profile's own data.root
     overrides = {"data.root": str(tmp_path / "data"), "output_root": str(tmp_path / "out")}
     timings = run_notebooks("smoke", overrides, only=["00"], progress=False)
     assert set(timings) == {"00_data_exploration"}
@@ -68,6 +69,7 @@ def test_failing_notebook_is_named_and_kept(tmp_path):
     nb = nbformat.read(nb_dir / "00_data_exploration.ipynb", as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell("raise RuntimeError('boom')"))
     nbformat.write(nb, nb_dir / "01_broken.ipynb")
+    (tmp_path / "data").mkdir()
     overrides = {"data.root": str(tmp_path / "data"), "output_root": str(tmp_path / "out")}
     import pytest
 

@@ -174,3 +174,54 @@ def test_generated_dataset_with_other_settings_is_not_reused(tiny_root):
     assert ensure_dataset(tiny_root, TINY) is False
     with pytest.raises(UserError, match="was generated with"):
         ensure_dataset(tiny_root, SynthConfig(train=9, val=6, height=64, width=128, seed=3))
+
+
+def test_corrupt_or_mismatched_files_stop_before_training(tmp_path, tiny_root):
+    from segstudy.data.datasets import check_files
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    val = CityscapesSegmentation(root, "val")
+    check_files(val, "val")  # intact
+    val.samples[1].image.write_bytes(b"\x89PNG garbage")
+    with pytest.raises(UserError, match=rf"{val.samples[1].image.name} \(val image\) is not a readable image"):
+        check_files(val, "val")
+    Image.new("L", (8, 8)).save(val.samples[1].image.with_suffix(".png"))  # readable, but the wrong size
+    with pytest.raises(UserError, match="size mismatch in the val split"):
+        check_files(val, "val")
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        raise UserError(f"frame {index} is broken; replace it")
+
+
+def test_worker_errors_are_one_line():
+    loader = build_loader(_Broken(), batch_size=2, train=False, seed=0, num_workers=1)
+    with pytest.raises(UserError) as info:
+        next(iter(loader))
+    assert str(info.value) == "frame 0 is broken; replace it"
+
+
+def test_no_dataset_is_generated_at_a_mistyped_root(tmp_path):
+    from segstudy.config import load_config
+    from segstudy.data.datasets import prepare_data
+
+    cfg = load_config("smoke", {"data.root": str(tmp_path / "synht-smoke"), "output_root": str(tmp_path)})
+    with pytest.raises(UserError, match="does not exist, and data.generate would create a new synthetic dataset"):
+        prepare_data(cfg)
+    assert not (tmp_path / "synht-smoke").exists()
+
+
+def test_mlflow_tracking_uri_from_the_environment(monkeypatch, tmp_path):
+    from segstudy.config import TrackingConfig
+    from segstudy.tracking import mlflow_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert mlflow_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert mlflow_uri(TrackingConfig(), tmp_path) == "http://mlflow:5000"
+    assert mlflow_uri(TrackingConfig(uri="sqlite:///x.db"), tmp_path) == "sqlite:///x.db"  # the profile's wins

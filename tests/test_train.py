@@ -76,19 +76,68 @@ def test_same_seed_same_metrics(tmp_path, tiny_root):
     assert a["final"]["val_iou"] == b["final"]["val_iou"]
 
 
-def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, tiny_root):
+def test_failed_retries_never_replace_a_finished_run(tmp_path, tiny_root):
     cfg = _cfg(tmp_path, tiny_root, **{"train.epochs": 1})
     train(cfg, progress=False)
-    latest = tmp_path / "out" / "smoke" / "runs" / "custom" / "checkpoint_latest.pt"
-    before = latest.read_bytes()
-    bad = _cfg(tmp_path, tiny_root, **{"train.epochs": 2, "train.lr": 1e30})
-    with pytest.raises(UserError, match="the loss became .* last good checkpoint is kept"):
-        train(bad, progress=False)
-    assert latest.read_bytes() == before
-    # a retrain that gets past its first epoch keeps the earlier run as <run>.previous
-    train(_cfg(tmp_path, tiny_root, **{"train.epochs": 1, "seed": 1}), progress=False)
-    previous = latest.parent.with_name("custom.previous") / "checkpoint_latest.pt"
-    assert previous.read_bytes() == before and latest.read_bytes() != before
+    run_dir = tmp_path / "out" / "smoke" / "runs" / "custom"
+    before = {name: (run_dir / name).read_bytes() for name in ("checkpoint_latest.pt", "checkpoint_best.pt",
+                                                              "result.json")}
+    bad = _cfg(tmp_path, tiny_root, **{"train.epochs": 2, "train.lr": 1e30, "train.reuse": False})
+    for _ in range(2):  # two failed retries in a row
+        with pytest.raises(UserError, match="the loss diverged .* last good checkpoint is kept"):
+            train(bad, progress=False)
+        assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert not run_dir.with_name("custom.previous").exists()
+    # a retry that finishes replaces the run, and the earlier one is kept as <run>.previous
+    result = train(_cfg(tmp_path, tiny_root, **{"train.epochs": 1, "seed": 1, "train.reuse": False}),
+                   progress=False)
+    previous = run_dir.with_name("custom.previous")
+    assert (previous / "checkpoint_latest.pt").read_bytes() == before["checkpoint_latest.pt"]
+    assert result["checkpoint_best"] == str(run_dir / "checkpoint_best.pt") and result["run_dir"] == str(run_dir)
+    assert json.loads((run_dir / "result.json").read_text())["history"] == result["history"]
+    assert not list(run_dir.parent.glob("*.tmp")) and not list(run_dir.glob("*.tmp"))
+
+
+def test_divergence_guard():
+    from segstudy.engine.training import DivergenceGuard
+
+    guard = DivergenceGuard()
+    guard(3.0)
+    guard(40.0)  # a bad step, not a divergence
+    for diverged in (float("nan"), float("inf"), 2.9e9):
+        with pytest.raises(FloatingPointError):
+            guard(diverged)
+
+
+def test_second_process_on_a_run_folder_is_refused(tmp_path, tiny_root):
+    run_dir = tmp_path / "out" / "smoke" / "runs" / "custom"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, pathlib; from segstudy.engine.run_folder import lock\n"
+        f"with lock(pathlib.Path({str(run_dir)!r})):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"run folder .*custom is in use by PID {holder.pid}"):
+            train(_cfg(tmp_path, tiny_root, **{"train.epochs": 1}), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (run_dir / "result.json").exists()  # nothing was written by the refused run
+    train(_cfg(tmp_path, tiny_root, **{"train.epochs": 1}), progress=False)  # a killed holder frees it
+
+
+def test_stale_temporary_checkpoints_are_removed(tmp_path):
+    from segstudy.models.checkpoint import save_checkpoint
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f"checkpoint_latest.pt.{dead}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    mine = tmp_path / f"other.pt.{os.getpid()}.tmp"  # a live writer's file stays
+    mine.write_bytes(b"in progress")
+    save_checkpoint({"model": {}}, tmp_path / "checkpoint_latest.pt")
+    assert not stale.exists() and mine.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_latest.pt", mine.name]
 
 
 def test_bad_checkpoints(tmp_path, tiny_root):
@@ -106,17 +155,50 @@ def test_bad_checkpoints(tmp_path, tiny_root):
         train(_cfg(tmp_path, tiny_root, **{"model.name": "unet"}), resume=True, progress=False)
 
 
+def test_unreadable_checkpoint_files(tmp_path):
+    from segstudy.models.checkpoint import load_checkpoint, load_trained, save_checkpoint
+
+    for name, data in (("empty.pt", b""), ("text.pt", b"hello, not a checkpoint\n")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match=f"{name} is not a readable checkpoint"):
+            load_checkpoint(tmp_path / name)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(UserError, match="not a segstudy checkpoint"):
+        load_checkpoint(tmp_path / "list.pt")
+    meta = {"model": "unet", "num_classes": 19, "model_config": {"name": "unet", "widht": 3}}
+    save_checkpoint({"model": {}, "meta": meta}, tmp_path / "future.pt")
+    with pytest.raises(UserError, match=r"keys this segstudy does not know \(\['widht'\]\)"):
+        load_trained(tmp_path / "future.pt")
+
+
+def test_ctrl_c_says_how_to_continue(monkeypatch, capsys):
+    from segstudy import cli
+    from segstudy.engine import training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training, "train", interrupted)
+    assert cli.main(["train", "--params", "smoke"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the checkpoint of the last finished epoch is kept: add --resume" in err
+    assert "Traceback" not in err
+
+
 def test_mlflow_run_and_registered_model(tmp_path, tiny_root):
     import mlflow
 
+    from segstudy.deploy.registry import log_trained
+
     cfg = _cfg(tmp_path, tiny_root, **{"train.epochs": 1, "tracking.backend": "mlflow"})
     result = train(cfg, progress=False)
+    uri = log_trained(cfg, result)  # the studies and `segstudy train` log the trained model
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'out'}/mlflow.db")
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and "val_miou" in run.data.metrics
     assert "val_iou_road" in run.data.metrics and "latency_ms" in run.data.metrics
     versions = mlflow.MlflowClient().search_model_versions("name='segstudy-custom'")
-    assert len(versions) == 1 and versions[0].run_id == result["mlflow_run_id"]
+    assert len(versions) == 1 and versions[0].run_id == result["mlflow_run_id"]  # into the training's run
+    assert uri and mlflow.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
 
 
 def test_ddp_two_gloo_processes(tmp_path, tiny_root):

@@ -59,12 +59,10 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    import yaml
-
-    from segstudy.config import _parse_overrides
+    from segstudy.config import _parse_overrides, _parse_value
     from segstudy.notebook_runner import sweep
 
-    grid = {key: [yaml.safe_load(v) for v in values] for key, *values in args.p}
+    grid = {key: [_parse_value(key, v) for v in values] for key, *values in args.p}
     empty = [key for key, values in grid.items() if not values]
     if empty:
         raise UserError(f"-p {empty[0]} has no values; write -p KEY VALUE [VALUE ...], e.g. -p loss_study.seeds 0 1")
@@ -165,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what to do after Ctrl-C, by command
+_CONTINUE = {
+    "train": "the checkpoint of the last finished epoch is kept: add --resume to the same command to continue",
+    "run": "run the same command again: finished trainings are reused (train.reuse) and the notebooks run again",
+    "sweep": "run the same command again: finished trainings are reused (train.reuse)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -172,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"segstudy {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = _CONTINUE.get(args.command, "nothing already written was lost")
+        print(f"\nsegstudy {args.command}: interrupted; {hint}", file=sys.stderr)
+        return 130
     return 0
 
 

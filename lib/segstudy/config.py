@@ -1,17 +1,21 @@
 """Parameters flow one way: a YAML profile in params/ -> one typed `Config` -> functions.
 
 A profile is `params/<name>.yaml` (or any YAML path). Relative paths inside it are relative to
-the YAML file's own folder. `${VAR}` is expanded from the environment. Every key is checked:
-an unknown or mistyped key is an error naming the key and listing the valid ones.
+the YAML file's own folder. `${VAR}` is expanded from the environment. Everything is checked at
+load, before any work: an unknown key, a wrong type, a value outside its choices (CHOICES) or
+range (RANGES) is an error naming the key, the value and what is valid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,24 @@ from segstudy.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_DIR = Path(os.environ.get("SEGSTUDY_PARAMS_DIR", PROJECT_ROOT / "params"))
+
+# The valid choices. config is the lowest layer and imports none of the modules that act on them;
+# where such a module keeps its own tuple, tests/test_config.py checks that the two agree.
+DATASETS = ("cityscapes", "bdd100k")  # data/datasets.py
+MODELS = ("unet", "deeplabv3_resnet50", "custom")  # models/networks.py
+OUTPUT_STRIDES = (8, 16, 32)  # models/networks.py (DeepLabV3: 8 or 16)
+PRETRAINED = ("auto", "true", "false")  # models/networks.py
+OPTIMIZERS = ("sgd", "adamw")  # engine/training.py
+AMP_MODES = ("auto", "none", "bf16", "fp16")  # engine/device.py
+LOSSES = ("ce", "wce", "dice", "ce_dice", "focal", "lovasz")  # models/losses.py
+WEIGHTINGS = ("inverse", "median", "enet")  # models/losses.py
+PRUNE_SCOPES = ("layerwise", "global", "lamp")  # compress/prune.py
+IMPORTANCES = ("l1", "group_norm", "taylor", "random")  # compress/prune.py
+TRACKING_BACKENDS = ("mlflow", "wandb", "none")  # tracking.py
+OBSERVERS = ("histogram", "minmax")  # compress/quantize.py
+ORT_ACTIVATIONS = ("uint8", "int8")  # compress/onnx_export.py
+QAT_MODES = ("auto", "always", "never")  # studies/quantization.py
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # engine/device.py
 
 
 def _path(default: str) -> Any:
@@ -229,9 +251,11 @@ def load_config(profile: str | os.PathLike = "demo",
     if not isinstance(raw, dict):
         raise UserError(f"{path} must hold a mapping of keys, got {type(raw).__name__}")
     raw.setdefault("profile", path.stem)
-    for key, value in _parse_overrides(overrides).items():
+    parsed = _parse_overrides(overrides)
+    for key, value in parsed.items():
         _set_dotted(raw, key, value, path)
     cfg = _build(Config, raw, path, prefix="")
+    validate(cfg, _origin(path, set(parsed)))
     _resolve_paths(cfg, base=path.parent.resolve())
     return cfg
 
@@ -246,8 +270,26 @@ def _parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, 
         if "=" not in item:
             raise UserError(f"override '{item}' must look like key=value, e.g. data.batch_size=4")
         key, value = item.split("=", 1)
-        parsed[key.strip()] = yaml.safe_load(value)
+        parsed[key.strip()] = _parse_value(key.strip(), value)
     return parsed
+
+
+def _parse_value(key: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"--set {key}={text}: {text!r} is not a valid value ({problem}); write it like "
+                        f"{key}={_example(key)}, close any [ or {{, and quote text holding : # [ ] {{ }}") from None
+
+
+def _example(key: str) -> str:
+    """The default of a dotted key as YAML (`[128, 256]`), to show how a value is written."""
+    try:
+        value = functools.reduce(getattr, key.split("."), Config())
+    except AttributeError:
+        return "VALUE"
+    return yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
 
 
 def _set_dotted(raw: dict, key: str, value: Any, path: Path) -> None:
@@ -305,11 +347,14 @@ def _check_type(value: Any, hint: Any, key: str, path: Path) -> Any:
                 for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot, no exponent sign) as a string
     if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
     raise UserError(f"{path}: '{key}' = {value!r} must be of type {hint.__name__}")
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -326,3 +371,189 @@ def _resolve_paths(obj: Any, base: Path) -> None:
                                 f"{missing.group(1)}, which is not set; export it "
                                 f"(e.g. export {missing.group(1)}=/data/cityscapes)")
             setattr(obj, f.name, str((base / Path(expanded).expanduser()).resolve()))
+
+
+# --- choices and ranges, checked at load -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Range:
+    """Numbers from `low` (to `high`; None: no upper bound), each end closed unless marked open."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low or (value == self.low and not self.low_open)
+        below = self.high is None or value < self.high or (value == self.high and not self.high_open)
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            text = f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        else:
+            text = (f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+                    f"{')' if self.high_open else ']'}")
+        return f"{text} ({self.note})" if self.note else text
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+PROBABILITY = Range(0, 1)
+SHARE = Range(0, 1, high_open=True, note="the fraction removed: 0.35 removes 35%")
+SEED = Range(0, 2**32 - 1)  # numpy's seed range
+
+# A list's items and a mapping's values are each checked.
+CHOICES: dict[str, tuple] = {
+    "data.dataset": DATASETS,
+    "model.name": MODELS,
+    "model.output_stride": OUTPUT_STRIDES,
+    "train.optimizer": OPTIMIZERS,
+    "train.amp": AMP_MODES,
+    "loss.name": LOSSES,
+    "loss.weighting": WEIGHTINGS,
+    "loss_study.names": LOSSES,
+    "prune.scopes": PRUNE_SCOPES,
+    "prune.finetune_scopes": PRUNE_SCOPES,
+    "prune.importances": IMPORTANCES,
+    "prune.importance": IMPORTANCES,
+    "tracking.backend": TRACKING_BACKENDS,
+    "quant.observer": OBSERVERS,
+    "quant.ort_activation": ORT_ACTIVATIONS,
+    "quant.qat": QAT_MODES,
+    "quant.other_models": MODELS,
+}
+
+RANGES: dict[str, Range] = {
+    "seed": SEED,
+    "data.base_size": AT_LEAST_ONE,
+    "data.crop_size": AT_LEAST_ONE,
+    "data.scale_range": POSITIVE,
+    "data.hflip": PROBABILITY,
+    "data.color_jitter": NON_NEGATIVE,
+    "data.batch_size": AT_LEAST_ONE,
+    "data.num_workers": NON_NEGATIVE,
+    "data.max_images": Range(0, note="0: every image"),
+    "synth.train": AT_LEAST_ONE,
+    "synth.val": AT_LEAST_ONE,
+    "synth.height": Range(32),
+    "synth.width": Range(32),
+    "synth.seed": SEED,
+    "explore.grid_images": AT_LEAST_ONE,
+    "explore.max_images": Range(0, note="0: the whole split"),
+    "model.unet_base": AT_LEAST_ONE,
+    "model.head_channels": AT_LEAST_ONE,
+    "model.head_layers": NON_NEGATIVE,
+    "train.epochs": AT_LEAST_ONE,
+    "train.lr": POSITIVE,
+    "train.momentum": Range(0, 1, high_open=True),
+    "train.weight_decay": NON_NEGATIVE,
+    "train.warmup_iters": NON_NEGATIVE,
+    "train.poly_power": NON_NEGATIVE,
+    "train.aux_weight": NON_NEGATIVE,
+    "train.grad_accum": AT_LEAST_ONE,
+    "train.val_every": AT_LEAST_ONE,
+    "train.max_steps": Range(0, note="0: no limit"),
+    "loss.dice_smooth": NON_NEGATIVE,
+    "loss.ce_weight": NON_NEGATIVE,
+    "loss.dice_weight": NON_NEGATIVE,
+    "loss.focal_gamma": NON_NEGATIVE,
+    "loss_study.seeds": SEED,
+    "loss_study.epochs": Range(0, note="0: train.epochs"),
+    "prune.sparsities": SHARE,
+    "prune.finetune_sparsity": SHARE,
+    "prune.unstructured_epochs": Range(0, note="0: no fine-tune"),
+    "prune.unstructured_lr": POSITIVE,
+    "prune.ratios": SHARE,
+    "prune.layer_ratios": SHARE,
+    "prune.ratio": SHARE,
+    "prune.steps": AT_LEAST_ONE,
+    "prune.epochs": POSITIVE,
+    "prune.lr": POSITIVE,
+    "prune.kd_weight": PROBABILITY,
+    "prune.kd_temperature": POSITIVE,
+    "bench.height": AT_LEAST_ONE,
+    "bench.width": AT_LEAST_ONE,
+    "bench.warmup": NON_NEGATIVE,
+    "bench.iters": AT_LEAST_ONE,
+    "quant.calib_images": AT_LEAST_ONE,
+    "quant.calib_sweep": AT_LEAST_ONE,
+    "quant.max_loss": NON_NEGATIVE,
+    "quant.qat_epochs": POSITIVE,
+    "quant.qat_lr": Range(0, note="0: train.lr / 10"),
+    "quant.threads": Range(0, note="0: torch's default"),
+    "quant.compare_images": AT_LEAST_ONE,
+}
+
+# list keys -> (how many items, what they are); None: any number but at least one
+LENGTHS: dict[str, tuple[int | None, str]] = {
+    "data.crop_size": (2, "[height, width], e.g. [128, 256]"),
+    "data.scale_range": (2, "[min, max], e.g. [0.5, 2.0]"),
+    "loss_study.names": (None, f"losses from {', '.join(LOSSES)}"),
+    "loss_study.seeds": (None, "seeds, e.g. [0, 1]"),
+    "quant.calib_sweep": (None, "calibration image counts, e.g. [2, 8, 32]"),
+}
+
+Where = Callable[[str], str]
+
+
+def _origin(path: Path, overridden: set[str]) -> Where:
+    """key -> where its value came from, for the messages."""
+    def where(key: str) -> str:
+        if any(key == k or key.startswith(f"{k}.") for k in overridden):
+            return "set by --set/overrides"
+        return f"set in {path}"
+    return where
+
+
+def validate(cfg: Config, where: Where = lambda key: "set in the config") -> None:
+    """Every choice, range and list length, so a bad value fails at load and not minutes into a run."""
+    for key, choices in CHOICES.items():
+        for label, item in _members(key, _get(cfg, key)):
+            if item not in choices:
+                raise UserError(f"{label} is unknown; choose one of {', '.join(map(str, choices))}; {where(key)}")
+    for key, valid in RANGES.items():
+        for label, item in _members(key, _get(cfg, key)):
+            if item not in valid:
+                raise UserError(f"{label} must be {valid}; {where(key)}")
+    for key, (count, what) in LENGTHS.items():
+        value = _get(cfg, key)
+        if (count is not None and len(value) != count) or not value:
+            need = f"{count} items" if count else "at least one item"
+            raise UserError(f"{key} = {value!r} must have {need}: {what}; {where(key)}")
+    _check_special(cfg, where)
+
+
+def _check_special(cfg: Config, where: Where) -> None:
+    low, high = cfg.data.scale_range
+    if low > high:
+        raise UserError(f"data.scale_range = {cfg.data.scale_range!r} must be [min, max] with min <= max; "
+                        f"{where('data.scale_range')}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise UserError(f"device = {cfg.device!r} is unknown; choose one of {', '.join(DEVICES)}; {where('device')}")
+    if str(cfg.model.pretrained).lower() not in (*PRETRAINED, "yes", "no", "1", "0"):
+        raise UserError(f"model.pretrained = {cfg.model.pretrained!r} is unknown; choose one of "
+                        f"{', '.join(PRETRAINED)}; {where('model.pretrained')}")
+    if cfg.model.name == "deeplabv3_resnet50" and cfg.model.output_stride not in (8, 16):
+        raise UserError(f"model.output_stride = {cfg.model.output_stride} does not fit model.name = "
+                        f"deeplabv3_resnet50, which uses 8 or 16; {where('model.output_stride')}")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _members(key: str, value: Any) -> list[tuple[str, Any]]:
+    """(how a message names it, value) for a scalar, each item of a list, each value of a mapping."""
+    if isinstance(value, list):
+        return [(f"{key} = {value!r}: {item!r}", item) for item in value]
+    if isinstance(value, dict):
+        return [(f"{key}.{name} = {item!r}", item) for name, item in value.items()]
+    return [(f"{key} = {value!r}", value)]

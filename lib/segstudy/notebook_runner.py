@@ -202,14 +202,17 @@ def sweep(notebook: str | Path, grid: dict[str, list[Any]], profile: str = "demo
     name = name or f"{notebook.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = Path(base.output_root) / "sweeps" / name
     shared = {"tracking.uri": mlflow_uri(base.tracking, base.output_root), "tracking.sweep": name}
-    prepare_data(base)
-    rows = []
+    runs = []
     for combo in itertools.product(*grid.values()):
         params = dict(zip(grid, combo))
         label = ",".join(f"{k}={v[0] if isinstance(v, list) and len(v) == 1 else v}" for k, v in params.items())
         run_root = sweep_dir / re.sub(r"[^A-Za-z0-9=,._-]", "_", label)
         overrides = fixed | params | shared | {"output_root": str(run_root)}
-        load_config(profile, overrides)  # every combination is validated before it runs
+        load_config(profile, overrides)  # every combination is validated before the first one runs
+        runs.append((params, run_root, overrides))
+    prepare_data(base)
+    rows = []
+    for params, run_root, overrides in runs:
         row = {"params": params, "folder": str(run_root)}
         try:
             row["seconds"] = execute(notebook, run_root / notebook.name, profile, overrides, timeout, progress)

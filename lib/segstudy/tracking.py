@@ -21,7 +21,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def mlflow_uri(cfg: TrackingConfig, output_root: str | Path) -> str:
-    return cfg.uri or f"sqlite:///{Path(output_root).resolve()}/mlflow.db"
+    """tracking.uri, else MLflow's own MLFLOW_TRACKING_URI, else the local database under output_root."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_root).resolve()}/mlflow.db"
 
 
 def use_mlflow(cfg: TrackingConfig, output_root: str | Path):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from segstudy.data.bdd100k import BDD100KSegmentation
 from segstudy.data.cityscapes import CityscapesSegmentation, SegmentationFolder
-from segstudy.config import Config, DataConfig
+from segstudy.config import Config, DataConfig, load_config
 from segstudy.errors import UserError
 from segstudy.data.synthetic_dataset import ensure_dataset
 from segstudy.data.transforms import eval_preset, train_preset
@@ -37,7 +39,61 @@ def build_dataset(data: DataConfig, split: str, train: bool = False,
 def prepare_data(cfg: Config) -> None:
     """Generate the synthetic dataset at data.root if the profile asks for it and it is missing."""
     if cfg.data.generate and cfg.data.dataset == "cityscapes":
+        _check_generation_root(cfg)
         ensure_dataset(cfg.data.root, cfg.synth)
+
+
+def _check_generation_root(cfg: Config) -> None:
+    """Generate only at the profile's own data.root or into a folder that exists (made on purpose):
+    a mistyped root must not quietly become a new synthetic dataset that the study then trains on."""
+    root = Path(cfg.data.root)
+    if root.exists():
+        return
+    try:
+        default = Path(load_config(cfg.profile).data.root)
+    except UserError:
+        return  # a profile file outside params/: nothing to compare with
+    if root.resolve() != default.resolve():
+        raise UserError(f"data.root = {root} does not exist, and data.generate would create a new synthetic "
+                        f"dataset there (the profile's own root is {default}); fix the path, or create the empty "
+                        f"folder first (mkdir -p {root}) to generate there on purpose")
+
+
+def check_files(dataset: SegmentationFolder, split: str) -> None:
+    """Read the header of every image and label (no pixels are decoded) and compare their sizes,
+    so that a corrupt or mismatched file stops a run before it trains, not an epoch in."""
+    for sample in dataset.samples:
+        sizes = {}
+        for kind, path in (("image", sample.image), ("label", sample.label)):
+            try:
+                with Image.open(path) as im:
+                    sizes[kind] = im.size
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise UserError(f"{path} ({split} {kind}) is not a readable image ({exc}); replace the file, "
+                                f"or regenerate the dataset if it was generated") from None
+        if sizes["image"] != sizes["label"]:
+            raise UserError(f"size mismatch in the {split} split: image {sample.image} is "
+                            f"{sizes['image'][0]}x{sizes['image'][1]} but its label {sample.label} is "
+                            f"{sizes['label'][0]}x{sizes['label'][1]}")
+
+
+class _OneLineErrors(DataLoader):
+    """A UserError raised in a worker process reaches the main process wrapped by torch ("Caught
+    UserError in DataLoader worker process 0" and the worker's traceback); re-raise its one line."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except UserError as exc:
+                text = str(exc)
+                if "DataLoader worker" not in text:
+                    raise
+                raise UserError(text.strip().rsplit("UserError: ", 1)[-1]) from None
+            yield batch
 
 
 def seed_everything(seed: int) -> None:
@@ -57,7 +113,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, num_
                  device: str = "cpu", sampler=None) -> DataLoader:
     """Shuffled (train) or ordered loader; the same seed gives the same batches and crops."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
+    return _OneLineErrors(
         dataset,
         batch_size=batch_size,
         shuffle=train and sampler is None,

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from cityscapesscripts.helpers.labels import category2labels, id2label
+from PIL import Image
 from tqdm import tqdm
 
 from segstudy.data import labels
@@ -44,6 +45,17 @@ def find_predictions(pred_dir: str | Path) -> dict[str, Path]:
         if match:
             found.setdefault(match.group(1), path)
     return found
+
+
+def read_prediction(path: Path, pred_dir: str | Path) -> np.ndarray:
+    """A prediction PNG's label ids; a corrupt one is the predictions' fault, not the dataset's."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"prediction {path} is not a readable PNG (corrupt or truncated: {exc}); write the "
+                        f"predictions again (segstudy predict --model MODEL --input IMAGES --out {pred_dir}) "
+                        f"or replace the file") from exc
 
 
 class InstanceStats:
@@ -117,7 +129,7 @@ def evaluate_folder(data_root: str | Path, split: str, pred_dir: str | Path,
     for sample in tqdm(samples, desc="evaluate", unit="img", disable=not progress, mininterval=1.0):
         gt = label_ids_to_train_ids(read_label_array(sample.label), sample.label)
         path = preds[sample.stem]
-        pred = read_label_array(path)
+        pred = read_prediction(path, pred_dir)
         if pred.ndim != 2:
             raise UserError(f"prediction {path} has several channels; write single-channel labelIds")
         if pred.shape != gt.shape:

@@ -6,11 +6,12 @@ to resume exactly, and DDP under torchrun.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
-import shutil
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +23,9 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from segstudy.config import Config
-from segstudy.data.datasets import build_dataset, build_loader, prepare_data, seed_everything
+from segstudy.data.datasets import build_dataset, build_loader, check_files, prepare_data, seed_everything
 from segstudy.data.labels import NUM_CLASSES
-from segstudy.engine import measure
+from segstudy.engine import measure, run_folder
 from segstudy.engine.device import autocast_dtype, init_distributed, resolve_device
 from segstudy.engine.evaluation import confusion_over, validate
 from segstudy.errors import UserError
@@ -72,14 +73,30 @@ def poly_schedule(total_steps: int, warmup: int, power: float):
     return factor
 
 
+class DivergenceGuard:
+    """A loss that is NaN/inf, or 1000x the run's first loss, has diverged: a checkpoint written
+    after it would keep weights that are already ruined."""
+
+    def __init__(self, first: float | None = None, factor: float = 1e3):
+        self.first, self.factor = first, factor
+
+    def __call__(self, loss: float) -> None:
+        if self.first is None and math.isfinite(loss):
+            self.first = loss
+        if not math.isfinite(loss) or loss > self.factor * max(self.first, 1e-3):
+            raise FloatingPointError(f"{loss:.3g}")
+
+
 def train_one_epoch(net: nn.Module, criterion: Callable, optimizer: torch.optim.Optimizer, scheduler,
                     scaler: torch.amp.GradScaler, loader, device: torch.device, *, amp_dtype: torch.dtype | None,
                     channels_last: bool, grad_accum: int, max_batches: int,
-                    on_step: Callable[[float, int], bool]) -> tuple[float, int, bool]:
+                    on_step: Callable[[float, int], bool],
+                    guard: Callable[[float], None] | None = None) -> tuple[float, int, bool]:
     """One pass over `loader` (at most `max_batches`), stepping optimiser and LR every `grad_accum`
     batches. `on_step(loss, images seen)` runs after each optimiser step; True stops the epoch.
-    Returns (mean loss, images seen on this rank, stopped). A NaN/inf loss raises FloatingPointError
-    before it reaches the weights."""
+    Returns (mean loss, images seen on this rank, stopped). A diverged loss (`guard`, by default a
+    NaN/inf check) raises FloatingPointError before it reaches the weights."""
+    guard = guard or DivergenceGuard()
     net.train()
     seen, total, batches = 0, 0.0, 0
     for i, (image, target) in enumerate(loader):
@@ -90,11 +107,11 @@ def train_one_epoch(net: nn.Module, criterion: Callable, optimizer: torch.optim.
             image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = criterion(net(image), target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(loss.item())
+        value = loss.item()
+        guard(value)
         scaler.scale(loss / grad_accum).backward()
         seen += image.shape[0]
-        total += loss.item()
+        total += value
         batches += 1
         if (i + 1) % grad_accum == 0:
             scaler.step(optimizer)
@@ -104,17 +121,6 @@ def train_one_epoch(net: nn.Module, criterion: Callable, optimizer: torch.optim.
             if on_step(loss.item(), seen):
                 return total / batches, seen, True
     return total / max(batches, 1), seen, False
-
-
-def _archive_previous(run_dir: Path) -> None:
-    """A fresh run replaces an earlier one only once it has a checkpoint of its own; the earlier
-    run is kept as <run_dir>.previous (one generation), so a failed retrain loses nothing."""
-    previous = run_dir.with_name(run_dir.name + ".previous")
-    if previous.exists():
-        shutil.rmtree(previous)
-    run_dir.rename(previous)
-    run_dir.mkdir(parents=True)
-    print(f"[segstudy] the earlier run in {run_dir} was moved to {previous}")
 
 
 def _reused_result(result_file: Path, run_dir: Path) -> dict | None:
@@ -161,6 +167,7 @@ class TrainingRun:
     step: int = 0
     best_miou: float = -1.0
     history: list = dataclasses.field(default_factory=list)
+    guard: DivergenceGuard = dataclasses.field(default_factory=DivergenceGuard)
 
     @property
     def main(self) -> bool:
@@ -177,6 +184,8 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
         dist.barrier()
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_ds = build_dataset(cfg.data, cfg.data.val_split)
+    check_files(train_ds, cfg.data.train_split)
+    check_files(val_ds, cfg.data.val_split)
     seed_everything(cfg.seed)
     criterion = build_criterion(cfg, train_ds)
     model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(mcfg)).to(device)
@@ -211,6 +220,7 @@ def _resume(run: TrainingRun, latest: Path) -> None:
     set_rng_state(ckpt["rng"])
     run.epoch, run.step, run.best_miou = ckpt["epoch"], ckpt["step"], ckpt["best_miou"]
     run.history = json.loads(ckpt["history"])
+    run.guard = DivergenceGuard(run.history[0]["train_loss"] if run.history else None)
     print(f"[segstudy] resumed {run.mcfg.name} from {latest} at epoch {run.epoch}, step {run.step}")
 
 
@@ -254,9 +264,9 @@ def _run_epoch(run: TrainingRun, tracker: Tracker, latest: Path, progress: bool)
         mean_loss, seen, stopped = train_one_epoch(
             run.net, run.criterion, run.optimizer, run.scheduler, run.scaler, loader, run.device,
             amp_dtype=run.amp_dtype, channels_last=tcfg.channels_last, grad_accum=tcfg.grad_accum,
-            max_batches=run.steps_per_epoch * tcfg.grad_accum, on_step=on_step)
+            max_batches=run.steps_per_epoch * tcfg.grad_accum, on_step=on_step, guard=run.guard)
     except FloatingPointError as exc:
-        raise UserError(f"the loss became {exc} at step {run.step} (epoch {epoch + 1}) of {run.mcfg.name}; "
+        raise UserError(f"the loss diverged ({exc}) at step {run.step + 1} (epoch {epoch + 1}) of {run.mcfg.name}; "
                         f"training stopped, the last good checkpoint is kept "
                         f"({latest if latest.is_file() else 'none yet'}); lower train.lr or "
                         f"use train.amp: none") from None
@@ -272,11 +282,8 @@ def _validate_epoch(run: TrainingRun, tracker: Tracker) -> dict:
     return {"val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"], "val_iou": metrics["iou"]}
 
 
-def _save_epoch(run: TrainingRun, record: dict, run_dir: Path, fresh: bool) -> None:
-    """latest (always) and best (when validation improved); the first save of a fresh run moves an
-    earlier run in run_dir aside."""
-    if fresh and run_dir.is_dir() and any(run_dir.iterdir()):
-        _archive_previous(run_dir)
+def _save_epoch(run: TrainingRun, record: dict, run_dir: Path) -> None:
+    """latest (always) and best (when validation improved)."""
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "lr_scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
              "epoch": run.epoch, "step": run.step, "rng": rng_state(), "meta": run.meta,
@@ -298,23 +305,38 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
     """Train cfg.model (or `model_name`) on cfg.data; returns the run's result (also result.json),
     whose checkpoint_best the caller may register (deploy.registry).
 
-    With train.reuse and a finished run in `run_dir`, the saved result is returned instead.
+    With train.reuse and a finished run in `run_dir`, the saved result is returned instead. One
+    process at a time trains into a run folder, and a retry replaces a finished run only when it
+    finishes too (engine.run_folder).
     """
     mcfg = dataclasses.replace(cfg.model, name=model_name or cfg.model.name)
-    tcfg = cfg.train
     run_dir = Path(run_dir) if run_dir else cfg.output_dir / "runs" / mcfg.name
-    latest, result_file = run_dir / "checkpoint_latest.pt", run_dir / "result.json"
-    if tcfg.reuse and not resume and (saved := _reused_result(result_file, run_dir)):
+    if cfg.train.reuse and not resume and (saved := _reused_result(run_dir / "result.json", run_dir)):
         return saved
     run = _build_run(cfg, mcfg, resolve_device(cfg.device))
-    if resume:
-        _resume(run, latest)
-    _wrap(run)
-    tracker = _tracker(run)
-    status, stopped, train_seconds, images_seen, start_epoch = "FAILED", False, 0.0, 0, run.epoch
+    with run_folder.lock(run_dir) if run.main else contextlib.nullcontext():
+        work_dir = run_folder.work_folder(run_dir, resume) if run.main else run_dir
+        if resume:
+            _resume(run, run_dir / "checkpoint_latest.pt")
+        _wrap(run)
+        tracker = _tracker(run)
+        finished, seconds, images = _epochs(run, tracker, work_dir, resume, progress)
+        result = _finish(run, tracker, run_dir if finished else work_dir, finished, seconds, images)
+        if run.main:
+            _write_result(result, work_dir)
+            if finished:
+                run_folder.promote(work_dir, run_dir)
+    return result
+
+
+def _epochs(run: TrainingRun, tracker: Tracker, work_dir: Path, resume: bool,
+            progress: bool) -> tuple[bool, float, int]:
+    """The epoch loop: (finished, training seconds, images seen). A failure marks the run FAILED."""
+    tcfg = run.cfg.train
+    status, stopped, train_seconds, images_seen = "FAILED", False, 0.0, 0
     try:
-        for epoch in range(start_epoch, tcfg.epochs):
-            mean_loss, seen, stopped, seconds = _run_epoch(run, tracker, latest, progress)
+        for epoch in range(run.epoch, tcfg.epochs):
+            mean_loss, seen, stopped, seconds = _run_epoch(run, tracker, work_dir / "checkpoint_latest.pt", progress)
             train_seconds, images_seen = train_seconds + seconds, images_seen + seen
             if stopped:
                 break  # an interruption: the latest checkpoint stays at the last finished epoch
@@ -324,13 +346,13 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
                 record |= _validate_epoch(run, tracker)
             run.history.append(record)
             if run.main:
-                _save_epoch(run, record, run_dir, fresh=not resume and epoch == start_epoch)
+                _save_epoch(run, record, work_dir)
                 _report(run, record)
         status = "FINISHED"
     finally:
         if status != "FINISHED":
             tracker.finish("FAILED")
-    return _finish(run, tracker, run_dir, not stopped, train_seconds, images_seen)
+    return not stopped, train_seconds, images_seen
 
 
 def _finish(run: TrainingRun, tracker: Tracker, run_dir: Path, finished: bool, train_seconds: float,
@@ -349,10 +371,11 @@ def _finish(run: TrainingRun, tracker: Tracker, run_dir: Path, finished: bool, t
         result["latency_ms_eval_size"] = lat["median_ms"]
         tracker.log_metrics({"latency_ms": lat["median_ms"]}, run.step)
     tracker.finish()
-    if run.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "result.json").write_text(json.dumps(result, indent=2, default=lambda v: None if v != v else v))
     return result
+
+
+def _write_result(result: dict, work_dir: Path) -> None:
+    (work_dir / "result.json").write_text(json.dumps(result, indent=2, default=lambda v: None if v != v else v))
 
 
 def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None = None,

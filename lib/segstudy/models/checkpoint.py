@@ -3,6 +3,7 @@ atomically and read back with `torch.load(weights_only=True)`."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import zipfile
@@ -17,13 +18,36 @@ from segstudy.models.networks import build_model
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write to a temporary file, then rename: a crash never leaves a truncated checkpoint."""
+    """Write to a temporary file named after this process, then rename: a crash never leaves a
+    truncated checkpoint, and two processes never write the same temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    remove_stale_temporaries(path.parent, path.name)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, name: str = "*") -> None:
+    """Delete `<name>.<pid>.tmp` files left by writers that were killed (their PID is gone)."""
+    for tmp in Path(folder).glob(f"{name}.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not pid.isdigit() or not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
 
 
 def save_model(model: nn.Module, meta: dict, path: str | Path, **info) -> Path:
@@ -39,10 +63,16 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"checkpoint {path} does not exist; train first (segstudy train) or "
                         f"point at an existing checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError,
+            TypeError, AttributeError, OSError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{path} is not a readable checkpoint (corrupt, truncated or not saved by "
-                        f"segstudy: {str(exc).splitlines()[0]}); delete it and train again") from exc
+                        f"segstudy: {first}); delete it and train again") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is a torch file but not a segstudy checkpoint (no 'model' entry); "
+                        f"point at a checkpoint written by segstudy train")
+    return ckpt
 
 
 def check_meta(ckpt: dict, model_name: str, num_classes: int, path: str | Path) -> None:
@@ -86,8 +116,13 @@ def load_trained(checkpoint: str | Path) -> nn.Module:
     if "meta" not in ckpt or "model_config" not in ckpt["meta"]:
         raise UserError(f"{checkpoint} has no segstudy model metadata; it was not written by segstudy train")
     mc = ckpt["meta"]["model_config"]
+    known = set(inspect.signature(build_model).parameters)
+    if not isinstance(mc, dict) or set(mc) - known:
+        unknown = sorted(set(mc) - known) if isinstance(mc, dict) else mc
+        raise UserError(f"{checkpoint}: its model metadata has keys this segstudy does not know ({unknown}); "
+                        f"it was written by another version: retrain, or load it with that version")
     # the checkpoint holds the weights: no need to look for pretrained ones
-    model = build_model(num_classes=ckpt["meta"]["num_classes"], **(mc | {"pretrained": False}))
+    model = build_model(num_classes=ckpt["meta"].get("num_classes", 19), **(mc | {"pretrained": False}))
     if ckpt["meta"].get("pruned") == "structured":
         reshape_to(model, ckpt["model"])  # fewer channels than build_model makes
     load_model_state(model, ckpt["model"], checkpoint)
