@@ -10,6 +10,8 @@ start=$(date +%s)
 segstudy run "$profile" "$@"
 echo "[run_all] profile $profile finished in $(( $(date +%s) - start )) s; outputs in outputs/$profile/"
 out=$(python -c 'import sys; from segstudy.config import load_config; print(load_config(sys.argv[1]).output_dir)' "$profile")
+root=$(dirname "$out")
+echo "[run_all] disk: $(du -sh "$root" | cut -f1) in $root ($(du -sh "$out" | cut -f1) in $out; the rest: data, MLflow)"
 if [ -f "$out/report.html" ]; then
     echo "[run_all] report: $out/report.html (every notebook: $out/index.html)"
 else

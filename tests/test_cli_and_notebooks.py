@@ -153,6 +153,7 @@ def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     assert onnx_fp32["max_abs"] < 1e-3 and onnx_fp32["pixel_agreement"] > 0.999
     assert set(result["calibration_sweep"]) == {"2", "4"} and result["qat"]["ran"]
     assert result["pruned"]["available"] is False  # notebook 04 did not run: said, not failed
+    assert result["provenance"]["profile"] == "smoke" and result["provenance"]["torch"].startswith("2.14.1")
     assert set(result["targets"]) == {"int8 PTQ torch FX", "int8 ONNX Runtime", "int8 QAT torch FX"}
     for name in ("variants.png", "per_class_iou_delta.png", "miou_vs_calibration_images.png", "custom_fp32.onnx",
                  "custom_int8.onnx", "custom_int8_fx.pt", "custom_int8_qat.pt"):

@@ -169,7 +169,7 @@ def _leaf_fields(cls: type = Config, prefix: str = ""):
 
 FREE_TEXT = {"profile", "output_root", "data.root", "data.train_split", "data.val_split", "tracking.experiment",
              "tracking.uri", "tracking.sweep"}
-SPECIAL = {"device", "model.pretrained"}  # checked by a pattern / with the YAML booleans
+SPECIAL = {"device", "model.pretrained", "overrides"}  # a pattern / the YAML booleans / set by load_config
 
 
 def test_every_parameter_has_a_rule():

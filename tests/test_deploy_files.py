@@ -97,8 +97,11 @@ def test_dockerfile_pins_and_commands():
     assert 'CMD ["./run_all.sh", "full"]' in train and "scripts/setup_env.sh" in train
     pins = re.findall(r'"(torch|torchvision)==([\d.]+)"', (ROOT / "pyproject.toml").read_text())
     assert dict(pins) == {"torch": "2.14.1", "torchvision": "0.29.1"}
-    assert "torch==2.14.1 torchvision==0.29.1" in serve  # the CPU wheels of the same pins
-    assert re.search(r'mlflow models serve -m "\$MODEL_URI" --env-manager local -h 0\.0\.0\.0 -p "\$PORT"', serve)
+    assert "ARG SEGSTUDY_TORCH=cpu" in serve and "requirements.lock" in serve  # CPU wheels of the locked pins
+    assert re.search(r'mlflow models serve -m \\"\$MODEL_URI\\" --env-manager local -h 0\.0\.0\.0 -p \\"\$PORT', serve)
+    for stage in (train, serve):  # dependencies before the code, so a code change reuses that layer
+        assert stage.index("requirements.lock") < stage.index("COPY lib/" if "COPY lib/" in stage else "COPY . .")
+        assert re.search(r"^USER 10001$", stage, flags=re.M) and "SEGSTUDY_EXTRAS= " in stage  # no root, no dev
     assert "EXPOSE 8080" in serve and "/ping" in serve
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".git", ".venv", "outputs"} <= set(ignored)
+    assert {".git", ".venv", "outputs", "**/*.egg-info"} <= set(ignored)

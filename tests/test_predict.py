@@ -78,6 +78,12 @@ def test_predict_bad_input(smoke_model, tiny_root, tmp_path, capsys):
     bad.write_bytes((tiny_root / "leftImg8bit" / "val").rglob("*.png").__next__().read_bytes()[:300])
     assert "is a truncated or corrupt PNG" in err("--model", ckpt, "--input", str(bad.parent), "--out",
                                                   str(tmp_path / "o"))
+    strip = tmp_path / "strip" / "strip.png"  # 8 MP, under the pixel limit, but 8,000,000:1
+    strip.parent.mkdir()
+    Image.new("L", (1, 8_000_000)).save(strip)
+    msg = err("--model", ckpt, "--input", str(strip), "--out", str(tmp_path / "o"))
+    assert f"{strip} is 1x8000000, an aspect ratio of 8,000,000:1" in msg
+    assert "crop it to at most 8:1, or remove it from --input" in msg and "send" not in msg
 
 
 def test_argmax_classes_equals_argmax_including_ties():
@@ -116,4 +122,4 @@ def test_decode_image_gives_pils_rgb_pixels():
         with pytest.raises(UserError, match=rf"{what} is a truncated or corrupt (PNG|JPEG)"):
             inference.decode_image(bad, what)
     with pytest.raises(UserError, match=r"x.png is 40x24 \(960 pixels\), more than the limit of 500"):
-        inference.decode_image(_encoded(images["RGB"]), "x.png", max_pixels=500)
+        inference.decode_image(_encoded(images["RGB"]), "x.png", inference.SizeLimits(24, max_pixels=500))

@@ -109,6 +109,13 @@ def test_notebook_06_and_report_on_smoke(tmp_path, tiny_root):
     assert 'href="report.html"' in index and 'href="06_report_figures.html"' in index
     assert f"{timings['06_report_figures']:.1f} s" in index
     assert "00_data_exploration (not run" in index
+    # provenance: the commit, the locked environment, the machine, the profile and its overrides
+    stamp = json.loads((out / "provenance.json").read_text())
+    assert stamp["profile"] == "smoke" and stamp["overrides"]["output_root"] == str(root)
+    assert stamp["commit"] and stamp["lock_sha256"] and stamp["cpu"] and stamp["started"] <= stamp["finished"]
+    for html_page in (page, index):
+        assert 'class="segstudy-provenance"' in html_page and stamp["commit"] in html_page
+        assert f"requirements.lock {stamp['lock_sha256']}" in html_page
 
 
 def test_recommendation_rule_and_pool(tmp_path):

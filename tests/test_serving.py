@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -15,13 +16,18 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import scoring_server
 from PIL import Image
 
 from segstudy.cli import main
 from segstudy.config import load_config
 from segstudy.deploy import registry
+from segstudy.deploy.serving import example_image
 from segstudy.errors import UserError
 
 BIN = Path(sys.executable).parent
@@ -101,6 +107,17 @@ def test_registered_with_alias_and_metric_tags(registered, smoke_model):
     assert float(mv.tags["val_miou"]) == pytest.approx(smoke_model["best_miou"], rel=1e-5)
     assert mv.tags["format"] == "torch" and mv.tags["base_size"] == "64"
     assert registry.resolve(cfg, "models:/segstudy-custom@champion")["version"] == version["version"]
+    run = mlflow.MlflowClient(registered["db"]).get_run(version["run_id"])
+    assert run.data.tags["segstudy.commit"] and run.data.tags["segstudy.lock_sha256"]  # provenance tags
+
+
+def test_the_logged_model_carries_its_code(registered):
+    """Servable without this checkout: segstudy's code is logged with the model, not required from an index."""
+    mlflow.set_tracking_uri(registered["db"])
+    local = Path(mlflow.artifacts.download_artifacts("models:/segstudy-custom@champion"))
+    assert (local / "code" / "segstudy" / "deploy" / "serving.py").is_file()
+    requirements = (local / "requirements.txt").read_text()
+    assert "segstudy" not in requirements and "torch==" in requirements and "cityscapesscripts==" in requirements
 
 
 def test_registry_errors_name_the_uri_and_list_versions(registered, capsys):
@@ -150,6 +167,10 @@ def test_bad_requests_get_400_with_a_reason_and_the_server_keeps_answering(serve
     flipped = png[:at] + bytes([png[at] ^ 1]) + png[at + 1:]  # the chunk's checksum no longer matches
     big = io.BytesIO()
     Image.new("RGB", (4100, 2100)).save(big, format="PNG")  # 8.6 MP > the 8.4 MP limit; compresses to KBs
+    strips = {}
+    for width, height in ((1, 8_000_000), (16, 524_288)):  # under 8.4 MP, but pre-processing would scale them up
+        strips[width] = io.BytesIO()
+        Image.new("L", (width, height)).save(strips[width], format="PNG")
     cases = {
         "not an image": (_images(b"hello, not an image"), "image 0 is not an image"),
         "empty list": (_images(), "the request holds no images (an empty list)"),
@@ -157,7 +178,12 @@ def test_bad_requests_get_400_with_a_reason_and_the_server_keeps_answering(serve
         "corrupt PNG": (_images(flipped), "image 0 is a truncated or corrupt PNG"),
         "too large": (_images(big.getvalue()),
                       "image 0 is 4100x2100 (8,610,000 pixels), more than the limit of 8,388,608 (8.4 MP)"),
+        "1x8000000": (_images(strips[1].getvalue()),
+                      "image 0 is 1x8000000, an aspect ratio of 8,000,000:1 (longer to shorter side), more than "
+                      "the limit of 8:1; send images of at most 8:1"),
+        "16x524288": (_images(png, strips[16].getvalue()), "image 1 is 16x524288, an aspect ratio of 32,768:1"),
         "not base64": (_images("%%% not base64 %%%"), "image 0 is not valid base64"),
+        "not JSON": (b'{"dataframe_split": ' + b"x" * 1_000_000, "Ensure that input is a valid JSON formatted string"),
         "wrong column": (json.dumps({"dataframe_split": {"columns": ["img"], "data": [["x"]]}}).encode(),
                          "missing inputs ['image']"),
     }
@@ -165,6 +191,29 @@ def test_bad_requests_get_400_with_a_reason_and_the_server_keeps_answering(serve
         status, answer = _request(server + "/invocations", body)
         assert 400 <= status < 500, (what, status, answer)
         assert reason in answer["message"], (what, answer)
+        assert "stack_trace" not in answer and "Traceback" not in answer["message"], (what, answer)
+        assert len(answer["message"]) < 5000, (what, len(answer["message"]))  # a 1 MB body is not quoted whole
         assert _request(server + "/ping")[0] == 200
     status, answer = _request(server + "/invocations", _images(png))
     assert status == 200 and len(answer["predictions"]) == 1
+
+
+def test_an_internal_error_is_one_line_without_a_stack_trace(registered, caplog):
+    """MLflow's own scoring function, in-process, with a network that fails: the server answers
+    `serialize_as_json()` of what it raises (scoring_server._async_catch_mlflow_exception)."""
+    mlflow.set_tracking_uri(registered["db"])
+    pyfunc = mlflow.pyfunc.load_model("models:/segstudy-custom@champion")
+    model = pyfunc.unwrap_python_model()
+
+    def fail(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the network broke")
+
+    model.engine = dataclasses.replace(model.engine, run=fail)
+    with pytest.raises(MlflowException) as info:
+        scoring_server.invocations(_images(example_image()), "application/json", pyfunc,
+                                   pyfunc.metadata.get_input_schema())
+    body = info.value.serialize_as_json()
+    assert info.value.get_http_status_code() == 500
+    assert "internal error while segmenting (RuntimeError); the server's log has the details" in body
+    assert "stack_trace" not in body and "Traceback" not in body and "the network broke" not in body
+    assert "RuntimeError: the network broke" in caplog.text  # the traceback goes to the server's log

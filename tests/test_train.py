@@ -80,8 +80,7 @@ def test_failed_retries_never_replace_a_finished_run(tmp_path, tiny_root):
     cfg = _cfg(tmp_path, tiny_root, **{"train.epochs": 1})
     train(cfg, progress=False)
     run_dir = tmp_path / "out" / "smoke" / "runs" / "custom"
-    before = {name: (run_dir / name).read_bytes() for name in ("checkpoint_latest.pt", "checkpoint_best.pt",
-                                                              "result.json")}
+    before = {name: (run_dir / name).read_bytes() for name in ("checkpoint_best.pt", "result.json")}
     bad = _cfg(tmp_path, tiny_root, **{"train.epochs": 2, "train.lr": 1e30, "train.reuse": False})
     for _ in range(2):  # two failed retries in a row
         with pytest.raises(UserError, match="the loss diverged .* last good checkpoint is kept"):
@@ -92,7 +91,7 @@ def test_failed_retries_never_replace_a_finished_run(tmp_path, tiny_root):
     result = train(_cfg(tmp_path, tiny_root, **{"train.epochs": 1, "seed": 1, "train.reuse": False}),
                    progress=False)
     previous = run_dir.with_name("custom.previous")
-    assert (previous / "checkpoint_latest.pt").read_bytes() == before["checkpoint_latest.pt"]
+    assert (previous / "checkpoint_best.pt").read_bytes() == before["checkpoint_best.pt"]
     assert result["checkpoint_best"] == str(run_dir / "checkpoint_best.pt") and result["run_dir"] == str(run_dir)
     assert json.loads((run_dir / "result.json").read_text())["history"] == result["history"]
     assert not list(run_dir.parent.glob("*.tmp")) and not list(run_dir.glob("*.tmp"))
@@ -148,6 +147,12 @@ def test_bad_checkpoints(tmp_path, tiny_root):
         train(_cfg(tmp_path, tiny_root), resume=True, progress=False)
     train(_cfg(tmp_path, tiny_root, **{"train.epochs": 1, "model.name": "unet"}), progress=False)
     run_dir = tmp_path / "out" / "smoke" / "runs" / "unet"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_best.pt", "result.json"]  # no optimizer state
+    with pytest.raises(UserError, match="finished, so it keeps no state to resume from"):
+        train(_cfg(tmp_path, tiny_root, **{"model.name": "unet"}), resume=True, progress=False)
+    # interrupted in its second epoch (4 steps an epoch): the resumable state of epoch 1 stays
+    train(_cfg(tmp_path, tiny_root, **{"train.epochs": 2, "train.max_steps": 5, "model.name": "unet",
+                                       "train.reuse": False}), progress=False)
     with pytest.raises(UserError, match="holds a 'unet' model .* but the params ask for 'custom'"):
         train(_cfg(tmp_path, tiny_root), resume=True, run_dir=run_dir, progress=False)
     (run_dir / "checkpoint_latest.pt").write_bytes(b"not a checkpoint")

@@ -210,6 +210,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    overrides: dict[str, Any] = field(default_factory=dict)  # set by load_config: what --set changed
 
     @property
     def output_dir(self) -> Path:
@@ -257,6 +258,7 @@ def load_config(profile: str | os.PathLike = "demo",
     cfg = _build(Config, raw, path, prefix="")
     validate(cfg, _origin(path, set(parsed)))
     _resolve_paths(cfg, base=path.parent.resolve())
+    cfg.overrides = parsed
     return cfg
 
 

@@ -24,6 +24,7 @@ from nbconvert import HTMLExporter
 
 from segstudy.config import PROJECT_ROOT, load_config, resolve_profile
 from segstudy.data.datasets import prepare_data
+from segstudy.engine import provenance
 from segstudy.errors import UserError
 from segstudy.tracking import mlflow_uri
 
@@ -107,6 +108,7 @@ def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None
     prepare_data(cfg)
     out_dir = cfg.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
+    started = provenance.now()
     timings: dict[str, float] = {}
     timing_file = out_dir / "timings.json"
     if timing_file.is_file():
@@ -117,20 +119,26 @@ def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None
             timings.update(json.loads(timing_file.read_text()))
         timings[nb.stem] = seconds
         timing_file.write_text(json.dumps(timings, indent=2))
-    write_pages(out_dir, notebooks_dir, timings, ran=[nb.stem for nb in notebooks])
+    stamp = provenance.stamp(cfg, started=started, finished=provenance.now())
+    (out_dir / "provenance.json").write_text(json.dumps(stamp | {"notebooks": [nb.stem for nb in notebooks]},
+                                                        indent=2))
+    write_pages(out_dir, notebooks_dir, timings, ran=[nb.stem for nb in notebooks], stamp=stamp)
     return {nb.stem: timings[nb.stem] for nb in notebooks}
 
 
-def write_pages(out_dir: Path, notebooks_dir: Path, timings: dict[str, float], ran: list[str]) -> None:
-    """report.html (when notebook 06 ran) and index.html linking every executed notebook."""
+def write_pages(out_dir: Path, notebooks_dir: Path, timings: dict[str, float], ran: list[str],
+                stamp: dict | None = None) -> None:
+    """report.html (when notebook 06 ran) and index.html linking every executed notebook, each
+    opening with the provenance stamp of the run that wrote it."""
+    block = provenance.as_html(stamp) if stamp else ""
     if REPORT_NOTEBOOK in ran:
-        path = write_report(out_dir / f"{REPORT_NOTEBOOK}.ipynb", out_dir / "report.html")
+        path = write_report(out_dir / f"{REPORT_NOTEBOOK}.ipynb", out_dir / "report.html", block)
         print(f"[segstudy] report: {path}", flush=True)
-    index = write_index(out_dir, [nb.stem for nb in list_notebooks(notebooks_dir)], timings)
+    index = write_index(out_dir, [nb.stem for nb in list_notebooks(notebooks_dir)], timings, block)
     print(f"[segstudy] index: {index}", flush=True)
 
 
-def write_report(executed: Path, out: Path) -> Path:
+def write_report(executed: Path, out: Path, header: str = "") -> Path:
     """report.html from the executed notebook 06: code hidden, stream outputs (progress bars,
     prints) dropped, figures embedded as data URIs, so the file stands alone."""
     nb = _read_without_streams(executed, ("stdout", "stderr"))
@@ -138,11 +146,13 @@ def write_report(executed: Path, out: Path) -> Path:
     nb.metadata["title"] = title
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    if header:  # right after <main>, where nbconvert's lab template starts the page's content
+        body = re.sub(r"(<main[^>]*>)", lambda m: m[1] + header, body, count=1) if "<main" in body else header + body
     out.write_text(body, encoding="utf-8")
     return out
 
 
-def write_index(out_dir: Path, notebooks: list[str], timings: dict[str, float]) -> Path:
+def write_index(out_dir: Path, notebooks: list[str], timings: dict[str, float], header: str = "") -> Path:
     """index.html: the report and every notebook's HTML with its wall time (timings.json)."""
     items = []
     for stem in notebooks:
@@ -158,7 +168,7 @@ def write_index(out_dir: Path, notebooks: list[str], timings: dict[str, float]) 
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>segstudy: {out_dir.name}</title>
 <style>body{{font-family:sans-serif;max-width:46em;margin:2em auto}} td{{padding:2px 14px 2px 0}}</style>
-</head><body><h1>segstudy, profile {html.escape(out_dir.name)}</h1>{report}
+</head><body><h1>segstudy, profile {html.escape(out_dir.name)}</h1>{header}{report}
 <h2>Executed notebooks</h2><table><tr><th align="left">notebook</th><th>wall time</th></tr>
 {chr(10).join(items)}
 <tr><td><b>total</b></td><td style='text-align:right'><b>{total:.1f} s</b></td></tr></table>

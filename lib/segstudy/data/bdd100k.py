@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from segstudy.data.cityscapes import Sample, SegmentationFolder, read_label_array
-from segstudy.errors import UserError
 from segstudy.data.labels import IGNORE_INDEX, NUM_CLASSES
+from segstudy.errors import UserError
 
 
 def bdd100k_samples(root: str | Path, split: str) -> list[Sample]:

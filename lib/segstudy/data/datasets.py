@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from segstudy.config import Config, DataConfig, load_config
 from segstudy.data.bdd100k import BDD100KSegmentation
 from segstudy.data.cityscapes import CityscapesSegmentation, SegmentationFolder
-from segstudy.config import Config, DataConfig, load_config
-from segstudy.errors import UserError
 from segstudy.data.synthetic_dataset import ensure_dataset
 from segstudy.data.transforms import eval_preset, train_preset
+from segstudy.errors import UserError
 
 DATASETS = {"cityscapes": CityscapesSegmentation, "bdd100k": BDD100KSegmentation}
 

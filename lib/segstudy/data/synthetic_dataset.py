@@ -24,9 +24,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from segstudy.config import SynthConfig
-from segstudy.errors import UserError
 from segstudy.data.labels import colorize_label_ids
 from segstudy.data.synthetic_scene import render
+from segstudy.errors import UserError
 
 MARKER = "SYNTH.json"  # written at the dataset root; says "this folder was generated"
 CITIES = {"train": ["synthburg", "pixelton", "rendermund"], "val": ["valdorf", "testhausen"]}

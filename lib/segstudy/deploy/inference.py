@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import binascii
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import imagecodecs
 import numpy as np
@@ -28,10 +30,44 @@ from segstudy.data import labels
 from segstudy.data.transforms import eval_preset
 from segstudy.errors import UserError
 
-# Largest image the served model accepts: 4x a Cityscapes frame (2048x1024). Larger requests are
-# refused before decoding, so one request cannot take the server's memory.
+# Largest image accepted (served or predicted): 4x a Cityscapes frame (2048x1024). The labels come
+# back at this size: the logits upsampled to it take 19 x 4 B = 76 B per pixel, 0.64 GB here.
 MAX_PIXELS = 4096 * 2048
+# Street scenes are 2:1 (Cityscapes) or 16:9 (BDD100K), ultra-wide and stitched panoramas 4-6:1;
+# beyond 8:1 an image is a strip, and since pre-processing scales its shorter side *up* to
+# base_size, the network's input grows with the ratio (1x8,000,000 at base_size 64: a 393 GB tensor).
+MAX_ASPECT = 8
+# Largest network input after pre-processing: a full Cityscapes frame, the largest the study runs
+# (full profile, base_size 1024). The forward pass takes up to ~1.4 KB per input pixel (U-Net
+# width 64; the ResNet-50 models 0.3-0.7 KB at output stride 16-8, measured on CPU), so ~3 GB at
+# most, plus the 0.64 GB of upsampled logits above.
+MAX_NETWORK_PIXELS = 2048 * 1024
 IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """What decode_image refuses from an image's header, before any pixel is decoded."""
+
+    base_size: int  # pre-processing scales the shorter side to this
+    max_pixels: int = MAX_PIXELS
+    max_aspect: float = MAX_ASPECT
+    max_network_pixels: int = MAX_NETWORK_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.base_size ** 2 > self.max_network_pixels:
+            raise UserError(f"base_size {self.base_size} makes even a square image larger than the limit of "
+                            f"{self.max_network_pixels:,} network pixels; use a base_size of at most "
+                            f"{math.isqrt(self.max_network_pixels)}")
+
+
+class ImageTooLarge(UserError):
+    """An image refused by its size. `reason` names it and the limit; predict and the server each add
+    what to do: `kind` "pixels" (downscale it to at most `limit`) or "aspect" (crop it to at most `limit`)."""
+
+    def __init__(self, reason: str, kind: Literal["pixels", "aspect"], limit: str):
+        super().__init__(reason)
+        self.reason, self.kind, self.limit = reason, kind, limit
 
 
 @dataclass
@@ -87,29 +123,28 @@ def _onnx_engine(path: Path) -> Engine:
     return Engine("onnx", str(path), run, fixed)
 
 
-def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, what: str = "image", limits: SizeLimits | None = None) -> np.ndarray:
     """PNG/JPEG bytes -> (H, W, 3) uint8 RGB; every way the bytes can be wrong is a UserError saying which.
 
-    PIL reads the header (format and size are checked before any pixel is decoded) and decodes
-    JPEG and unusual PNGs (grey, palette, alpha, 16 bit: PIL's `convert("RGB")`). An 8-bit RGB PNG,
-    what cameras and Cityscapes give, goes to libpng through imagecodecs, which is faster than PIL
-    (decoding is the largest cost of a served request after the forward pass; docs/serving.md has
-    the figures). torchvision's decode_png is not an option for untrusted bytes: a corrupt IDAT
-    checksum crashes the process."""
+    PIL reads the header (format, and size against `limits`, are checked before any pixel is
+    decoded) and decodes JPEG and unusual PNGs (grey, palette, alpha, 16 bit: PIL's `convert("RGB")`).
+    An 8-bit RGB PNG, what cameras and Cityscapes give, goes to libpng through imagecodecs, which is
+    faster than PIL (decoding is the largest cost of a served request after the forward pass;
+    docs/serving.md has the figures). torchvision's decode_png is not an option for untrusted bytes:
+    a corrupt IDAT checksum crashes the process."""
     if not data:
         raise UserError(f"{what} is empty; send PNG or JPEG bytes")
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours
-        limit = (max_pixels or MAX_PIXELS) / 1e6
-        raise UserError(f"{what} is far too large ({exc}); send at most {limit:.1f} MP") from None
+        limit = f"{(limits.max_pixels if limits else MAX_PIXELS) / 1e6:.1f} MP"
+        raise ImageTooLarge(f"{what} is far too large ({exc})", "pixels", limit) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{what} is not an image ({len(data)} bytes that are neither PNG nor JPEG)") from exc
     if im.format not in IMAGE_FORMATS:
         raise UserError(f"{what} is a {im.format} image; send PNG or JPEG")
-    if max_pixels and im.width * im.height > max_pixels:  # checked from the header, before decoding
-        raise UserError(f"{what} is {im.width}x{im.height} ({im.width * im.height:,} pixels), more than the limit "
-                        f"of {max_pixels:,} ({max_pixels / 1e6:.1f} MP); downscale it first")
+    if limits:
+        check_size(im.width, im.height, limits, what)
     try:
         if im.format == "PNG" and im.mode == "RGB":
             pixels = imagecodecs.png_decode(data)
@@ -122,7 +157,7 @@ def decode_image(data: bytes, what: str = "image", max_pixels: int | None = None
     return np.array(im if im.mode == "RGB" else im.convert("RGB"))  # a writable copy, as torch wants
 
 
-def decode_base64_image(text: str, what: str = "image", max_pixels: int | None = None) -> np.ndarray:
+def decode_base64_image(text: str, what: str = "image", limits: SizeLimits | None = None) -> np.ndarray:
     if not isinstance(text, str):
         raise UserError(f"{what} is not a string (got {type(text).__name__}); send base64 PNG/JPEG bytes")
     try:
@@ -131,7 +166,44 @@ def decode_base64_image(text: str, what: str = "image", max_pixels: int | None =
         data = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise UserError(f"{what} is not valid base64 ({exc}); send base64-encoded PNG or JPEG bytes") from exc
-    return decode_image(data, what, max_pixels)
+    return decode_image(data, what, limits)
+
+
+def resized_size(width: int, height: int, base_size: int) -> tuple[int, int]:
+    """(width, height) after pre-processing: the shorter side scaled to base_size, as torchvision's
+    Resize(base_size) computes it (the longer side rounded down)."""
+    short, long = sorted((width, height))
+    new_long = int(base_size * long / short)
+    return (base_size, new_long) if width <= height else (new_long, base_size)
+
+
+def check_size(width: int, height: int, limits: SizeLimits, what: str = "image") -> None:
+    """Raise ImageTooLarge for an image over the pixel limit, the aspect limit, or the network-input
+    limit once pre-processing has scaled it; the last two are fixed by cropping, the first by
+    downscaling."""
+    pixels = width * height
+    if not pixels:
+        raise UserError(f"{what} is {width}x{height}: it has no pixels")
+    if pixels > limits.max_pixels:
+        raise ImageTooLarge(f"{what} is {width}x{height} ({pixels:,} pixels), more than the limit of "
+                            f"{limits.max_pixels:,} ({limits.max_pixels / 1e6:.1f} MP)", "pixels",
+                            f"{limits.max_pixels / 1e6:.1f} MP")
+    aspect = max(width, height) / min(width, height)
+    if aspect > limits.max_aspect:
+        raise ImageTooLarge(f"{what} is {width}x{height}, an aspect ratio of {_ratio(aspect)} (longer to "
+                            f"shorter side), more than the limit of {_ratio(limits.max_aspect)}", "aspect",
+                            _ratio(limits.max_aspect))
+    net_w, net_h = resized_size(width, height, limits.base_size)
+    if net_w * net_h > limits.max_network_pixels:
+        fits = min(limits.max_aspect, limits.max_network_pixels / limits.base_size ** 2)
+        raise ImageTooLarge(f"{what} is {width}x{height}; with its shorter side scaled to base_size "
+                            f"{limits.base_size}, the network would run at {net_w}x{net_h} ({net_w * net_h:,} "
+                            f"pixels), more than the limit of {limits.max_network_pixels:,}", "aspect",
+                            _ratio(math.floor(fits * 10) / 10))
+
+
+def _ratio(aspect: float) -> str:
+    return f"{aspect:,.0f}:1" if aspect >= 100 else f"{aspect:.3g}:1"
 
 
 def preprocess(image: np.ndarray, base_size: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +27,38 @@ def is_model_uri(model: str) -> bool:
     return model.startswith(("models:/", "runs:/")) or "://" in model
 
 
-def load_segmenter(model: str | Path, cfg: Config) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """(image -> train ids, description) for a checkpoint, an .onnx file or an MLflow model URI.
+@dataclass(frozen=True)
+class Segmenter:
+    segment: Callable[[np.ndarray], np.ndarray]  # (H, W, 3) uint8 RGB -> (H, W) train ids
+    description: str
+    limits: inference.SizeLimits  # the sizes it accepts, checked from each file's header
+
+
+def load_segmenter(model: str | Path, cfg: Config) -> Segmenter:
+    """The segmenter of a checkpoint, an .onnx file or an MLflow model URI.
 
     A file is pre-processed with the profile's data.base_size; a registered model carries the
-    base_size it was registered with (so predict and the server agree)."""
+    base_size and pixel limit it was registered with (so predict and the server agree)."""
     if is_model_uri(str(model)):
         from segstudy.deploy import registry
 
         seg = registry.load(cfg, str(model))  # a missing model/alias fails here, naming what exists
-        return seg.segment, f"{model} ({seg.engine.kind}, base_size {seg.base_size})"
+        return Segmenter(seg.segment, f"{model} ({seg.engine.kind}, base_size {seg.base_size})", seg.limits)
     engine = inference.load_engine(model)
     base_size = cfg.data.base_size
-    return (lambda image: inference.segment(engine, image, base_size),
-            f"{model} ({engine.kind}, base_size {base_size})")
+    return Segmenter(lambda image: inference.segment(engine, image, base_size),
+                     f"{model} ({engine.kind}, base_size {base_size})", inference.SizeLimits(base_size))
+
+
+def read_image(path: Path, limits: inference.SizeLimits) -> np.ndarray:
+    """Decode one input file; a file refused by its size or content stops predict, naming it and the fix."""
+    try:
+        return inference.decode_image(path.read_bytes(), str(path), limits)
+    except inference.ImageTooLarge as exc:
+        fix = "downscale" if exc.kind == "pixels" else "crop"
+        raise UserError(f"{exc.reason}; {fix} it to at most {exc.limit}, or remove it from --input") from None
+    except UserError as exc:
+        raise UserError(f"{exc}; remove or replace the file") from None
 
 
 def find_images(inputs: Sequence[str | Path], exclude: Path | None = None) -> list[tuple[Path, Path]]:
@@ -73,17 +92,14 @@ def predict(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path
     Returns {"images", "seconds", "out_dir", "model"}."""
     out_dir = Path(out_dir)
     images = find_images(inputs, exclude=out_dir.resolve())
-    segment, described = load_segmenter(model, cfg)  # before any output is written: fail early
+    segmenter = load_segmenter(model, cfg)  # before any output is written: fail early
     start = time.perf_counter()
     for path, relative in tqdm(images, desc="predict", unit="img", disable=not progress, mininterval=2.0):
-        try:
-            image = inference.decode_image(path.read_bytes(), str(path))
-        except UserError as exc:
-            raise UserError(f"{exc}; remove or replace the file") from None
-        train_ids = segment(image)
+        image = read_image(path, segmenter.limits)
+        train_ids = segmenter.segment(image)
         stem = out_dir / output_stem(relative)
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_name(stem.name + "_labelIds.png").write_bytes(inference.label_ids_png(train_ids))
         inference.overlay(image, train_ids).save(stem.with_name(stem.name + "_color.png"))
     return {"images": len(images), "seconds": time.perf_counter() - start, "out_dir": str(out_dir),
-            "model": described}
+            "model": segmenter.description}

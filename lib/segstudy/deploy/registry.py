@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from segstudy.config import Config
+from segstudy.engine import provenance
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_checkpoint, save_checkpoint
 from segstudy.tracking import mlflow_uri, use_mlflow
@@ -55,7 +56,8 @@ def register(cfg: Config, model: str | Path, name: str, metrics: dict[str, float
     mlflow = use_mlflow(cfg.tracking, cfg.output_root)
     base_size = int(base_size or cfg.data.base_size)
     with mlflow.start_run(run_name=f"register-{name}", nested=mlflow.active_run() is not None,
-                          tags={"profile": cfg.profile, "registered_model": name} | (tags or {})) as run:
+                          tags={"profile": cfg.profile, "registered_model": name} | (tags or {})
+                          | provenance.as_tags(provenance.stamp(cfg))) as run:
         mlflow.log_params({"source": str(model), "base_size": base_size})
         if metrics:
             mlflow.log_metrics({k.replace(" ", "_"): v for k, v in metrics.items() if v == v})
@@ -75,19 +77,19 @@ def register(cfg: Config, model: str | Path, name: str, metrics: dict[str, float
 
 
 def log_trained(cfg: Config, result: dict) -> str | None:
-    """Log a finished training's final weights into its own MLflow run as the servable model, a new
-    version of segstudy-<model> without alias (tracking.log_model, tracking.register); the studies
-    register the best checkpoint with an alias. Returns the logged model's URI, None when off."""
+    """Log a finished training's best weights into its own MLflow run as the servable model, a new
+    version of segstudy-<model> without alias (tracking.log_model, tracking.register): what
+    `segstudy train` does. The notebooks register the same checkpoint with an alias instead
+    (register), so the weights are stored once. Returns the logged model's URI, None when off."""
     from segstudy.deploy.serving import log_servable
 
     t = cfg.tracking
     if (t.backend != "mlflow" or not t.log_model or not result.get("finished") or result.get("reused")
-            or not result.get("mlflow_run_id")):
+            or not result.get("mlflow_run_id") or not result.get("checkpoint_best")):
         return None
-    ckpt = load_checkpoint(Path(result["run_dir"]) / "checkpoint_latest.pt")
+    ckpt = load_checkpoint(result["checkpoint_best"])
     mlflow = use_mlflow(t, cfg.output_root)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=result["mlflow_run_id"]):
-        # the {"model", "meta"} of a training checkpoint, without the optimizer state
         path = save_checkpoint({"model": ckpt["model"], "meta": ckpt["meta"]}, Path(tmp) / "model.pt")
         info = log_servable(path, cfg.data.base_size,
                             registered_model_name=f"segstudy-{result['model']}" if t.register else None)

@@ -7,12 +7,24 @@ Answer: one prediction per image, in order:
     {"predictions": [{"label_ids_png": "<base64 Cityscapes labelIds PNG>", "height": H, "width": W,
                       "class_pixels": {"road": n, ..., "bicycle": n}}, ...]}
 The decode / pre-processing / post-processing is segstudy.deploy.inference's, the same as `segstudy predict`.
+
+Errors: a bad request is answered 400 with a one-line reason (MlflowException INVALID_PARAMETER_VALUE),
+an unexpected failure 500 with a one-line message, its traceback going to the server's log only:
+MLflow's scoring server puts a `stack_trace` in the answer for any other exception type. What
+MLflow parses the JSON body before the model runs and answers a body that is not valid JSON with
+a 400 quoting the whole body: `bound_json_errors` (applied when the model loads) shortens that
+quote. MLflow still reads any body in full, so cap request bodies in front of the server (a proxy
+or ingress body-size limit) where clients are not trusted.
+
+The logged model carries segstudy's own code (`code_paths`), so it loads wherever its pinned
+requirements install, e.g. with `mlflow models build-docker`, not only beside this checkout.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import shutil
 import sys
@@ -26,7 +38,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, Object, Property, Schema
 from PIL import Image
 
@@ -38,6 +50,7 @@ IMAGE_COLUMN = "image"
 MAX_IMAGES_PER_REQUEST = 16
 # Training-only parts of a checkpoint: dropped from the served copy (a third of its size).
 TRAINING_STATE = ("optimizer", "lr_scheduler", "scaler", "rng", "history")
+_log = logging.getLogger(__name__)
 
 
 def _invalid(message: str) -> MlflowException:
@@ -52,6 +65,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         cfg = context.model_config or {}
         self.base_size = int(cfg["base_size"])
         self.max_pixels = int(cfg.get("max_pixels", inference.MAX_PIXELS))
+        self.limits = inference.SizeLimits(self.base_size, self.max_pixels)
         self.engine = inference.load_engine(context.artifacts["model"])
 
     def segment(self, image: np.ndarray) -> np.ndarray:
@@ -59,6 +73,16 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         return inference.segment(self.engine, image, self.base_size)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        try:
+            return self._predict(model_input)
+        except MlflowException:
+            raise
+        except Exception as exc:
+            _log.exception("segstudy model: unexpected error while predicting")
+            raise MlflowException(f"internal error while segmenting ({type(exc).__name__}); the server's log has "
+                                  f"the details", error_code=INTERNAL_ERROR) from None
+
+    def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
         images = self._decode(model_input)
         rows = []
         for i, image in enumerate(images):
@@ -84,7 +108,9 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         images = []
         for i, value in enumerate(values):
             try:
-                images.append(inference.decode_base64_image(value, f"image {i}", self.max_pixels))
+                images.append(inference.decode_base64_image(value, f"image {i}", self.limits))
+            except inference.ImageTooLarge as exc:
+                raise _invalid(f"{exc.reason}; send images of at most {exc.limit}") from None
             except UserError as exc:
                 raise _invalid(str(exc)) from None
         return images
@@ -116,10 +142,35 @@ def _signature() -> tuple[pd.DataFrame, ModelSignature]:
 
 
 def _requirements(kind: str) -> list[str]:
-    # pinned from this environment; stated so that MLflow does not load the model to infer them
-    names = ["torch", "torchvision", "mlflow", "pillow", "imagecodecs", "pandas", "numpy", "segstudy"]
+    # pinned from this environment; stated so that MLflow does not load the model to infer them.
+    # segstudy itself is not a requirement: its code travels with the model (code_paths)
+    names = ["torch", "torchvision", "mlflow", "pillow", "imagecodecs", "pandas", "numpy", "cityscapesscripts"]
     names += ["onnxruntime"] if kind == "onnx" else []
     return [f"{n}=={metadata.version(n)}" for n in names]
+
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # lib/segstudy, logged with every model
+
+
+def bound_json_errors(limit: int = 2000) -> None:
+    """MLflow's scoring server answers a body that is not valid JSON with a 400 quoting the whole
+    body, however large; shorten that quote to `limit` characters. It wraps the server's private
+    JSON decoder (mlflow is locked in requirements.lock; tests/test_serving.py checks the answer)."""
+    from mlflow.pyfunc import scoring_server
+
+    decode = scoring_server._decode_json_input
+    if getattr(decode, "segstudy_bounded", False):
+        return
+
+    def bounded(json_input):
+        try:
+            return decode(json_input)
+        except MlflowException as exc:
+            if len(exc.message) <= limit:
+                raise
+            raise type(exc)(exc.message[:limit] + f"... ({len(exc.message):,} characters in all)") from None
+    bounded.segstudy_bounded = True
+    scoring_server._decode_json_input = bounded
 
 
 def servable_copy(model_path: str | Path, out_dir: str | Path) -> Path:
@@ -151,7 +202,7 @@ def log_servable(model_path: str | Path, base_size: int, registered_model_name: 
             artifacts={"model": str(artifact)},
             model_config={"base_size": int(base_size), "max_pixels": int(max_pixels), "format": kind},
             signature=signature, input_example=example, pip_requirements=_requirements(kind),
-            registered_model_name=registered_model_name)
+            code_paths=[str(PACKAGE_DIR)], registered_model_name=registered_model_name)
 
 
 def load_segmenter(model_uri: str) -> SegmentationModel:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from segstudy.config import Config
 from segstudy.data.datasets import build_dataset, build_loader, check_files, prepare_data, seed_everything
 from segstudy.data.labels import NUM_CLASSES
-from segstudy.engine import measure, run_folder
+from segstudy.engine import measure, provenance, run_folder
 from segstudy.engine.device import autocast_dtype, init_distributed, resolve_device
 from segstudy.engine.evaluation import confusion_over, validate
 from segstudy.errors import UserError
@@ -211,6 +211,9 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
 
 def _resume(run: TrainingRun, latest: Path) -> None:
     """Model, optimizer, scheduler, scaler, RNG, epoch, step and history from `latest`."""
+    if not latest.is_file() and run_folder.finished(latest.parent):
+        raise UserError(f"the run in {latest.parent} finished, so it keeps no state to resume from (its weights "
+                        f"are checkpoint_best.pt); to train longer, retrain with more train.epochs")
     ckpt = load_checkpoint(latest)
     check_meta(ckpt, run.mcfg.name, NUM_CLASSES, latest)
     load_model_state(run.model, ckpt["model"], latest)
@@ -236,7 +239,8 @@ def _tracker(run: TrainingRun) -> Tracker:
     params = cfg.to_dict() | {"model": run.meta["model_config"]}
     return Tracker(tracking, cfg.output_root, f"{cfg.profile}-{name}", params,
                    tags={"profile": cfg.profile, "model": name, "loss": cfg.loss.name}
-                   | ({"sweep": cfg.tracking.sweep} if cfg.tracking.sweep else {}))
+                   | ({"sweep": cfg.tracking.sweep} if cfg.tracking.sweep else {})
+                   | provenance.as_tags(provenance.stamp(cfg)))
 
 
 def _run_epoch(run: TrainingRun, tracker: Tracker, latest: Path, progress: bool) -> tuple[float, int, bool, float]:
@@ -283,14 +287,16 @@ def _validate_epoch(run: TrainingRun, tracker: Tracker) -> dict:
 
 
 def _save_epoch(run: TrainingRun, record: dict, run_dir: Path) -> None:
-    """latest (always) and best (when validation improved)."""
+    """latest (the full state to resume from, always) and best (weights, when validation improved)."""
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "lr_scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
              "epoch": run.epoch, "step": run.step, "rng": rng_state(), "meta": run.meta,
              "history": json.dumps(run.history), "best_miou": run.best_miou}
     if record.get("val_miou", -1) > run.best_miou:
         run.best_miou = state["best_miou"] = record["val_miou"]
-        save_checkpoint(state, run_dir / "checkpoint_best.pt")
+        # weights only: what predict, serving and the later notebooks load (a third of the full state)
+        save_checkpoint({k: state[k] for k in ("model", "meta", "epoch", "step", "best_miou", "history")},
+                        run_dir / "checkpoint_best.pt")
     save_checkpoint(state, run_dir / "checkpoint_latest.pt")
 
 
@@ -301,13 +307,14 @@ def _report(run: TrainingRun, record: dict) -> None:
 
 
 def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_dir: str | Path | None = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, keep_weights: bool = True) -> dict:
     """Train cfg.model (or `model_name`) on cfg.data; returns the run's result (also result.json),
     whose checkpoint_best the caller may register (deploy.registry).
 
     With train.reuse and a finished run in `run_dir`, the saved result is returned instead. One
     process at a time trains into a run folder, and a retry replaces a finished run only when it
-    finishes too (engine.run_folder).
+    finishes too (engine.run_folder). A finished run keeps checkpoint_best.pt (weights), or nothing
+    with keep_weights=False; the resumable state (checkpoint_latest.pt) only lives while it trains.
     """
     mcfg = dataclasses.replace(cfg.model, name=model_name or cfg.model.name)
     run_dir = Path(run_dir) if run_dir else cfg.output_dir / "runs" / mcfg.name
@@ -323,10 +330,20 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
         finished, seconds, images = _epochs(run, tracker, work_dir, resume, progress)
         result = _finish(run, tracker, run_dir if finished else work_dir, finished, seconds, images)
         if run.main:
+            if finished:
+                _drop_training_state(work_dir, keep_weights, result)
             _write_result(result, work_dir)
             if finished:
                 run_folder.promote(work_dir, run_dir)
     return result
+
+
+def _drop_training_state(work_dir: Path, keep_weights: bool, result: dict) -> None:
+    """A finished run needs no optimizer state; without keep_weights, no weights either."""
+    (work_dir / "checkpoint_latest.pt").unlink(missing_ok=True)
+    if not keep_weights:
+        (work_dir / "checkpoint_best.pt").unlink(missing_ok=True)
+        result["checkpoint_best"] = None
 
 
 def _epochs(run: TrainingRun, tracker: Tracker, work_dir: Path, resume: bool,

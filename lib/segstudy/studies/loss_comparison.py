@@ -26,7 +26,9 @@ def run_grid(cfg: Config, names: list[str] | None = None, seeds: list[int] | Non
                                           model=dataclasses.replace(cfg.model, name="custom"),
                                           # metrics are tracked; the grid's models are not worth registering
                                           tracking=dataclasses.replace(cfg.tracking, log_model=False))
-            result = train(run_cfg, run_dir=cfg.output_dir / "runs" / f"custom-{name}-seed{seed}")
+            # only the scores are compared: a finished loss run keeps no weights (disk: 8+ runs)
+            result = train(run_cfg, run_dir=cfg.output_dir / "runs" / f"custom-{name}-seed{seed}",
+                           keep_weights=False)
             runs.append({"loss": name, "seed": seed, **result})
     return runs
 

@@ -16,11 +16,7 @@ from segstudy.models.checkpoint import load_trained
 
 def train_models(cfg: Config, names: list[str]) -> dict[str, dict]:
     """Each model with the profile's data, schedule, seed and metric (or its reused run)."""
-    results = {}
-    for name in names:
-        results[name] = train(cfg, model_name=name)
-        results[name]["model_uri"] = registry.log_trained(cfg, results[name])
-    return results
+    return {name: train(cfg, model_name=name) for name in names}
 
 
 def profile_models(cfg: Config, results: dict[str, dict]) -> dict[str, dict]:
@@ -67,8 +63,8 @@ def predictions(cfg: Config, results: dict[str, dict], dataset, n: int) -> dict[
 
 def register_best(cfg: Config, results: dict[str, dict], profiles: dict[str, dict]) -> dict[str, dict | None]:
     """Each model's best checkpoint as a new version of segstudy-<model> in the MLflow registry,
-    alias `champion`, tagged with its validation mIoU and measured latency (training itself
-    registers the last epoch's weights, without alias)."""
+    alias `champion`, tagged with its validation mIoU and measured latency (the only copy of the
+    weights in MLflow: the notebooks' trainings log none of their own)."""
     return {name: registry.register(cfg, r["checkpoint_best"], f"segstudy-{name}",
                                     {"val_miou": r["best_miou"], "latency_ms": profiles[name]["latency_ms"],
                                      "params": profiles[name]["parameters"]})

@@ -18,7 +18,7 @@ import pandas as pd
 
 from segstudy.compress.quantize import atomic_path
 from segstudy.config import PROJECT_ROOT, Config
-from segstudy.engine import measure
+from segstudy.engine import measure, provenance
 from segstudy.errors import UserError
 
 # every results file (relative to outputs/<profile>/), by the key the report uses
@@ -96,8 +96,13 @@ def reading(cfg: Config, key: str) -> Iterator[None]:
 
 # --- writers, one per notebook ---------------------------------------------------------------
 
+def _write(cfg: Config, key: str, payload: dict) -> Path:
+    """FILES[key] with the provenance stamp (commit, environment, machine, profile, overrides)."""
+    return write_json(path(cfg, key), payload | {"provenance": provenance.stamp(cfg)})
+
+
 def write_data_summary(cfg: Config, summary: dict) -> Path:
-    return write_json(path(cfg, "data"), {"profile": cfg.profile, "data_root": cfg.data.root, "splits": summary})
+    return _write(cfg, "data", {"profile": cfg.profile, "data_root": cfg.data.root, "splits": summary})
 
 
 def write_models(cfg: Config, key: str, results: dict[str, dict], profiles: dict[str, dict]) -> Path:
@@ -105,7 +110,7 @@ def write_models(cfg: Config, key: str, results: dict[str, dict], profiles: dict
     payload = {"profile": cfg.profile, "bench": {"height": cfg.bench.height, "width": cfg.bench.width,
                                                  **measure.cpu_info()},
                "models": {name: {**results[name], **profiles[name]} for name in results}}
-    return write_json(path(cfg, key), payload)
+    return _write(cfg, key, payload)
 
 
 def write_losses(cfg: Config, runs: list[dict], summary: pd.DataFrame, class_means: pd.DataFrame,
@@ -117,18 +122,18 @@ def write_losses(cfg: Config, runs: list[dict], summary: pd.DataFrame, class_mea
                "class_means": class_means.to_dict(orient="index"),
                "small_class_delta_vs_ce": {k: v for k, v in small_class_delta.to_dict(orient="index").items()
                                            if "note" not in v}}
-    return write_json(path(cfg, "losses"), payload)
+    return _write(cfg, "losses", payload)
 
 
 def write_pruning(cfg: Config, rows: list[dict], dense_row: dict, layers: dict) -> Path:
     payload = {"profile": cfg.profile, "cpu": measure.cpu_info(), "bench": cfg.bench, "prune": cfg.prune,
                "dense": dense_row, "rows": rows, "layer_sparsity": layers}
-    return write_json(path(cfg, "pruning"), payload)
+    return _write(cfg, "pruning", payload)
 
 
 def write_quantization(cfg: Config, study: dict) -> Path:
     """Notebook 05's study (studies.quantization.QuantStudy as a dict) with the profile's settings."""
-    return write_json(path(cfg, "quantization"), {"profile": cfg.profile, "model": "custom",
+    return _write(cfg, "quantization", {"profile": cfg.profile, "model": "custom",
                                                   "reference": "fp32 eager", "bench": cfg.bench,
                                                   "quant": cfg.quant} | study)
 
