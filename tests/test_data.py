@@ -217,11 +217,14 @@ def test_no_dataset_is_generated_at_a_mistyped_root(tmp_path):
 
 
 def test_mlflow_tracking_uri_from_the_environment(monkeypatch, tmp_path):
+    from segstudy import tracking
     from segstudy.config import TrackingConfig
     from segstudy.tracking import mlflow_uri
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "ENV_TRACKING_URI", None)
     assert mlflow_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")  # what mlflow.set_tracking_uri leaves
+    assert mlflow_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setattr(tracking, "ENV_TRACKING_URI", "http://mlflow:5000")  # the user's, at start
     assert mlflow_uri(TrackingConfig(), tmp_path) == "http://mlflow:5000"
     assert mlflow_uri(TrackingConfig(uri="sqlite:///x.db"), tmp_path) == "sqlite:///x.db"  # the profile's wins

@@ -150,14 +150,15 @@ def test_bad_checkpoints(tmp_path, tiny_root):
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_best.pt", "result.json"]  # no optimizer state
     with pytest.raises(UserError, match="finished, so it keeps no state to resume from"):
         train(_cfg(tmp_path, tiny_root, **{"model.name": "unet"}), resume=True, progress=False)
-    # interrupted in its second epoch (4 steps an epoch): the resumable state of epoch 1 stays
-    train(_cfg(tmp_path, tiny_root, **{"train.epochs": 2, "train.max_steps": 5, "model.name": "unet",
-                                       "train.reuse": False}), progress=False)
+    # a run interrupted in its second epoch (4 steps an epoch) keeps the resumable state of epoch 1
+    other = tmp_path / "other"
+    train(_cfg(other, tiny_root, **{"train.epochs": 2, "train.max_steps": 5, "model.name": "unet"}), progress=False)
+    run_dir = other / "out" / "smoke" / "runs" / "unet"
     with pytest.raises(UserError, match="holds a 'unet' model .* but the params ask for 'custom'"):
         train(_cfg(tmp_path, tiny_root), resume=True, run_dir=run_dir, progress=False)
     (run_dir / "checkpoint_latest.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="is not a readable checkpoint"):
-        train(_cfg(tmp_path, tiny_root, **{"model.name": "unet"}), resume=True, progress=False)
+        train(_cfg(other, tiny_root, **{"model.name": "unet"}), resume=True, progress=False)
 
 
 def test_unreadable_checkpoint_files(tmp_path):

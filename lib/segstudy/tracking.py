@@ -20,9 +20,14 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# MLFLOW_TRACKING_URI as the user's environment had it when segstudy started: mlflow.set_tracking_uri
+# writes the variable too, so reading it later would follow whichever profile was used last
+ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def mlflow_uri(cfg: TrackingConfig, output_root: str | Path) -> str:
-    """tracking.uri, else MLflow's own MLFLOW_TRACKING_URI, else the local database under output_root."""
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(output_root).resolve()}/mlflow.db"
+    """tracking.uri, else the environment's MLFLOW_TRACKING_URI, else the local database under output_root."""
+    return cfg.uri or ENV_TRACKING_URI or f"sqlite:///{Path(output_root).resolve()}/mlflow.db"
 
 
 def use_mlflow(cfg: TrackingConfig, output_root: str | Path):
