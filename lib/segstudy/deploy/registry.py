@@ -14,13 +14,11 @@ it: the notebook picks the best candidate, the latest call holds the alias.
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 
 from segstudy.config import Config
 from segstudy.engine import provenance
 from segstudy.errors import UserError
-from segstudy.models.checkpoint import load_checkpoint, save_checkpoint
 from segstudy.tracking import mlflow_uri, use_mlflow
 
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
@@ -87,11 +85,9 @@ def log_trained(cfg: Config, result: dict) -> str | None:
     if (t.backend != "mlflow" or not t.log_model or not result.get("finished") or result.get("reused")
             or not result.get("mlflow_run_id") or not result.get("checkpoint_best")):
         return None
-    ckpt = load_checkpoint(result["checkpoint_best"])
     mlflow = use_mlflow(t, cfg.output_root)
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=result["mlflow_run_id"]):
-        path = save_checkpoint({"model": ckpt["model"], "meta": ckpt["meta"]}, Path(tmp) / "model.pt")
-        info = log_servable(path, cfg.data.base_size,
+    with mlflow.start_run(run_id=result["mlflow_run_id"]):  # log_servable keeps only the weights and meta
+        info = log_servable(result["checkpoint_best"], cfg.data.base_size,
                             registered_model_name=f"segstudy-{result['model']}" if t.register else None)
     return info.model_uri
 

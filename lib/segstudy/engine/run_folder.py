@@ -23,13 +23,17 @@ from segstudy.errors import UserError
 from segstudy.models.checkpoint import remove_stale_temporaries
 
 
-def finished(run_dir: Path) -> bool:
-    """Whether run_dir holds a run whose training finished (its result.json says so)."""
-    result = run_dir / "result.json"
+def finished_result(run_dir: Path) -> dict | None:
+    """The result.json of a run whose training finished; None for an unfinished or absent run."""
     try:
-        return result.is_file() and bool(json.loads(result.read_text()).get("finished"))
+        result = json.loads((run_dir / "result.json").read_text())
     except (json.JSONDecodeError, OSError):
-        return False
+        return None
+    return result if result.get("finished") else None
+
+
+def finished(run_dir: Path) -> bool:
+    return finished_result(run_dir) is not None
 
 
 @contextlib.contextmanager

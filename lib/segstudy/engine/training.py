@@ -123,12 +123,10 @@ def train_one_epoch(net: nn.Module, criterion: Callable, optimizer: torch.optim.
     return total / max(batches, 1), seen, False
 
 
-def _reused_result(result_file: Path, run_dir: Path) -> dict | None:
-    if result_file.is_file():
-        result = json.loads(result_file.read_text())
-        if result.get("finished"):
-            print(f"[segstudy] reusing the finished run in {run_dir} (set train.reuse: false to retrain)")
-            return result | {"reused": True}
+def _reused_result(run_dir: Path) -> dict | None:
+    if result := run_folder.finished_result(run_dir):
+        print(f"[segstudy] reusing the finished run in {run_dir} (set train.reuse: false to retrain)")
+        return result | {"reused": True}
     return None
 
 
@@ -318,7 +316,7 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
     """
     mcfg = dataclasses.replace(cfg.model, name=model_name or cfg.model.name)
     run_dir = Path(run_dir) if run_dir else cfg.output_dir / "runs" / mcfg.name
-    if cfg.train.reuse and not resume and (saved := _reused_result(run_dir / "result.json", run_dir)):
+    if cfg.train.reuse and not resume and (saved := _reused_result(run_dir)):
         return saved
     run = _build_run(cfg, mcfg, resolve_device(cfg.device))
     with run_folder.lock(run_dir) if run.main else contextlib.nullcontext():
