@@ -168,7 +168,7 @@ def _leaf_fields(cls: type = Config, prefix: str = ""):
 
 
 FREE_TEXT = {"profile", "output_root", "data.root", "data.train_split", "data.val_split", "tracking.experiment",
-             "tracking.uri", "tracking.sweep"}
+             "tracking.uri", "tracking.sweep", "model.weights_dir"}
 SPECIAL = {"device", "model.pretrained", "overrides"}  # a pattern / the YAML booleans / set by load_config
 
 

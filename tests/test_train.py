@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -63,8 +65,10 @@ def test_training_reduces_loss(tmp_path, tiny_root):
 def test_resume_is_exact(tmp_path, tiny_root):
     full = train(_cfg(tmp_path / "a", tiny_root, **{"train.epochs": 3}), progress=False)
     cfg = _cfg(tmp_path / "b", tiny_root, **{"train.epochs": 3, "train.max_steps": 6})
-    partial = train(cfg, progress=False)  # "interrupted" in epoch 2: checkpoint from epoch 1
-    assert not partial["finished"]
+    partial = train(cfg, progress=False)  # stopped in epoch 2, validated, usable
+    assert not partial["finished"] and partial["capped_at_step"] == 6 and partial["steps"] == 6
+    assert 0 <= partial["final"]["val_miou"] <= 1 and os.path.isfile(partial["checkpoint_best"])
+    assert train(cfg, progress=False)["reused"]  # the same cap again: nothing to train
     resumed = train(_cfg(tmp_path / "b", tiny_root, **{"train.epochs": 3}), resume=True, progress=False)
     assert resumed["final"]["val_miou"] == full["final"]["val_miou"]
     assert resumed["final"]["train_loss"] == full["final"]["train_loss"]
@@ -143,18 +147,19 @@ def test_bad_checkpoints(tmp_path, tiny_root):
     with pytest.raises(UserError, match="model.name = 'segformer' is unknown"):
         train(_cfg(tmp_path, tiny_root, **{"model.name": "segformer"}), progress=False)
     assert not (tmp_path / "out" / "smoke" / "runs").exists()  # a failed start writes nothing
-    with pytest.raises(UserError, match="checkpoint .*checkpoint_latest.pt does not exist"):
+    with pytest.raises(UserError, match="nothing to resume: .* has no checkpoint_latest.pt"):
         train(_cfg(tmp_path, tiny_root), resume=True, progress=False)
     train(_cfg(tmp_path, tiny_root, **{"train.epochs": 1, "model.name": "unet"}), progress=False)
     run_dir = tmp_path / "out" / "smoke" / "runs" / "unet"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_best.pt", "result.json"]  # no optimizer state
+    # no optimizer state
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_best.pt", "result.json", "settings.json"]
     with pytest.raises(UserError, match="finished, so it keeps no state to resume from"):
         train(_cfg(tmp_path, tiny_root, **{"model.name": "unet"}), resume=True, progress=False)
-    # a run interrupted in its second epoch (4 steps an epoch) keeps the resumable state of epoch 1
+    # a run stopped in its second epoch (4 steps an epoch) keeps its resumable state
     other = tmp_path / "other"
     train(_cfg(other, tiny_root, **{"train.epochs": 2, "train.max_steps": 5, "model.name": "unet"}), progress=False)
     run_dir = other / "out" / "smoke" / "runs" / "unet"
-    with pytest.raises(UserError, match="holds a 'unet' model .* but the params ask for 'custom'"):
+    with pytest.raises(UserError, match="started with other settings \\(model.name 'unet' -> 'custom'\\)"):
         train(_cfg(tmp_path, tiny_root), resume=True, run_dir=run_dir, progress=False)
     (run_dir / "checkpoint_latest.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="is not a readable checkpoint"):
@@ -201,24 +206,65 @@ def test_mlflow_run_and_registered_model(tmp_path, tiny_root):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'out'}/mlflow.db")
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED" and "val_miou" in run.data.metrics
-    assert "val_iou_road" in run.data.metrics and "latency_ms" in run.data.metrics
+    assert "val_iou_road" in run.data.metrics and "train_loss" in run.data.metrics
     versions = mlflow.MlflowClient().search_model_versions("name='segstudy-custom'")
     assert len(versions) == 1 and versions[0].run_id == result["mlflow_run_id"]  # into the training's run
     assert uri and mlflow.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
 
 
-def test_ddp_two_gloo_processes(tmp_path, tiny_root):
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "segstudy", "train", "--params", "smoke", "--set", f"data.root={tiny_root}",
-           f"output_root={out}", "data.generate=false", "train.epochs=1"]
+def _train_command(out, tiny_root, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "segstudy", "train", "--params", "smoke", "--set", f"data.root={tiny_root}",
+            f"output_root={out}", "data.generate=false", "tracking.backend=none", *extra]
+
+
+def test_killed_run_continues_to_the_same_metrics(tmp_path, tiny_root):
+    """SIGKILL in the middle of an epoch, then the same command: the run continues from its last
+    checkpoint (no --resume) and ends with the metrics of a run that was never interrupted."""
+    settings = ["train.epochs=3", "train.checkpoint_every=1"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    result = json.loads((out / "smoke" / "runs" / "custom" / "result.json").read_text())
-    # 8 images, batch 2, 2 ranks: 2 steps per epoch on each rank
-    assert result["finished"] and result["steps"] == 2
-    assert 0 <= result["final"]["val_miou"] <= 1
+    subprocess.run(_train_command(tmp_path / "a", tiny_root, *settings), check=True, env=env,
+                   capture_output=True, timeout=600)
+    reference = json.loads((tmp_path / "a" / "smoke" / "runs" / "custom" / "result.json").read_text())
+    run_dir = tmp_path / "b" / "smoke" / "runs" / "custom"
+    proc = subprocess.Popen(_train_command(tmp_path / "b", tiny_root, *settings), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run_dir / "checkpoint_latest.pt"
+    while proc.poll() is None and _saved_step(latest) < 6:  # 4 steps an epoch: step 6 is mid-epoch 2
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the training ended before it could be killed"
+    killed_at = _saved_step(latest)
+    assert 6 <= killed_at < 12 and not (run_dir / "result.json").exists()
+    again = subprocess.run(_train_command(tmp_path / "b", tiny_root, *settings), env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"(step {killed_at})" in again.stdout  # continued, not started over
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["finished"] and result["steps"] == reference["steps"] == 12
+    for got, want in zip(result["history"], reference["history"], strict=True):
+        assert (got["train_loss"], got["val_miou"], got["val_iou"]) == \
+            (want["train_loss"], want["val_miou"], want["val_iou"])
+
+
+def _saved_step(path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return -1
+
+
+def test_two_processes_follow_the_one_process_loss_curve(tmp_path, tiny_root):
+    """train.gpus = 2 (torchrun, gloo on CPU) against one process at the same global batch: the
+    same samples and crops in every step, so the same loss curve up to BatchNorm statistics, which
+    CPU ranks compute over their own half of the batch (torch's SyncBatchNorm needs GPUs)."""
+    over = {"train.epochs": 4, "data.batch_size": 4, "model.name": "unet", "tracking.backend": "none"}
+    one = train(_cfg(tmp_path / "one", tiny_root, **over), progress=False)
+    two = train(_cfg(tmp_path / "two", tiny_root, **over, **{"train.gpus": 2}), progress=False)
+    assert two["finished"] and two["steps"] == one["steps"] == 8  # 8 images, global batch 4: 2 steps an epoch
+    curve_one = [h["train_loss"] for h in one["history"]]
+    curve_two = [h["train_loss"] for h in two["history"]]
+    assert curve_two == pytest.approx(curve_one, rel=0.02)
+    assert curve_two[-1] < curve_two[0]
 
 
 def test_criterion_aux_and_ignore():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -37,12 +38,23 @@ def _run(args: argparse.Namespace) -> None:
     from segstudy.notebook_runner import run_notebooks
 
     start = time.perf_counter()
-    timings = run_notebooks(args.profile, _parse_overrides(args.set), only=args.only,
+    overrides = _parse_overrides(args.set) | ({"train.gpus": args.gpus} if args.gpus else {})
+    timings = run_notebooks(args.profile, overrides, only=args.only,
                             timeout=args.timeout, log_output=args.log_output)
     total = time.perf_counter() - start
     for name, sec in timings.items():
         print(f"  {name:28s} {sec:7.1f} s")
     print(f"  {'total (this run)':28s} {total:7.1f} s")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from segstudy.config import load_config
+    from segstudy.notebook_runner import list_notebooks
+    from segstudy.studies import plan
+
+    cfg = load_config(args.profile, args.set)
+    trainings = plan.trainings(cfg, [nb.stem for nb in list_notebooks(only=args.only)])
+    print(plan.format_plan(cfg, trainings, plan.estimate(cfg, trainings, args.assume_tflops)))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -51,8 +63,10 @@ def _train(args: argparse.Namespace) -> None:
     from segstudy.engine.training import train
 
     cfg = load_config(args.params, args.set)
-    result = train(cfg, model_name=args.model, resume=args.resume)
-    log_trained(cfg, result)
+    result = train(cfg, model_name=args.model, resume=args.resume, run_dir=args.run_dir,
+                   keep_weights=not args.no_keep_weights)
+    if not args.no_log_model and int(os.environ.get("RANK", "0")) == 0:
+        log_trained(cfg, result)
     if result.get("finished"):
         print(f"{result['model']}: best val mIoU {result['best_miou'] * 100:.2f} after {result['steps']} steps; "
               f"checkpoints in {result['run_dir']}")
@@ -120,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--params", default="demo", help="profile name or YAML file")
     t.add_argument("--model", help="override model.name: unet | deeplabv3_resnet50 | custom")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint_latest.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="insist on continuing from the run's checkpoint_latest.pt (an interrupted run of the "
+                        "same settings is continued anyway)")
+    t.add_argument("--run-dir", help="the run folder (default: outputs/<profile>/runs/<model>)")
+    t.add_argument("--no-keep-weights", action="store_true", help="delete the weights when it finishes")
+    t.add_argument("--no-log-model", action="store_true", help="do not log the model to MLflow")
     t.set_defaults(func=_train)
 
     w = sub.add_parser("sweep", help="run one notebook over a grid of parameters (papermill)")
@@ -139,9 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override params, e.g. --set data.batch_size=4")
     r.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    r.add_argument("--gpus", type=int, help="train each model with torchrun DDP on N GPUs (train.gpus)")
     r.add_argument("--log-output", action="store_true",
                    help="stream the notebooks' output (epoch lines, progress bars) to the terminal")
     r.set_defaults(func=_run)
+
+    n = sub.add_parser("plan", help="print every training a run would do and its estimated time (trains nothing)")
+    n.add_argument("profile", nargs="?", default="demo")
+    n.add_argument("--only", nargs="*", help="notebook prefixes, e.g. --only 03")
+    n.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    n.add_argument("--assume-tflops", type=float, metavar="X",
+                   help="estimate from measured FLOPs at X effective TFLOPS instead of a warm-up on the "
+                        "profile's device (the default when that device is not on this machine: 60)")
+    n.set_defaults(func=_plan)
 
     d = sub.add_parser("predict", help="segment new images: labelIds PNGs + colour overlays")
     d.add_argument("--model", required=True,
@@ -165,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # what to do after Ctrl-C, by command
 _CONTINUE = {
-    "train": "the checkpoint of the last finished epoch is kept: add --resume to the same command to continue",
-    "run": "run the same command again: finished trainings are reused (train.reuse) and the notebooks run again",
+    "train": "the last checkpoint is kept: run the same command again to continue from it",
+    "run": "run the same command again: finished trainings are reused (train.reuse), an interrupted one "
+           "continues from its last checkpoint, and the notebooks run again",
     "sweep": "run the same command again: finished trainings are reused (train.reuse)",
 }
 

@@ -1,9 +1,10 @@
 """Parameters flow one way: a YAML profile in params/ -> one typed `Config` -> functions.
 
-A profile is `params/<name>.yaml` (or any YAML path). Relative paths inside it are relative to
-the YAML file's own folder. `${VAR}` is expanded from the environment. Everything is checked at
-load, before any work: an unknown key, a wrong type, a value outside its choices (CHOICES) or
-range (RANGES) is an error naming the key, the value and what is valid.
+A profile is `params/<name>.yaml` (or any YAML path); `extends: <profile>` starts from another
+profile's keys. Relative paths inside it are relative to the YAML file's own folder. `${VAR}` is
+expanded from the environment. Everything is checked at load, before any work: an unknown key, a
+wrong type, a value outside its choices (CHOICES) or range (RANGES) is an error naming the key, the
+value and what is valid.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ class ModelConfig:
     unet_base: int = 64  # U-Net first-level width (64 in the paper)
     head_channels: int = 256  # custom: width of the conv-BN-ReLU head
     head_layers: int = 2  # custom: number of conv-BN-ReLU layers
+    # a folder holding torchvision's resnet50-0676ba61.pth, for boxes without network; empty: the
+    # torch hub cache, else a download
+    weights_dir: str = _path("")
 
 
 @dataclass
@@ -113,7 +117,9 @@ class TrainConfig:
     compile: bool = False
     val_every: int = 1  # epochs
     reuse: bool = True  # a finished run's checkpoint is reused instead of training again
-    max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
+    max_steps: int = 0  # stop after this many optimiser steps in total, validated and usable (0: no limit)
+    checkpoint_every: int = 0  # also save the resumable state every N optimiser steps (0: at each epoch's end)
+    gpus: int = 1  # > 1: each training runs under torchrun DDP on that many GPUs (same global batch)
 
 
 @dataclass
@@ -245,12 +251,7 @@ def load_config(profile: str | os.PathLike = "demo",
                 overrides: dict[str, Any] | list[str] | None = None) -> Config:
     """Load a profile and apply overrides (`{"data.root": "/x"}` or `["data.root=/x"]`)."""
     path = resolve_profile(profile)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a mapping of keys, got {type(raw).__name__}")
+    raw = _read_profile(path)
     raw.setdefault("profile", path.stem)
     parsed = _parse_overrides(overrides)
     for key, value in parsed.items():
@@ -260,6 +261,45 @@ def load_config(profile: str | os.PathLike = "demo",
     _resolve_paths(cfg, base=path.parent.resolve())
     cfg.overrides = parsed
     return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def _read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The profile's keys over those of the profile it `extends` (a name in params/ or a YAML path
+    relative to it), so a variant such as rehearsal.yaml states only what it changes. Relative paths
+    in the merged keys are then read from the extending file's folder."""
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise UserError(f"{path}: 'extends' goes round in a circle ({chain}); remove one of them")
+    raw = _read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise UserError(f"{path}: 'extends' = {parent!r} must be a profile name such as full")
+    base = path.parent / parent if parent.endswith((".yaml", ".yml")) else parent
+    try:
+        parent_path = resolve_profile(base)
+    except UserError as exc:
+        raise UserError(f"{path}: extends '{parent}', but {exc}") from None
+    return _merge(_read_profile(parent_path, (*seen, path.resolve())), raw)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_sections else value
+    return merged
 
 
 def _parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
@@ -365,7 +405,7 @@ def _resolve_paths(obj: Any, base: Path) -> None:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             _resolve_paths(value, base)
-        elif f.metadata.get("path") and isinstance(value, str):
+        elif f.metadata.get("path") and isinstance(value, str) and value:  # empty: unused, not the folder
             expanded = os.path.expandvars(value)
             missing = _UNSET_VAR.search(expanded)
             if missing:
@@ -463,6 +503,8 @@ RANGES: dict[str, Range] = {
     "train.grad_accum": AT_LEAST_ONE,
     "train.val_every": AT_LEAST_ONE,
     "train.max_steps": Range(0, note="0: no limit"),
+    "train.checkpoint_every": Range(0, note="0: at each epoch's end"),
+    "train.gpus": AT_LEAST_ONE,
     "loss.dice_smooth": NON_NEGATIVE,
     "loss.ce_weight": NON_NEGATIVE,
     "loss.dice_weight": NON_NEGATIVE,

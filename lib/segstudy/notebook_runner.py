@@ -22,10 +22,12 @@ import nbformat
 import papermill as pm
 from nbconvert import HTMLExporter
 
-from segstudy.config import PROJECT_ROOT, load_config, resolve_profile
+from segstudy.config import PROJECT_ROOT, Config, load_config, resolve_profile
 from segstudy.data.datasets import prepare_data
 from segstudy.engine import provenance
+from segstudy.engine import timings as timing_records
 from segstudy.errors import UserError
+from segstudy.studies import plan
 from segstudy.tracking import mlflow_uri
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
@@ -109,21 +111,27 @@ def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None
     out_dir = cfg.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     started = provenance.now()
-    timings: dict[str, float] = {}
-    timing_file = out_dir / "timings.json"
-    if timing_file.is_file():
-        timings.update(json.loads(timing_file.read_text()))
+    announce_plan(cfg, [nb.stem for nb in notebooks])
     for nb in notebooks:
         seconds = execute(nb, out_dir / nb.name, profile, overrides, timeout, progress, log_output)
-        if timing_file.is_file():  # re-read: another run of this profile may have recorded a notebook since
-            timings.update(json.loads(timing_file.read_text()))
-        timings[nb.stem] = seconds
-        timing_file.write_text(json.dumps(timings, indent=2))
+        timing_records.record_notebook(cfg, nb.stem, seconds)
+    timings = timing_records.notebook_seconds(cfg)
     stamp = provenance.stamp(cfg, started=started, finished=provenance.now())
     (out_dir / "provenance.json").write_text(json.dumps(stamp | {"notebooks": [nb.stem for nb in notebooks]},
                                                         indent=2))
     write_pages(out_dir, notebooks_dir, timings, ran=[nb.stem for nb in notebooks], stamp=stamp)
     return {nb.stem: timings[nb.stem] for nb in notebooks}
+
+
+def announce_plan(cfg: Config, notebooks: list[str]) -> None:
+    """Print every training the notebooks will run with its estimated time, and record the plan in
+    outputs/<profile>/timings.json (training prints its ETA against it)."""
+    trainings = plan.trainings(cfg, notebooks)
+    if not trainings:
+        return
+    estimate = plan.estimate(cfg, trainings)
+    print(plan.format_plan(cfg, trainings, estimate), flush=True)
+    timing_records.write_plan(cfg, plan.rows(trainings, estimate), estimate.source)
 
 
 def write_pages(out_dir: Path, notebooks_dir: Path, timings: dict[str, float], ran: list[str],

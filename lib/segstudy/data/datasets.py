@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segstudy.config import Config, DataConfig, load_config
 from segstudy.data.bdd100k import BDD100KSegmentation
@@ -94,6 +94,40 @@ class _OneLineErrors(DataLoader):
                     raise
                 raise UserError(text.strip().rsplit("UserError: ", 1)[-1]) from None
             yield batch
+
+
+class EpochOrder(Sampler[int]):
+    """Epoch `epoch`'s shuffled order of `n` samples (a permutation seeded by seed and epoch), this
+    process's share of it (items rank, rank + world, ...: together, the ranks' batches make the
+    one-process batch), from position `start` on. Written here because DistributedSampler cannot
+    start mid-epoch: a training resumed there would replay the epoch's first batches."""
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=generator).tolist()
+        self.indices = order[rank:n - n % world:world][start:]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SeededSamples(Dataset):
+    """Sample i is augmented under its own seed (key, i), so its crop, scale and flip do not depend
+    on the number of loader workers or processes, nor on where a resumed epoch started."""
+
+    def __init__(self, dataset: Dataset, key: int):
+        self.dataset, self.key = dataset, key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.key * 1_000_003 + index)
+            return self.dataset[index]
 
 
 def seed_everything(seed: int) -> None:

@@ -7,11 +7,14 @@ run is never lost to an unfinished one.
 - A fresh training next to a finished run writes into `<run>.next` and `promote` swaps it in only
   when it finishes: the finished run becomes `<run>.previous`. A failed or interrupted retry leaves
   the finished run where it was.
+- Each training writes the settings it was started with (`settings.json`): an unfinished run of the
+  same settings is continued (`unfinished`), a finished one reused; other settings start over.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -19,6 +22,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from segstudy.config import Config
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import remove_stale_temporaries
 
@@ -34,6 +38,73 @@ def finished_result(run_dir: Path) -> dict | None:
 
 def finished(run_dir: Path) -> bool:
     return finished_result(run_dir) is not None
+
+
+def capped_result(run_dir: Path, max_steps: int) -> dict | None:
+    """The result.json of a run that train.max_steps = `max_steps` stopped (validated, usable)."""
+    try:
+        result = json.loads((run_dir / "result.json").read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    return result if max_steps and result.get("capped_at_step") == max_steps else None
+
+
+# what does not change the trained weights: how fast, where, how often saved, when to stop, which
+# folder the ImageNet file is read from
+_NOT_SETTINGS = {"data.num_workers", "train.reuse", "train.max_steps", "train.checkpoint_every", "train.compile",
+                 "train.gpus", "model.weights_dir"}
+
+
+def settings(cfg: Config, model_config) -> dict:
+    """The keys that decide a training's weights, flat (`train.lr`: 0.02): the same settings give
+    the same run, so it may be reused or continued."""
+    sections = {"data": cfg.data, "model": model_config, "train": cfg.train, "loss": cfg.loss}
+    flat = {"seed": cfg.seed}
+    for name, section in sections.items():
+        flat |= {f"{name}.{key}": value for key, value in dataclasses.asdict(section).items()}
+    return {key: value for key, value in flat.items() if key not in _NOT_SETTINGS}
+
+
+def changed_settings(saved: dict | None, current: dict) -> str:
+    """The settings that differ, in words ("train.lr 0.01 -> 0.02"); empty when the same (or
+    unknown: runs written before settings were recorded)."""
+    if saved is None:
+        return ""
+    keys = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    return ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in keys[:4]) + \
+        (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def write_settings(work_dir: Path, values: dict) -> None:
+    (work_dir / "settings.json").write_text(json.dumps(values, indent=1, sort_keys=True))
+
+
+def _saved_settings(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "settings.json").read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def unfinished(run_dir: Path, values: dict, insist: bool = False) -> Path | None:
+    """The folder of an interrupted training of these settings, to continue from its latest
+    checkpoint: run_dir, or `<run>.next` beside a finished run. `insist` (--resume): one must exist."""
+    for folder in (run_dir, _staging(run_dir)):
+        if not (folder / "checkpoint_latest.pt").is_file() or finished(folder):
+            continue
+        if changed := changed_settings(_saved_settings(folder), values):
+            if insist:
+                raise UserError(f"the run in {folder} was started with other settings ({changed}); resuming "
+                                f"would mix two recipes: drop --resume to start over, or set them back")
+            print(f"[segstudy] the unfinished run in {folder} has other settings ({changed}): starting over")
+            continue
+        remove_stale_temporaries(folder)
+        return folder
+    if insist:
+        why = (" finished, so it keeps no state to resume from (its weights are checkpoint_best.pt); to train "
+               "longer, retrain with more train.epochs") if finished(run_dir) else " has no checkpoint_latest.pt"
+        raise UserError(f"nothing to resume: the run in {run_dir}{why}")
+    return None
 
 
 @contextlib.contextmanager
@@ -62,27 +133,38 @@ def lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def work_folder(run_dir: Path, resume: bool) -> Path:
-    """Where this training writes: run_dir itself, or `<run>.next` beside a finished run (emptied
-    first: it only ever holds an unfinished retry)."""
-    if resume or not finished(run_dir):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(run_dir)
-        return run_dir
-    staging = run_dir.with_name(run_dir.name + ".next")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
+def _staging(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".next")
+
+
+def work_folder(run_dir: Path) -> Path:
+    """Where a training that starts over writes: `<run>.next` beside a finished run (emptied first:
+    it only ever holds an unfinished retry), else an empty run_dir (an unfinished run of other
+    settings found there moves to `<run>.previous`)."""
+    if finished(run_dir):
+        target = _staging(run_dir)
+        if target.exists():
+            shutil.rmtree(target)
+    else:
+        target = run_dir
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            _keep_as_previous(run_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def _keep_as_previous(run_dir: Path) -> None:
+    previous = run_dir.with_name(run_dir.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    run_dir.rename(previous)
+    print(f"[segstudy] the earlier unfinished run is kept in {previous}")
 
 
 def promote(work_dir: Path, run_dir: Path) -> None:
     """Swap a finished retry in: run_dir -> <run>.previous, <run>.next -> run_dir."""
     if work_dir == run_dir:
         return
-    previous = run_dir.with_name(run_dir.name + ".previous")
-    if previous.exists():
-        shutil.rmtree(previous)
-    run_dir.rename(previous)
+    _keep_as_previous(run_dir)
     work_dir.rename(run_dir)
-    print(f"[segstudy] the new run replaced the one in {run_dir}; the earlier run is kept in {previous}")
+    print(f"[segstudy] the new run replaced the one in {run_dir}")

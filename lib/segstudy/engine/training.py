@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +24,17 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from segstudy.config import Config
-from segstudy.data.datasets import build_dataset, build_loader, check_files, prepare_data, seed_everything
+from segstudy.data.datasets import (
+    EpochOrder,
+    SeededSamples,
+    build_dataset,
+    build_loader,
+    check_files,
+    prepare_data,
+    seed_everything,
+)
 from segstudy.data.labels import NUM_CLASSES
-from segstudy.engine import measure, provenance, run_folder
+from segstudy.engine import launch, measure, provenance, run_folder, timings
 from segstudy.engine.device import autocast_dtype, init_distributed, resolve_device
 from segstudy.engine.evaluation import confusion_over, validate
 from segstudy.errors import UserError
@@ -38,7 +47,7 @@ from segstudy.models.checkpoint import (
     set_rng_state,
 )
 from segstudy.models.losses import build_loss, class_weights, count_pixels, with_aux
-from segstudy.models.networks import build_model
+from segstudy.models.networks import backbone_init, build_model
 from segstudy.tracking import Tracker
 
 
@@ -90,15 +99,18 @@ class DivergenceGuard:
 def train_one_epoch(net: nn.Module, criterion: Callable, optimizer: torch.optim.Optimizer, scheduler,
                     scaler: torch.amp.GradScaler, loader, device: torch.device, *, amp_dtype: torch.dtype | None,
                     channels_last: bool, grad_accum: int, max_batches: int,
-                    on_step: Callable[[float, int], bool],
+                    on_step: Callable[[float, int, float, int], bool],
                     guard: Callable[[float], None] | None = None) -> tuple[float, int, bool]:
     """One pass over `loader` (at most `max_batches`), stepping optimiser and LR every `grad_accum`
-    batches. `on_step(loss, images seen)` runs after each optimiser step; True stops the epoch.
+    batches. `on_step(loss, images, loss sum, batches)` runs after each optimiser step with the sums
+    since the previous step (the caller adds them up in one order whether or not the epoch was
+    resumed part-way, so a resumed run gets the same mean loss); True stops the epoch.
     Returns (mean loss, images seen on this rank, stopped). A diverged loss (`guard`, by default a
     NaN/inf check) raises FloatingPointError before it reaches the weights."""
     guard = guard or DivergenceGuard()
     net.train()
     seen, total, batches = 0, 0.0, 0
+    since = [0, 0.0, 0]  # images, loss sum, batches since the last optimiser step
     for i, (image, target) in enumerate(loader):
         if i >= max_batches:
             break
@@ -113,21 +125,31 @@ def train_one_epoch(net: nn.Module, criterion: Callable, optimizer: torch.optim.
         seen += image.shape[0]
         total += value
         batches += 1
+        since = [since[0] + image.shape[0], since[1] + value, since[2] + 1]
         if (i + 1) % grad_accum == 0:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            if on_step(loss.item(), seen):
+            stop = on_step(value, *since)
+            since = [0, 0.0, 0]
+            if stop:
                 return total / batches, seen, True
     return total / max(batches, 1), seen, False
 
 
-def _reused_result(run_dir: Path) -> dict | None:
-    if result := run_folder.finished_result(run_dir):
-        print(f"[segstudy] reusing the finished run in {run_dir} (set train.reuse: false to retrain)")
-        return result | {"reused": True}
-    return None
+def _reused_result(run_dir: Path, settings: dict, max_steps: int, reuse: bool) -> dict | None:
+    """A finished run trained with these settings (with train.reuse), or one that the same
+    train.max_steps already stopped: continuing it would train nothing."""
+    result = (reuse and run_folder.finished_result(run_dir)) or run_folder.capped_result(run_dir, max_steps)
+    if not result:
+        return None
+    if changed := run_folder.changed_settings(result.get("settings"), settings):
+        print(f"[segstudy] the run in {run_dir} was trained with other settings ({changed}): training again; "
+              f"it stays where it is until the new run finishes")
+        return None
+    print(f"[segstudy] reusing the run in {run_dir} (set train.reuse: false to retrain)")
+    return result | {"reused": True}
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -152,7 +174,6 @@ class TrainingRun:
     amp_dtype: torch.dtype | None
     train_ds: object
     val_loader: object
-    train_sampler: DistributedSampler | None
     criterion: Callable
     model: nn.Module
     net: nn.Module
@@ -160,12 +181,15 @@ class TrainingRun:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     steps_per_epoch: int
+    rank_batch: int  # data.batch_size is the global batch: each of the `world` processes takes its share
     meta: dict
     epoch: int = 0  # epochs finished (the next one to run)
     step: int = 0
     best_miou: float = -1.0
     history: list = dataclasses.field(default_factory=list)
     guard: DivergenceGuard = dataclasses.field(default_factory=DivergenceGuard)
+    partial: dict = dataclasses.field(default_factory=dict)  # the epoch in progress: batches, loss sum, ...
+    clock: tuple[str, float, int] | None = None  # (run key, start time, first step) for the ETA line
 
     @property
     def main(self) -> bool:
@@ -175,6 +199,9 @@ class TrainingRun:
 def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
     tcfg = cfg.train
     rank, world = init_distributed(device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(tcfg.amp, device)
     if rank == 0:
         prepare_data(cfg)
@@ -187,24 +214,31 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
     seed_everything(cfg.seed)
     criterion = build_criterion(cfg, train_ds)
     model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(mcfg)).to(device)
+    if world > 1 and device.type == "cuda":
+        # 2 images per GPU give poor BatchNorm statistics: normalise over the global batch, as
+        # segmentation recipes do (torch's SyncBatchNorm runs on GPUs only; CPU ranks keep their own)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
-    train_sampler = DistributedSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
     val_sampler = DistributedSampler(val_ds, world, rank, shuffle=False) if world > 1 else None
-    per_rank_batches = (len(train_sampler) if train_sampler else len(train_ds)) // cfg.data.batch_size
-    steps_per_epoch = per_rank_batches // tcfg.grad_accum
+    if cfg.data.batch_size % world:
+        raise UserError(f"data.batch_size = {cfg.data.batch_size} is the global batch, shared by {world} processes; "
+                        f"make it a multiple of {world}")
+    rank_batch = cfg.data.batch_size // world
+    steps_per_epoch = len(train_ds) // world // rank_batch // tcfg.grad_accum
     if steps_per_epoch < 1:
         raise UserError(f"data.batch_size x train.grad_accum = {cfg.data.batch_size * tcfg.grad_accum} is larger "
                         f"than the {len(train_ds)} training images; lower them")
     schedule = poly_schedule(tcfg.epochs * steps_per_epoch, tcfg.warmup_iters, tcfg.poly_power)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    meta = {"model": mcfg.name, "num_classes": NUM_CLASSES, "model_config": dataclasses.asdict(mcfg)}
+    meta = {"model": mcfg.name, "num_classes": NUM_CLASSES, "model_config": dataclasses.asdict(mcfg),
+            "backbone_init": backbone_init(model)}
     val_loader = build_loader(val_ds, cfg.data.batch_size, train=False, seed=cfg.seed,
                               num_workers=cfg.data.num_workers, device=device.type, sampler=val_sampler)
-    return TrainingRun(cfg, mcfg, device, rank, world, amp_dtype, train_ds, val_loader, train_sampler, criterion,
-                       model, model, optimizer, scheduler, scaler, steps_per_epoch, meta)
+    return TrainingRun(cfg, mcfg, device, rank, world, amp_dtype, train_ds, val_loader, criterion,
+                       model, model, optimizer, scheduler, scaler, steps_per_epoch, rank_batch, meta)
 
 
 def _resume(run: TrainingRun, latest: Path) -> None:
@@ -220,9 +254,12 @@ def _resume(run: TrainingRun, latest: Path) -> None:
     run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     run.epoch, run.step, run.best_miou = ckpt["epoch"], ckpt["step"], ckpt["best_miou"]
-    run.history = json.loads(ckpt["history"])
-    run.guard = DivergenceGuard(run.history[0]["train_loss"] if run.history else None)
-    print(f"[segstudy] resumed {run.mcfg.name} from {latest} at epoch {run.epoch}, step {run.step}")
+    run.partial = json.loads(ckpt.get("partial", "{}"))
+    # a record written where train.max_steps stopped the run is replaced by the real one
+    run.history = [r for r in json.loads(ckpt["history"]) if not r.get("capped")]
+    run.guard = DivergenceGuard(ckpt.get("guard_first"))
+    within = f", batch {run.partial['batches']} of that epoch" if run.partial.get("batches") else ""
+    print(f"[segstudy] resumed {run.mcfg.name} from {latest} at epoch {run.epoch + 1}{within} (step {run.step})")
 
 
 def _wrap(run: TrainingRun) -> None:
@@ -236,44 +273,70 @@ def _tracker(run: TrainingRun) -> Tracker:
     tracking = cfg.tracking if run.main else dataclasses.replace(cfg.tracking, backend="none")
     params = cfg.to_dict() | {"model": run.meta["model_config"]}
     return Tracker(tracking, cfg.output_root, f"{cfg.profile}-{name}", params,
-                   tags={"profile": cfg.profile, "model": name, "loss": cfg.loss.name}
+                   tags={"profile": cfg.profile, "model": name, "loss": cfg.loss.name,
+                         "backbone_init": run.meta["backbone_init"]}
                    | ({"sweep": cfg.tracking.sweep} if cfg.tracking.sweep else {})
                    | provenance.as_tags(provenance.stamp(cfg)))
 
 
-def _run_epoch(run: TrainingRun, tracker: Tracker, latest: Path, progress: bool) -> tuple[float, int, bool, float]:
-    """One epoch of `run` (stopping at train.max_steps): (mean loss, images seen, stopped, seconds)."""
+def _run_epoch(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: bool) -> bool:
+    """Epoch run.epoch from where it stands (run.partial) to its end, or to train.max_steps (True);
+    the full state is saved every train.checkpoint_every steps."""
     cfg, tcfg, epoch = run.cfg, run.cfg.train, run.epoch
-    torch.manual_seed(cfg.seed + epoch)  # each epoch's randomness depends on (seed, epoch) only
-    if run.train_sampler:
-        run.train_sampler.set_epoch(epoch)
-    loader = build_loader(run.train_ds, cfg.data.batch_size, train=True, seed=cfg.seed + epoch,
-                          num_workers=cfg.data.num_workers, device=run.device.type, sampler=run.train_sampler)
-    bar = tqdm(total=run.steps_per_epoch, desc=f"{run.mcfg.name} epoch {epoch + 1}/{tcfg.epochs}",
-               disable=not (progress and run.main), mininterval=2.0)
-    t0 = time.perf_counter()
+    done = run.partial.get("batches", 0)
+    if not done:
+        torch.manual_seed(cfg.seed + epoch)  # each epoch's randomness depends on (seed, epoch) only
+    order = EpochOrder(len(run.train_ds), cfg.seed, epoch, run.rank, run.world, start=done * run.rank_batch)
+    loader = build_loader(SeededSamples(run.train_ds, cfg.seed * 1000 + epoch), run.rank_batch, train=True,
+                          seed=cfg.seed + epoch, num_workers=cfg.data.num_workers, device=run.device.type,
+                          sampler=order)
+    total = run.steps_per_epoch * tcfg.grad_accum
+    bar = tqdm(total=run.steps_per_epoch, initial=done // tcfg.grad_accum, mininterval=2.0,
+               desc=f"{run.mcfg.name} epoch {epoch + 1}/{tcfg.epochs}", disable=not (progress and run.main))
+    run.partial = {"batches": 0, "loss_sum": 0.0, "images": 0, "seconds": 0.0} | run.partial
+    clock = [time.perf_counter()]
 
-    def on_step(loss: float, seen: int) -> bool:
+    def on_step(loss: float, images: int, loss_sum: float, batches: int) -> bool:
         run.step += 1
+        now, part = time.perf_counter(), run.partial
+        part |= {"batches": part["batches"] + batches, "loss_sum": part["loss_sum"] + loss_sum,
+                 "images": part["images"] + images * run.world, "seconds": part["seconds"] + now - clock[0]}
+        clock[0] = now
         lr = run.scheduler.get_last_lr()[0]
+        loss = _mean_over_ranks(loss, run.world)
         bar.update()
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
-                        img_s=f"{seen * run.world / (time.perf_counter() - t0):.1f}")
+        speed = run.partial["images"] / run.partial["seconds"]
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
         tracker.log_metrics({"train_loss": loss, "lr": lr}, run.step)
+        if run.main and tcfg.checkpoint_every and run.step % tcfg.checkpoint_every == 0 and \
+                run.partial["batches"] < total:
+            _save_state(run, work_dir)
         return bool(tcfg.max_steps) and run.step >= tcfg.max_steps
 
     try:
-        mean_loss, seen, stopped = train_one_epoch(
+        _, _, capped = train_one_epoch(
             run.net, run.criterion, run.optimizer, run.scheduler, run.scaler, loader, run.device,
             amp_dtype=run.amp_dtype, channels_last=tcfg.channels_last, grad_accum=tcfg.grad_accum,
-            max_batches=run.steps_per_epoch * tcfg.grad_accum, on_step=on_step, guard=run.guard)
+            max_batches=total - done, on_step=on_step, guard=run.guard)
     except FloatingPointError as exc:
+        latest = work_dir / "checkpoint_latest.pt"
         raise UserError(f"the loss diverged ({exc}) at step {run.step + 1} (epoch {epoch + 1}) of {run.mcfg.name}; "
                         f"training stopped, the last good checkpoint is kept "
                         f"({latest if latest.is_file() else 'none yet'}); lower train.lr or "
                         f"use train.amp: none") from None
     bar.close()
-    return mean_loss, seen * run.world, stopped, time.perf_counter() - t0
+    return capped
+
+
+def _mean_over_ranks(value: float, world: int) -> float:
+    """The global batch's loss under DDP (each rank computes its share's), as one process reports it."""
+    if world == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return tensor.item() / world
 
 
 def _validate_epoch(run: TrainingRun, tracker: Tracker) -> dict:
@@ -284,13 +347,14 @@ def _validate_epoch(run: TrainingRun, tracker: Tracker) -> dict:
     return {"val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"], "val_iou": metrics["iou"]}
 
 
-def _save_epoch(run: TrainingRun, record: dict, run_dir: Path) -> None:
+def _save_state(run: TrainingRun, run_dir: Path, record: dict | None = None) -> None:
     """latest (the full state to resume from, always) and best (weights, when validation improved)."""
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "lr_scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
              "epoch": run.epoch, "step": run.step, "rng": rng_state(), "meta": run.meta,
-             "history": json.dumps(run.history), "best_miou": run.best_miou}
-    if record.get("val_miou", -1) > run.best_miou:
+             "history": json.dumps(run.history), "best_miou": run.best_miou,
+             "partial": json.dumps(run.partial), "guard_first": run.guard.first}
+    if record and record.get("val_miou", -1) > run.best_miou:
         run.best_miou = state["best_miou"] = record["val_miou"]
         # weights only: what predict, serving and the later notebooks load (a third of the full state)
         save_checkpoint({k: state[k] for k in ("model", "meta", "epoch", "step", "best_miou", "history")},
@@ -302,6 +366,12 @@ def _report(run: TrainingRun, record: dict) -> None:
     print(f"[segstudy] {run.mcfg.name} epoch {record['epoch']}: loss {record['train_loss']:.3f}"
           + (f", val mIoU {record['val_miou'] * 100:.2f}" if "val_miou" in record else "")
           + f", {record['img_per_s']:.1f} img/s")
+    if run.clock:
+        key, start, first = run.clock
+        tcfg = run.cfg.train
+        total = min(tcfg.epochs * run.steps_per_epoch, tcfg.max_steps or math.inf)
+        print(f"[segstudy] {timings.progress_line(run.cfg, key, run.step, total, time.perf_counter() - start, first)}",
+              flush=True)
 
 
 def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_dir: str | Path | None = None,
@@ -309,30 +379,41 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
     """Train cfg.model (or `model_name`) on cfg.data; returns the run's result (also result.json),
     whose checkpoint_best the caller may register (deploy.registry).
 
-    With train.reuse and a finished run in `run_dir`, the saved result is returned instead. One
-    process at a time trains into a run folder, and a retry replaces a finished run only when it
-    finishes too (engine.run_folder). A finished run keeps checkpoint_best.pt (weights), or nothing
-    with keep_weights=False; the resumable state (checkpoint_latest.pt) only lives while it trains.
+    With train.reuse, a finished run trained with the same settings is returned as it is. An
+    unfinished one (killed, preempted, Ctrl-C) continues from its last checkpoint without being
+    asked; `resume` insists on it. With train.gpus > 1 (and not already under torchrun) the training
+    runs in torchrun's processes (engine.launch). One process at a time trains into a run folder, and
+    a retry replaces a finished run only when it finishes too (engine.run_folder). A finished run
+    keeps checkpoint_best.pt (weights), or nothing with keep_weights=False.
     """
     mcfg = dataclasses.replace(cfg.model, name=model_name or cfg.model.name)
     run_dir = Path(run_dir) if run_dir else cfg.output_dir / "runs" / mcfg.name
-    if cfg.train.reuse and not resume and (saved := _reused_result(run_dir)):
+    settings = run_folder.settings(cfg, mcfg)
+    if not resume and (saved := _reused_result(run_dir, settings, cfg.train.max_steps, cfg.train.reuse)):
         return saved
+    if launch.wanted(cfg):
+        return launch.torchrun(cfg, mcfg.name, run_dir, keep_weights)
     run = _build_run(cfg, mcfg, resolve_device(cfg.device))
+    run.meta["settings"] = settings
     with run_folder.lock(run_dir) if run.main else contextlib.nullcontext():
-        work_dir = run_folder.work_folder(run_dir, resume) if run.main else run_dir
-        if resume:
-            _resume(run, run_dir / "checkpoint_latest.pt")
+        continued = run_folder.unfinished(run_dir, settings, insist=resume)
+        work_dir = continued or (run_folder.work_folder(run_dir) if run.main else run_dir)
+        if run.main:
+            run_folder.write_settings(work_dir, settings)
+        if continued:
+            _resume(run, continued / "checkpoint_latest.pt")
         _wrap(run)
         tracker = _tracker(run)
-        finished, seconds, images = _epochs(run, tracker, work_dir, resume, progress)
-        result = _finish(run, tracker, run_dir if finished else work_dir, finished, seconds, images)
+        run.clock = (timings.run_key(cfg, run_dir), time.perf_counter(), run.step)
+        finished = _epochs(run, tracker, work_dir, progress)
+        result = _finish(run, tracker, run_dir if finished else work_dir, finished)
         if run.main:
             if finished:
                 _drop_training_state(work_dir, keep_weights, result)
             _write_result(result, work_dir)
             if finished:
                 run_folder.promote(work_dir, run_dir)
+            timings.record_finished(cfg, run.clock[0], time.perf_counter() - run.clock[1])
     return result
 
 
@@ -344,47 +425,54 @@ def _drop_training_state(work_dir: Path, keep_weights: bool, result: dict) -> No
         result["checkpoint_best"] = None
 
 
-def _epochs(run: TrainingRun, tracker: Tracker, work_dir: Path, resume: bool,
-            progress: bool) -> tuple[bool, float, int]:
-    """The epoch loop: (finished, training seconds, images seen). A failure marks the run FAILED."""
+def _epochs(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: bool) -> bool:
+    """The epoch loop; True when the schedule finished, False when train.max_steps stopped it (after
+    a validation and a checkpoint, so the run is usable). A failure marks the MLflow run FAILED."""
     tcfg = run.cfg.train
-    status, stopped, train_seconds, images_seen = "FAILED", False, 0.0, 0
+    status, capped = "FAILED", False
     try:
-        for epoch in range(run.epoch, tcfg.epochs):
-            mean_loss, seen, stopped, seconds = _run_epoch(run, tracker, work_dir / "checkpoint_latest.pt", progress)
-            train_seconds, images_seen = train_seconds + seconds, images_seen + seen
-            if stopped:
-                break  # an interruption: the latest checkpoint stays at the last finished epoch
-            run.epoch = epoch + 1
-            record = {"epoch": run.epoch, "step": run.step, "train_loss": mean_loss, "img_per_s": seen / seconds}
-            if run.epoch % tcfg.val_every == 0 or run.epoch == tcfg.epochs:
+        while run.epoch < tcfg.epochs and not capped:
+            capped = _run_epoch(run, tracker, work_dir, progress)
+            record = _close_epoch(run, capped)
+            if capped or record["epoch"] % tcfg.val_every == 0 or record["epoch"] == tcfg.epochs:
                 record |= _validate_epoch(run, tracker)
             run.history.append(record)
             if run.main:
-                _save_epoch(run, record, work_dir)
+                _save_state(run, work_dir, record)
                 _report(run, record)
         status = "FINISHED"
     finally:
         if status != "FINISHED":
             tracker.finish("FAILED")
-    return not stopped, train_seconds, images_seen
+    return run.epoch >= tcfg.epochs
 
 
-def _finish(run: TrainingRun, tracker: Tracker, run_dir: Path, finished: bool, train_seconds: float,
-            images_seen: int) -> dict:
-    """The run's result; a finished run also gets its latency at the evaluation size."""
+def _close_epoch(run: TrainingRun, capped: bool) -> dict:
+    """The record of the epoch just run; one stopped by train.max_steps part-way is marked `capped`
+    and its partial sums stay in run.partial, so a longer run continues the same epoch."""
+    part, total = run.partial, run.steps_per_epoch * run.cfg.train.grad_accum
+    loss = _mean_over_ranks(part["loss_sum"] / max(part["batches"], 1), run.world)
+    record = {"epoch": run.epoch + 1, "step": run.step, "train_loss": loss, "seconds": part["seconds"],
+              "images": part["images"], "img_per_s": part["images"] / max(part["seconds"], 1e-9)}
+    if capped and part["batches"] < total:
+        return record | {"epoch": run.epoch + part["batches"] / total, "capped": True}
+    run.epoch, run.partial = run.epoch + 1, {}
+    return record
+
+
+def _finish(run: TrainingRun, tracker: Tracker, run_dir: Path, finished: bool) -> dict:
+    """The run's result (latency is measured once per model, by the studies, at bench size)."""
     history = run.history
+    train_seconds = sum(r.get("seconds", 0.0) for r in history)
+    images_seen = sum(r.get("images", 0) for r in history)
     result = {"model": run.mcfg.name, "profile": run.cfg.profile, "finished": finished, "steps": run.step,
+              "capped_at_step": None if finished else run.cfg.train.max_steps, "settings": run.meta["settings"],
               "epochs": len(history), "history": history, "best_miou": run.best_miou,
               "final": history[-1] if history else {}, "train_seconds": train_seconds,
               "train_img_per_s": images_seen / train_seconds if train_seconds else float("nan"),
               "parameters": measure.parameters(run.model), "run_dir": str(run_dir),
-              "checkpoint_best": str(run_dir / "checkpoint_best.pt"), "mlflow_run_id": tracker.run_id}
-    if run.main and finished:
-        size = run.cfg.data.base_size
-        lat = measure.latency(run.model, size, 2 * size, run.device, warmup=1, iters=3)
-        result["latency_ms_eval_size"] = lat["median_ms"]
-        tracker.log_metrics({"latency_ms": lat["median_ms"]}, run.step)
+              "checkpoint_best": str(run_dir / "checkpoint_best.pt"), "mlflow_run_id": tracker.run_id,
+              "backbone_init": run.meta["backbone_init"]}
     tracker.finish()
     return result
 
@@ -433,7 +521,7 @@ def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None =
         bar = tqdm(total=min(steps_per_epoch, total - step), desc=f"{desc} epoch {epoch + 1}",
                    disable=not progress, mininterval=2.0)
 
-        def on_step(loss: float, seen: int, bar=bar) -> bool:
+        def on_step(loss: float, seen: int, *_, bar=bar) -> bool:
             nonlocal step
             step += 1
             bar.update()

@@ -9,6 +9,8 @@ at the input resolution, like torchvision's segmentation models.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import socket
 from collections import OrderedDict
 from pathlib import Path
@@ -90,60 +92,94 @@ class HybridFCN(nn.Module):
         return {"out": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
 
 
-def backbone_weights(pretrained: str | bool) -> ResNet50_Weights | None:
-    """ImageNet weights for the ResNet-50 backbone through torchvision's weights API.
+def backbone_weights(pretrained: str | bool, weights_dir: str = "") -> dict[str, torch.Tensor] | None:
+    """The ImageNet ResNet-50 state dict, or None for random init.
 
-    auto: use them if they are in the torch hub cache or can be downloaded, else say so once
-    and train from scratch. true: fail clearly when they cannot be had. false: random init.
+    Sources in order: `weights_dir` (air-gapped boxes; the file must be there), the torch hub cache,
+    a download through torchvision's weights API. auto: when neither answers, say so in one line and
+    train from scratch. true: fail clearly. false: random init.
     """
     mode = str(pretrained).lower()
     if mode in ("false", "no", "0"):
         return None
     if mode not in ("auto", "true", "yes", "1"):
         raise UserError(f"model.pretrained = {pretrained!r}; use auto, true or false")
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(BACKBONE_WEIGHTS.url).name
-    if cached.is_file():
-        return BACKBONE_WEIGHTS
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(10)
+    if weights_dir:
+        return _local_weights(Path(weights_dir))
     try:
-        BACKBONE_WEIGHTS.get_state_dict(progress=False)  # downloads into the cache
-        return BACKBONE_WEIGHTS
-    except Exception as exc:  # no network, proxy, disk: all mean "not available"
+        return _cached_or_downloaded()
+    except Exception as exc:  # no network, proxy, disk, bad hash: all mean "not available"
+        name, cache = Path(BACKBONE_WEIGHTS.url).name, Path(torch.hub.get_dir()) / "checkpoints"
         if mode != "auto":
-            raise UserError(f"model.pretrained = true but the ImageNet ResNet-50 weights are not in "
-                            f"{cached} and could not be downloaded ({type(exc).__name__}: {exc}); "
-                            f"copy {Path(BACKBONE_WEIGHTS.url).name} there or set pretrained: auto") from exc
-        print(f"[segstudy] pretrained weights unavailable (not cached in {cached.parent}, no "
-              f"download): the ResNet-50 backbone starts from random init")
+            raise UserError(f"model.pretrained = true but the ImageNet ResNet-50 weights are not in {cache} and "
+                            f"could not be downloaded ({type(exc).__name__}: {exc}); copy {name} there, or set "
+                            f"model.weights_dir to a folder holding it, or set pretrained: auto") from exc
+        print(f"[segstudy] ImageNet weights unavailable (no {name} in {cache}, download failed: "
+              f"{type(exc).__name__}): the ResNet-50 backbone starts from random init")
         return None
+
+
+def _local_weights(folder: Path) -> dict[str, torch.Tensor]:
+    file = folder / Path(BACKBONE_WEIGHTS.url).name
+    if not file.is_file():
+        raise UserError(f"model.weights_dir = {folder} holds no {file.name}; copy torchvision's ImageNet "
+                        f"ResNet-50 weights ({BACKBONE_WEIGHTS.url}) there, or set model.weights_dir to \"\" "
+                        f"to use the torch hub cache or a download")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _cached_or_downloaded() -> dict[str, torch.Tensor]:
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(10)  # a network that does not answer should cost seconds, not minutes
+    try:
+        # the hub cache if the file is there, else a download into it (sha256 checked against the file
+        # name; a progress bar once the network answers). torch's "Downloading" line is dropped so that
+        # a box without network prints one line: the fallback's
+        with contextlib.redirect_stdout(io.StringIO()):
+            return BACKBONE_WEIGHTS.get_state_dict(progress=True, check_hash=True, map_location="cpu",
+                                                   weights_only=True)
     finally:
         socket.setdefaulttimeout(old_timeout)
 
 
-def _resnet_backbone(weights, output_stride: int, layers: dict[str, str]) -> nn.Module:
+def backbone_init(model: nn.Module) -> str:
+    """How build_model initialised the backbone: imagenet | random | none (U-Net) | unknown."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
+    inner = getattr(inner, "module", inner)  # DDP
+    return getattr(inner, "backbone_init", "unknown")
+
+
+def _resnet_backbone(state: dict | None, output_stride: int, layers: dict[str, str]) -> nn.Module:
     if output_stride not in _DILATION:
         raise UserError(f"model.output_stride = {output_stride}; choose one of 8, 16, 32")
-    net = resnet50(weights=weights, replace_stride_with_dilation=_DILATION[output_stride])
+    net = resnet50(replace_stride_with_dilation=_DILATION[output_stride])
+    if state is not None:
+        net.load_state_dict(state)
     return IntermediateLayerGetter(net, return_layers=layers)
 
 
 def build_model(name: str, num_classes: int = 19, pretrained: str | bool = "auto", output_stride: int = 16,
                 aux_loss: bool = False, unet_base: int = 64, head_channels: int = 256,
-                head_layers: int = 2) -> nn.Module:
-    """One of MODELS, returning {"out"[, "aux"]} logits at the input size."""
+                head_layers: int = 2, weights_dir: str = "") -> nn.Module:
+    """One of MODELS, returning {"out"[, "aux"]} logits at the input size. `model.backbone_init`
+    records imagenet | random | none: the same profile scores very differently with and without."""
     if name not in MODELS:
         raise UserError(f"model.name = '{name}' is unknown; choose one of {', '.join(MODELS)}")
     if name == "unet":
-        return UNet(num_classes, base=unet_base)
-    weights = backbone_weights(pretrained)
+        model: nn.Module = UNet(num_classes, base=unet_base)
+        model.backbone_init = "none"
+        return model
+    state = backbone_weights(pretrained, weights_dir)
     if name == "deeplabv3_resnet50":
         if output_stride not in (8, 16):
             raise UserError(f"model.output_stride = {output_stride}; DeepLabV3 uses 8 or 16")
         layers = OrderedDict(layer4="out", **({"layer3": "aux"} if aux_loss else {}))
-        backbone = _resnet_backbone(weights, output_stride, layers)
+        backbone = _resnet_backbone(state, output_stride, layers)
         rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)  # as in the DeepLabV3 paper
         aux = FCNHead(1024, num_classes) if aux_loss else None
-        return DeepLabV3(backbone, DeepLabHead(2048, num_classes, rates), aux)
-    backbone = _resnet_backbone(weights, output_stride, {"layer4": "out"})
-    return HybridFCN(backbone, num_classes, head_channels, head_layers)
+        model = DeepLabV3(backbone, DeepLabHead(2048, num_classes, rates), aux)
+    else:
+        model = HybridFCN(_resnet_backbone(state, output_stride, {"layer4": "out"}), num_classes,
+                          head_channels, head_layers)
+    model.backbone_init = "random" if state is None else "imagenet"
+    return model

@@ -42,6 +42,7 @@ def comparison_table(results: dict[str, dict], profiles: dict[str, dict], cfg: C
     for name, r in results.items():
         p = profiles[name]
         rows.append({"model": name, "val mIoU %": 100 * r["best_miou"],
+                     "backbone init": r.get("backbone_init", "unknown"),
                      "pixel acc %": 100 * r["final"].get("val_pixel_acc", float("nan")),
                      f"latency ms ({b.width}x{b.height})": p["latency_ms"],
                      "latency ms channels_last": p["latency_cl_ms"], "params M": p["parameters"] / 1e6,

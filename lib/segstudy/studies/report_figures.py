@@ -99,6 +99,7 @@ def models(cfg: Config) -> Part:
     for name, m in found.items():
         with results_files.reading(cfg, "baselines" if m["source"].parent.name.startswith("01") else "custom"):
             rows.append({"model": name, "val mIoU %": 100 * m["best_miou"],
+                         "backbone init": m.get("backbone_init", "unknown"),  # ImageNet or not: a big gap
                          "pixel acc %": 100 * (m["final"].get("val_pixel_acc") or float("nan")),
                          "latency ms": m["latency_ms"], "latency ms channels_last": m.get("latency_cl_ms"),
                          "params M": m["parameters"] / 1e6, "GFLOPs": m["gflops"], "size MB": m.get("size_mb"),

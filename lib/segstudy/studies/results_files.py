@@ -175,7 +175,8 @@ def model_tables(cfg: Config) -> pd.DataFrame:
             rows.append({"model": f"(missing: {file.parent.name})", "source": f"{file} not found: run that notebook"})
             continue
         for name, m in d["models"].items():
-            rows.append({"model": name, "val mIoU %": 100 * m["best_miou"], "latency ms": m["latency_ms"],
+            rows.append({"model": name, "val mIoU %": 100 * m["best_miou"],
+                         "backbone init": m.get("backbone_init", "unknown"), "latency ms": m["latency_ms"],
                          "params M": m["parameters"] / 1e6, "GFLOPs": m["gflops"], "source": file.parent.name})
     return pd.DataFrame(rows).set_index("model").round(2)
 

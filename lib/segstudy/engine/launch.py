@@ -1,0 +1,61 @@
+"""Several GPUs from the notebooks' flow: with train.gpus = N > 1, `train` hands a training to
+`torchrun --nproc_per_node N -m segstudy train` with the same settings and reads back its result,
+so a notebook, `./run_all.sh full --gpus N` and the Kubernetes Job all train through one entry
+point. (On a CPU-only machine the N processes use gloo: that is how the tests run it.)"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from segstudy.config import Config
+from segstudy.errors import UserError
+
+
+def wanted(cfg: Config) -> bool:
+    """More than one process asked for, and this is not already one of torchrun's processes."""
+    return cfg.train.gpus > 1 and "WORLD_SIZE" not in os.environ
+
+
+def torchrun(cfg: Config, model_name: str, run_dir: Path, keep_weights: bool) -> dict:
+    """Train `model_name` on cfg.train.gpus processes; its output streams here; returns its result."""
+    with tempfile.TemporaryDirectory(prefix="segstudy-launch-") as tmp:
+        params = Path(tmp) / f"{cfg.profile}.yaml"
+        params.write_text(yaml.safe_dump(cfg.to_dict() | {"overrides": {}}, sort_keys=False))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(cfg.train.gpus), "-m", "segstudy", "train", "--params", str(params),
+               "--model", model_name, "--run-dir", str(run_dir), "--no-log-model",
+               *([] if keep_weights else ["--no-keep-weights"])]
+        print(f"[segstudy] {model_name}: torchrun on {cfg.train.gpus} processes, global batch "
+              f"{cfg.data.batch_size}", flush=True)
+        tail = _stream(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    if tail:
+        raise UserError(f"the {cfg.train.gpus}-process training of {model_name} failed; its last lines:\n"
+                        + "".join(tail))
+    return _result(run_dir)
+
+
+def _stream(proc: subprocess.Popen) -> list[str]:
+    """Print the processes' output as it comes; on failure, return its last lines."""
+    tail: collections.deque[str] = collections.deque(maxlen=12)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        tail.append(line)
+    return [] if proc.wait() == 0 else list(tail)
+
+
+def _result(run_dir: Path) -> dict:
+    """result.json of the run just trained: run_dir, or `<run>.next` when a retry beside a finished
+    run stopped early (train.max_steps)."""
+    paths = [p / "result.json" for p in (run_dir, run_dir.with_name(run_dir.name + ".next"))]
+    newest = max((p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime, default=None)
+    if newest is None:
+        raise UserError(f"the distributed training wrote no result.json in {run_dir}")
+    return json.loads(newest.read_text())

@@ -1,0 +1,153 @@
+"""outputs/<profile>/timings.json: the run's plan (each training with its estimated seconds), the
+actual seconds of every training that finished, and each notebook's wall time; and the ETA line
+training prints once per epoch.
+
+Layout: {"planned_at", "source", "plan": [{"key", "notebook", ..., "planned_s", "reused"}],
+"trainings": {run key: {"planned_s", "actual_s", "finished_at"}}, "notebooks": {stem: seconds}}.
+A run key is the training's folder relative to outputs/<profile>/ (runs/unet,
+runs/custom-ce-seed0), or <notebook>/<name> for a fine-tune, which has no folder of its own.
+Every write re-reads the file under a lock and replaces it atomically: the notebook runner and
+the training inside a notebook's kernel both write it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from segstudy.config import Config
+
+SECTIONS = ("planned_at", "source", "plan", "trainings", "notebooks")
+
+
+def path(cfg: Config) -> Path:
+    return cfg.output_dir / "timings.json"
+
+
+def run_key(cfg: Config, run_dir: str | Path) -> str:
+    """runs/unet for outputs/<profile>/runs/unet; a folder elsewhere keeps its full path."""
+    run_dir = Path(run_dir).resolve()
+    try:
+        return run_dir.relative_to(cfg.output_dir.resolve()).as_posix()
+    except ValueError:
+        return str(run_dir)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def read(cfg: Config) -> dict:
+    """The file's content; an absent or unreadable file is an empty record. Files written before
+    the plan existed hold only {notebook: seconds}: those become the "notebooks" section."""
+    try:
+        data = json.loads(path(cfg).read_text())
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    old = {k: v for k, v in data.items() if k not in SECTIONS and isinstance(v, (int, float))}
+    out = {k: v for k, v in data.items() if k in SECTIONS}
+    out.setdefault("plan", [])
+    out.setdefault("trainings", {})
+    out["notebooks"] = old | out.get("notebooks", {})
+    return out
+
+
+@contextlib.contextmanager
+def _locked(cfg: Config) -> Iterator[None]:
+    lock = path(cfg).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def update(cfg: Config, change: Callable[[dict], None]) -> dict:
+    """Read, `change` in place, write back atomically (tmp + os.replace), under a lock."""
+    with _locked(cfg):
+        data = read(cfg)
+        change(data)
+        tmp = path(cfg).with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path(cfg))
+    return data
+
+
+def write_plan(cfg: Config, plan: list[dict], source: str) -> dict:
+    """A new plan (rows with "key" and "planned_s"); the actual times already recorded stay."""
+    def change(data: dict) -> None:
+        data |= {"planned_at": now(), "source": source, "plan": plan}
+        for row in plan:
+            data["trainings"].setdefault(row["key"], {})["planned_s"] = row["planned_s"]
+    return update(cfg, change)
+
+
+def record_finished(cfg: Config, key: str, seconds: float) -> dict:
+    """A training's actual wall time (its validation passes included), next to its plan."""
+    def change(data: dict) -> None:
+        planned = next((r["planned_s"] for r in data["plan"] if r["key"] == key), None)
+        entry = data["trainings"].setdefault(key, {})
+        entry |= {"actual_s": round(seconds, 1), "finished_at": now()}
+        entry.setdefault("planned_s", planned)
+    return update(cfg, change)
+
+
+def record_notebook(cfg: Config, stem: str, seconds: float) -> dict:
+    def change(data: dict) -> None:
+        data["notebooks"][stem] = seconds
+    return update(cfg, change)
+
+
+def notebook_seconds(cfg: Config) -> dict[str, float]:
+    return dict(read(cfg)["notebooks"])
+
+
+def duration(seconds: float) -> str:
+    """12 s, 14 min, 5.3 h: the unit a person reads an ETA in."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _finished_since_plan(data: dict, key: str) -> float | None:
+    """The actual seconds of `key` when it finished after the current plan was written."""
+    entry = data["trainings"].get(key, {})
+    if entry.get("actual_s") is None or entry.get("finished_at", "") < data.get("planned_at", ""):
+        return None
+    return entry["actual_s"]
+
+
+def progress_line(cfg: Config, run_key: str, done_steps: int, total_steps: int, elapsed_s: float,
+                  first_step: int = 0) -> str:
+    """"ETA: this training 12 min, the whole run 5.3 h (planned 6.0 h)". `elapsed_s` covers steps
+    first_step..done_steps (a resumed training starts past 0). The whole run is what is left of
+    this training plus the planned time of the trainings after it in the plan, scaled by
+    measured/planned so far (finished trainings of this plan, and this one's pace); without a plan
+    that holds `run_key` (e.g. `segstudy train` alone) the line covers this training only."""
+    rate = elapsed_s / max(1, done_steps - first_step)
+    left = rate * max(0, total_steps - done_steps)
+    line = f"ETA: this training {duration(left)}"
+    data = read(cfg)
+    keys = [row["key"] for row in data["plan"]]
+    if run_key not in keys:
+        return line
+    i = keys.index(run_key)
+    rows = data["plan"]
+    planned_total = sum(r["planned_s"] for r in rows if not r.get("reused"))
+    actual = [(r["planned_s"], s) for r in rows[:i] if (s := _finished_since_plan(data, r["key"])) is not None]
+    measured = sum(s for _, s in actual) + rate * total_steps  # this training's pace over all its steps
+    planned = sum(p for p, _ in actual) + rows[i]["planned_s"]
+    ratio = measured / planned if planned > 0 else 1.0
+    after = sum(r["planned_s"] for r in rows[i + 1:] if not r.get("reused"))
+    return f"{line}, the whole run {duration(left + ratio * after)} (planned {duration(planned_total)})"

@@ -1,0 +1,301 @@
+"""The report's verdict table: each question of the study, its answer, and the uncertainty behind it.
+
+Why these statistics:
+
+- From-scratch trainings on a CPU budget are short, and their seed-to-seed noise is often larger
+  than the differences between the variants being compared. So a training-level question (which
+  loss is best) is answered from several seeds: the mean and a Student-t interval of the mean,
+  which stays honest with 3 seeds where a normal interval would be too narrow.
+- Two variants evaluated on the same validation images (int8 vs fp32, pruned vs its dense
+  control) share the images' difficulty. Their *difference* is bootstrapped with the same
+  resampled images for both (paired), which cancels that shared variation and is much tighter
+  than comparing two separate intervals. A difference between two single trainings can then be
+  widened by the seed noise measured in the seeded study (add_noise), when it has to count.
+- Timings are skewed (a slow outlier now and then): speed-ups compare medians, with a bootstrap
+  interval over the repeated timings.
+
+Rules: a ranking names a winner only when its interval does not overlap any other's; otherwise
+the answer is "not distinguishable at this budget" (NOT_DISTINGUISHABLE) with the tied names.
+An estimate from a single value (1 seed, 1 image, 1 timing) has no measured spread: its interval
+is unbounded, so it never decides anything on its own.
+
+Units: every mIoU here is in points (0-100, the report's unit and the unit of the recommendation
+tolerance), i.e. 100 x ConfusionMatrix.compute()["miou"]. Confusion matrices have ground truth in
+rows and either C or C + 1 columns (the engine's extra "void" prediction column, which counts as a
+false negative of the row's class and a false positive of nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+NOT_DISTINGUISHABLE = "not distinguishable at this budget"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with a confidence interval [low, high] from n values (seeds, images, timings).
+
+    `how` says where the interval comes from, e.g. "3 seeds, 95% t-interval". With n < 2 nothing
+    measured the spread and the interval is (-inf, inf)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    how: str
+    level: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not self.low <= self.high:
+            raise ValueError(f"interval [{self.low}, {self.high}] is empty or NaN")
+
+    @property
+    def has_spread(self) -> bool:
+        return math.isfinite(self.low) and math.isfinite(self.high)
+
+    def overlaps(self, other: Estimate) -> bool:
+        return self.low <= other.high and other.low <= self.high
+
+    def __str__(self) -> str:
+        if not self.has_spread:
+            return f"{_fmt(self.mean)} [no spread]"
+        return f"{_fmt(self.mean)} [{_fmt(self.low)}, {_fmt(self.high)}]"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One row of the report's verdict table."""
+
+    question: str
+    answer: str
+    evidence: str
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+
+
+def _unbounded(mean: float, n: int, how: str, level: float) -> Estimate:
+    return Estimate(mean, -math.inf, math.inf, n, how, level)
+
+
+def _percentile(mean: float, samples: np.ndarray, n: int, how: str, level: float) -> Estimate:
+    """Percentile bootstrap interval around the estimate of the full sample."""
+    alpha = 1 - level
+    low, high = np.nanquantile(samples, [alpha / 2, 1 - alpha / 2])
+    # the full-sample estimate can fall a hair outside the percentiles in a skewed case: the
+    # interval is kept as the bootstrap gives it, only ordered (float noise on a zero width)
+    return Estimate(float(mean), float(min(low, high)), float(max(low, high)), n, how, level)
+
+
+# ---------------------------------------------------------------- estimates
+
+
+def over_seeds(values: Sequence[float], level: float = 0.95) -> Estimate:
+    """Mean of one score over training seeds, with a Student-t interval of the mean."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("over_seeds needs at least one value")
+    mean = float(x.mean())
+    if x.size == 1:
+        return _unbounded(mean, 1, "1 seed: no spread", level)
+    half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return Estimate(mean, mean - half, mean + half, int(x.size), f"{x.size} seeds, {level:.0%} t-interval", level)
+
+
+def _miou_many(confusions: np.ndarray) -> np.ndarray:
+    """mIoU in points of each matrix of a [..., C, C or C+1] stack; NaN where no class is present."""
+    c = confusions.shape[-2]
+    tp = np.diagonal(confusions[..., :c], axis1=-2, axis2=-1)
+    fn = confusions.sum(-1) - tp  # includes the void column: a missed pixel of its row's class
+    fp = confusions[..., :c].sum(-2) - tp
+    union = tp + fp + fn
+    present = union > 0  # a class absent from both truth and prediction is not scored
+    iou = np.divide(tp, union, out=np.zeros(union.shape), where=present)
+    count = present.sum(-1)
+    return np.divide(100 * iou.sum(-1), count, out=np.full(count.shape, np.nan), where=count > 0)
+
+
+def _check(confusions: np.ndarray, ndim: int) -> np.ndarray:
+    m = np.asarray(confusions, dtype=float)
+    if m.ndim != ndim or m.shape[-1] not in (m.shape[-2], m.shape[-2] + 1):
+        want = "[C, C]" if ndim == 2 else "[N, C, C]"
+        raise ValueError(f"expected confusion matrices {want} (or C + 1 columns), got {m.shape}")
+    return m
+
+
+def miou(confusion: np.ndarray) -> float:
+    """mIoU in points of one confusion matrix (rows = truth); absent classes are not scored."""
+    return float(_miou_many(_check(confusion, 2)))
+
+
+def _resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n] how often each image is drawn in each bootstrap resample."""
+    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    rows = np.repeat(np.arange(n_boot), n)
+    return np.bincount(rows * n + draws.ravel(), minlength=n_boot * n).reshape(n_boot, n).astype(float)
+
+
+def _boot_mious(weights: np.ndarray, confusions: np.ndarray) -> np.ndarray:
+    # a resample's confusion matrix is the weighted sum of the per-image ones (one matmul for all)
+    n, *shape = confusions.shape
+    return _miou_many((weights @ confusions.reshape(n, -1)).reshape(len(weights), *shape))
+
+
+def miou_bootstrap(confusions: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Estimate:
+    """mIoU (points) of per-image confusion matrices [N, C, C], with a bootstrap interval over images."""
+    m = _check(confusions, 3)
+    point = miou(m.sum(0))
+    if len(m) < 2:
+        return _unbounded(point, len(m), f"{len(m)} image: no spread", level)
+    samples = _boot_mious(_resample_weights(len(m), n_boot, seed), m)
+    return _percentile(point, samples, len(m), f"bootstrap over {len(m)} images, {level:.0%}", level)
+
+
+def paired_difference(conf_a: np.ndarray, conf_b: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> Estimate:
+    """mIoU(a) - mIoU(b) in points for two models scored on the same images (per-image confusions),
+    bootstrapped with the same resampled images for both."""
+    a, b = _check(conf_a, 3), _check(conf_b, 3)
+    if a.shape != b.shape:
+        raise ValueError(f"paired confusions must have the same shape (same images, classes): {a.shape} vs {b.shape}")
+    point = miou(a.sum(0)) - miou(b.sum(0))
+    if len(a) < 2:
+        return _unbounded(point, len(a), f"{len(a)} image: no spread", level)
+    w = _resample_weights(len(a), n_boot, seed)
+    samples = _boot_mious(w, a) - _boot_mious(w, b)
+    return _percentile(point, samples, len(a), f"paired bootstrap over {len(a)} images, {level:.0%}", level)
+
+
+def pooled_sd(groups: Mapping[str, Sequence[float]]) -> float:
+    """Pooled within-group standard deviation (e.g. of mIoU over seeds, per loss): the seed noise
+    of one training. Its degrees of freedom are sum(len(g) - 1), for add_noise(df=...)."""
+    ss = sum(float(np.sum((np.asarray(g, float) - np.mean(g)) ** 2)) for g in groups.values() if len(g) > 1)
+    df = sum(len(g) - 1 for g in groups.values() if len(g) > 1)
+    if df == 0:
+        raise ValueError("pooled_sd needs a group with at least 2 values")
+    return math.sqrt(ss / df)
+
+
+def add_noise(diff: Estimate, seed_sd: float, trainings: int = 2, df: int | None = None) -> Estimate:
+    """Widen a difference measured on single trainings by their seed noise.
+
+    The images' interval (paired bootstrap) says nothing about how another seed would have
+    trained; `trainings` independent trainings each add seed_sd**2 to the difference's variance
+    (2 for two separately trained models; 1 when one model derives from the other's weights and
+    only its own training, e.g. a fine-tune, is random; 0 for int8 vs fp32 of the same weights).
+    Each side of the interval grows to sqrt(h**2 + (q * sqrt(trainings) * seed_sd)**2), q the
+    normal quantile, or Student's with `df` (that of pooled_sd) when given."""
+    q = stats.norm.ppf(0.5 + diff.level / 2) if df is None else stats.t.ppf(0.5 + diff.level / 2, df)
+    extra = q * math.sqrt(trainings) * seed_sd
+    low = diff.mean - math.hypot(diff.mean - diff.low, extra)
+    high = diff.mean + math.hypot(diff.high - diff.mean, extra)
+    how = f"{diff.how} + seed noise of {trainings} training(s), sd {seed_sd:.2f}"
+    return Estimate(diff.mean, low, high, diff.n, how, diff.level)
+
+
+def speedup(times: Sequence[float], baseline_times: Sequence[float], n_boot: int = 2000, seed: int = 0,
+            level: float = 0.95) -> Estimate:
+    """How many times faster than the baseline: median(baseline_times) / median(times), with a
+    bootstrap interval resampling each set of repeated timings independently. With ~5 timings a
+    side the median's interval is about their whole range (one slow outlier in 5 can be the
+    median of a resample): time 10 or more runs when the speed-up is the question."""
+    t, base = np.asarray(times, float), np.asarray(baseline_times, float)
+    if t.size == 0 or base.size == 0 or (t <= 0).any() or (base <= 0).any():
+        raise ValueError("speedup needs positive timings on both sides")
+    point = float(np.median(base) / np.median(t))
+    n = int(min(t.size, base.size))
+    if n < 2:
+        return _unbounded(point, n, "1 timing: no spread", level)
+    rng = np.random.default_rng(seed)
+    samples = (np.median(rng.choice(base, (n_boot, base.size)), axis=1)
+               / np.median(rng.choice(t, (n_boot, t.size)), axis=1))
+    return _percentile(point, samples, n, f"{t.size} vs {base.size} timings, bootstrap of medians, {level:.0%}", level)
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+def _listing(estimates: Sequence[tuple[str, Estimate]]) -> str:
+    hows = {e.how for _, e in estimates}
+    if len(hows) == 1:  # say the method once when all share it
+        return "; ".join(f"{name} {e}" for name, e in estimates) + f" ({hows.pop()})"
+    return "; ".join(f"{name} {e} ({e.how})" for name, e in estimates)
+
+
+def rank(question: str, estimates: Mapping[str, Estimate], higher_is_better: bool = True) -> Verdict:
+    """The best by mean, alone if its interval overlaps no other's; else the tied names, as
+    "not distinguishable at this budget: best, tied...". Independent of the mapping's order."""
+    if not estimates:
+        raise ValueError("rank needs at least one estimate")
+    sign = -1 if higher_is_better else 1
+    # ordered by mean, best first, then by name: no dependence on the dict's order
+    ordered = sorted(estimates.items(), key=lambda kv: (sign * kv[1].mean, kv[0]))
+    best_name, best = ordered[0]
+    tied = [name for name, e in ordered[1:] if e.overlaps(best)]
+    evidence = _listing(ordered)
+    if not tied:
+        return Verdict(question, best_name, evidence + "; no other interval overlaps the best's")
+    return Verdict(question, f"{NOT_DISTINGUISHABLE}: {', '.join([best_name, *tied])}",
+                   evidence + f"; {', '.join(tied)} overlap{'s' if len(tied) == 1 else ''} {best_name}'s interval")
+
+
+def compare(question: str, name_a: str, a: Estimate, name_b: str, b: Estimate,
+            higher_is_better: bool = True) -> Verdict:
+    """rank() of two separately estimated results (e.g. two losses over seeds). For two variants
+    scored on the same images use threshold(paired_difference(...), 0.0, ...) instead: tighter."""
+    return rank(question, {name_a: a, name_b: b}, higher_is_better)
+
+
+def threshold(question: str, est: Estimate, floor: float, context: str = "") -> Verdict:
+    """"yes" if the whole interval is above `floor`, "no" if it is wholly below, otherwise not
+    distinguishable. E.g. an int8 drop kept within 1 point: threshold(q, paired_difference(int8,
+    fp32), -1.0); pruning buys speed: threshold(q, speedup(pruned, dense), 1.0). `context` is
+    appended to the evidence (e.g. the speed-up the kept accuracy comes with)."""
+    if est.low > floor:
+        answer, why = "yes", "the whole interval is above"
+    elif est.high < floor:
+        answer, why = "no", "the whole interval is below"
+    else:
+        answer, why = NOT_DISTINGUISHABLE, "the interval contains"
+    evidence = f"{est} ({est.how}); {why} {_fmt(floor)}"
+    return Verdict(question, answer, evidence + (f"; {context}" if context else ""))
+
+
+def recommend(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float = 1.0,
+              question: str = "Which model to deploy?") -> Verdict:
+    """The fastest model within `tolerance` mIoU points of the best, with the uncertainty: a model
+    is eligible when its interval reaches best.mean - tolerance (est.high >= that), so one that is
+    not distinguishable from being close enough is not excluded. candidates: name -> (mIoU
+    estimate in points, latency in ms)."""
+    if not candidates:
+        raise ValueError("recommend needs at least one candidate")
+    items = sorted(candidates.items())  # by name first: equal means/latencies break ties by name
+    best_name, (best, _) = max(items, key=lambda kv: kv[1][0].mean)
+    bar = best.mean - tolerance
+    eligible = [(name, e, ms) for name, (e, ms) in items if e.high >= bar]
+    excluded = [(name, e, ms) for name, (e, ms) in items if e.high < bar]
+    pick, pick_est, pick_ms = min(eligible, key=lambda t: (t[2], -t[1].mean))
+
+    def listing(rows):
+        return ", ".join(f"{name} {e} at {ms:.3g} ms" for name, e, ms in sorted(rows, key=lambda t: t[2]))
+
+    evidence = (f"best mIoU {best_name} {best} ({best.how}); eligible (interval reaches {_fmt(bar)}, "
+                f"{tolerance:g} point{'' if tolerance == 1 else 's'} below the best): {listing(eligible)}")
+    if excluded:
+        evidence += f"; excluded (whole interval below {_fmt(bar)}): {listing(excluded)}"
+    evidence += f"; {pick} is the fastest eligible ({pick_ms:.3g} ms)"
+    return Verdict(question, pick, evidence)
+
+
+def table(verdicts: Sequence[Verdict]) -> pd.DataFrame:
+    """The report's opening table: one row per question."""
+    return pd.DataFrame([(v.question, v.answer, v.evidence) for v in verdicts],
+                        columns=["question", "answer", "evidence"])

@@ -1,0 +1,122 @@
+"""The run's plan (studies/plan.py) and its timings.json with the ETA line (engine/timings.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from segstudy.config import load_config
+from segstudy.engine import timings
+from segstudy.notebook_runner import NOTEBOOKS_DIR
+from segstudy.studies import plan
+
+
+@pytest.fixture()
+def smoke(tmp_path, tiny_root):
+    return load_config("smoke", {"data.root": str(tiny_root), "data.generate": False,
+                                 "output_root": str(tmp_path)})
+
+
+def test_the_plan_lists_every_training_of_the_smoke_profile(smoke):
+    p, q = smoke.prune, smoke.quant
+    expected = (2 + 1 + len(smoke.loss_study.names) * len(smoke.loss_study.seeds)
+                + sum(s in p.finetune_scopes for s in p.scopes) * (p.unstructured_epochs > 0) + 2
+                + (q.qat != "never"))
+    rows = plan.trainings(smoke)
+    assert len(rows) == expected
+    assert [r.key for r in rows[:3]] == ["runs/unet", "runs/deeplabv3_resnet50", "runs/custom"]
+    loss_runs = [r for r in rows if r.notebook == "03_loss_comparison"]
+    assert {(r.loss, r.seed) for r in loss_runs} == {(n, s) for n in smoke.loss_study.names
+                                                     for s in smoke.loss_study.seeds}
+    spe = 8 // smoke.data.batch_size  # the tiny dataset: 8 training images
+    assert all(r.iterations == smoke.loss_study.epochs * spe for r in loss_runs)
+    assert plan.trainings(smoke, ["02_custom_model"])[0].key == "runs/custom"
+
+
+def test_the_notebooks_train_the_models_the_plan_names():
+    for notebook, models in plan.NOTEBOOK_MODELS.items():
+        source = "".join("".join(c["source"]) for c in json.loads((NOTEBOOKS_DIR / f"{notebook}.ipynb").read_text())
+                         ["cells"] if c["cell_type"] == "code")
+        assert re.search(r"^models = (\[.*\])$", source, re.M)[1] == str(list(models))
+
+
+def test_the_warm_up_on_the_device_gives_positive_finite_seconds(smoke):
+    rows = plan.trainings(smoke, ["02_custom_model", "05_quantization"])
+    est = plan.estimate(smoke, rows)
+    assert "warm-up on cpu" in est.source
+    assert all(s > 0 and math.isfinite(s) for s in est.seconds)
+    assert est.seconds[1] > est.seconds[0] * 0.5 / 2  # QAT: a quarter epoch, slower steps
+    text = plan.format_plan(smoke, rows, est)
+    assert "runs/custom" in text and "warm-up on cpu" in text and "total" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_device_not_on_this_machine_is_planned_from_flops(tmp_path, tiny_root):
+    cfg = load_config("smoke", {"device": "cuda", "data.root": str(tiny_root), "data.generate": False,
+                                "output_root": str(tmp_path)})
+    rows = plan.trainings(cfg)
+    est = plan.estimate(cfg, rows)
+    assert f"{plan.DEFAULT_TFLOPS:g} effective TFLOPS" in est.source
+    assert all(s > 0 and math.isfinite(s) for s in est.seconds)
+    doubled = plan.estimate(cfg, rows, assume_tflops=2 * plan.DEFAULT_TFLOPS)
+    assert doubled.total == pytest.approx(est.total / 2)
+
+
+def test_without_the_dataset_the_published_split_sizes_are_used(tmp_path):
+    cfg = load_config("smoke", {"data.root": str(tmp_path / "absent"), "data.generate": False,
+                                "output_root": str(tmp_path)})
+    train, val, source = plan.split_sizes(cfg)
+    assert (train, val) == (2975, 500) and "published" in source
+
+
+def _plan_rows(*seconds: float) -> list[dict]:
+    return [{"key": f"runs/m{i}", "planned_s": s} for i, s in enumerate(seconds)]
+
+
+def test_a_new_plan_keeps_the_actual_times_already_recorded(smoke):
+    timings.write_plan(smoke, _plan_rows(100, 200), "test")
+    timings.record_finished(smoke, "runs/m0", 90)
+    timings.write_plan(smoke, _plan_rows(120, 240, 60), "test again")
+    data = timings.read(smoke)
+    m0 = data["trainings"]["runs/m0"]
+    assert (m0["planned_s"], m0["actual_s"]) == (120, 90) and m0["finished_at"]
+    assert data["source"] == "test again" and len(data["plan"]) == 3
+
+
+def test_timings_written_before_the_plan_become_notebook_times(smoke):
+    timings.path(smoke).parent.mkdir(parents=True, exist_ok=True)
+    timings.path(smoke).write_text(json.dumps({"00_data_exploration": 12.5}))
+    timings.record_notebook(smoke, "01_baselines", 30.0)
+    assert timings.notebook_seconds(smoke) == {"00_data_exploration": 12.5, "01_baselines": 30.0}
+
+
+def test_the_eta_scales_what_is_left_by_measured_over_planned(smoke):
+    timings.write_plan(smoke, _plan_rows(1000, 1000, 2000), "test")
+    timings.record_finished(smoke, "runs/m0", 2000)  # twice as slow as planned
+    # m1: 10 of 100 steps in 200 s (20 s a step: 2000 s for a planned 1000, twice as slow too)
+    line = timings.progress_line(smoke, "runs/m1", 10, 100, 200.0)
+    # this training: 90 steps x 20 s = 30 min; the whole run: 1800 s + 2 x 2000 s (m2) = 1.6 h; planned 4000 s
+    assert line == "ETA: this training 30 min, the whole run 1.6 h (planned 67 min)"
+    # a training the plan does not hold (segstudy train alone): this training only
+    assert timings.progress_line(smoke, "runs/other", 10, 100, 200.0) == "ETA: this training 30 min"
+
+
+def test_a_resumed_training_counts_only_the_steps_it_ran(smoke):
+    # resumed at step 50: 10 steps in 100 s, 40 left
+    assert timings.progress_line(smoke, "runs/x", 60, 100, 100.0, first_step=50) == "ETA: this training 7 min"
+
+
+def test_training_records_its_time_and_prints_the_eta(smoke, capsys):
+    from segstudy.engine.training import train
+
+    cfg = load_config("smoke", {"data.root": smoke.data.root, "data.generate": False,
+                                "output_root": smoke.output_root, "train.epochs": 1, "model.name": "custom"})
+    timings.write_plan(cfg, [{"key": "runs/custom", "planned_s": 10.0}], "test")
+    train(cfg, progress=False)
+    assert "ETA: this training" in capsys.readouterr().out
+    entry = timings.read(cfg)["trainings"]["runs/custom"]
+    assert entry["planned_s"] == 10.0 and entry["actual_s"] > 0
