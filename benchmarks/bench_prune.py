@@ -29,7 +29,7 @@ from segstudy.compress import prune
 from segstudy.config import load_config
 from segstudy.engine import measure
 from segstudy.engine.evaluation import validate
-from segstudy.engine.training import finetune
+from segstudy.engine.finetuning import finetune
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_trained
 from segstudy.studies import pruning_sweeps

@@ -53,7 +53,7 @@ from segstudy.data.transforms import eval_preset
 from segstudy.engine import measure, provenance
 from segstudy.engine.evaluation import confusion_over
 from segstudy.engine.metrics import ConfusionMatrix
-from segstudy.engine.training import param_groups, poly_schedule, train_one_epoch
+from segstudy.engine.optimization import param_groups, poly_schedule, train_one_epoch
 from segstudy.models.losses import build_loss, with_aux
 from segstudy.models.networks import build_model
 

@@ -9,11 +9,13 @@ import sys
 
 import nbformat
 import numpy as np
+import pytest
 from PIL import Image
 
 from segstudy.data import labels
 from segstudy.data.cityscapes import cityscapes_samples
 from segstudy.notebook_runner import run_notebooks
+from segstudy.studies.verdicts import miou
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -144,8 +146,11 @@ def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     variants = result["variants"]
     assert set(variants) == {"fp32 eager", "fp32 channels_last", "bf16 autocast + channels_last", "int8 PTQ torch FX",
                              "ONNX Runtime fp32", "int8 ONNX Runtime", "int8 QAT torch FX"}  # smoke: quant.qat always
+    confusions = np.load(out / "confusions.npz")  # each variant's per-image confusions, keyed by its row
     for r in variants.values():
         assert 0 <= r["miou"] <= 1 and r["latency_ms"] > 0 and r["size_bytes"] > 0 and len(r["iou"]) == 19
+        assert len(r["latency_times_ms"]) == 2 and confusions[r["confusions"]].shape == (6, 19, 20)
+        assert 100 * r["miou"] == pytest.approx(miou(confusions[r["confusions"]].sum(0)))
     assert variants["int8 ONNX Runtime"]["size_bytes"] < 0.3 * variants["ONNX Runtime fp32"]["size_bytes"]
     assert variants["int8 PTQ torch FX"]["size_bytes"] < 0.3 * variants["fp32 eager"]["size_bytes"]
     agreement = result["agreement_vs_fp32"]

@@ -208,7 +208,7 @@ def test_choices_agree_with_the_modules_that_use_them():
     assert config.OBSERVERS == _module_constant("compress/quantize.py", "OBSERVERS")
     assert config.ORT_ACTIVATIONS == _module_constant("compress/onnx_export.py", "ACTIVATIONS")
     # choices a module spells out in its code rather than in a tuple: each must be handled there
-    for module, choices in [("engine/training.py", config.OPTIMIZERS), ("engine/device.py", config.AMP_MODES),
+    for module, choices in [("engine/optimization.py", config.OPTIMIZERS), ("engine/device.py", config.AMP_MODES),
                             ("compress/prune.py", config.PRUNE_SCOPES), ("tracking.py", config.TRACKING_BACKENDS),
                             ("studies/quantization.py", config.QAT_MODES),
                             ("models/networks.py", config.PRETRAINED)]:

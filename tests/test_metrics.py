@@ -88,6 +88,26 @@ def test_confusion_matrix_hand_computed():
     assert r["pixel_acc"] == pytest.approx(2 / 5)
 
 
+def test_per_image_matrices_sum_to_the_total():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (3, 5, 6), generator=g)
+    target[0, 0] = 255  # ignored pixels count in no image
+    pred = torch.randint(0, 5, (3, 5, 6), generator=g)  # 4: outside the 4 classes, the void column
+    cm = ConfusionMatrix(num_classes=4, per_image=True)
+    cm.update(target, pred)  # a batch of 3 images
+    cm.update(target[1], pred[1])  # and one more on its own
+    per_image = cm.per_image
+    assert per_image.shape == (4, 4, 5) and per_image.dtype == np.int64
+    assert (per_image.sum(0) == cm.mat.numpy()).all()
+    alone = ConfusionMatrix(num_classes=4)
+    alone.update(target[1], pred[1])
+    assert (per_image[1] == alone.mat.numpy()).all() and (per_image[3] == per_image[1]).all()
+    assert per_image[0].sum() == 30 - 6  # the ignored row of image 0
+    assert ConfusionMatrix(num_classes=4).per_image is None  # only when asked
+    cm.reset()
+    assert cm.per_image.shape == (0, 4, 5)
+
+
 def test_evaluate_missing_prediction_and_size(tiny_root, tmp_path):
     preds, _ = _imperfect_predictions(tiny_root, tmp_path / "pred")
     (tmp_path / "pred" / preds[0].split("/")[-1]).unlink()

@@ -17,6 +17,8 @@ from segstudy.models.checkpoint import load_trained, save_model
 from segstudy.models.losses import Distiller, kd_loss, with_kd
 from segstudy.models.networks import build_model
 from segstudy.notebook_runner import run_notebooks
+from segstudy.studies import results_files
+from segstudy.studies.verdicts import miou
 
 SMALL = {"pretrained": False, "output_stride": 16, "head_channels": 32, "head_layers": 1, "unet_base": 8}
 
@@ -171,7 +173,17 @@ def test_notebook_04_on_smoke(smoke_model):
     result = json.loads((out / "results.json").read_text())
     methods = {(r["method"], r["recovery"]) for r in result["rows"]}
     assert {("unstructured layerwise", "fine-tune"), ("unstructured global", "none"),
-            ("structured group_norm", "KD"), ("structured group_norm", "fine-tune")} <= methods
+            ("structured group_norm", "KD"), ("structured group_norm", "fine-tune"),
+            ("dense control", "fine-tune")} <= methods
+    # each row's per-image confusions (the verdicts' paired intervals), keyed by the row
+    confusions = results_files.read_confusions(cfg, "pruning")
+    for r in [result["dense"], *result["rows"]]:
+        per_image = confusions[r["confusions"]]
+        assert per_image.shape == (6, 19, 20)  # the tiny data's 6 validation images
+        assert miou(per_image.sum(0)) == pytest.approx(r["miou"])
+    control = next(r for r in result["rows"] if r["method"] == "dense control")
+    assert control["latency_times_ms"] == result["dense"]["latency_times_ms"]  # the dense model's shapes
+    assert len(result["dense"]["latency_times_ms"]) == cfg.bench.iters
     for r in result["rows"]:
         if r["method"].startswith("unstructured"):
             assert r["sparsity"] == pytest.approx(r["level"], abs=0.01)

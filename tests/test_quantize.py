@@ -17,7 +17,7 @@ from torch import nn
 from segstudy.compress import onnx_export, quantize
 from segstudy.config import load_config
 from segstudy.engine.evaluation import validate
-from segstudy.engine.training import finetune
+from segstudy.engine.finetuning import finetune
 from segstudy.errors import UserError
 from segstudy.studies import quantization
 
@@ -108,6 +108,7 @@ def test_onnx_round_trip_and_ort_int8(cfg, trained, calib, tmp_path):
         assert path.stat().st_size < 0.5 * fp32_path.stat().st_size
     lat = onnx_export.latency(onnx_export.session(fp32_path, 2), 32, 64, warmup=1, iters=2)
     assert lat["median_ms"] > 0 and lat["threads"] == 2
+    assert len(lat["times_ms"]) == 2 and lat["median_ms"] == pytest.approx(sum(lat["times_ms"]) / 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx", "m.onnx", "uint8.onnx"]
 
 

@@ -102,7 +102,7 @@ def test_failed_retries_never_replace_a_finished_run(tmp_path, tiny_root):
 
 
 def test_divergence_guard():
-    from segstudy.engine.training import DivergenceGuard
+    from segstudy.engine.optimization import DivergenceGuard
 
     guard = DivergenceGuard()
     guard(3.0)

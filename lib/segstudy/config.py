@@ -34,7 +34,7 @@ DATASETS = ("cityscapes", "bdd100k")  # data/datasets.py
 MODELS = ("unet", "deeplabv3_resnet50", "custom")  # models/networks.py
 OUTPUT_STRIDES = (8, 16, 32)  # models/networks.py (DeepLabV3: 8 or 16)
 PRETRAINED = ("auto", "true", "false")  # models/networks.py
-OPTIMIZERS = ("sgd", "adamw")  # engine/training.py
+OPTIMIZERS = ("sgd", "adamw")  # engine/optimization.py
 AMP_MODES = ("auto", "none", "bf16", "fp16")  # engine/device.py
 LOSSES = ("ce", "wce", "dice", "ce_dice", "focal", "lovasz")  # models/losses.py
 WEIGHTINGS = ("inverse", "median", "enet")  # models/losses.py
@@ -137,8 +137,9 @@ class LossStudyConfig:
     """Notebook 03: every loss x every seed, one schedule."""
 
     names: list[str] = field(default_factory=lambda: ["ce", "wce", "dice", "ce_dice"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 0  # 0: train.epochs
+    model: str = "custom"  # the model every loss trains (the demo takes the cheap U-Net to afford 3 seeds)
 
 
 @dataclass
@@ -462,6 +463,7 @@ CHOICES: dict[str, tuple] = {
     "loss.name": LOSSES,
     "loss.weighting": WEIGHTINGS,
     "loss_study.names": LOSSES,
+    "loss_study.model": MODELS,
     "prune.scopes": PRUNE_SCOPES,
     "prune.finetune_scopes": PRUNE_SCOPES,
     "prune.importances": IMPORTANCES,

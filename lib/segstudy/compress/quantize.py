@@ -81,7 +81,7 @@ class LogitsOnly(nn.Module):
 
 class AsDict(nn.Module):
     """The reverse: a tensor -> logits network (int8 GraphModule, ORT session) as a segstudy model,
-    so engine.evaluation.validate / engine.training.finetune score it like any other."""
+    so engine.evaluation.validate / engine.finetuning.finetune score it like any other."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -289,9 +289,9 @@ def fx_ptq(model: nn.Module, images: Sequence[torch.Tensor], sizes: Sequence[int
 
 def qat(model: nn.Module, cfg: Config, epochs: float, lr: float | None = None) -> dict:
     """Quantization-aware fine-tune of a copy of `model` (fake-quant in the forward pass, x86 QAT
-    qconfig, fp32, no channels_last) with engine.training.finetune, then conversion to int8.
+    qconfig, fp32, no channels_last) with engine.finetuning.finetune, then conversion to int8.
     Returns {"model": int8 model returning {"out": logits}, "notes", "train_seconds", "fake_quant_miou"}."""
-    from segstudy.engine.training import finetune
+    from segstudy.engine.finetuning import finetune
 
     example = calibration_images(cfg, 1)[0][None]
     prepared, notes = fx_prepare(model, example, qat=True)

@@ -16,9 +16,11 @@ from segstudy.engine.metrics import ConfusionMatrix
 
 @torch.inference_mode()
 def confusion_over(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False, progress: bool = False) -> ConfusionMatrix:
+                   channels_last: bool = False, progress: bool = False, per_image: bool = False) -> ConfusionMatrix:
+    """The confusion matrix of `model` over `loader` (reduced over DDP ranks); with per_image, each
+    image's matrix too (cm.per_image; None under DDP with more than one rank)."""
     model.eval()
-    cm = ConfusionMatrix(NUM_CLASSES, device=device)
+    cm = ConfusionMatrix(NUM_CLASSES, device=device, per_image=per_image)
     for image, target in tqdm(loader, desc="val", leave=False, disable=not progress, mininterval=2.0):
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if channels_last:
@@ -30,8 +32,10 @@ def confusion_over(model: nn.Module, loader, device: torch.device, amp_dtype: to
     return cm
 
 
-def validate(model: nn.Module, cfg: Config, *, amp: str = "none", channels_last: bool = False) -> dict:
-    """Score a model on cfg's validation split (CPU or cfg.device): ConfusionMatrix.compute()."""
+def validate(model: nn.Module, cfg: Config, *, amp: str = "none", channels_last: bool = False,
+             per_image: bool = False) -> dict:
+    """Score a model on cfg's validation split (CPU or cfg.device): ConfusionMatrix.compute(), plus
+    "per_image" (np.ndarray [N, C, C + 1], one matrix per validation image) when asked."""
     device = resolve_device(cfg.device)
     val_ds = build_dataset(cfg.data, cfg.data.val_split)
     loader = build_loader(val_ds, cfg.data.batch_size, train=False, seed=cfg.seed,
@@ -39,4 +43,5 @@ def validate(model: nn.Module, cfg: Config, *, amp: str = "none", channels_last:
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return confusion_over(model, loader, device, autocast_dtype(amp, device), channels_last).compute()
+    cm = confusion_over(model, loader, device, autocast_dtype(amp, device), channels_last, per_image=per_image)
+    return cm.compute() | ({"per_image": cm.per_image} if per_image else {})

@@ -36,7 +36,8 @@ def _sync(device: torch.device) -> None:
 def latency(model: nn.Module, height: int = 512, width: int = 1024, device: str | torch.device = "cpu",
             warmup: int = 2, iters: int = 5, channels_last: bool = False,
             dtype: torch.dtype | None = None) -> dict:
-    """Median (and min/max) wall time of one batch-1 forward pass at height x width.
+    """Median (and min/max, and every one in "times_ms") wall time of one batch-1 forward pass at
+    height x width.
 
     The model is moved (and converted to channels_last when asked) in place, outside
     inference mode, so it stays trainable afterwards.
@@ -55,9 +56,10 @@ def latency(model: nn.Module, height: int = 512, width: int = 1024, device: str 
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
+    # every timing too: speed-ups are compared with an interval over them (studies.verdicts.speedup)
     return {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
-            "max_ms": 1000 * max(times), "iters": iters, "size": f"{width}x{height}",
-            "threads": torch.get_num_threads(), "device": str(device)}
+            "max_ms": 1000 * max(times), "times_ms": [1000 * t for t in times], "iters": iters,
+            "size": f"{width}x{height}", "threads": torch.get_num_threads(), "device": str(device)}
 
 
 def flops(model: nn.Module, height: int, width: int) -> int:

@@ -27,28 +27,50 @@ def nanmean(values) -> float:
 class ConfusionMatrix:
     """Accumulates (target, prediction) train-id pairs with bincount, on CPU or GPU."""
 
-    def __init__(self, num_classes: int = NUM_CLASSES, device: torch.device | str = "cpu"):
+    def __init__(self, num_classes: int = NUM_CLASSES, device: torch.device | str = "cpu",
+                 per_image: bool = False):
         self.n = num_classes
         self.mat = torch.zeros((num_classes, num_classes + 1), dtype=torch.int64, device=device)
+        # with per_image, each image's own matrix too: what the verdicts bootstrap over images
+        self._images: list[np.ndarray] | None = [] if per_image else None
 
     def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
-        """target, pred: integer tensors of the same shape; target 255 is ignored."""
+        """target, pred: integer tensors of the same shape, [H, W] (one image) or [B, H, W] (a
+        batch: with per_image, one matrix per image); target 255 is ignored."""
         if target.shape != pred.shape:
             raise ValueError(f"target {tuple(target.shape)} and prediction {tuple(pred.shape)} differ")
+        images = target.shape[0] if target.dim() > 2 and self._images is not None else 1
         target, pred = target.flatten().long(), pred.flatten().long().to(target.device)
         keep = (target >= 0) & (target < self.n)
-        t = target[keep]
-        p = pred[keep].clamp(0, self.n)  # every non-class prediction lands in the void column
-        self.mat += torch.bincount(t * (self.n + 1) + p, minlength=self.n * (self.n + 1)).view(
-            self.n, self.n + 1).to(self.mat.device)
+        cells = self.n * (self.n + 1)
+        index = target[keep] * (self.n + 1) + pred[keep].clamp(0, self.n)  # non-class predictions: void
+        if images > 1:  # one bincount for the batch: each image's cells offset by its position
+            image = torch.arange(images, device=target.device).repeat_interleave(target.numel() // images)
+            index = index + image[keep] * cells
+        counts = torch.bincount(index, minlength=images * cells).view(images, self.n, self.n + 1)
+        self.mat += counts.sum(0).to(self.mat.device)
+        if self._images is not None:
+            self._images.append(counts.cpu().numpy())
+
+    @property
+    def per_image(self) -> np.ndarray | None:
+        """[N, C, C + 1] int64, one matrix per image in update order; None unless constructed with
+        per_image=True, and None under DDP after the reduction (each rank saw only its share)."""
+        if self._images is None:
+            return None
+        return np.concatenate(self._images) if self._images else np.zeros((0, self.n, self.n + 1), np.int64)
 
     def reset(self) -> None:
         self.mat.zero_()
+        if self._images is not None:
+            self._images = []
 
     def reduce_from_all_processes(self) -> None:
         """Sum the matrices of all DDP ranks (every rank then holds the global matrix)."""
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.mat)
+            if dist.get_world_size() > 1:
+                self._images = None  # this rank's images only: not the validation set
 
     def compute(self) -> dict:
         m = self.mat.double().cpu().numpy()

@@ -1,15 +1,13 @@
-"""Training and evaluation, after torchvision's segmentation references: plain functions,
-SGD (or AdamW) with warm-up + poly LR stepped every iteration, aux loss at 0.5, backbone and
-heads in separate parameter groups (aux head at 10x lr), checkpoints holding everything needed
-to resume exactly, and DDP under torchrun.
+"""A training run, after torchvision's segmentation references (the step itself: engine.optimization):
+epochs of a seeded sample order, validation, checkpoints holding everything needed to continue
+exactly, also part-way through an epoch (train.checkpoint_every), reuse of a finished run and
+continuation of an interrupted one (engine.run_folder), and DDP under torchrun (engine.launch).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -17,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,7 +35,14 @@ from segstudy.data.datasets import (
 from segstudy.data.labels import NUM_CLASSES
 from segstudy.engine import launch, measure, provenance, run_folder, timings
 from segstudy.engine.device import autocast_dtype, init_distributed, resolve_device
-from segstudy.engine.evaluation import confusion_over, validate
+from segstudy.engine.evaluation import confusion_over
+from segstudy.engine.optimization import (
+    DivergenceGuard,
+    build_criterion,
+    build_optimizer,
+    poly_schedule,
+    train_one_epoch,
+)
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import (
     check_meta,
@@ -46,96 +52,10 @@ from segstudy.models.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from segstudy.models.losses import build_loss, class_weights, count_pixels, with_aux
 from segstudy.models.networks import backbone_init, build_model
 from segstudy.tracking import Tracker
 
-
-def build_criterion(cfg: Config, train_ds) -> Callable:
-    """cfg.loss on "out" (+ train.aux_weight x on "aux"); class weights for wce are counted once
-    per dataset and cached under outputs/cache/."""
-    weights = None
-    if cfg.loss.name == "wce":
-        tag = hashlib.sha1(f"{cfg.data.root}:{cfg.data.train_split}".encode()).hexdigest()[:12]
-        counts = count_pixels(train_ds, Path(cfg.output_root) / "cache" / f"pixel_counts_{tag}.json")
-        weights = class_weights(counts, cfg.loss.weighting)
-    return with_aux(build_loss(cfg.loss, weights), cfg.train.aux_weight)
-
-
-def param_groups(model: nn.Module, lr: float) -> list[dict]:
-    named = dict(model.named_parameters())
-    groups = {"backbone": [], "head": [], "aux": []}
-    for name, p in named.items():
-        if not p.requires_grad:
-            continue
-        key = "aux" if name.startswith("aux_classifier") else "backbone" if name.startswith("backbone") else "head"
-        groups[key].append(p)
-    scale = {"backbone": 1.0, "head": 1.0, "aux": 10.0}
-    return [{"params": ps, "lr": lr * scale[k], "name": k} for k, ps in groups.items() if ps]
-
-
-def poly_schedule(total_steps: int, warmup: int, power: float):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return 0.001 + (1 - 0.001) * step / warmup
-        return max(0.0, 1 - (step - warmup) / max(1, total_steps - warmup)) ** power
-    return factor
-
-
-class DivergenceGuard:
-    """A loss that is NaN/inf, or 1000x the run's first loss, has diverged: a checkpoint written
-    after it would keep weights that are already ruined."""
-
-    def __init__(self, first: float | None = None, factor: float = 1e3):
-        self.first, self.factor = first, factor
-
-    def __call__(self, loss: float) -> None:
-        if self.first is None and math.isfinite(loss):
-            self.first = loss
-        if not math.isfinite(loss) or loss > self.factor * max(self.first, 1e-3):
-            raise FloatingPointError(f"{loss:.3g}")
-
-
-def train_one_epoch(net: nn.Module, criterion: Callable, optimizer: torch.optim.Optimizer, scheduler,
-                    scaler: torch.amp.GradScaler, loader, device: torch.device, *, amp_dtype: torch.dtype | None,
-                    channels_last: bool, grad_accum: int, max_batches: int,
-                    on_step: Callable[[float, int, float, int], bool],
-                    guard: Callable[[float], None] | None = None) -> tuple[float, int, bool]:
-    """One pass over `loader` (at most `max_batches`), stepping optimiser and LR every `grad_accum`
-    batches. `on_step(loss, images, loss sum, batches)` runs after each optimiser step with the sums
-    since the previous step (the caller adds them up in one order whether or not the epoch was
-    resumed part-way, so a resumed run gets the same mean loss); True stops the epoch.
-    Returns (mean loss, images seen on this rank, stopped). A diverged loss (`guard`, by default a
-    NaN/inf check) raises FloatingPointError before it reaches the weights."""
-    guard = guard or DivergenceGuard()
-    net.train()
-    seen, total, batches = 0, 0.0, 0
-    since = [0, 0.0, 0]  # images, loss sum, batches since the last optimiser step
-    for i, (image, target) in enumerate(loader):
-        if i >= max_batches:
-            break
-        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = criterion(net(image), target)
-        value = loss.item()
-        guard(value)
-        scaler.scale(loss / grad_accum).backward()
-        seen += image.shape[0]
-        total += value
-        batches += 1
-        since = [since[0] + image.shape[0], since[1] + value, since[2] + 1]
-        if (i + 1) % grad_accum == 0:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            stop = on_step(value, *since)
-            since = [0, 0.0, 0]
-            if stop:
-                return total / batches, seen, True
-    return total / max(batches, 1), seen, False
+CONFUSIONS = "val_confusions.npy"  # [images, 19, 20]: each validation image's confusion matrix, best epoch
 
 
 def _reused_result(run_dir: Path, settings: dict, max_steps: int, reuse: bool) -> dict | None:
@@ -150,16 +70,6 @@ def _reused_result(run_dir: Path, settings: dict, max_steps: int, reuse: bool) -
         return None
     print(f"[segstudy] reusing the run in {run_dir} (set train.reuse: false to retrain)")
     return result | {"reused": True}
-
-
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    tcfg = cfg.train
-    groups = param_groups(model, tcfg.lr)
-    if tcfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
-    if tcfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    raise UserError(f"train.optimizer = '{tcfg.optimizer}'; choose sgd or adamw")
 
 
 @dataclasses.dataclass
@@ -189,6 +99,7 @@ class TrainingRun:
     history: list = dataclasses.field(default_factory=list)
     guard: DivergenceGuard = dataclasses.field(default_factory=DivergenceGuard)
     partial: dict = dataclasses.field(default_factory=dict)  # the epoch in progress: batches, loss sum, ...
+    per_image: np.ndarray | None = None  # the last validation's confusion matrix of each image
     clock: tuple[str, float, int] | None = None  # (run key, start time, first step) for the ETA line
 
     @property
@@ -340,8 +251,10 @@ def _mean_over_ranks(value: float, world: int) -> float:
 
 
 def _validate_epoch(run: TrainingRun, tracker: Tracker) -> dict:
-    metrics = confusion_over(run.model, run.val_loader, run.device, run.amp_dtype,
-                             run.cfg.train.channels_last).compute()
+    cm = confusion_over(run.model, run.val_loader, run.device, run.amp_dtype, run.cfg.train.channels_last,
+                        per_image=True)
+    metrics = cm.compute()
+    run.per_image = cm.per_image  # saved with the best checkpoint: the verdicts bootstrap over images
     tracker.log_metrics({"val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"]}
                         | {f"val_iou_{k}": v for k, v in metrics["iou"].items()}, run.step)
     return {"val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"], "val_iou": metrics["iou"]}
@@ -359,6 +272,8 @@ def _save_state(run: TrainingRun, run_dir: Path, record: dict | None = None) -> 
         # weights only: what predict, serving and the later notebooks load (a third of the full state)
         save_checkpoint({k: state[k] for k in ("model", "meta", "epoch", "step", "best_miou", "history")},
                         run_dir / "checkpoint_best.pt")
+        if run.per_image is not None:
+            np.save(run_dir / CONFUSIONS, run.per_image)
     save_checkpoint(state, run_dir / "checkpoint_latest.pt")
 
 
@@ -472,6 +387,7 @@ def _finish(run: TrainingRun, tracker: Tracker, run_dir: Path, finished: bool) -
               "train_img_per_s": images_seen / train_seconds if train_seconds else float("nan"),
               "parameters": measure.parameters(run.model), "run_dir": str(run_dir),
               "checkpoint_best": str(run_dir / "checkpoint_best.pt"), "mlflow_run_id": tracker.run_id,
+              "val_confusions": str(run_dir / CONFUSIONS) if (run_dir / CONFUSIONS).is_file() else None,
               "backbone_init": run.meta["backbone_init"]}
     tracker.finish()
     return result
@@ -479,64 +395,3 @@ def _finish(run: TrainingRun, tracker: Tracker, run_dir: Path, finished: bool) -
 
 def _write_result(result: dict, work_dir: Path) -> None:
     (work_dir / "result.json").write_text(json.dumps(result, indent=2, default=lambda v: None if v != v else v))
-
-
-def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None = None,
-             teacher: nn.Module | None = None, kd_temperature: float = 1.0, kd_weight: float = 0.0,
-             amp: str | None = None, channels_last: bool | None = None, progress: bool = True,
-             desc: str = "finetune") -> dict:
-    """Train an existing model in place (pruned, quantization-aware, ...) with cfg's loss for
-    `epochs` (fractions allowed), AdamW at `lr` (default cfg.train.lr / 10) with a poly decay, then
-    validate. With a teacher, the loss is (1 - kd_weight) x task + kd_weight x pixel-wise KD.
-    Returns {"miou", "iou", "history", "train_seconds", "img_per_s"}."""
-    from segstudy.models.losses import Distiller, with_kd
-
-    if epochs <= 0:
-        raise UserError(f"fine-tune epochs = {epochs}; it must be > 0")
-    device = resolve_device(cfg.device)
-    amp_dtype = autocast_dtype(cfg.train.amp if amp is None else amp, device)
-    channels_last = cfg.train.channels_last if channels_last is None else channels_last
-    train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
-    seed_everything(cfg.seed)
-    criterion = build_criterion(cfg, train_ds)
-    model = model.to(device)
-    net: nn.Module = model
-    if teacher is not None and kd_weight > 0:
-        net = Distiller(model, copy.deepcopy(teacher).to(device))  # the caller's teacher stays untouched
-        criterion = with_kd(criterion, kd_temperature, kd_weight)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    lr = lr if lr is not None else cfg.train.lr / 10
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=cfg.train.weight_decay)
-    steps_per_epoch = len(train_ds) // cfg.data.batch_size
-    total = max(1, round(epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total, 0, cfg.train.poly_power))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    history, step, seconds, seen_all = [], 0, 0.0, 0
-    for epoch in range(int(-(-total // steps_per_epoch))):
-        torch.manual_seed(cfg.seed + epoch)
-        loader = build_loader(train_ds, cfg.data.batch_size, train=True, seed=cfg.seed + epoch,
-                              num_workers=cfg.data.num_workers, device=device.type)
-        bar = tqdm(total=min(steps_per_epoch, total - step), desc=f"{desc} epoch {epoch + 1}",
-                   disable=not progress, mininterval=2.0)
-
-        def on_step(loss: float, seen: int, *_, bar=bar) -> bool:
-            nonlocal step
-            step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss:.3f}")
-            return step >= total
-
-        t0 = time.perf_counter()
-        mean_loss, seen, _ = train_one_epoch(net, criterion, optimizer, scheduler, scaler, loader, device,
-                                             amp_dtype=amp_dtype, channels_last=channels_last, grad_accum=1,
-                                             max_batches=steps_per_epoch, on_step=on_step)
-        bar.close()
-        seconds += time.perf_counter() - t0
-        seen_all += seen
-        history.append({"epoch": epoch + 1, "step": step, "train_loss": mean_loss})
-    model.eval()
-    metrics = validate(model, cfg, amp=cfg.train.amp if amp is None else amp, channels_last=channels_last)
-    return {"miou": metrics["miou"], "iou": metrics["iou"], "history": history, "train_seconds": seconds,
-            "img_per_s": seen_all / seconds if seconds else float("nan")}

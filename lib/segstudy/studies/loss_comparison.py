@@ -1,4 +1,5 @@
-"""Notebook 03: the custom model trained with each loss under one schedule and several seeds."""
+"""Notebook 03: one model (loss_study.model) trained with each loss under one schedule and
+several seeds."""
 
 from __future__ import annotations
 
@@ -15,22 +16,30 @@ from segstudy.studies import results_files
 
 
 def run_grid(cfg: Config, names: list[str] | None = None, seeds: list[int] | None = None) -> list[dict]:
-    """One training run per (loss, seed), each in runs/custom-<loss>-seed<seed>/ (reused if finished)."""
-    study = cfg.loss_study
-    epochs = study.epochs or cfg.train.epochs
+    """One training run per (loss, seed), each in runs/<model>-<loss>-seed<seed>/ (reused if finished)."""
     runs = []
-    for name in names or study.names:
-        for seed in seeds or study.seeds:
-            run_cfg = dataclasses.replace(cfg, seed=seed, loss=dataclasses.replace(cfg.loss, name=name),
-                                          train=dataclasses.replace(cfg.train, epochs=epochs),
-                                          model=dataclasses.replace(cfg.model, name="custom"),
-                                          # metrics are tracked; the grid's models are not worth registering
-                                          tracking=dataclasses.replace(cfg.tracking, log_model=False))
-            # only the scores are compared: a finished loss run keeps no weights (disk: 8+ runs)
-            result = train(run_cfg, run_dir=cfg.output_dir / "runs" / f"custom-{name}-seed{seed}",
+    for name in names or cfg.loss_study.names:
+        for seed in seeds or cfg.loss_study.seeds:
+            # only the scores are compared: a finished loss run keeps no weights (disk: 12+ runs)
+            result = train(run_config(cfg, name, seed), run_dir=cfg.output_dir / run_key(cfg, name, seed),
                            keep_weights=False)
             runs.append({"loss": name, "seed": seed, **result})
     return runs
+
+
+def run_config(cfg: Config, name: str, seed: int) -> Config:
+    """The config of the (loss, seed) run: loss_study's model and schedule."""
+    study = cfg.loss_study
+    return dataclasses.replace(cfg, seed=seed, loss=dataclasses.replace(cfg.loss, name=name),
+                               train=dataclasses.replace(cfg.train, epochs=study.epochs or cfg.train.epochs),
+                               model=dataclasses.replace(cfg.model, name=study.model),
+                               # metrics are tracked; the grid's models are not worth registering
+                               tracking=dataclasses.replace(cfg.tracking, log_model=False))
+
+
+def run_key(cfg: Config, name: str, seed: int) -> str:
+    """The run folder under outputs/<profile>/."""
+    return f"runs/{cfg.loss_study.model}-{name}-seed{seed}"
 
 
 def _best(run: dict) -> dict:

@@ -24,6 +24,7 @@ from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.engine.timings import duration
 from segstudy.errors import UserError
 from segstudy.models.networks import build_model
+from segstudy.studies import loss_comparison
 
 # What each notebook trains. 01 and 02 name their models in the notebook (tests/test_plan.py
 # checks that these agree); 03-05 follow the config.
@@ -47,7 +48,7 @@ class PlannedTraining:
     (forward + backward each); `val_passes`: full passes over the validation split."""
 
     notebook: str
-    key: str  # run key (engine.timings): runs/unet, runs/custom-ce-seed0, 04_pruning_sweeps/KD
+    key: str  # run key (engine.timings): runs/unet, runs/custom-ce-seed0, 04_pruning_sweeps/structured-KD
     model: str
     loss: str
     seed: int
@@ -117,18 +118,9 @@ def _train_row(cfg: Config, notebook: str, key: str, steps_per_epoch: int) -> Pl
                            _val_passes(epochs, cfg.train.val_every), _reused(cfg, cfg.output_dir / key))
 
 
-def _loss_run(cfg: Config, name: str, seed: int) -> Config:
-    """The config loss_comparison.run_grid trains one (loss, seed) with."""
-    study = cfg.loss_study
-    return dataclasses.replace(cfg, seed=seed, loss=dataclasses.replace(cfg.loss, name=name),
-                               train=dataclasses.replace(cfg.train, epochs=study.epochs or cfg.train.epochs),
-                               model=dataclasses.replace(cfg.model, name="custom"),
-                               tracking=dataclasses.replace(cfg.tracking, log_model=False))
-
-
 def _finetune_row(cfg: Config, notebook: str, name: str, kind: str, epochs: float, steps_per_epoch: int,
                   calls: int = 1, note: str = "") -> PlannedTraining:
-    """engine.training.finetune, `calls` times for `epochs` in all (one validation after each)."""
+    """engine.finetuning.finetune, `calls` times for `epochs` in all (one validation after each)."""
     iterations = calls * max(1, round(epochs / calls * steps_per_epoch))
     return PlannedTraining(notebook, f"{notebook}/{name}", "custom", cfg.loss.name, cfg.seed, kind, epochs,
                            iterations, calls, note=note)
@@ -152,7 +144,8 @@ def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[PlannedTr
     spe = max(1, train_images // cfg.data.batch_size)
     rows = [_train_row(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=m)), nb, f"runs/{m}", spe)
             for nb, models in NOTEBOOK_MODELS.items() for m in models]
-    rows += [_train_row(_loss_run(cfg, name, seed), "03_loss_comparison", f"runs/custom-{name}-seed{seed}", spe)
+    rows += [_train_row(loss_comparison.run_config(cfg, name, seed), "03_loss_comparison",
+                        loss_comparison.run_key(cfg, name, seed), spe)
              for name in cfg.loss_study.names for seed in cfg.loss_study.seeds]
     rows += _pruning(cfg, spe)
     if cfg.quant.qat != "never":

@@ -19,7 +19,7 @@ from segstudy.config import Config
 from segstudy.data.datasets import build_dataset, build_loader
 from segstudy.engine import measure
 from segstudy.engine.evaluation import validate
-from segstudy.engine.training import finetune
+from segstudy.engine.finetuning import finetune
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_checkpoint, load_trained, save_model
 
@@ -43,18 +43,20 @@ def _eval_args(cfg: Config) -> dict:
 
 
 def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool = False, **row) -> dict:
-    """Measure one model: accuracy on val, sparsity, size, and (optionally) latency and FLOPs."""
+    """Measure one model: accuracy on val, sparsity, size, and (optionally) latency and FLOPs.
+    The row keeps each validation image's confusion matrix ("per_image", saved apart from the JSON
+    by results_files.write_pruning) and every timing ("latency_times_ms"): the verdicts' intervals."""
     model = model.eval()
-    metrics = validate(copy.deepcopy(model), cfg, **_eval_args(cfg))
+    metrics = validate(copy.deepcopy(model), cfg, **_eval_args(cfg), per_image=True)
     b = cfg.bench
     out = row | {
         "sparsity": prune.sparsity(model)["overall"], "miou": 100 * metrics["miou"],
         "iou": {k: (None if v is None else 100 * v) for k, v in metrics["iou"].items()},
         "params": measure.parameters(model), "size_mb": measure.size_on_disk(model) / 2**20,
-        "size_gz_mb": prune.compressed_size(model) / 2**20}
+        "size_gz_mb": prune.compressed_size(model) / 2**20, "per_image": metrics["per_image"]}
     if latency:
-        out["latency_ms"] = measure.latency(copy.deepcopy(model), b.height, b.width, "cpu", warmup=b.warmup,
-                                            iters=b.iters)["median_ms"]
+        timed = measure.latency(copy.deepcopy(model), b.height, b.width, "cpu", warmup=b.warmup, iters=b.iters)
+        out |= {"latency_ms": timed["median_ms"], "latency_times_ms": timed["times_ms"]}
     if flops:
         out["gflops"] = measure.flops(copy.deepcopy(model).cpu(), b.height, b.width) / 1e9
     return out
@@ -150,6 +152,22 @@ def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
                              "layer_ratios": p.layer_ratios}, miou=row["miou"])
     row["checkpoint"] = str(path)
     return rows
+
+
+def dense_control(cfg: Config, dense: nn.Module, dense_row: dict) -> dict:
+    """The dense model fine-tuned exactly as recover() fine-tunes the structured one without KD
+    (prune.steps fine-tunes of prune.epochs / prune.steps epochs at prune.lr, the same loss and
+    seed): on a short schedule part of what recovery "recovers" is that extra training, so the
+    pruned model is judged against this row, not against the dense one. It has the dense model's
+    shapes, hence the dense row's latency and FLOPs (not measured again)."""
+    p = cfg.prune
+    torch.manual_seed(cfg.seed)
+    model, t0 = copy.deepcopy(dense), time.perf_counter()
+    history = [100 * finetune(model, cfg, p.epochs / p.steps, lr=p.lr, desc=f"dense control {step + 1}/{p.steps}")
+               ["miou"] for step in range(p.steps)]
+    row = describe(model, cfg, latency=False, method="dense control", level=0.0, recovery="fine-tune",
+                   train_seconds=time.perf_counter() - t0, step_miou=history)
+    return row | {k: dense_row[k] for k in ("latency_ms", "latency_times_ms", "gflops") if k in dense_row}
 
 
 def register(cfg: Config, rows: list[dict]) -> dict | None:

@@ -37,19 +37,19 @@ def cpu_only(model: nn.Module) -> bool:
 
 def validate_variant(model: nn.Module, cfg: Config, *, amp: str = "none", channels_last: bool = False) -> dict:
     """engine.evaluation.validate on cfg.device, or on the CPU for int8 / ONNX Runtime models (a GPU profile
-    still scores them)."""
+    still scores them); with each image's confusion matrix ("per_image"), which the verdicts pair."""
     if cpu_only(model) and cfg.device != "cpu":
         cfg = dataclasses.replace(cfg, device="cpu")
-    return validate_on(model, cfg, amp=amp, channels_last=channels_last)
+    return validate_on(model, cfg, amp=amp, channels_last=channels_last, per_image=True)
 
 
 def variant(model: nn.Module, cfg: Config, *, engine: str, precision: str, metrics: dict | None = None,
             latency: dict | None = None, channels_last: bool = False, amp: str = "none",
             size_bytes: int | None = None, path: str | Path | None = None) -> dict:
-    """One row of the study for a model returning {"out": logits}: validation metrics
-    (validate_variant; pass `metrics` to reuse them), batch-1 latency at the bench size
-    (measure.latency; pass `latency` for ORT) and size on disk (the file at `path`, else the
-    state_dict). With channels_last the model is copied first: validate and measure.latency
+    """One row of the study for a model returning {"out": logits}: validation metrics and per-image
+    confusions (validate_variant; pass `metrics` to reuse them), batch-1 latency at the bench size
+    with every timing (measure.latency; pass `latency` for ORT) and size on disk (the file at
+    `path`, else the state_dict). With channels_last the model is copied first: validate and measure.latency
     convert in place."""
     if channels_last:
         model = copy.deepcopy(model)
@@ -61,9 +61,10 @@ def variant(model: nn.Module, cfg: Config, *, engine: str, precision: str, metri
                                   channels_last=channels_last, dtype=torch.bfloat16 if amp == "bf16" else None)
     if size_bytes is None:
         size_bytes = Path(path).stat().st_size if path else measure.size_on_disk(model)
+    # per_image: saved apart from the JSON (results_files.write_quantization); times: every timing
     return {"engine": engine, "precision": precision, "miou": metrics["miou"], "iou": metrics["iou"],
-            "latency_ms": latency["median_ms"], "latency": latency, "size_bytes": size_bytes,
-            "path": str(path) if path else None}
+            "latency_ms": latency["median_ms"], "latency_times_ms": latency.get("times_ms"), "latency": latency,
+            "size_bytes": size_bytes, "path": str(path) if path else None, "per_image": metrics.get("per_image")}
 
 
 def table(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:

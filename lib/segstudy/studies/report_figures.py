@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from segstudy.config import Config
-from segstudy.studies import figures, results_files
+from segstudy.studies import figures, results_files, verdict_table
+from segstudy.studies import verdicts as stats
 
 _NOTE_STYLE = "border-left:4px solid #d9822b;background:#fff4e5;padding:6px 10px;margin:8px 0"
 
@@ -71,6 +72,8 @@ def sources(cfg: Config) -> Part:
     """Which upstream files exist, when they were written, and what writes them."""
     rows = []
     for key, rel in results_files.FILES.items():
+        if rel.startswith("06_"):
+            continue  # this notebook's own output (the verdict table), not an input
         path = cfg.output_dir / rel
         found = path.is_file()
         rows.append({"file": results_files.shown(path), "written": time.strftime("%Y-%m-%d %H:%M", time.localtime(
@@ -78,6 +81,20 @@ def sources(cfg: Config) -> Part:
     notes = [f"{r['file']} does not exist; it is written by {r['by']}." for r in rows if r["written"] == "MISSING"]
     return Part(pd.DataFrame(rows).set_index("file"), notes=notes,
                 caption="The results files this report reads, and the notebook that writes each.")
+
+
+def verdicts(cfg: Config) -> Part:
+    """The verdict table (studies.verdict_table): each question, its answer and the evidence; also
+    written to 06_report_figures/verdicts.json."""
+    rows, inputs = verdict_table.evaluate(cfg)
+    path = verdict_table.save(cfg, rows, inputs)
+    caption = ("Each question of the study with its answer and the evidence: means with 95% intervals, over "
+               "seeds where training decides (t-intervals), over the validation images where one model is scored "
+               "(bootstrap; paired for two models on the same images, widened by the seed noise of notebook 03 "
+               "where separate trainings differ), over repeated timings for speed-ups. Where the intervals "
+               f"overlap the answer is '{stats.NOT_DISTINGUISHABLE}'; '{verdict_table.NOT_MEASURED}' names the "
+               f"notebook to run. Saved as {results_files.shown(path)}.")
+    return Part(stats.table(rows), inputs, caption=caption)
 
 
 def data(cfg: Config) -> Part:
@@ -192,71 +209,45 @@ def quantization(cfg: Config) -> tuple[Part, Part]:
 
 
 def candidates(cfg: Config) -> tuple[pd.DataFrame, list[Path], list[str]]:
-    """Every measured model with an accuracy and a latency: the pool the recommendation picks from
-    (source: the file under outputs/<profile>/). Notebook 04's dense row is left out: it is
-    notebook 02's custom model measured again."""
-    rows, paths, notes = [], [], []
-    found, model_paths, model_notes, _ = results_files.trained_models(cfg)
-    paths += model_paths
-    notes += model_notes
-    for name, m in found.items():
-        src = results_files.FILES["baselines" if m["source"].parent.name.startswith("01") else "custom"]
-        rows.append({"model": f"{name} · fp32", "mIoU %": 100 * m["best_miou"], "latency ms": m["latency_ms"],
-                     "source": src})
-        if m.get("latency_cl_ms"):
-            rows.append({"model": f"{name} · fp32 channels_last", "mIoU %": 100 * m["best_miou"],
-                         "latency ms": m["latency_cl_ms"], "source": src})
-    d, path, note = results_files.read(cfg, "pruning")
-    if d is None:
-        notes.append(note)
-    else:
-        paths.append(path)
-        with results_files.reading(cfg, "pruning"):
-            rows += [{"model": f"custom · {r['method']} {r['level']:g}"
-                      + ("" if r["recovery"] == "none" else f" + {r['recovery']}"), "mIoU %": r["miou"],
-                      "latency ms": r["latency_ms"], "source": results_files.FILES["pruning"]}
-                     for r in d["rows"] if r.get("latency_ms")]
-    d, path, note = results_files.read(cfg, "quantization")
-    if d is None:
-        notes.append(note)
-    else:
-        paths.append(path)
-        with results_files.reading(cfg, "quantization"):
-            base = d.get("model", "custom")
-            rows += [{"model": f"{base} · {name}", "mIoU %": 100 * r["miou"], "latency ms": r["latency_ms"],
-                      "source": results_files.FILES["quantization"]}
-                     for name, r in results_files.quantization_rows(d).items() if r.get("latency_ms")]
-    table = pd.DataFrame(rows, columns=["model", "mIoU %", "latency ms", "source"])
-    return table.dropna(subset=["mIoU %", "latency ms"]).reset_index(drop=True), paths, notes
+    """Every measured model with an mIoU interval and a latency: the pool the recommendation picks
+    from (verdict_table.candidate_pool; source: the file under outputs/<profile>/)."""
+    pool = verdict_table.candidate_pool(cfg)
+    return pool.table, pool.sources, pool.notes
 
 
 def recommend(cfg: Config, tolerance: float = 1.0) -> tuple[Part, dict | None]:
-    """The fastest measured model within `tolerance` mIoU points of the most accurate one.
+    """The fastest measured model whose mIoU interval reaches within `tolerance` points of the most
+    accurate model's mean: the verdict table's rule (verdicts.recommend), with its uncertainty.
 
-    Why this rule: a gap under about a point is within the seed-to-seed range notebook 03
-    measures, so it is no evidence for paying with a slower model."""
-    pool, paths, notes = candidates(cfg)
-    notes = [f"not in the pool below: {n}" for n in notes]
-    if pool.empty:
-        return Part(notes=notes or ["no model with both mIoU and latency was found"], sources=paths), None
-    best = pool.loc[pool["mIoU %"].idxmax()]
-    close = pool[pool["mIoU %"] >= best["mIoU %"] - tolerance].sort_values("latency ms")
-    pick = close.iloc[0].to_dict()
-    speedup = best["latency ms"] / pick["latency ms"]
-    caption = (f"Rule: the fastest model within {tolerance:g} mIoU point of the most accurate one ({best['model']}, "
-               f"{best['mIoU %']:.2f}). Recommended: {pick['model']}, {pick['mIoU %']:.2f} mIoU % "
-               f"({pick['mIoU %'] - best['mIoU %']:+.2f} points), {pick['latency ms']:.1f} ms "
-               f"({speedup:.2f}x faster than {best['model']}); from {pick['source']}. "
+    Why this rule: a gap inside the seed-to-seed and image-to-image noise is no evidence for paying
+    with a slower model, and a model whose whole interval is further down is really worse."""
+    pool = verdict_table.candidate_pool(cfg)
+    notes = [f"not in the pool below: {n}" for n in pool.notes]
+    if pool.table.empty:
+        return Part(notes=notes or ["no model with both mIoU and latency was found"], sources=pool.sources), None
+    verdict = verdict_table.recommend(pool, tolerance)
+    by_name = pool.table.sort_values("model", kind="stable")  # the rule breaks ties by name
+    best, bar = by_name.loc[by_name["mIoU %"].idxmax()], by_name["mIoU %"].max() - tolerance
+    table = pool.table.assign(**{"Δ mIoU vs best": pool.table["mIoU %"] - best["mIoU %"],
+                                 "eligible": ["yes" if h >= bar else "" for h in pool.table["mIoU high"]],
+                                 "recommended": ["★" if m == verdict.answer else "" for m in pool.table["model"]]})
+    pick = table[table["model"] == verdict.answer].iloc[0]
+    noise = (f"the seed sd is pooled over notebook 03's {pool.noise.runs} runs (df {pool.noise.df})" if pool.noise
+             else "seed noise not measured: run notebook 03")
+    caption = (f"Rule: the fastest model whose 95% mIoU interval reaches {bar:.2f}, {tolerance:g} point below the "
+               f"most accurate model ({best['model']}, {best['mIoU %']:.2f}). Intervals: {pick['estimate'].how}; "
+               f"{noise}. Recommended: {pick['model']}, {pick['mIoU %']:.2f} mIoU % "
+               f"[{pick['mIoU low']:.2f}, {pick['mIoU high']:.2f}], {pick['latency ms']:.1f} ms "
+               f"({best['latency ms'] / pick['latency ms']:.2f}x faster than {best['model']}); from {pick['source']}. "
                f"Rows: every measured model, most accurate first. Latencies come from each notebook's own run "
                f"on this machine, so ratios are exact only within one source (notebook 05 measures its "
                f"variants side by side).")
-    table = pool.assign(**{"Δ mIoU vs best": pool["mIoU %"] - best["mIoU %"], "_shown": pool["mIoU %"].round(2)})
-    table = table.sort_values(["_shown", "latency ms"], ascending=[False, True])  # ties as printed: fastest first
-    table["within tolerance"] = ["yes" if i in close.index else "" for i in table.index]
-    table["recommended"] = ["★" if m == pick["model"] else "" for m in table["model"]]
-    table = table[["model", "mIoU %", "Δ mIoU vs best", "latency ms", "within tolerance", "recommended", "source"]]
-    return Part(table.set_index("model").round(2), paths, notes, caption), pick | {
-        "tolerance": tolerance, "best": best.to_dict()}
+    table = table.assign(_shown=table["mIoU %"].round(2)).sort_values(["_shown", "latency ms"], ascending=[False, True])
+    cols = ["model", "mIoU %", "mIoU low", "mIoU high", "Δ mIoU vs best", "latency ms", "eligible", "recommended",
+            "source"]
+    plain = ["model", "mIoU %", "mIoU low", "mIoU high", "latency ms", "source"]
+    return Part(table[cols].set_index("model").round(2), pool.sources, notes, caption), {
+        **pick[plain].to_dict(), "tolerance": tolerance, "rule": verdict.evidence, "best": best[plain].to_dict()}
 
 
 def _pareto_front(pool: pd.DataFrame) -> pd.DataFrame:
@@ -281,7 +272,10 @@ def tradeoff_figure(cfg: Config, tolerance: float = 1.0, view: float = 6.0) -> p
     shown = pool[pool["mIoU %"] >= top - view]
     fig, ax = plt.subplots(figsize=(10, 5.2))
     for source, g in shown.groupby("source", sort=False):
-        ax.scatter(g["latency ms"], g["mIoU %"], s=45, label=Path(source).parent.name, zorder=2)
+        points = ax.scatter(g["latency ms"], g["mIoU %"], s=45, label=Path(source).parent.name, zorder=2)
+        low, high = (g["mIoU %"] - g["mIoU low"]).clip(upper=view), (g["mIoU high"] - g["mIoU %"]).clip(upper=view)
+        ax.errorbar(g["latency ms"], g["mIoU %"], yerr=[low, high], fmt="none", ecolor=points.get_facecolor()[0],
+                    alpha=0.5, linewidth=1, zorder=1)  # the intervals the rule uses (clipped to the view)
     front = _pareto_front(shown)
     ax.step(front["latency ms"], front["mIoU %"], where="post", color="grey", linewidth=1, zorder=1,
             label="Pareto front")
@@ -296,7 +290,8 @@ def tradeoff_figure(cfg: Config, tolerance: float = 1.0, view: float = 6.0) -> p
     for r in named:  # a leader line ties each name to its point when points crowd
         ax.annotate(r["model"], (r["latency ms"], r["mIoU %"]), xytext=(8, -18), textcoords="offset points",
                     fontsize=8, arrowprops={"arrowstyle": "-", "linewidth": 0.6, "color": "dimgrey"})
-    ax.axhspan(top - tolerance, top, color="green", alpha=0.12, label=f"within {tolerance:g} point of the best")
+    ax.axhspan(top - tolerance, top, color="green", alpha=0.12,
+               label=f"within {tolerance:g} point of the best (an interval reaching it is eligible)")
     ax.scatter([pick["latency ms"]], [pick["mIoU %"]], s=320, marker="*", color="gold", edgecolor="black",
                zorder=3, label="recommended")
     if len(shown) < len(pool):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,11 @@ FILES = {
     "losses": "03_loss_comparison/results.json",
     "pruning": "04_pruning_sweeps/results.json",
     "quantization": "05_quantization/results.json",
+    "verdicts": "06_report_figures/verdicts.json",  # written by the report itself, from the files above
 }
+# each validation image's confusion matrix of the models of a results file, by the key its row names
+# under "confusions" (numpy, not JSON: [N, C, C + 1] integers per model)
+CONFUSIONS = {"pruning": "04_pruning_sweeps/confusions.npz", "quantization": "05_quantization/confusions.npz"}
 
 
 def path(cfg: Config, key: str) -> Path:
@@ -64,6 +69,47 @@ def _plain(v):
     if isinstance(v, np.generic):
         return _plain(v.item())
     return str(v) if isinstance(v, Path) else v
+
+
+def confusions_path(cfg: Config, key: str) -> Path:
+    return cfg.output_dir / CONFUSIONS[key]
+
+
+def read_confusions(cfg: Config, key: str) -> dict[str, np.ndarray] | None:
+    """CONFUSIONS[key] as {row key: [N, C, C + 1]}, or None when the file is absent."""
+    file = confusions_path(cfg, key)
+    if not file.is_file():
+        return None
+    with np.load(file) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_") or "row"
+
+
+def _take_confusions(rows: dict[str, dict], store: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Copies of the rows without their "per_image" arrays, each moved to `store` under a unique
+    key that the row names under "confusions" (rows without one are left as they are)."""
+    out = {}
+    for name, row in rows.items():
+        row = dict(row)
+        conf = row.pop("per_image", None)
+        if conf is not None:
+            key = base = _slug(name)
+            while key in store:
+                key = f"{base}-{len(store)}"
+            store[key] = np.asarray(conf)
+            row["confusions"] = key
+        out[name] = row
+    return out
+
+
+def write_confusions(file: str | Path, store: dict[str, np.ndarray]) -> Path:
+    """The per-image confusions of a notebook's models, compressed (mostly zeros), atomically."""
+    with atomic_path(file) as tmp, tmp.open("wb") as f:
+        np.savez_compressed(f, **store)  # a file object: numpy would append .npz to the temp name
+    return Path(file)
 
 
 def write_json(file: str | Path, payload: dict) -> Path:
@@ -125,17 +171,38 @@ def write_losses(cfg: Config, runs: list[dict], summary: pd.DataFrame, class_mea
     return _write(cfg, "losses", payload)
 
 
+def pruning_row_name(row: dict) -> str:
+    """A pruning row's name: "structured group_norm 0.35 + KD", "dense control + fine-tune"."""
+    level = "" if row["method"].startswith("dense") else f" {row['level']:g}"
+    return f"{row['method']}{level}" + ("" if row.get("recovery", "none") == "none" else f" + {row['recovery']}")
+
+
 def write_pruning(cfg: Config, rows: list[dict], dense_row: dict, layers: dict) -> Path:
+    """Notebook 04's rows; their per-image confusions go to CONFUSIONS["pruning"], keyed."""
+    store: dict[str, np.ndarray] = {}
+    dense = _take_confusions({"dense": dense_row}, store)["dense"]
+    named = _take_confusions({f"{i:02d} {pruning_row_name(r)}": r for i, r in enumerate(rows)}, store)
+    write_confusions(confusions_path(cfg, "pruning"), store)
     payload = {"profile": cfg.profile, "cpu": measure.cpu_info(), "bench": cfg.bench, "prune": cfg.prune,
-               "dense": dense_row, "rows": rows, "layer_sparsity": layers}
+               "dense": dense, "rows": list(named.values()), "layer_sparsity": layers}
     return _write(cfg, "pruning", payload)
 
 
 def write_quantization(cfg: Config, study: dict) -> Path:
-    """Notebook 05's study (studies.quantization.QuantStudy as a dict) with the profile's settings."""
+    """Notebook 05's study (studies.quantization.QuantStudy as a dict) with the profile's settings;
+    the per-image confusions of its variants go to CONFUSIONS["quantization"], keyed."""
+    store: dict[str, np.ndarray] = {}
+    study = study | {k: _take_confusions(study[k], store) for k in ("variants", "other_models") if study.get(k)}
+    write_confusions(confusions_path(cfg, "quantization"), store)
     return _write(cfg, "quantization", {"profile": cfg.profile, "model": "custom",
                                                   "reference": "fp32 eager", "bench": cfg.bench,
                                                   "quant": cfg.quant} | study)
+
+
+def write_verdicts(cfg: Config, verdicts: list, inputs: list[Path]) -> Path:
+    """Notebook 06's verdict table (studies.verdicts.Verdict rows) and the files it was read from."""
+    return _write(cfg, "verdicts", {"profile": cfg.profile, "verdicts": verdicts,
+                                    "inputs": [shown(p) for p in inputs]})
 
 
 # --- readers and the tables built from what was saved -----------------------------------------

@@ -1,0 +1,437 @@
+"""The report's verdict table: each question the study asks, its answer and the evidence, read from
+the results files of notebooks 01-05 and their per-image confusions by the rules of
+studies.verdicts (intervals, "not distinguishable at this budget" wherever they overlap).
+
+A question whose inputs are missing (a notebook not run, a results file of an older version) is
+answered "not measured" with the notebook to run: a partial run still gets its table.
+
+Seed noise: only notebook 03 trains the same model several times. Its pooled within-loss standard
+deviation of mIoU is the noise of one training, and widens every accuracy interval that rests on
+single trainings (pruned against dense control, the deployment candidates). Its schedule is the
+loss study's, usually shorter than notebook 02's: the best estimate this budget has, said in the
+evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from segstudy.config import PROJECT_ROOT, Config
+from segstudy.data.labels import SMALL_CLASSES
+from segstudy.errors import UserError
+from segstudy.studies import results_files, verdicts
+from segstudy.studies.verdicts import NOT_DISTINGUISHABLE, Estimate, Verdict
+
+NOT_MEASURED = "not measured"
+KEEP_FLOOR = -1.0  # "keeps accuracy": the whole interval of the mIoU change above -1 point
+TOLERANCE = 1.0  # the recommendation: within 1 mIoU point of the most accurate model
+INT8 = ("int8 PTQ torch FX", "int8 ONNX Runtime", "int8 QAT torch FX")  # notebook 05's dense int8 variants
+
+QUESTIONS = {
+    "loss": "Which loss is best overall?",
+    "small": "Which loss is best for small classes?",
+    "structured": "Does structured pruning keep accuracy at its speed-up?",
+    "unstructured": "Does unstructured pruning buy speed?",
+    "int8": "Does int8 keep accuracy at its speed-up?",
+    "deploy": "Which model to deploy?",
+}
+
+
+class Missing(Exception):
+    """A question's input is not there; the message names what writes it."""
+
+
+@dataclass(frozen=True)
+class SeedNoise:
+    """The seed-to-seed standard deviation of one training's mIoU (points), from notebook 03."""
+
+    sd: float
+    df: int
+    runs: int
+
+    def widen(self, est: Estimate, trainings: int) -> Estimate:
+        return verdicts.add_noise(est, self.sd, trainings, self.df)
+
+    def __str__(self) -> str:
+        return f"seed sd {self.sd:.2f} points from notebook 03's {self.runs} runs (df {self.df})"
+
+
+class Inputs:
+    """The results files and confusion files of one report, each read once; `used` lists the
+    files read (the table's sources)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.used: list[Path] = []
+        self._files: dict[str, tuple[dict | None, str | None]] = {}
+        self._confusions: dict[str, dict[str, np.ndarray] | None] = {}
+
+    def results(self, key: str) -> dict:
+        if key not in self._files:
+            data, file, note = results_files.read(self.cfg, key)
+            self._files[key] = (data, note)
+            if data is not None:
+                self.used.append(file)
+        data, note = self._files[key]
+        if data is None:
+            raise Missing(note)
+        return data
+
+    def confusions(self, key: str, row: dict, name: str) -> np.ndarray:
+        """The per-image confusions of `row` (named `name` in messages) from CONFUSIONS[key]."""
+        if key not in self._confusions:
+            self._confusions[key] = results_files.read_confusions(self.cfg, key)
+            if self._confusions[key] is not None:
+                self.used.append(results_files.confusions_path(self.cfg, key))
+        store = self._confusions[key] or {}
+        if row.get("confusions") not in store:
+            file = results_files.shown(results_files.confusions_path(self.cfg, key))
+            raise Missing(f"no per-image confusions of '{name}' in {file} (an older notebook); "
+                          f"re-run {results_files.writer(self.cfg, key)}")
+        return store[row["confusions"]]
+
+    def reading(self, key: str):
+        return results_files.reading(self.cfg, key)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _loss_runs(ins: Inputs) -> list[dict]:
+    d = ins.results("losses")
+    with ins.reading("losses"):
+        runs = [r for r in d["runs"] if r["best_miou"] is not None]
+    if not runs:
+        raise Missing(f"no finished loss run in notebook 03's results; run {results_files.writer(ins.cfg, 'losses')}")
+    return runs
+
+
+def _by_loss(runs: list[dict], score: Callable[[dict], float]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for r in runs:
+        out.setdefault(r["loss"], []).append(score(r))
+    return out
+
+
+def seed_noise(ins: Inputs) -> SeedNoise | None:
+    """Pooled over the losses of notebook 03; None when it was not run or no loss has 2 seeds."""
+    try:
+        groups = _by_loss(_loss_runs(ins), lambda r: 100 * r["best_miou"])
+    except (Missing, UserError):
+        return None
+    df = sum(len(g) - 1 for g in groups.values())
+    return SeedNoise(verdicts.pooled_sd(groups), df, sum(map(len, groups.values()))) if df else None
+
+
+def _no_noise(ins: Inputs) -> Missing:
+    return Missing("the seed noise of a training is measured by notebook 03's loss study (2 or more seeds "
+                   f"of a loss); run {results_files.writer(ins.cfg, 'losses')}")
+
+
+def _speedup(row: dict, base: dict, name: str) -> Estimate:
+    """Speed-up of `row` over `base` from their repeated timings (one median each in older files)."""
+    times, base_times = (r.get("latency_times_ms") or ([r["latency_ms"]] if r.get("latency_ms") else None)
+                         for r in (row, base))
+    if not times or not base_times:
+        raise Missing(f"no latency of '{name}' or of its reference")
+    return verdicts.speedup(times, base_times)
+
+
+def _times(e: Estimate) -> str:
+    if not e.has_spread:
+        return f"{e.mean:.2f}x (no spread: one timing)"
+    return f"{e.mean:.2f}x [{e.low:.2f}, {e.high:.2f}] ({e.how})"
+
+
+def _threshold(question: str, est: Estimate, floor: float, subject: str, context: str = "") -> Verdict:
+    """verdicts.threshold with what was measured said first."""
+    v = verdicts.threshold(question, est, floor, context)
+    return Verdict(question, v.answer, f"{subject}: {v.evidence}")
+
+
+# ---------------------------------------------------------------- the questions
+
+
+def _rank_losses(ins: Inputs, question: str, scores: dict[str, list[float]], what: str) -> Verdict:
+    if len(scores) < 2:
+        raise Missing(f"only the loss {', '.join(scores)} was run; notebook 03 compares loss_study.names")
+    v = verdicts.rank(question, {loss: verdicts.over_seeds(s) for loss, s in scores.items()})
+    return Verdict(question, v.answer, f"{what}: {v.evidence}")
+
+
+def best_loss(ins: Inputs) -> Verdict:
+    """verdicts.rank of the losses' best-epoch mIoU over seeds (t-intervals)."""
+    scores = _by_loss(_loss_runs(ins), lambda r: 100 * r["best_miou"])
+    return _rank_losses(ins, QUESTIONS["loss"], scores, "best-epoch val mIoU, points")
+
+
+def _best_epoch_iou(run: dict) -> dict[str, float | None]:
+    """Per-class IoU (0-1, None where unscored) at the run's best validation epoch; {} if unsaved."""
+    best = max((h for h in run.get("history") or [] if h.get("val_iou")), key=lambda h: h["val_miou"], default=None)
+    return best["val_iou"] if best else {}
+
+
+def best_loss_small_classes(ins: Inputs) -> Verdict:
+    """The same over the mean IoU of the small classes (labels.SMALL_CLASSES) that some run
+    resolves: a class with IoU 0 in every run says nothing about the losses, and is named."""
+    question, runs = QUESTIONS["small"], _loss_runs(ins)
+    ious = [_best_epoch_iou(r) for r in runs]
+    if not all(ious):
+        raise Missing(f"notebook 03's runs carry no per-class IoU history (an older notebook 03); "
+                      f"re-run {results_files.writer(ins.cfg, 'losses')}")
+    resolved = [c for c in SMALL_CLASSES if any((iou.get(c) or 0) > 0 for iou in ious)]
+    unresolved = ", ".join(c for c in SMALL_CLASSES if c not in resolved)
+    if not resolved:
+        return Verdict(question, NOT_DISTINGUISHABLE, f"every small class ({unresolved}) has IoU 0 in every run")
+
+    def small(run: dict) -> float:
+        values = [v for c in resolved if (v := _best_epoch_iou(run).get(c)) is not None]
+        return 100 * float(np.mean(values)) if values else math.nan
+
+    what = f"mean IoU of {len(resolved)} small classes, points" + (
+        f" (IoU 0 in every run, excluded: {unresolved})" if unresolved else "")
+    return _rank_losses(ins, question, _by_loss(runs, small), what)
+
+
+def _recovered(ins: Inputs) -> tuple[dict, dict, dict, dict]:
+    """Notebook 04's (kept recovered structured row, dense control row, dense row, prune settings)."""
+    d = ins.results("pruning")
+    with ins.reading("pruning"):
+        rows, dense, prune = d["rows"], d["dense"], d.get("prune") or {}
+        control = next((r for r in rows if r["method"] == "dense control"), None)
+        recovered = [r for r in rows if r["method"].startswith("structured") and r["recovery"] != "none"]
+    if control is None or not recovered:
+        what = "dense control" if control is None else "recovered structured"
+        raise Missing(f"no {what} row in notebook 04's results (an older notebook 04); "
+                      f"re-run {results_files.writer(ins.cfg, 'pruning')}")
+    # the one notebook 04 kept (and notebook 05 quantizes); older files: the most accurate
+    kept = next((r for r in recovered if r.get("checkpoint")), max(recovered, key=lambda r: r["miou"]))
+    return kept, control, dense, prune
+
+
+def structured_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
+    """Paired bootstrap of recovered-pruned minus dense-control mIoU over the validation images,
+    widened by the seed noise of the two fine-tunes; "yes" when the whole interval is above -1."""
+    pruned, control, dense, prune = _recovered(ins)
+    name = results_files.pruning_row_name(pruned)
+    if noise is None:
+        raise _no_noise(ins)
+    diff = verdicts.paired_difference(ins.confusions("pruning", pruned, name),
+                                      ins.confusions("pruning", control, "dense control"))
+    epochs = prune.get("epochs")
+    subject = (f"{name} − the dense model fine-tuned the same way"
+               + (f" ({epochs:g} epochs)" if epochs else "") + ", mIoU points (keeps: within 1 point)")
+    speed = _speedup(pruned, dense, name)
+    return _threshold(QUESTIONS["structured"], noise.widen(diff, trainings=2), KEEP_FLOOR, subject,
+                      f"speed-up over dense {_times(speed)}")
+
+
+def unstructured_buys_speed(ins: Inputs) -> Verdict:
+    """Speed-up of the timed unstructured model (prune.finetune_sparsity) over the dense one."""
+    d = ins.results("pruning")
+    with ins.reading("pruning"):
+        level = (d.get("prune") or {}).get("finetune_sparsity")
+        timed = [r for r in d["rows"] if r["method"].startswith("unstructured") and r.get("latency_ms")]
+        at_level = [r for r in timed if level is None or abs(r["level"] - level) < 1e-9]
+        dense = d["dense"]
+    if not timed:
+        raise Missing(f"no timed unstructured model in notebook 04's results; "
+                      f"re-run {results_files.writer(ins.cfg, 'pruning')}")
+    row = (at_level or timed)[0]
+    name = results_files.pruning_row_name(row)
+    subject = f"{name} ({100 * row['sparsity']:.0f}% zeros) over dense, speed-up"
+    return _threshold(QUESTIONS["unstructured"], _speedup(row, dense, name), 1.0, subject)
+
+
+def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
+    """Paired bootstrap of int8 minus fp32 eager mIoU (the fastest int8 engine; the same weights,
+    so no seed noise, except QAT's fine-tune); "yes" when the whole interval is above -1."""
+    d = ins.results("quantization")
+    with ins.reading("quantization"):
+        rows = results_files.quantization_rows(d)
+        ref_name = d.get("reference", "fp32 eager")
+    present = [k for k in INT8 if rows.get(k, {}).get("latency_ms")]
+    if ref_name not in rows or not present:
+        raise Missing(f"no fp32 or int8 row in notebook 05's results; "
+                      f"re-run {results_files.writer(ins.cfg, 'quantization')}")
+    name = min(present, key=lambda k: rows[k]["latency_ms"])  # by speed: the one that would deploy
+    trainings = 1 if "QAT" in name else 0  # QAT fine-tunes: its own seed noise
+    if trainings and noise is None:
+        raise _no_noise(ins)
+    diff = verdicts.paired_difference(ins.confusions("quantization", rows[name], name),
+                                      ins.confusions("quantization", rows[ref_name], ref_name))
+    if trainings:
+        diff = noise.widen(diff, trainings)
+    subject = f"{name} (the fastest int8) − {ref_name}, mIoU points (keeps: within 1 point)"
+    return _threshold(QUESTIONS["int8"], diff, KEEP_FLOOR, subject,
+                      f"speed-up {_times(_speedup(rows[name], rows[ref_name], name))}")
+
+
+# ---------------------------------------------------------------- the deployment candidates
+
+
+@dataclass
+class Pool:
+    """Every measured model with an mIoU interval and a latency: what the recommendation picks from."""
+
+    table: pd.DataFrame  # model, mIoU %, mIoU low, mIoU high, latency ms, source, estimate
+    sources: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    noise: SeedNoise | None = None
+
+
+def _load_npy(m: dict) -> np.ndarray | None:
+    """A trained model's best-epoch per-image confusions (result["val_confusions"], else the run
+    folder's val_confusions.npy); None for results without them."""
+    for p in (m.get("val_confusions"), m.get("run_dir") and Path(m["run_dir"]) / "val_confusions.npy"):
+        if p:
+            path = Path(p) if Path(p).is_absolute() else PROJECT_ROOT / p
+            if path.is_file():
+                return np.load(path)
+    return None
+
+
+def _accuracy(points: float, confusions: np.ndarray | None, noise: SeedNoise | None) -> Estimate:
+    """mIoU (points) bootstrapped over the images, widened by one training's seed noise (every
+    candidate rests on one from-scratch training); without per-image confusions, the point value
+    widened by the seed noise alone."""
+    if confusions is not None and len(confusions):
+        est = verdicts.miou_bootstrap(confusions)
+    else:
+        est = Estimate(points, points, points, 1, "no per-image confusions")
+    return noise.widen(est, trainings=1) if noise else est
+
+
+def _row(model: str, est: Estimate, latency: float, source: str) -> dict:
+    return {"model": model, "mIoU %": est.mean, "mIoU low": est.low, "mIoU high": est.high,
+            "latency ms": latency, "source": source, "estimate": est}
+
+
+def _trained_rows(ins: Inputs, noise: SeedNoise | None, pool: Pool) -> list[dict]:
+    found, paths, notes, _ = results_files.trained_models(ins.cfg)
+    pool.sources += paths
+    pool.notes += notes
+    ins.used += paths
+    rows = []
+    for name, m in found.items():
+        key = "baselines" if m["source"].parent.name.startswith("01") else "custom"
+        with ins.reading(key):
+            est = _accuracy(100 * m["best_miou"], _load_npy(m), noise)
+            rows.append(_row(f"{name} · fp32", est, m["latency_ms"], results_files.FILES[key]))
+            if m.get("latency_cl_ms"):
+                rows.append(_row(f"{name} · fp32 channels_last", est, m["latency_cl_ms"], results_files.FILES[key]))
+    return rows
+
+
+def _confusions_or_none(ins: Inputs, key: str, row: dict, name: str) -> np.ndarray | None:
+    try:
+        return ins.confusions(key, row, name)
+    except Missing:
+        return None
+
+
+def _pruned_rows(ins: Inputs, noise: SeedNoise | None, pool: Pool) -> list[dict]:
+    try:
+        d = ins.results("pruning")
+    except Missing as note:
+        pool.notes.append(str(note))
+        return []
+    pool.sources.append(results_files.path(ins.cfg, "pruning"))
+    rows = []
+    with ins.reading("pruning"):
+        for r in (r for r in d["rows"] if r.get("latency_ms")):
+            name = results_files.pruning_row_name(r)
+            est = _accuracy(r["miou"], _confusions_or_none(ins, "pruning", r, name), noise)
+            rows.append(_row(f"custom · {name}", est, r["latency_ms"], results_files.FILES["pruning"]))
+    return rows
+
+
+def _quantized_rows(ins: Inputs, noise: SeedNoise | None, pool: Pool) -> list[dict]:
+    try:
+        d = ins.results("quantization")
+    except Missing as note:
+        pool.notes.append(str(note))
+        return []
+    pool.sources.append(results_files.path(ins.cfg, "quantization"))
+    rows = []
+    with ins.reading("quantization"):
+        base = d.get("model", "custom")
+        for name, r in results_files.quantization_rows(d).items():
+            if r.get("latency_ms"):
+                est = _accuracy(100 * r["miou"], _confusions_or_none(ins, "quantization", r, name), noise)
+                rows.append(_row(f"{base} · {name}", est, r["latency_ms"], results_files.FILES["quantization"]))
+    return rows
+
+
+def candidate_pool(cfg: Config, ins: Inputs | None = None) -> Pool:
+    """The trained models of notebooks 01/02 (fp32, and channels_last at its own latency), notebook
+    04's timed pruned models and notebook 05's variants, each with its mIoU interval. Notebook 04's
+    dense row is left out: it is notebook 02's custom model measured again."""
+    ins = ins or Inputs(cfg)
+    pool = Pool(pd.DataFrame(), noise=seed_noise(ins))
+    rows = [*_trained_rows(ins, pool.noise, pool), *_pruned_rows(ins, pool.noise, pool),
+            *_quantized_rows(ins, pool.noise, pool)]
+    cols = ["model", "mIoU %", "mIoU low", "mIoU high", "latency ms", "source", "estimate"]
+    table = pd.DataFrame(rows, columns=cols).dropna(subset=["mIoU %", "latency ms"])
+    pool.table = table.reset_index(drop=True)
+    return pool
+
+
+def recommend(pool: Pool, tolerance: float = TOLERANCE) -> Verdict:
+    """verdicts.recommend over the pool (the fastest model whose interval reaches within
+    `tolerance` points of the best mean), with a short evidence line."""
+    if pool.table.empty:
+        raise Missing("no model with both an mIoU and a latency: run notebooks 01 and 02 (04, 05 add variants)")
+    table = pool.table
+    v = verdicts.recommend({r["model"]: (r["estimate"], r["latency ms"]) for _, r in table.iterrows()}, tolerance,
+                           QUESTIONS["deploy"])
+    by_name = table.sort_values("model", kind="stable")  # verdicts.recommend breaks ties by name
+    best = by_name.loc[by_name["mIoU %"].idxmax()]
+    pick = table[table["model"] == v.answer].iloc[0]
+    eligible = int((table["mIoU high"] >= best["mIoU %"] - tolerance).sum())
+    evidence = (f"{v.answer} {pick['estimate']} at {pick['latency ms']:.3g} ms, the fastest of {eligible} of "
+                f"{len(table)} models whose interval reaches {best['mIoU %'] - tolerance:.2f} ({tolerance:g} point "
+                f"below the best, {best['model']} {best['estimate']} at {best['latency ms']:.3g} ms); "
+                f"intervals: {pick['estimate'].how}")
+    if pool.noise is None:
+        evidence += "; seed noise not measured (notebook 03)"
+    return Verdict(v.question, v.answer, evidence)
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _answer(question: str, ask: Callable[[], Verdict]) -> Verdict:
+    try:
+        return ask()
+    except (Missing, UserError) as why:  # a missing or older input: said, never a failed report
+        return Verdict(question, NOT_MEASURED, str(why))
+
+
+def evaluate(cfg: Config) -> tuple[list[Verdict], list[Path]]:
+    """Every question's verdict, and the files they were read from."""
+    ins = Inputs(cfg)
+    noise = seed_noise(ins)
+    asks = {"loss": lambda: best_loss(ins), "small": lambda: best_loss_small_classes(ins),
+            "structured": lambda: structured_keeps_accuracy(ins, noise),
+            "unstructured": lambda: unstructured_buys_speed(ins),
+            "int8": lambda: int8_keeps_accuracy(ins, noise),
+            "deploy": lambda: recommend(candidate_pool(cfg, ins))}
+    table = [_answer(QUESTIONS[key], ask) for key, ask in asks.items()]
+    return table, list(dict.fromkeys(ins.used))
+
+
+def build(cfg: Config) -> list[Verdict]:
+    """The verdict table: one Verdict per question of QUESTIONS, in that order."""
+    return evaluate(cfg)[0]
+
+
+def save(cfg: Config, table: list[Verdict], inputs: list[Path]) -> Path:
+    """results_files.FILES["verdicts"], with the provenance stamp and the files read."""
+    return results_files.write_verdicts(cfg, table, inputs)
