@@ -84,7 +84,9 @@ def test_ci_workflow_runs_the_readme_test_command_and_builds_the_images():
     readme = (ROOT / "README.md").read_text()
     readme_cmd = re.search(r"^(\./run_tests\.sh)\s", readme, flags=re.M).group(1)
     assert readme_cmd in [s.get("run", "").strip() for s in test["steps"]]
-    assert "./run_tests.sh" in (ROOT / ".ci" / "run").read_text()
+    assert "./run_all.sh rehearsal" in [s.get("run", "").strip() for s in test["steps"]]
+    ci_run = (ROOT / ".ci" / "run").read_text()
+    assert "./run_tests.sh" in ci_run and "./run_all.sh rehearsal" in ci_run  # the real-scale path too
     builds = {m["target"]: m["tag"] for m in wf["jobs"]["docker"]["strategy"]["matrix"]["include"]}
     assert builds == {"train": TRAIN_IMAGE, "serve": SERVE_IMAGE}
     assert set(builds) <= set(_stages((ROOT / "Dockerfile").read_text()))

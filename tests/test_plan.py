@@ -25,7 +25,7 @@ def smoke(tmp_path, tiny_root):
 def test_the_plan_lists_every_training_of_the_smoke_profile(smoke):
     p, q = smoke.prune, smoke.quant
     expected = (2 + 1 + len(smoke.loss_study.names) * len(smoke.loss_study.seeds)
-                + sum(s in p.finetune_scopes for s in p.scopes) * (p.unstructured_epochs > 0) + 2
+                + sum(s in p.finetune_scopes for s in p.scopes) * (p.unstructured_epochs > 0) + 3  # + dense control
                 + (q.qat != "never"))
     rows = plan.trainings(smoke)
     assert len(rows) == expected

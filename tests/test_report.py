@@ -133,7 +133,7 @@ def test_recommendation_rule_and_pool(tmp_path):
     # down by its mean, is not distinguishable from being within a point, and it is the fastest
     assert pick["model"] == "custom · structured group_norm 0.5"
     assert pick["best"]["model"] == "custom · fp32" and pick["mIoU low"] < 25.0 - 4 < 25.0 + 4 < pick["mIoU high"]
-    assert "the seed sd is pooled over notebook 03's 4 runs (df 2)" in part.caption
+    assert "seed sd 1.12 points from notebook 03's 4 runs of custom (df 2)" in part.caption
     assert any("05_quantization/results.json does not exist" in n for n in part.notes)
     # with seeds 0.1 point apart the intervals are narrow: 0.5 is out, the KD-recovered 0.3 (26.5, 25 ms)
     # is the fastest within a point

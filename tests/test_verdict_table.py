@@ -46,7 +46,7 @@ def _loss_run(loss: str, seed: int, miou_points: float, small: float = 0.1) -> d
 
 
 def _losses(scores: dict[str, list[float]], small: dict[str, list[float]] | None = None) -> dict:
-    return {"profile": "smoke", "epochs": 1, "runs": [
+    return {"profile": "smoke", "model": "unet", "epochs": 1, "runs": [
         _loss_run(loss, seed, m, (small or {}).get(loss, [0.1] * len(ms))[seed])
         for loss, ms in scores.items() for seed, m in enumerate(ms)]}
 
@@ -130,6 +130,7 @@ def test_every_question_is_answered_and_saved(cfg):
     assert v["structured"].answer == "yes"
     assert "paired bootstrap over 60 images, 95% + seed noise of 2 training(s)" in v["structured"].evidence
     assert "speed-up over dense 2.40x [" in v["structured"].evidence
+    assert "from notebook 03's 6 runs of unet (df 4)" in v["structured"].evidence  # whose seed noise it is
     assert v["unstructured"].answer == NOT_DISTINGUISHABLE  # zeros in dense tensors: the same timings
     assert "unstructured lamp 0.55 (55% zeros)" in v["unstructured"].evidence
     part = report_figures.verdicts(cfg)

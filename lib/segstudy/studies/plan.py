@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ FAKE_QUANT_SLOWDOWN = 2.0  # ... with fake-quant observers on every layer (assum
 # A warm-up that would cost more than this share of the run it plans (the CPU rehearsal: 2 steps per
 # training at full size) is skipped for the FLOPs estimate.
 WARMUP_SHARE = 0.05
+CPU_EFFICIENCY = 0.3  # convolution training's share of a CPU's matrix-multiply rate (assumed)
 # The published split sizes, used when the dataset is not on this machine.
 SPLIT_SIZES = {"cityscapes": (2975, 500), "bdd100k": (7000, 1000)}
 
@@ -133,8 +135,10 @@ def _pruning(cfg: Config, spe: int) -> list[PlannedTraining]:
             if p.unstructured_epochs > 0 and p.finetune_sparsity and scope in p.finetune_scopes]
     kinds = (("structured-fine-tune", "fine-tune"),
              ("structured-KD", "KD fine-tune" if p.kd_weight > 0 else "fine-tune"))
-    return rows + [_finetune_row(cfg, nb, name, kind, p.epochs, spe, calls=p.steps,
-                                 note="dense cost: an upper bound for the pruned model") for name, kind in kinds]
+    rows += [_finetune_row(cfg, nb, name, kind, p.epochs, spe, calls=p.steps,
+                           note="dense cost: an upper bound for the pruned model") for name, kind in kinds]
+    return rows + [_finetune_row(cfg, nb, "dense-control", "fine-tune", p.epochs, spe, calls=p.steps,
+                                 note="the dense model, trained as long: what recovery is judged against")]
 
 
 def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[PlannedTraining]:
@@ -229,11 +233,25 @@ def _from_warmup(cfg: Config, models: list[str], device: torch.device, qat: bool
                    f"after 1); QAT x{FAKE_QUANT_SLOWDOWN:g} for fake quantization (assumed)")
 
 
-def _from_flops(cfg: Config, models: list[str], tflops: float) -> tuple[dict, str]:
+def _from_flops(cfg: Config, models: list[str], tflops: float, where: str = "") -> tuple[dict, str]:
+    rate = (f"{tflops:.2g} effective TFLOPS ({where}: {CPU_EFFICIENCY:.0%} of its timed matrix-multiply rate"
+            if where else f"an assumed {tflops:g} effective TFLOPS (one A100/H100-class GPU, bf16 AMP; "
+                          f"--assume-tflops to change")
     return {m: flops_costs(cfg, m, tflops) for m in models}, (
-        f"measured FLOPs x3 (forward + backward) x batch at an assumed {tflops:g} effective TFLOPS (one "
-        f"A100/H100-class GPU, bf16 AMP; --assume-tflops to change; QAT in fp32 at 1/{FP32_SLOWDOWN:g} of it, "
+        f"measured FLOPs x3 (forward + backward) x batch at {rate}; QAT in fp32 at 1/{FP32_SLOWDOWN:g} of it, "
         f"x{FAKE_QUANT_SLOWDOWN:g} for fake quantization)")
+
+
+def _cpu_tflops(cfg: Config) -> float:
+    """This CPU's rate for a plan too short to afford a warm-up: a timed 1024x1024 matrix multiply (in
+    the autocast dtype) x CPU_EFFICIENCY, the share of it convolution training reaches (assumed)."""
+    dtype = autocast_dtype(cfg.train.amp, torch.device("cpu")) or torch.float32
+    a = torch.randn(1024, 1024, dtype=dtype)
+    a @ a  # noqa: B018 - the first call pays for thread start-up
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ a  # noqa: B018
+    return CPU_EFFICIENCY * 5 * 2 * 1024**3 / (time.perf_counter() - start) / 1e12
 
 
 def _warmup_worth_it(cfg: Config, plan: list[PlannedTraining], models: list[str], val_images: int) -> bool:
@@ -256,6 +274,9 @@ def estimate(cfg: Config, plan: list[PlannedTraining], assume_tflops: float | No
         costs, source = _from_warmup(cfg, models, device, any(r.kind == "QAT" for r in plan))
     elif device is not None and models:
         source = f"(a warm-up on {device} would cost more than {WARMUP_SHARE:.0%} of this short run) "
+    if not costs and device is not None and device.type == "cpu":
+        costs, flops_source = _from_flops(cfg, models, _cpu_tflops(cfg), where="this CPU")
+        source += flops_source
     if not costs:
         costs, flops_source = _from_flops(cfg, models, assume_tflops or DEFAULT_TFLOPS)
         source += flops_source

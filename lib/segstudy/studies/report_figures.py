@@ -148,7 +148,7 @@ def losses(cfg: Config) -> Part:
         table = pd.DataFrame(d["summary"]).set_index("loss")
         seeds = sorted({r["seed"] for r in d["runs"]})
         epochs = f"{d['epochs']:g} epoch{'' if d['epochs'] == 1 else 's'}"
-        return Part(table, [path], caption=f"The custom model, {epochs} per run, seeds "
+        return Part(table, [path], caption=f"The {d.get('model', 'custom')} model, {epochs} per run, seeds "
                                            f"{', '.join(map(str, seeds))}: std and min-max are over seeds.")
 
 
@@ -232,8 +232,7 @@ def recommend(cfg: Config, tolerance: float = 1.0) -> tuple[Part, dict | None]:
                                  "eligible": ["yes" if h >= bar else "" for h in pool.table["mIoU high"]],
                                  "recommended": ["★" if m == verdict.answer else "" for m in pool.table["model"]]})
     pick = table[table["model"] == verdict.answer].iloc[0]
-    noise = (f"the seed sd is pooled over notebook 03's {pool.noise.runs} runs (df {pool.noise.df})" if pool.noise
-             else "seed noise not measured: run notebook 03")
+    noise = str(pool.noise) if pool.noise else "seed noise not measured: run notebook 03"
     caption = (f"Rule: the fastest model whose 95% mIoU interval reaches {bar:.2f}, {tolerance:g} point below the "
                f"most accurate model ({best['model']}, {best['mIoU %']:.2f}). Intervals: {pick['estimate'].how}; "
                f"{noise}. Recommended: {pick['model']}, {pick['mIoU %']:.2f} mIoU % "

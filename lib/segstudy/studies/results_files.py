@@ -162,8 +162,8 @@ def write_models(cfg: Config, key: str, results: dict[str, dict], profiles: dict
 def write_losses(cfg: Config, runs: list[dict], summary: pd.DataFrame, class_means: pd.DataFrame,
                  small_class_delta: pd.DataFrame) -> Path:
     keep = ("loss", "seed", "best_miou", "final", "history", "train_seconds", "run_dir", "mlflow_run_id")
-    payload = {"profile": cfg.profile, "epochs": cfg.loss_study.epochs or cfg.train.epochs,
-               "runs": [{k: r.get(k) for k in keep} for r in runs],
+    payload = {"profile": cfg.profile, "model": cfg.loss_study.model,
+               "epochs": cfg.loss_study.epochs or cfg.train.epochs, "runs": [{k: r.get(k) for k in keep} for r in runs],
                "summary": summary.reset_index(names="loss").to_dict(orient="records"),
                "class_means": class_means.to_dict(orient="index"),
                "small_class_delta_vs_ce": {k: v for k, v in small_class_delta.to_dict(orient="index").items()

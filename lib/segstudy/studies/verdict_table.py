@@ -7,9 +7,9 @@ answered "not measured" with the notebook to run: a partial run still gets its t
 
 Seed noise: only notebook 03 trains the same model several times. Its pooled within-loss standard
 deviation of mIoU is the noise of one training, and widens every accuracy interval that rests on
-single trainings (pruned against dense control, the deployment candidates). Its schedule is the
-loss study's, usually shorter than notebook 02's: the best estimate this budget has, said in the
-evidence.
+single trainings (pruned against dense control, the deployment candidates). Its model and schedule
+are the loss study's (loss_study.model, loss_study.epochs; the demo's is the cheap U-Net), not
+necessarily those of the model judged: the best estimate this budget has, named in the evidence.
 """
 
 from __future__ import annotations
@@ -54,12 +54,13 @@ class SeedNoise:
     sd: float
     df: int
     runs: int
+    model: str = "custom"  # the loss study's model: the other models' seed noise is assumed the same
 
     def widen(self, est: Estimate, trainings: int) -> Estimate:
         return verdicts.add_noise(est, self.sd, trainings, self.df)
 
     def __str__(self) -> str:
-        return f"seed sd {self.sd:.2f} points from notebook 03's {self.runs} runs (df {self.df})"
+        return f"seed sd {self.sd:.2f} points from notebook 03's {self.runs} runs of {self.model} (df {self.df})"
 
 
 class Inputs:
@@ -126,7 +127,8 @@ def seed_noise(ins: Inputs) -> SeedNoise | None:
     except (Missing, UserError):
         return None
     df = sum(len(g) - 1 for g in groups.values())
-    return SeedNoise(verdicts.pooled_sd(groups), df, sum(map(len, groups.values()))) if df else None
+    model = ins.results("losses").get("model", "custom")  # older files: notebook 03 trained the custom model
+    return SeedNoise(verdicts.pooled_sd(groups), df, sum(map(len, groups.values())), model) if df else None
 
 
 def _no_noise(ins: Inputs) -> Missing:
@@ -229,7 +231,7 @@ def structured_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
                + (f" ({epochs:g} epochs)" if epochs else "") + ", mIoU points (keeps: within 1 point)")
     speed = _speedup(pruned, dense, name)
     return _threshold(QUESTIONS["structured"], noise.widen(diff, trainings=2), KEEP_FLOOR, subject,
-                      f"speed-up over dense {_times(speed)}")
+                      f"speed-up over dense {_times(speed)}; {noise}")
 
 
 def unstructured_buys_speed(ins: Inputs) -> Verdict:
@@ -399,8 +401,7 @@ def recommend(pool: Pool, tolerance: float = TOLERANCE) -> Verdict:
                 f"{len(table)} models whose interval reaches {best['mIoU %'] - tolerance:.2f} ({tolerance:g} point "
                 f"below the best, {best['model']} {best['estimate']} at {best['latency ms']:.3g} ms); "
                 f"intervals: {pick['estimate'].how}")
-    if pool.noise is None:
-        evidence += "; seed noise not measured (notebook 03)"
+    evidence += f"; {pool.noise}" if pool.noise else "; seed noise not measured (notebook 03)"
     return Verdict(v.question, v.answer, evidence)
 
 
