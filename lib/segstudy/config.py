@@ -137,7 +137,7 @@ class LossStudyConfig:
     """Notebook 03: every loss x every seed, one schedule."""
 
     names: list[str] = field(default_factory=lambda: ["ce", "wce", "dice", "ce_dice"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # shifted by `seed` (loss_comparison.run_seeds)
     epochs: int = 0  # 0: train.epochs
     model: str = "custom"  # the model every loss trains (the demo takes the cheap U-Net to afford 3 seeds)
 

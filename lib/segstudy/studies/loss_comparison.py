@@ -19,12 +19,20 @@ def run_grid(cfg: Config, names: list[str] | None = None, seeds: list[int] | Non
     """One training run per (loss, seed), each in runs/<model>-<loss>-seed<seed>/ (reused if finished)."""
     runs = []
     for name in names or cfg.loss_study.names:
-        for seed in seeds or cfg.loss_study.seeds:
+        for seed in seeds or run_seeds(cfg):
             # only the scores are compared: a finished loss run keeps no weights (disk: 12+ runs)
             result = train(run_config(cfg, name, seed), run_dir=cfg.output_dir / run_key(cfg, name, seed),
                            keep_weights=False)
             runs.append({"loss": name, "seed": seed, **result})
     return runs
+
+
+def run_seeds(cfg: Config) -> list[int]:
+    """The training seeds of the grid: loss_study.seeds shifted by the study's seed, seed x n + s
+    (n seeds): seed 0 trains 0, 1, 2 and seed 1 trains 3, 4, 5, so another `seed` checks the
+    verdicts on other trainings, not on the same ones."""
+    offsets = cfg.loss_study.seeds
+    return [cfg.seed * len(offsets) + s for s in offsets]
 
 
 def run_config(cfg: Config, name: str, seed: int) -> Config:

@@ -150,7 +150,7 @@ def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[PlannedTr
             for nb, models in NOTEBOOK_MODELS.items() for m in models]
     rows += [_train_row(loss_comparison.run_config(cfg, name, seed), "03_loss_comparison",
                         loss_comparison.run_key(cfg, name, seed), spe)
-             for name in cfg.loss_study.names for seed in cfg.loss_study.seeds]
+             for name in cfg.loss_study.names for seed in loss_comparison.run_seeds(cfg)]
     rows += _pruning(cfg, spe)
     if cfg.quant.qat != "never":
         note = "only if PTQ loses more than quant.max_loss" if cfg.quant.qat == "auto" else ""

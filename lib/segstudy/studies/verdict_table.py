@@ -338,36 +338,25 @@ def _confusions_or_none(ins: Inputs, key: str, row: dict, name: str) -> np.ndarr
         return None
 
 
-def _pruned_rows(ins: Inputs, noise: SeedNoise | None, pool: Pool) -> list[dict]:
+def _variant_rows(ins: Inputs, noise: SeedNoise | None, pool: Pool, key: str) -> list[dict]:
+    """The timed variants of notebook 04 ("pruning": custom's pruned models) or 05 ("quantization")."""
     try:
-        d = ins.results("pruning")
+        d = ins.results(key)
     except Missing as note:
         pool.notes.append(str(note))
         return []
-    pool.sources.append(results_files.path(ins.cfg, "pruning"))
+    pool.sources.append(results_files.path(ins.cfg, key))
+    if key == "pruning":
+        variants = {results_files.pruning_row_name(r): r for r in d["rows"]}
+        base, scale = "custom", 1.0  # pruning rows hold mIoU in points, quantization rows as a fraction
+    else:
+        variants, base, scale = results_files.quantization_rows(d), d.get("model", "custom"), 100.0
     rows = []
-    with ins.reading("pruning"):
-        for r in (r for r in d["rows"] if r.get("latency_ms")):
-            name = results_files.pruning_row_name(r)
-            est = _accuracy(r["miou"], _confusions_or_none(ins, "pruning", r, name), noise)
-            rows.append(_row(f"custom · {name}", est, r["latency_ms"], results_files.FILES["pruning"]))
-    return rows
-
-
-def _quantized_rows(ins: Inputs, noise: SeedNoise | None, pool: Pool) -> list[dict]:
-    try:
-        d = ins.results("quantization")
-    except Missing as note:
-        pool.notes.append(str(note))
-        return []
-    pool.sources.append(results_files.path(ins.cfg, "quantization"))
-    rows = []
-    with ins.reading("quantization"):
-        base = d.get("model", "custom")
-        for name, r in results_files.quantization_rows(d).items():
+    with ins.reading(key):
+        for name, r in variants.items():
             if r.get("latency_ms"):
-                est = _accuracy(100 * r["miou"], _confusions_or_none(ins, "quantization", r, name), noise)
-                rows.append(_row(f"{base} · {name}", est, r["latency_ms"], results_files.FILES["quantization"]))
+                est = _accuracy(scale * r["miou"], _confusions_or_none(ins, key, r, name), noise)
+                rows.append(_row(f"{base} · {name}", est, r["latency_ms"], results_files.FILES[key]))
     return rows
 
 
@@ -377,8 +366,8 @@ def candidate_pool(cfg: Config, ins: Inputs | None = None) -> Pool:
     dense row is left out: it is notebook 02's custom model measured again."""
     ins = ins or Inputs(cfg)
     pool = Pool(pd.DataFrame(), noise=seed_noise(ins))
-    rows = [*_trained_rows(ins, pool.noise, pool), *_pruned_rows(ins, pool.noise, pool),
-            *_quantized_rows(ins, pool.noise, pool)]
+    rows = [*_trained_rows(ins, pool.noise, pool), *_variant_rows(ins, pool.noise, pool, "pruning"),
+            *_variant_rows(ins, pool.noise, pool, "quantization")]
     cols = ["model", "mIoU %", "mIoU low", "mIoU high", "latency ms", "source", "estimate"]
     table = pd.DataFrame(rows, columns=cols).dropna(subset=["mIoU %", "latency ms"])
     pool.table = table.reset_index(drop=True)
