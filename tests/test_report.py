@@ -160,3 +160,18 @@ def test_bad_upstream_file_is_a_user_error(tmp_path):
     path.write_text("{not json")
     with pytest.raises(UserError, match=r"is not valid JSON.*--only 03"):
         report_figures.losses(cfg)
+
+
+def test_classes_no_model_resolves_are_named_with_their_size(tmp_path):
+    import pandas as pd
+
+    from segstudy.config import load_config
+    from segstudy.studies import report_figures, results_files
+
+    cfg = load_config("smoke", {"output_root": str(tmp_path)})
+    table = pd.DataFrame({"unet": {"road": 80.0, "pole": 0.0, "rider": None},
+                          "custom": {"road": 85.0, "pole": 0.0, "rider": 2.0}})
+    assert report_figures._unresolved(cfg, table).startswith("IoU 0 in every model: pole.")
+    results_files.write_data_summary(cfg, {"val": {"image_sizes": ["256x128"], "small_object_median_px": {"pole": 40.0}}})
+    note = report_figures._unresolved(cfg, table)
+    assert "pole 10" in note  # 40 px in 128-row images, evaluated at base_size 64: a quarter of the area

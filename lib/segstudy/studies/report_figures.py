@@ -132,7 +132,27 @@ def per_class(cfg: Config) -> Part:
     found, paths, notes, _ = results_files.trained_models(cfg)
     with results_files.reading(cfg, "custom"):
         table = results_files.per_class_table(found).T if found else None
-    return Part(table, paths, notes)
+    unresolved = _unresolved(cfg, table) if table is not None else None
+    return Part(table, paths, notes + ([unresolved] if unresolved else []))
+
+
+def _unresolved(cfg: Config, table: pd.DataFrame) -> str | None:
+    """The classes no model resolves (IoU 0 or unscored in every model) and why: their median
+    object's area at the evaluation size, from notebook 00's statistics."""
+    zero = [c for c in table.index if not (table.loc[c].fillna(0) > 0).any()]  # rows: classes
+    if not zero:
+        return None
+    d, _, _ = results_files.read(cfg, "data")
+    split = (d or {}).get("splits", {}).get(cfg.data.val_split, {})
+    medians, image_sizes = split.get("small_object_median_px") or {}, split.get("image_sizes") or []
+    sizes = ""
+    if medians and image_sizes:  # evaluation resizes the shorter side to base_size
+        scale = (cfg.data.base_size / min(int(size.split("x")[1]) for size in image_sizes)) ** 2
+        known = [f"{c} {medians[c] * scale:.0f}" for c in zero if medians.get(c)]
+        sizes = (f"; median object area at the evaluation size, px: {', '.join(known)}" if known else "")
+    return (f"IoU 0 in every model: {', '.join(zero)}. At the evaluation size (shorter side {cfg.data.base_size})"
+            f"{sizes}: too few pixels, seen too rarely, for models trained {cfg.train.epochs} epochs from "
+            f"random init to learn them; this profile cannot resolve these classes, so no verdict rests on them.")
 
 
 def per_class_figure(part: Part) -> plt.Figure | None:
