@@ -172,6 +172,7 @@ def test_classes_no_model_resolves_are_named_with_their_size(tmp_path):
     table = pd.DataFrame({"unet": {"road": 80.0, "pole": 0.0, "rider": None},
                           "custom": {"road": 85.0, "pole": 0.0, "rider": 2.0}})
     assert report_figures._unresolved(cfg, table).startswith("IoU 0 in every model: pole.")
-    results_files.write_data_summary(cfg, {"val": {"image_sizes": ["256x128"], "small_object_median_px": {"pole": 40.0}}})
+    val = {"image_sizes": ["256x128"], "small_object_median_px": {"pole": 40.0}}
+    results_files.write_data_summary(cfg, {"val": val})
     note = report_figures._unresolved(cfg, table)
     assert "pole 10" in note  # 40 px in 128-row images, evaluated at base_size 64: a quarter of the area
