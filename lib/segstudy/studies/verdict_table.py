@@ -132,8 +132,13 @@ def seed_noise(ins: Inputs) -> SeedNoise | None:
 
 
 def _no_noise(ins: Inputs) -> Missing:
-    return Missing("the seed noise of a training is measured by notebook 03's loss study (2 or more seeds "
-                   f"of a loss); run {results_files.writer(ins.cfg, 'losses')}")
+    try:
+        ins.results("losses")
+    except Missing:
+        return Missing("the seed noise of a training is measured by notebook 03's loss study (2 or more seeds "
+                       f"of a loss); run {results_files.writer(ins.cfg, 'losses')}")
+    return Missing("the seed noise of a training is measured by notebook 03's loss study, which ran one seed "
+                   "per loss: give loss_study.seeds 2 or more")
 
 
 def _speedup(row: dict, base: dict, name: str) -> Estimate:
