@@ -2,6 +2,7 @@
 models, side by side in one process on this machine.
 
     python benchmarks/bench_models.py [--params demo] [--height 512 --width 1024] [--iters 5]
+    python benchmarks/bench_models.py --crops 128x256 96x192   # training img/s per crop, side by side
 
 Weights are random (latency does not depend on their values). Prints the CPU and its ISA flags,
 writes outputs/<profile>/benchmarks/models.json.
@@ -28,6 +29,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=4)
+    p.add_argument("--crops", nargs="+", metavar="HxW",
+                   help="training crops measured side by side at the profile's settings, e.g. 128x256 96x192")
     args = p.parse_args()
     cfg = load_config(args.params)
     device = resolve_device(cfg.device)
@@ -42,6 +45,9 @@ def main() -> None:
     for name in MODELS:
         model = build_model(num_classes=19, **(asdict(cfg.model) | {"name": name, "pretrained": False,
                                                                      "aux_loss": False}))
+        if args.crops:
+            rows[name] = _crops(model, cfg, args, amp, device)
+            continue
         eager = measure.latency(model, args.height, args.width, device, warmup=1, iters=args.iters)["median_ms"]
         cl = measure.latency(model, args.height, args.width, device, warmup=1, iters=args.iters,
                              channels_last=True)["median_ms"]
@@ -58,6 +64,19 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": info, "size": f"{args.width}x{args.height}", "models": rows}, indent=2))
     print("wrote", out)
+
+
+def _crops(model, cfg, args, amp, device) -> dict:
+    """Training img/s at each of --crops, the profile's batch, AMP and channels_last, side by side."""
+    speeds = {}
+    for crop in args.crops:
+        h, w = (int(v) for v in crop.lower().split("x"))
+        speeds[crop] = measure.train_throughput(model, cfg.data.batch_size, h, w, args.train_steps, amp,
+                                                cfg.train.channels_last, device)
+    first = speeds[args.crops[0]]
+    print(f"{type(model).__name__:20s} " + "   ".join(f"{c}: {v:5.1f} img/s ({v / first:4.2f}x)"
+                                                      for c, v in speeds.items()))
+    return {"train_img_per_s": speeds}
 
 
 if __name__ == "__main__":
