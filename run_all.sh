@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Regenerate the whole study: ./run_all.sh [profile] [--only 00 01 ...] [--set key=value ...]
-# Profiles live in params/ (smoke, demo, full); the default, demo, runs on a 2-core CPU.
+# Regenerate the whole study: ./run_all.sh [profile] [--only 00 01 ...] [--set key=value ...] [--gpus N]
+# Profiles live in params/ (smoke, demo, rehearsal, full, full-exhaustive); the default, demo, runs
+# on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup_env.sh
-profile="${1:-demo}"
-[ $# -gt 0 ] && shift
+profile=demo
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then profile="$1"; shift; fi
 start=$(date +%s)
 segstudy run "$profile" "$@"
-echo "[run_all] profile $profile finished in $(( $(date +%s) - start )) s; outputs in outputs/$profile/"
-out=$(python -c 'import sys; from segstudy.config import load_config; print(load_config(sys.argv[1]).output_dir)' "$profile")
+echo "[run_all] profile $profile finished in $(( $(date +%s) - start )) s"
+# where this run wrote, --set output_root=... included
+out=$(python - "$profile" "$@" <<'PY'
+import sys
+from segstudy.cli import build_parser
+from segstudy.config import _parse_overrides, load_config
+args = build_parser().parse_args(["run", *sys.argv[1:]])
+print(load_config(args.profile, _parse_overrides(args.set)).output_dir)
+PY
+)
 root=$(dirname "$out")
-echo "[run_all] disk: $(du -sh "$root" | cut -f1) in $root ($(du -sh "$out" | cut -f1) in $out; the rest: data, MLflow)"
+echo "[run_all] outputs in $out; disk: $(du -sh "$root" | cut -f1) in $root ($(du -sh "$out" | cut -f1) in $out; the rest: data, MLflow)"
 if [ -f "$out/report.html" ]; then
     echo "[run_all] report: $out/report.html (every notebook: $out/index.html)"
 else
