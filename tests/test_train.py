@@ -152,7 +152,8 @@ def test_bad_checkpoints(tmp_path, tiny_root):
     train(_cfg(tmp_path, tiny_root, **{"train.epochs": 1, "model.name": "unet"}), progress=False)
     run_dir = tmp_path / "out" / "smoke" / "runs" / "unet"
     # no optimizer state
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_best.pt", "result.json", "settings.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_best.pt", "result.json", "settings.json",
+                                                         "val_confusions.npy"]
     with pytest.raises(UserError, match="finished, so it keeps no state to resume from"):
         train(_cfg(tmp_path, tiny_root, **{"model.name": "unet"}), resume=True, progress=False)
     # a run stopped in its second epoch (4 steps an epoch) keeps its resumable state
@@ -191,7 +192,7 @@ def test_ctrl_c_says_how_to_continue(monkeypatch, capsys):
     monkeypatch.setattr(training, "train", interrupted)
     assert cli.main(["train", "--params", "smoke"]) == 130
     err = capsys.readouterr().err
-    assert "interrupted; the checkpoint of the last finished epoch is kept: add --resume" in err
+    assert "interrupted; the last checkpoint is kept: run the same command again to continue from it" in err
     assert "Traceback" not in err
 
 
