@@ -243,7 +243,8 @@ def rank(question: str, estimates: Mapping[str, Estimate], higher_is_better: boo
     evidence = _listing(ordered)
     if not tied:
         return Verdict(question, best_name, evidence + "; no other interval overlaps the best's")
-    return Verdict(question, f"{NOT_DISTINGUISHABLE}: {', '.join([best_name, *tied])}",
+    # the tied set in alphabetical order: the verdict is the set, the evidence keeps the means' order
+    return Verdict(question, f"{NOT_DISTINGUISHABLE}: {', '.join(sorted([best_name, *tied]))}",
                    evidence + f"; {', '.join(tied)} overlap{'s' if len(tied) == 1 else ''} {best_name}'s interval")
 
 
