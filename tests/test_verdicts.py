@@ -191,7 +191,7 @@ def test_recommend_picks_the_faster_of_indistinguishable_models():
              "small": (Estimate(28.5, 27.0, 30.0, 3, "3 seeds"), 15.0)}  # 1.5 below, but reaches 29.0
     v = recommend(cands)
     assert v.answer == "small"
-    assert "eligible (interval reaches 29.0, 1 point below the best)" in v.evidence
+    assert "eligible (interval reaches 28.0, 1 point below the best's interval)" in v.evidence
     assert "small is the fastest eligible" in v.evidence
 
 
@@ -201,7 +201,7 @@ def test_recommend_refuses_a_fast_model_clearly_worse():
              "tiny": (Estimate(25.0, 24.0, 26.0, 3, "3 seeds"), 5.0)}
     v = recommend(cands)
     assert v.answer == "mid"
-    assert "excluded (whole interval below 29.0): tiny" in v.evidence
+    assert "excluded (whole interval below 28.5): tiny" in v.evidence  # the best's low 29.5, less 1
 
 
 def test_table_has_one_row_per_verdict():

@@ -247,14 +247,16 @@ def recommend(cfg: Config, tolerance: float = 1.0) -> tuple[Part, dict | None]:
         return Part(notes=notes or ["no model with both mIoU and latency was found"], sources=pool.sources), None
     verdict = verdict_table.recommend(pool, tolerance)
     by_name = pool.table.sort_values("model", kind="stable")  # the rule breaks ties by name
-    best, bar = by_name.loc[by_name["mIoU %"].idxmax()], by_name["mIoU %"].max() - tolerance
+    best = by_name.loc[by_name["mIoU %"].idxmax()]
+    bar = best["mIoU low"] - tolerance  # verdicts.recommend: overlap with the best's interval
     table = pool.table.assign(**{"Δ mIoU vs best": pool.table["mIoU %"] - best["mIoU %"],
                                  "eligible": ["yes" if h >= bar else "" for h in pool.table["mIoU high"]],
                                  "recommended": ["★" if m == verdict.answer else "" for m in pool.table["model"]]})
     pick = table[table["model"] == verdict.answer].iloc[0]
     noise = str(pool.noise) if pool.noise else "seed noise not measured: run notebook 03"
     caption = (f"Rule: the fastest model whose 95% mIoU interval reaches {bar:.2f}, {tolerance:g} point below the "
-               f"most accurate model ({best['model']}, {best['mIoU %']:.2f}). Intervals: {pick['estimate'].how}; "
+               f"interval of the most accurate model ({best['model']}, {best['mIoU %']:.2f} "
+               f"[{best['mIoU low']:.2f}, {best['mIoU high']:.2f}]). Intervals: {pick['estimate'].how}; "
                f"{noise}. Recommended: {pick['model']}, {pick['mIoU %']:.2f} mIoU % "
                f"[{pick['mIoU low']:.2f}, {pick['mIoU high']:.2f}], {pick['latency ms']:.1f} ms "
                f"({best['latency ms'] / pick['latency ms']:.2f}x faster than {best['model']}); from {pick['source']}. "

@@ -391,10 +391,11 @@ def recommend(pool: Pool, tolerance: float = TOLERANCE) -> Verdict:
     by_name = table.sort_values("model", kind="stable")  # verdicts.recommend breaks ties by name
     best = by_name.loc[by_name["mIoU %"].idxmax()]
     pick = table[table["model"] == v.answer].iloc[0]
-    eligible = int((table["mIoU high"] >= best["mIoU %"] - tolerance).sum())
+    bar = best["mIoU low"] - tolerance
+    eligible = int((table["mIoU high"] >= bar).sum())
     evidence = (f"{v.answer} {pick['estimate']} at {pick['latency ms']:.3g} ms, the fastest of {eligible} of "
-                f"{len(table)} models whose interval reaches {best['mIoU %'] - tolerance:.2f} ({tolerance:g} point "
-                f"below the best, {best['model']} {best['estimate']} at {best['latency ms']:.3g} ms); "
+                f"{len(table)} models whose interval reaches {bar:.2f} ({tolerance:g} point below the interval of "
+                f"the best, {best['model']} {best['estimate']} at {best['latency ms']:.3g} ms); "
                 f"intervals: {pick['estimate'].how}")
     evidence += f"; {pool.noise}" if pool.noise else "; seed noise not measured (notebook 03)"
     return Verdict(v.question, v.answer, evidence)

@@ -272,15 +272,16 @@ def threshold(question: str, est: Estimate, floor: float, context: str = "") -> 
 
 def recommend(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float = 1.0,
               question: str = "Which model to deploy?") -> Verdict:
-    """The fastest model within `tolerance` mIoU points of the best, with the uncertainty: a model
-    is eligible when its interval reaches best.mean - tolerance (est.high >= that), so one that is
-    not distinguishable from being close enough is not excluded. candidates: name -> (mIoU
-    estimate in points, latency in ms)."""
+    """The fastest model not distinguishable from the most accurate one, `tolerance` points
+    allowed: a model is eligible when its interval reaches the best's interval less the tolerance
+    (est.high >= best.low - tolerance), the overlap rule of every other verdict; a bar at the best's
+    mean would move with the best's seed luck. candidates: name -> (mIoU estimate in points,
+    latency in ms)."""
     if not candidates:
         raise ValueError("recommend needs at least one candidate")
     items = sorted(candidates.items())  # by name first: equal means/latencies break ties by name
     best_name, (best, _) = max(items, key=lambda kv: kv[1][0].mean)
-    bar = best.mean - tolerance
+    bar = best.low - tolerance
     eligible = [(name, e, ms) for name, (e, ms) in items if e.high >= bar]
     excluded = [(name, e, ms) for name, (e, ms) in items if e.high < bar]
     pick, pick_est, pick_ms = min(eligible, key=lambda t: (t[2], -t[1].mean))
@@ -289,7 +290,7 @@ def recommend(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float
         return ", ".join(f"{name} {e} at {ms:.3g} ms" for name, e, ms in sorted(rows, key=lambda t: t[2]))
 
     evidence = (f"best mIoU {best_name} {best} ({best.how}); eligible (interval reaches {_fmt(bar)}, "
-                f"{tolerance:g} point{'' if tolerance == 1 else 's'} below the best): {listing(eligible)}")
+                f"{tolerance:g} point{'' if tolerance == 1 else 's'} below the best's interval): {listing(eligible)}")
     if excluded:
         evidence += f"; excluded (whole interval below {_fmt(bar)}): {listing(excluded)}"
     evidence += f"; {pick} is the fastest eligible ({pick_ms:.3g} ms)"
