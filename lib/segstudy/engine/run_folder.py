@@ -27,13 +27,18 @@ from segstudy.errors import UserError
 from segstudy.models.checkpoint import remove_stale_temporaries
 
 
-def finished_result(run_dir: Path) -> dict | None:
-    """The result.json of a run whose training finished; None for an unfinished or absent run."""
+def _read_json(path: Path) -> dict | None:
+    """A run folder's JSON file; None when it is absent or unreadable (a write cut short)."""
     try:
-        result = json.loads((run_dir / "result.json").read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, OSError):
         return None
-    return result if result.get("finished") else None
+
+
+def finished_result(run_dir: Path) -> dict | None:
+    """The result.json of a run whose training finished; None for an unfinished or absent run."""
+    result = _read_json(run_dir / "result.json")
+    return result if result and result.get("finished") else None
 
 
 def finished(run_dir: Path) -> bool:
@@ -42,11 +47,8 @@ def finished(run_dir: Path) -> bool:
 
 def capped_result(run_dir: Path, max_steps: int) -> dict | None:
     """The result.json of a run that train.max_steps = `max_steps` stopped (validated, usable)."""
-    try:
-        result = json.loads((run_dir / "result.json").read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
-    return result if max_steps and result.get("capped_at_step") == max_steps else None
+    result = _read_json(run_dir / "result.json")
+    return result if result and max_steps and result.get("capped_at_step") == max_steps else None
 
 
 # what does not change the trained weights: how fast, where, how often saved, when to stop, which
@@ -79,20 +81,13 @@ def write_settings(work_dir: Path, values: dict) -> None:
     (work_dir / "settings.json").write_text(json.dumps(values, indent=1, sort_keys=True))
 
 
-def _saved_settings(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "settings.json").read_text())
-    except (json.JSONDecodeError, OSError):
-        return None
-
-
 def unfinished(run_dir: Path, values: dict, insist: bool = False) -> Path | None:
     """The folder of an interrupted training of these settings, to continue from its latest
     checkpoint: run_dir, or `<run>.next` beside a finished run. `insist` (--resume): one must exist."""
     for folder in (run_dir, _staging(run_dir)):
         if not (folder / "checkpoint_latest.pt").is_file() or finished(folder):
             continue
-        if changed := changed_settings(_saved_settings(folder), values):
+        if changed := changed_settings(_read_json(folder / "settings.json"), values):
             if insist:
                 raise UserError(f"the run in {folder} was started with other settings ({changed}); resuming "
                                 f"would mix two recipes: drop --resume to start over, or set them back")

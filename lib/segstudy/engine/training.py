@@ -153,10 +153,8 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
 
 
 def _resume(run: TrainingRun, latest: Path) -> None:
-    """Model, optimizer, scheduler, scaler, RNG, epoch, step and history from `latest`."""
-    if not latest.is_file() and run_folder.finished(latest.parent):
-        raise UserError(f"the run in {latest.parent} finished, so it keeps no state to resume from (its weights "
-                        f"are checkpoint_best.pt); to train longer, retrain with more train.epochs")
+    """Model, optimizer, scheduler, scaler, RNG, epoch, step and history from `latest` (a file that
+    run_folder.unfinished found)."""
     ckpt = load_checkpoint(latest)
     check_meta(ckpt, run.mcfg.name, NUM_CLASSES, latest)
     load_model_state(run.model, ckpt["model"], latest)
