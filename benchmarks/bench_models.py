@@ -3,6 +3,7 @@ models, side by side in one process on this machine.
 
     python benchmarks/bench_models.py [--params demo] [--height 512 --width 1024] [--iters 5]
     python benchmarks/bench_models.py --crops 128x256 96x192   # training img/s per crop, side by side
+    python benchmarks/bench_models.py --precisions none bf16   # training img/s per autocast, side by side
 
 Weights are random (latency does not depend on their values). Prints the CPU and its ISA flags,
 writes outputs/<profile>/benchmarks/models.json.
@@ -31,6 +32,8 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=4)
     p.add_argument("--crops", nargs="+", metavar="HxW",
                    help="training crops measured side by side at the profile's settings, e.g. 128x256 96x192")
+    p.add_argument("--precisions", nargs="+", metavar="AMP",
+                   help="train.amp values (none, bf16, ...) measured side by side at the profile's crop")
     args = p.parse_args()
     cfg = load_config(args.params)
     device = resolve_device(cfg.device)
@@ -47,6 +50,9 @@ def main() -> None:
                                                                      "aux_loss": False}))
         if args.crops:
             rows[name] = _crops(model, cfg, args, amp, device)
+            continue
+        if args.precisions:
+            rows[name] = _precisions(model, cfg, args, device)
             continue
         eager = measure.latency(model, args.height, args.width, device, warmup=1, iters=args.iters)["median_ms"]
         cl = measure.latency(model, args.height, args.width, device, warmup=1, iters=args.iters,
@@ -76,6 +82,24 @@ def _crops(model, cfg, args, amp, device) -> dict:
     first = speeds[args.crops[0]]
     print(f"{type(model).__name__:20s} " + "   ".join(f"{c}: {v:5.1f} img/s ({v / first:4.2f}x)"
                                                       for c, v in speeds.items()))
+    return {"train_img_per_s": speeds}
+
+
+def _precisions(model, cfg, args, device) -> dict:
+    """Training img/s under each of --precisions (autocast dtype), the profile's crop and
+    channels_last, in two interleaved rounds (the better of the two): what train.amp=auto chooses
+    must be the faster one on this machine."""
+    speeds = {}
+    for _ in range(2):
+        for amp in args.precisions:
+            dtype = autocast_dtype(amp, device)
+            v = measure.train_throughput(model, cfg.data.batch_size, *cfg.data.crop_size, args.train_steps, dtype,
+                                         cfg.train.channels_last, device)
+            speeds[amp] = max(speeds.get(amp, 0.0), v)
+    first = speeds[args.precisions[0]]
+    print(f"{type(model).__name__:20s} " + "   ".join(f"{a}: {v:5.1f} img/s ({v / first:4.2f}x)"
+                                                      for a, v in speeds.items())
+          + f"   (auto here: {autocast_dtype('auto', device)})")
     return {"train_img_per_s": speeds}
 
 

@@ -29,13 +29,13 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 where the hardware has it natively (CUDA, or a CPU with AVX-512 BF16 / AMX),
-    else fp16 on older GPUs and full precision on CPUs without bf16, where bf16 is slower."""
+    """auto: bf16 on GPUs that have it (fp16 on older ones) and on CPUs with AMX; full precision on
+    other CPUs. AVX-512 BF16 alone is not enough: without AMX, bf16 autocast trained 20-25% slower
+    than fp32 (bench_models.py --precisions, docs/results.md)."""
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        info = cpu_info()
-        return torch.bfloat16 if info["avx512_bf16"] or info["amx_bf16"] else None
+        return torch.bfloat16 if cpu_info()["amx_bf16"] else None
     if amp == "none":
         return None
     if amp == "bf16":

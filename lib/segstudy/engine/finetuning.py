@@ -14,7 +14,7 @@ from segstudy.config import Config
 from segstudy.data.datasets import build_dataset, build_loader, seed_everything
 from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.engine.evaluation import validate
-from segstudy.engine.optimization import build_criterion, poly_schedule, train_one_epoch
+from segstudy.engine.optimization import adamw, build_criterion, poly_schedule, train_one_epoch
 from segstudy.errors import UserError
 
 
@@ -44,8 +44,7 @@ def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None =
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     lr = lr if lr is not None else cfg.train.lr / 10
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr, cfg.train.weight_decay)
     steps_per_epoch = len(train_ds) // cfg.data.batch_size
     total = max(1, round(epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total, 0, cfg.train.poly_power))

@@ -22,7 +22,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from segstudy.config import Config
+from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import remove_stale_temporaries
 
@@ -64,6 +67,8 @@ def settings(cfg: Config, model_config) -> dict:
     flat = {"seed": cfg.seed}
     for name, section in sections.items():
         flat |= {f"{name}.{key}": value for key, value in dataclasses.asdict(section).items()}
+    # train.amp "auto" means bf16 on one machine and fp32 on another: the weights follow what it chose
+    flat["train.precision"] = str(autocast_dtype(cfg.train.amp, resolve_device(cfg.device)) or torch.float32)
     return {key: value for key, value in flat.items() if key not in _NOT_SETTINGS}
 
 
