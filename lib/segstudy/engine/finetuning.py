@@ -21,11 +21,12 @@ from segstudy.errors import UserError
 def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None = None,
              teacher: nn.Module | None = None, kd_temperature: float = 1.0, kd_weight: float = 0.0,
              amp: str | None = None, channels_last: bool | None = None, progress: bool = True,
-             desc: str = "finetune") -> dict:
+             desc: str = "finetune", validate_after: bool = True) -> dict:
     """Train an existing model in place (pruned, quantization-aware, ...) with cfg's loss for
     `epochs` (fractions allowed), AdamW at `lr` (default cfg.train.lr / 10) with a poly decay, then
-    validate. With a teacher, the loss is (1 - kd_weight) x task + kd_weight x pixel-wise KD.
-    Returns {"miou", "iou", "history", "train_seconds", "img_per_s"}."""
+    validate (unless `validate_after` is False: "miou" and "iou" are then None, for a caller that
+    scores the model itself). With a teacher, the loss is (1 - kd_weight) x task + kd_weight x
+    pixel-wise KD. Returns {"miou", "iou", "history", "train_seconds", "img_per_s"}."""
     from segstudy.models.losses import Distiller, with_kd
 
     if epochs <= 0:
@@ -73,6 +74,8 @@ def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None =
         seen_all += seen
         history.append({"epoch": epoch + 1, "step": step, "train_loss": mean_loss})
     model.eval()
-    metrics = validate(model, cfg, amp=cfg.train.amp if amp is None else amp, channels_last=channels_last)
+    metrics = {"miou": None, "iou": None}
+    if validate_after:
+        metrics = validate(model, cfg, amp=cfg.train.amp if amp is None else amp, channels_last=channels_last)
     return {"miou": metrics["miou"], "iou": metrics["iou"], "history": history, "train_seconds": seconds,
             "img_per_s": seen_all / seconds if seconds else float("nan")}

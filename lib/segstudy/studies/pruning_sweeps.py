@@ -82,7 +82,7 @@ def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[
             model = prune.unstructured(copy.deepcopy(dense), p.finetune_sparsity, scope, permanent=False,
                                        scores=lamp)
             ft = finetune(model, cfg, p.unstructured_epochs, lr=p.unstructured_lr,
-                          desc=f"{scope} {p.finetune_sparsity}")
+                          desc=f"{scope} {p.finetune_sparsity}", validate_after=False)  # describe() scores it
             prune.make_permanent(model)  # the zeros survived the fine-tune: the masks were kept
             rows.append(describe(model, cfg, latency=False, method=f"unstructured {scope}",
                                  level=p.finetune_sparsity, recovery="fine-tune",
@@ -137,11 +137,14 @@ def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
         t0, history = time.perf_counter(), []
         for step in range(p.steps):
             prune.structured_step(pruner, model, _taylor_batches(cfg) if p.importance == "taylor" else None)
+            last = step == p.steps - 1  # describe() scores the last step's model
             ft = finetune(model, cfg, p.epochs / p.steps, lr=p.lr, teacher=dense, kd_weight=kd_weight,
-                          kd_temperature=p.kd_temperature, desc=f"{recovery} step {step + 1}/{p.steps}")
-            history.append(100 * ft["miou"])
+                          kd_temperature=p.kd_temperature, desc=f"{recovery} step {step + 1}/{p.steps}",
+                          validate_after=not last)
+            history += [] if last else [100 * ft["miou"]]
         row = describe(model, cfg, flops=True, method=f"structured {p.importance}", level=p.ratio,
-                       recovery=recovery, train_seconds=time.perf_counter() - t0, step_miou=history)
+                       recovery=recovery, train_seconds=time.perf_counter() - t0)
+        row["step_miou"] = [*history, row["miou"]]
         rows.append(row)
         if best is None or row["miou"] > best[0]["miou"]:
             best = (row, model)
@@ -162,11 +165,15 @@ def dense_control(cfg: Config, dense: nn.Module, dense_row: dict) -> dict:
     shapes, hence the dense row's latency and FLOPs (not measured again)."""
     p = cfg.prune
     torch.manual_seed(cfg.seed)
-    model, t0 = copy.deepcopy(dense), time.perf_counter()
-    history = [100 * finetune(model, cfg, p.epochs / p.steps, lr=p.lr, desc=f"dense control {step + 1}/{p.steps}")
-               ["miou"] for step in range(p.steps)]
+    model, t0, history = copy.deepcopy(dense), time.perf_counter(), []
+    for step in range(p.steps):
+        last = step == p.steps - 1  # describe() scores the last step's model
+        ft = finetune(model, cfg, p.epochs / p.steps, lr=p.lr, desc=f"dense control {step + 1}/{p.steps}",
+                      validate_after=not last)
+        history += [] if last else [100 * ft["miou"]]
     row = describe(model, cfg, latency=False, method="dense control", level=0.0, recovery="fine-tune",
-                   train_seconds=time.perf_counter() - t0, step_miou=history)
+                   train_seconds=time.perf_counter() - t0)
+    row["step_miou"] = [*history, row["miou"]]
     return row | {k: dense_row[k] for k in ("latency_ms", "latency_times_ms", "gflops") if k in dense_row}
 
 
