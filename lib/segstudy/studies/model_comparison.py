@@ -52,7 +52,6 @@ def comparison_table(results: dict[str, dict], profiles: dict[str, dict], cfg: C
 
 
 @torch.inference_mode()
-@torch.inference_mode()  # no autograd graph: at 2048x1024 it doubled the time and the memory
 def predictions(cfg: Config, results: dict[str, dict], dataset, n: int) -> dict[str, list[np.ndarray]]:
     """Argmax train ids of the first n images of `dataset` (eval preset) for every model."""
     device = resolve_device(cfg.device)
