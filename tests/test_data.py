@@ -99,6 +99,40 @@ def test_loader_is_deterministic(tiny_root):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_decoded_cache_gives_the_same_samples_and_respects_its_budget(tiny_root, tmp_path, monkeypatch):
+    from segstudy.data import cityscapes
+
+    monkeypatch.setattr(cityscapes, "DECODED", cityscapes.DecodedCache())
+    reads = []
+    real_read = cityscapes.read_image
+    monkeypatch.setattr(cityscapes, "read_image", lambda path: reads.append(path) or real_read(path))
+    plain = CityscapesSegmentation(tiny_root, "val")
+    cached = CityscapesSegmentation(tiny_root, "val", cache_mb=64)
+    n = len(plain)
+    for _ in range(2):  # the second pass is served from memory
+        for i in range(n):
+            a, b = plain[i], cached[i]
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert len(reads) == 2 * n + n  # plain decodes twice, cached once
+    b[0].fill_(0)  # a caller writing into a sample does not change the cached pair
+    assert torch.equal(cached[n - 1][0], plain[n - 1][0])
+    # a budget smaller than one decoded pair keeps nothing
+    monkeypatch.setattr(cityscapes, "DECODED", cityscapes.DecodedCache())
+    tiny = CityscapesSegmentation(tiny_root, "val", cache_mb=0)
+    tiny.cache_bytes = 1
+    tiny[0]
+    assert cityscapes.DECODED.bytes == 0 and not cityscapes.DECODED.pairs
+    # a file written again (new modification time) is decoded again
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_root, copy)
+    again = CityscapesSegmentation(copy, "val", cache_mb=64)
+    again[0]
+    before = len(reads)
+    image = again.samples[0].image
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    assert torch.equal(again[0][0], CityscapesSegmentation(copy, "val")[0][0]) and len(reads) == before + 2
+
+
 def test_bdd100k_reader(tmp_path):
     img_dir = tmp_path / "images" / "10k" / "val"
     mask_dir = tmp_path / "labels" / "sem_seg" / "masks" / "val"

@@ -77,6 +77,7 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 1
     max_images: int = 0  # 0: every image of a split; N: the first N (quick experiments)
+    cache_mb: int = 0  # decoded images kept in memory per process (0: decode every time)
 
 
 @dataclass
@@ -484,6 +485,7 @@ RANGES: dict[str, Range] = {
     "data.color_jitter": NON_NEGATIVE,
     "data.batch_size": AT_LEAST_ONE,
     "data.num_workers": NON_NEGATIVE,
+    "data.cache_mb": NON_NEGATIVE,
     "data.max_images": Range(0, note="0: every image"),
     "synth.train": AT_LEAST_ONE,
     "synth.val": AT_LEAST_ONE,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch_pruning as tp
@@ -120,12 +121,18 @@ def sparsity(model: nn.Module) -> dict:
     return {"overall": zeros / max(total, 1), "layers": layers}
 
 
-def compressed_size(model: nn.Module) -> int:
-    """Bytes of the state_dict saved with torch.save and gzip-compressed (level 1): how much the
-    zeros of unstructured pruning are worth on disk (the dense kernels do not care)."""
+def compressed_size(model: nn.Module, threads: int = 2) -> int:
+    """Bytes of the state_dict saved with torch.save and gzip-compressed (level 1) as `threads`
+    gzip members compressed in parallel (one valid .gz file, as pigz writes): how much the zeros of
+    unstructured pruning are worth on disk (the dense kernels do not care). In one thread it took
+    3.5 s per model of notebook 04 (110 MB), evaluated about 15 times per run."""
     raw = io.BytesIO()
     torch.save(model.state_dict(), raw)
-    return len(gzip.compress(raw.getbuffer(), compresslevel=1))
+    data = raw.getbuffer()
+    step = -(-len(data) // threads)
+    with ThreadPoolExecutor(threads) as pool:  # zlib releases the GIL
+        parts = pool.map(lambda i: len(gzip.compress(data[i:i + step], compresslevel=1)), range(0, len(data), step))
+        return sum(parts)
 
 
 # --- structured ---------------------------------------------------------------------------------

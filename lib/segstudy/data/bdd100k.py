@@ -34,9 +34,9 @@ def bdd100k_samples(root: str | Path, split: str) -> list[Sample]:
 
 
 class BDD100KSegmentation(SegmentationFolder):
-    def __init__(self, root: str | Path, split: str, transforms=None, max_images: int = 0):
+    def __init__(self, root: str | Path, split: str, transforms=None, max_images: int = 0, cache_mb: int = 0):
         samples = bdd100k_samples(root, split)
-        super().__init__(samples[:max_images] if max_images else samples, transforms)
+        super().__init__(samples[:max_images] if max_images else samples, transforms, cache_mb)
 
     def load_train_ids(self, sample: Sample) -> np.ndarray:
         arr = read_label_array(sample.label)

@@ -33,7 +33,8 @@ def build_dataset(data: DataConfig, split: str, train: bool = False,
     if not raw:
         transforms = (train_preset(data.base_size, data.crop_size, data.scale_range, data.hflip,
                                    data.color_jitter) if train else eval_preset(data.base_size))
-    return DATASETS[data.dataset](data.root, split, transforms=transforms, max_images=data.max_images)
+    return DATASETS[data.dataset](data.root, split, transforms=transforms, max_images=data.max_images,
+                                  cache_mb=data.cache_mb)
 
 
 def prepare_data(cfg: Config) -> None:

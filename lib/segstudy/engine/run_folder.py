@@ -56,8 +56,8 @@ def capped_result(run_dir: Path, max_steps: int) -> dict | None:
 
 # what does not change the trained weights: how fast, where, how often saved, when to stop, which
 # folder the ImageNet file is read from
-_NOT_SETTINGS = {"data.num_workers", "train.reuse", "train.max_steps", "train.checkpoint_every", "train.compile",
-                 "train.gpus", "model.weights_dir"}
+_NOT_SETTINGS = {"data.num_workers", "data.cache_mb", "train.reuse", "train.max_steps", "train.checkpoint_every",
+                 "train.compile", "train.gpus", "model.weights_dir"}
 
 
 def settings(cfg: Config, model_config) -> dict:
