@@ -233,3 +233,12 @@ def test_recommend_widens_by_the_seed_noise(cfg):
     wide = verdict_table.candidate_pool(cfg).table.set_index("model")
     assert (wide["mIoU high"] - wide["mIoU low"] > tight["mIoU high"] - tight["mIoU low"] + 10).all()
     assert _by_question(cfg)["deploy"].answer == "unet · fp32"  # far below by its mean, not by its interval
+
+
+def test_speedup_reads_the_reference_timed_alongside():
+    # the dense model timed minutes earlier (a slower moment of the machine) must not make a
+    # same-shaped model look faster: the row's own side-by-side reference timings win
+    row = {"latency_times_ms": [100, 101, 99, 100, 102], "reference_times_ms": [101, 100, 99, 102, 100]}
+    dense = {"latency_times_ms": [130, 131, 129, 132, 130]}
+    assert abs(verdict_table._speedup(row, dense, "unstructured").mean - 1.0) < 0.03
+    assert verdict_table._speedup({"latency_times_ms": row["latency_times_ms"]}, dense, "x").mean > 1.25

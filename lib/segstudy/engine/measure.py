@@ -43,24 +43,35 @@ def latency(model: nn.Module, height: int = 512, width: int = 1024, device: str 
     The model is moved (and converted to channels_last when asked) in place, outside
     inference mode, so it stays trainable afterwards.
     """
+    return latencies({"model": model}, height, width, device, warmup, iters, channels_last, dtype)["model"]
+
+
+def latencies(models: dict[str, nn.Module], height: int = 512, width: int = 1024,
+              device: str | torch.device = "cpu", warmup: int = 2, iters: int = 5, channels_last: bool = False,
+              dtype: torch.dtype | None = None) -> dict[str, dict]:
+    """latency() of several models, timed in turn (one pass of each per round): a speed-up is read
+    from models timed side by side, since the same model timed a few minutes apart on the same
+    2-core machine differed by up to 30% (docs/results.md)."""
     device = torch.device(device)
-    model = model.eval().to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    models = {name: m.eval().to(device, memory_format=fmt) for name, m in models.items()}
     x = torch.randn(1, 3, height, width, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for i in range(warmup + iters):
-            _sync(device)
-            start = time.perf_counter()
-            model(x)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+            for name, model in models.items():
+                _sync(device)
+                start = time.perf_counter()
+                model(x)
+                _sync(device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
     # every timing too: speed-ups are compared with an interval over them (studies.verdicts.speedup)
-    return {"median_ms": 1000 * statistics.median(times), "min_ms": 1000 * min(times),
-            "max_ms": 1000 * max(times), "times_ms": [1000 * t for t in times], "iters": iters,
-            "size": f"{width}x{height}", "threads": torch.get_num_threads(), "device": str(device)}
+    return {name: {"median_ms": 1000 * statistics.median(t), "min_ms": 1000 * min(t), "max_ms": 1000 * max(t),
+                   "times_ms": [1000 * v for v in t], "iters": iters, "size": f"{width}x{height}",
+                   "threads": torch.get_num_threads(), "device": str(device)} for name, t in times.items()}
 
 
 def flops(model: nn.Module, height: int, width: int) -> int:

@@ -42,10 +42,13 @@ def _eval_args(cfg: Config) -> dict:
     return {"amp": cfg.train.amp, "channels_last": cfg.train.channels_last}
 
 
-def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool = False, **row) -> dict:
+def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool = False,
+             reference: nn.Module | None = None, **row) -> dict:
     """Measure one model: accuracy on val, sparsity, size, and (optionally) latency and FLOPs.
     The row keeps each validation image's confusion matrix ("per_image", saved apart from the JSON
-    by results_files.write_pruning) and every timing ("latency_times_ms"): the verdicts' intervals."""
+    by results_files.write_pruning) and every timing ("latency_times_ms"): the verdicts' intervals.
+    With a `reference` (the dense model), both are timed side by side and the reference's timings
+    kept too ("reference_times_ms"): the speed-up the verdicts read."""
     model = model.eval()
     metrics = validate(copy.deepcopy(model), cfg, **_eval_args(cfg), per_image=True)
     b = cfg.bench
@@ -55,8 +58,11 @@ def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool
         "params": measure.parameters(model), "size_mb": measure.size_on_disk(model) / 2**20,
         "size_gz_mb": prune.compressed_size(model) / 2**20, "per_image": metrics["per_image"]}
     if latency:
-        timed = measure.latency(copy.deepcopy(model), b.height, b.width, "cpu", warmup=b.warmup, iters=b.iters)
-        out |= {"latency_ms": timed["median_ms"], "latency_times_ms": timed["times_ms"]}
+        models = {"model": copy.deepcopy(model)} | ({"reference": copy.deepcopy(reference)} if reference else {})
+        timed = measure.latencies(models, b.height, b.width, "cpu", warmup=b.warmup, iters=b.iters)
+        out |= {"latency_ms": timed["model"]["median_ms"], "latency_times_ms": timed["model"]["times_ms"]}
+        if reference is not None:
+            out["reference_times_ms"] = timed["reference"]["times_ms"]
     if flops:
         out["gflops"] = measure.flops(copy.deepcopy(model).cpu(), b.height, b.width) / 1e9
     return out
@@ -64,9 +70,9 @@ def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool
 
 def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[str, dict]]:
     """Every scope x sparsity without fine-tuning, then the fine-tuned level. Latency is measured
-    once, at the fine-tuned level of the last scope: every unstructured model has the dense
-    model's shapes, so one measurement shows the (absent) speed-up. Also returns the per-layer
-    sparsity of each scope at the fine-tuned level."""
+    once, at the fine-tuned level of the last scope, side by side with the dense model: every
+    unstructured model has the dense model's shapes, so one measurement shows the (absent)
+    speed-up. Also returns the per-layer sparsity of each scope at the fine-tuned level."""
     p = cfg.prune
     rows, layers = [], {}
     lamp = prune.model_lamp_scores(dense) if "lamp" in p.scopes else None  # the same for every level
@@ -74,8 +80,8 @@ def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[
         for s in p.sparsities:
             model = prune.unstructured(copy.deepcopy(dense), s, scope, scores=lamp)
             timed = scope == p.scopes[-1] and s == p.finetune_sparsity
-            rows.append(describe(model, cfg, latency=timed, method=f"unstructured {scope}",
-                                 level=s, recovery="none"))
+            rows.append(describe(model, cfg, latency=timed, reference=dense if timed else None,
+                                 method=f"unstructured {scope}", level=s, recovery="none"))
             if s == p.finetune_sparsity:
                 layers[scope] = prune.sparsity(model)["layers"]
         if p.unstructured_epochs > 0 and p.finetune_sparsity and scope in p.finetune_scopes:
@@ -142,8 +148,8 @@ def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
                           kd_temperature=p.kd_temperature, desc=f"{recovery} step {step + 1}/{p.steps}",
                           validate_after=not last)
             history += [] if last else [100 * ft["miou"]]
-        row = describe(model, cfg, flops=True, method=f"structured {p.importance}", level=p.ratio,
-                       recovery=recovery, train_seconds=time.perf_counter() - t0)
+        row = describe(model, cfg, flops=True, reference=dense, method=f"structured {p.importance}",
+                       level=p.ratio, recovery=recovery, train_seconds=time.perf_counter() - t0)
         row["step_miou"] = [*history, row["miou"]]
         rows.append(row)
         if best is None or row["miou"] > best[0]["miou"]:

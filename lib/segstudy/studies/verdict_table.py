@@ -143,9 +143,11 @@ def _no_noise(ins: Inputs) -> Missing:
 
 
 def _speedup(row: dict, base: dict, name: str) -> Estimate:
-    """Speed-up of `row` over `base` from their repeated timings (one median each in older files)."""
+    """Speed-up of `row` over `base` from their repeated timings (one median each in older files);
+    `base`'s timings taken side by side with `row` ("reference_times_ms") when the row has them."""
     times, base_times = (r.get("latency_times_ms") or ([r["latency_ms"]] if r.get("latency_ms") else None)
                          for r in (row, base))
+    base_times = row.get("reference_times_ms") or base_times
     if not times or not base_times:
         raise Missing(f"no latency of '{name}' or of its reference")
     return verdicts.speedup(times, base_times)
