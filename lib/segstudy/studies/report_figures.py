@@ -246,9 +246,7 @@ def recommend(cfg: Config, tolerance: float = 1.0) -> tuple[Part, dict | None]:
     if pool.table.empty:
         return Part(notes=notes or ["no model with both mIoU and latency was found"], sources=pool.sources), None
     verdict = verdict_table.recommend(pool, tolerance)
-    by_name = pool.table.sort_values("model", kind="stable")  # the rule breaks ties by name
-    best = by_name.loc[by_name["mIoU %"].idxmax()]
-    bar = best["mIoU low"] - tolerance  # verdicts.recommend: overlap with the best's interval
+    best, bar = pool.bar(tolerance)
     table = pool.table.assign(**{"Δ mIoU vs best": pool.table["mIoU %"] - best["mIoU %"],
                                  "eligible": ["yes" if h >= bar else "" for h in pool.table["mIoU high"]],
                                  "recommended": ["★" if m == verdict.answer else "" for m in pool.table["model"]]})

@@ -295,6 +295,14 @@ class Pool:
     notes: list[str] = field(default_factory=list)
     noise: SeedNoise | None = None
 
+    def candidates(self) -> dict[str, tuple[Estimate, float]]:
+        return {r["model"]: (r["estimate"], r["latency ms"]) for _, r in self.table.iterrows()}
+
+    def bar(self, tolerance: float = TOLERANCE) -> tuple[pd.Series, float]:
+        """The most accurate model's row and the eligibility bar (verdicts.recommendation_bar)."""
+        best_name, bar = verdicts.recommendation_bar(self.candidates(), tolerance)
+        return self.table[self.table["model"] == best_name].iloc[0], bar
+
 
 def _load_npy(m: dict) -> np.ndarray | None:
     """A trained model's best-epoch per-image confusions (result["val_confusions"], else the run
@@ -388,12 +396,9 @@ def recommend(pool: Pool, tolerance: float = TOLERANCE) -> Verdict:
     if pool.table.empty:
         raise Missing("no model with both an mIoU and a latency: run notebooks 01 and 02 (04, 05 add variants)")
     table = pool.table
-    v = verdicts.recommend({r["model"]: (r["estimate"], r["latency ms"]) for _, r in table.iterrows()}, tolerance,
-                           QUESTIONS["deploy"])
-    by_name = table.sort_values("model", kind="stable")  # verdicts.recommend breaks ties by name
-    best = by_name.loc[by_name["mIoU %"].idxmax()]
+    v = verdicts.recommend(pool.candidates(), tolerance, QUESTIONS["deploy"])
+    best, bar = pool.bar(tolerance)
     pick = table[table["model"] == v.answer].iloc[0]
-    bar = best["mIoU low"] - tolerance
     eligible = int((table["mIoU high"] >= bar).sum())
     evidence = (f"{v.answer} {pick['estimate']} at {pick['latency ms']:.3g} ms, the fastest of {eligible} of "
                 f"{len(table)} models whose interval reaches {bar:.2f} ({tolerance:g} point below the interval of "

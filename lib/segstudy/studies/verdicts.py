@@ -270,6 +270,13 @@ def threshold(question: str, est: Estimate, floor: float, context: str = "") -> 
     return Verdict(question, answer, evidence + (f"; {context}" if context else ""))
 
 
+def recommendation_bar(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float = 1.0) -> tuple[str, float]:
+    """(the most accurate candidate, ties broken by name; the bar a candidate's interval must
+    reach to be eligible: the best's low end less `tolerance`). See recommend."""
+    best_name, (best, _) = max(sorted(candidates.items()), key=lambda kv: kv[1][0].mean)
+    return best_name, best.low - tolerance
+
+
 def recommend(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float = 1.0,
               question: str = "Which model to deploy?") -> Verdict:
     """The fastest model not distinguishable from the most accurate one, `tolerance` points
@@ -280,8 +287,8 @@ def recommend(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float
     if not candidates:
         raise ValueError("recommend needs at least one candidate")
     items = sorted(candidates.items())  # by name first: equal means/latencies break ties by name
-    best_name, (best, _) = max(items, key=lambda kv: kv[1][0].mean)
-    bar = best.low - tolerance
+    best_name, bar = recommendation_bar(candidates, tolerance)
+    best = candidates[best_name][0]
     eligible = [(name, e, ms) for name, (e, ms) in items if e.high >= bar]
     excluded = [(name, e, ms) for name, (e, ms) in items if e.high < bar]
     pick, pick_est, pick_ms = min(eligible, key=lambda t: (t[2], -t[1].mean))
