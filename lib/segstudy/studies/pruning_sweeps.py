@@ -131,6 +131,21 @@ def structured_sweep(cfg: Config, dense: nn.Module) -> list[dict]:
     return rows
 
 
+def _finetune_in_steps(model: nn.Module, cfg: Config, desc: str, before_step=None, **kd) -> list[float]:
+    """prune.steps fine-tunes of prune.epochs / prune.steps epochs at prune.lr, each after
+    `before_step()` (a pruning step) when given; returns the val mIoU after every step but the
+    last, which the caller's describe() scores."""
+    p, history = cfg.prune, []
+    for step in range(p.steps):
+        if before_step is not None:
+            before_step()
+        last = step == p.steps - 1
+        ft = finetune(model, cfg, p.epochs / p.steps, lr=p.lr, desc=f"{desc} step {step + 1}/{p.steps}",
+                      validate_after=not last, **kd)
+        history += [] if last else [100 * ft["miou"]]
+    return history
+
+
 def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
     """Prune to prune.ratio in prune.steps steps with a fine-tune after each (plain, then with the
     dense model as KD teacher); the better of the two is saved for notebook 05."""
@@ -140,14 +155,12 @@ def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
         torch.manual_seed(cfg.seed)
         model = copy.deepcopy(dense)
         pruner = prune.structured_pruner(model, p.ratio, p.importance, steps=p.steps, layer_ratios=p.layer_ratios)
-        t0, history = time.perf_counter(), []
-        for step in range(p.steps):
-            prune.structured_step(pruner, model, _taylor_batches(cfg) if p.importance == "taylor" else None)
-            last = step == p.steps - 1  # describe() scores the last step's model
-            ft = finetune(model, cfg, p.epochs / p.steps, lr=p.lr, teacher=dense, kd_weight=kd_weight,
-                          kd_temperature=p.kd_temperature, desc=f"{recovery} step {step + 1}/{p.steps}",
-                          validate_after=not last)
-            history += [] if last else [100 * ft["miou"]]
+        t0 = time.perf_counter()
+        history = _finetune_in_steps(
+            model, cfg, recovery,
+            lambda pruner=pruner, model=model: prune.structured_step(
+                pruner, model, _taylor_batches(cfg) if p.importance == "taylor" else None),
+            teacher=dense, kd_weight=kd_weight, kd_temperature=p.kd_temperature)
         row = describe(model, cfg, flops=True, reference=dense, method=f"structured {p.importance}",
                        level=p.ratio, recovery=recovery, train_seconds=time.perf_counter() - t0)
         row["step_miou"] = [*history, row["miou"]]
@@ -169,14 +182,9 @@ def dense_control(cfg: Config, dense: nn.Module, dense_row: dict) -> dict:
     seed): on a short schedule part of what recovery "recovers" is that extra training, so the
     pruned model is judged against this row, not against the dense one. It has the dense model's
     shapes, hence the dense row's latency and FLOPs (not measured again)."""
-    p = cfg.prune
     torch.manual_seed(cfg.seed)
-    model, t0, history = copy.deepcopy(dense), time.perf_counter(), []
-    for step in range(p.steps):
-        last = step == p.steps - 1  # describe() scores the last step's model
-        ft = finetune(model, cfg, p.epochs / p.steps, lr=p.lr, desc=f"dense control {step + 1}/{p.steps}",
-                      validate_after=not last)
-        history += [] if last else [100 * ft["miou"]]
+    model, t0 = copy.deepcopy(dense), time.perf_counter()
+    history = _finetune_in_steps(model, cfg, "dense control")
     row = describe(model, cfg, latency=False, method="dense control", level=0.0, recovery="fine-tune",
                    train_seconds=time.perf_counter() - t0)
     row["step_miou"] = [*history, row["miou"]]
