@@ -77,34 +77,36 @@ def test_fx_ptq_agrees_with_fp32_and_saves_smaller(cfg, trained, calib, tmp_path
     upsample = next(n for n in gm.graph.nodes if n.target is F.interpolate)
     assert upsample.args[0].target == "dequantize"  # the final upsampling runs in float
     assert quantization.cpu_only(int8) and not quantization.cpu_only(trained)  # int8 is scored on the CPU
-    _assert_close_to_fp32(quantize.agreement(trained, int8, val), _scale(trained, val))
+    _assert_close_to_fp32(quantize.agreement(trained, {"int8": int8}, val)["int8"], _scale(trained, val))
     # mIoU on the tiny val split within 2 points of fp32 (tiny data: a few pixels swing it)
     assert abs(validate(trained, cfg)["miou"] - validate(int8, cfg)["miou"]) < 0.02
     # histogram observer (the x86 default) too, and TorchScript round trip: same outputs, smaller file
     hist = quantize.fx_ptq(trained, calib, [4], batch_size=4)["models"][4]
-    _assert_close_to_fp32(quantize.agreement(trained, hist, val), _scale(trained, val))
+    _assert_close_to_fp32(quantize.agreement(trained, {"hist": hist}, val)["hist"], _scale(trained, val))
     path = quantize.save_torchscript(int8, tmp_path / "int8.pt")
     loaded = torch.jit.load(str(path))
-    assert quantize.agreement(int8, loaded, val)["max_abs"] == 0.0
+    assert quantize.agreement(int8, {"loaded": loaded}, val)["loaded"]["max_abs"] == 0.0
     fp32_path = tmp_path / "fp32.pt"
     torch.save(trained.state_dict(), fp32_path)
     assert path.stat().st_size < 0.5 * fp32_path.stat().st_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.pt", "int8.pt"]  # no temporary left
 
 
-def test_onnx_round_trip_and_ort_int8(cfg, trained, calib, tmp_path):
+def test_onnx_round_trip_and_ort_int8(cfg, trained, calib, tmp_path, monkeypatch):
     val = quantize.validation_images(cfg, 3)
+    monkeypatch.setattr(quantize, "EXAMPLE_SIZE", (32, 64))  # traced smaller than it is run: dynamic axes
+    assert val[0].shape[-2:] != (32, 64)
     fp32_path = onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
     ort_fp32 = onnx_export.OrtModule(onnx_export.session(fp32_path, 2))
     assert quantization.cpu_only(ort_fp32)
-    agree = quantize.agreement(trained, ort_fp32, val)
+    agree = quantize.agreement(trained, {"ort": ort_fp32}, val)["ort"]
     assert agree["max_abs"] < 1e-4 and agree["pixel_agreement"] == 1.0
     other = torch.randn(2, 3, 48, 96)  # dynamic batch, height and width
     assert ort_fp32(other)["out"].shape == (2, 19, 48, 96)
     for act in ("uint8", "int8"):
         path = onnx_export.quantize_int8(fp32_path, tmp_path / f"{act}.onnx", quantize.batched(calib, 2), act)
-        _assert_close_to_fp32(quantize.agreement(trained, onnx_export.OrtModule(onnx_export.session(path)), val),
-                              _scale(trained, val))
+        ort_int8 = onnx_export.OrtModule(onnx_export.session(path))
+        _assert_close_to_fp32(quantize.agreement(trained, {act: ort_int8}, val)[act], _scale(trained, val))
         assert path.stat().st_size < 0.5 * fp32_path.stat().st_size
     lat = onnx_export.latency(onnx_export.session(fp32_path, 2), 32, 64, warmup=1, iters=2)
     assert lat["median_ms"] > 0 and lat["threads"] == 2
@@ -167,7 +169,7 @@ def test_ops_the_quantizer_cannot_handle(calib, tmp_path, capsys):
     ptq = quantize.fx_ptq(model, calib, [2], batch_size=2, observer="minmax")
     assert len(ptq["notes"]) == 1 and ptq["notes"][0].startswith("gate (Gate) kept in float")
     assert "if x.mean() > 0" in ptq["notes"][0] and "kept in float" in capsys.readouterr().out
-    assert quantize.agreement(model, ptq["models"][2], calib[:2])["pixel_agreement"] >= 0.9
+    assert quantize.agreement(model, {"int8": ptq["models"][2]}, calib[:2])["int8"]["pixel_agreement"] >= 0.9
     # in the model's own forward: a UserError naming the line
     with pytest.raises(UserError, match=r"BranchingRoot.forward cannot be quantized.*`if x.sum\(\) > 0:`"):
         quantize.fx_ptq(BranchingRoot().eval(), calib, [2], batch_size=2)
@@ -191,7 +193,7 @@ def test_qat_fine_tunes_and_converts(cfg, trained):
     assert result["train_seconds"] > 0 and 0 <= result["fake_quant_miou"] <= 1
     assert any("quantized" in str(type(m)) for m in result["model"].net.modules())
     val = quantize.validation_images(cfg, 2)
-    assert quantize.agreement(trained, result["model"], val)["pixel_agreement"] >= 0.9
+    assert quantize.agreement(trained, {"qat": result["model"]}, val)["qat"]["pixel_agreement"] >= 0.9
     after = trained.state_dict()  # QAT trains a copy: the fp32 model is untouched
     assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -3,7 +3,7 @@
 - Export uses torch's TorchScript-based exporter (`dynamo=False`): the torch.export-based one
   needs onnxscript, which is not part of this environment, and the classic exporter handles
   these CNNs fully. Batch, height and width are dynamic axes, so one file serves the validation
-  size and the benchmark size.
+  size and the benchmark size, and the model is traced on a crop of the example (quantize.example_crop).
 - int8 is ONNX Runtime's static quantization in QDQ format: per-channel symmetric int8 weights,
   activations uint8 (x86's fast u8 x s8 path) or int8, MinMax ranges from a CalibrationDataReader.
   The final bilinear Resize stays in float: 19-channel logits upsampled in uint8 would lose
@@ -27,7 +27,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 from torch import nn
 
-from segstudy.compress.quantize import LogitsOnly, atomic_path, check_calibration
+from segstudy.compress.quantize import LogitsOnly, atomic_path, check_calibration, example_crop
 from segstudy.errors import UserError
 
 OPSET = 17
@@ -38,9 +38,10 @@ ACTIVATIONS = ("uint8", "int8")
 
 def export(model: nn.Module, path: str | Path, example: torch.Tensor) -> Path:
     """Export a segstudy model ({"out": logits}) to ONNX, one input `image` and one output `logits`,
-    dynamic batch/height/width. An operator the exporter cannot handle is a UserError naming it;
-    nothing is left at `path` then."""
+    dynamic batch/height/width, traced on a crop of `example`. An operator the exporter cannot
+    handle is a UserError naming it; nothing is left at `path` then."""
     model = (model if isinstance(model, LogitsOnly) else LogitsOnly(model)).eval()
+    example = example_crop(example)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the classic exporter's deprecation notice and tracer warnings
         try:

@@ -47,8 +47,8 @@ def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool
     """Measure one model: accuracy on val, sparsity, size, and (optionally) latency and FLOPs.
     The row keeps each validation image's confusion matrix ("per_image", saved apart from the JSON
     by results_files.write_pruning) and every timing ("latency_times_ms"): the verdicts' intervals.
-    With a `reference` (the dense model), both are timed side by side and the reference's timings
-    kept too ("reference_times_ms"): the speed-up the verdicts read."""
+    With a `reference` (the dense model), both are timed side by side, bench.speedup_iters times,
+    and the reference's timings kept too ("reference_times_ms"): the speed-up the verdicts read."""
     model = model.eval()
     metrics = validate(copy.deepcopy(model), cfg, **_eval_args(cfg), per_image=True)
     b = cfg.bench
@@ -59,7 +59,8 @@ def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool
         "size_gz_mb": prune.compressed_size(model) / 2**20, "per_image": metrics["per_image"]}
     if latency:
         models = {"model": copy.deepcopy(model)} | ({"reference": copy.deepcopy(reference)} if reference else {})
-        timed = measure.latencies(models, b.height, b.width, "cpu", warmup=b.warmup, iters=b.iters)
+        timed = measure.latencies(models, b.height, b.width, "cpu", warmup=b.warmup,
+                                  iters=b.speedup_iters if reference is not None else b.iters)
         out |= {"latency_ms": timed["model"]["median_ms"], "latency_times_ms": timed["model"]["times_ms"]}
         if reference is not None:
             out["reference_times_ms"] = timed["reference"]["times_ms"]

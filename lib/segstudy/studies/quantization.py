@@ -228,8 +228,9 @@ def onnx_runtime(study: QuantStudy) -> pd.DataFrame:
         study.rows[name] = variant(study.models[name], cfg, engine="onnxruntime", precision=precision, path=path,
                                    latency=onnx_export.latency(session, b.height, b.width, b.warmup, b.iters))
     val_images = quantize.validation_images(cfg, q.compare_images)
-    agreement = {name: quantize.agreement(study.fp32, study.models[name], val_images)
-                 for name in ("ONNX Runtime fp32", "int8 PTQ torch FX", "int8 ONNX Runtime")}
+    agreement = quantize.agreement(study.fp32, {name: study.models[name] for name in
+                                                ("ONNX Runtime fp32", "int8 PTQ torch FX", "int8 ONNX Runtime")},
+                                   val_images)
     study.notes["agreement_vs_fp32"] = agreement
     return pd.DataFrame(agreement).T.rename(columns={"max_abs": "max |Δ logits|", "mean_abs": "mean |Δ logits|",
                                                      "pixel_agreement": "argmax agreement"})
