@@ -242,3 +242,4 @@ def test_speedup_reads_the_reference_timed_alongside():
     dense = {"latency_times_ms": [130, 131, 129, 132, 130]}
     assert abs(verdict_table._speedup(row, dense, "unstructured").mean - 1.0) < 0.03
     assert verdict_table._speedup({"latency_times_ms": row["latency_times_ms"]}, dense, "x").mean > 1.25
+    assert "rounds timed in turn" in verdict_table._speedup(row, dense, "unstructured").how  # paired by round

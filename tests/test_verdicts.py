@@ -140,6 +140,23 @@ def test_speedup_from_repeated_timings():
     assert threshold("buys speed?", same, 1.0).answer == NOT_DISTINGUISHABLE
 
 
+def test_paired_speedup_cancels_a_drift_that_slows_both_sides():
+    # the machine slows down by 30% halfway through; each round times both models within a second
+    drift = [1.0] * 8 + [1.3] * 8
+    noise = [1.00, 1.02, 0.99, 1.01, 0.98, 1.03, 1.00, 0.97] * 2
+    model = [100 * d * e for d, e in zip(drift, noise)]
+    dense = [101 * d * e2 for d, e2 in zip(drift, reversed(noise))]
+    paired = speedup(model, dense, n_boot=500, paired=True)
+    independent = speedup(model, dense, n_boot=500)
+    assert paired.low < 1.01 < paired.high  # the same speed, decided within a few percent
+    assert paired.high - paired.low < 0.5 * (independent.high - independent.low)
+    assert threshold("buys speed?", paired, 1.1).answer == "no"
+    assert threshold("buys speed?", independent, 1.1).answer == NOT_DISTINGUISHABLE
+    assert "rounds timed in turn" in paired.how
+    with pytest.raises(ValueError, match="as many on each side"):
+        speedup(model, dense[:5], paired=True)
+
+
 # ---------------------------------------------------------------- verdicts
 
 

@@ -144,13 +144,16 @@ def _no_noise(ins: Inputs) -> Missing:
 
 def _speedup(row: dict, base: dict, name: str) -> Estimate:
     """Speed-up of `row` over `base` from their repeated timings (one median each in older files);
-    `base`'s timings taken side by side with `row` ("reference_times_ms") when the row has them."""
+    `base`'s timings taken side by side with `row` ("reference_times_ms"), round by round, when the
+    row has them."""
     times, base_times = (r.get("latency_times_ms") or ([r["latency_ms"]] if r.get("latency_ms") else None)
                          for r in (row, base))
-    base_times = row.get("reference_times_ms") or base_times
-    if not times or not base_times:
+    side_by_side = row.get("reference_times_ms")
+    if not times or not (side_by_side or base_times):
         raise Missing(f"no latency of '{name}' or of its reference")
-    return verdicts.speedup(times, base_times)
+    if side_by_side and len(side_by_side) == len(times):
+        return verdicts.speedup(times, side_by_side, paired=True)
+    return verdicts.speedup(times, side_by_side or base_times)
 
 
 def _times(e: Estimate) -> str:

@@ -202,19 +202,30 @@ def add_noise(diff: Estimate, seed_sd: float, trainings: int = 2, df: int | None
 
 
 def speedup(times: Sequence[float], baseline_times: Sequence[float], n_boot: int = 2000, seed: int = 0,
-            level: float = 0.95) -> Estimate:
+            level: float = 0.95, paired: bool = False) -> Estimate:
     """How many times faster than the baseline: median(baseline_times) / median(times), with a
     bootstrap interval resampling each set of repeated timings independently. With ~5 timings a
     side the median's interval is about their whole range (one slow outlier in 5 can be the
-    median of a resample): time 10 or more runs when the speed-up is the question."""
+    median of a resample): time 10 or more runs when the speed-up is the question.
+
+    `paired`: timing i of each side was taken in the same round (engine.measure.latencies), so the
+    speed-up is the median of the per-round ratios, bootstrapped over rounds: a slow minute of
+    the machine slows both sides of a round and cancels out (docs/results.md)."""
     t, base = np.asarray(times, float), np.asarray(baseline_times, float)
     if t.size == 0 or base.size == 0 or (t <= 0).any() or (base <= 0).any():
         raise ValueError("speedup needs positive timings on both sides")
-    point = float(np.median(base) / np.median(t))
+    if paired and t.size != base.size:
+        raise ValueError(f"paired timings need as many on each side: {t.size} vs {base.size}")
     n = int(min(t.size, base.size))
+    point = float(np.median(base / t) if paired else np.median(base) / np.median(t))
     if n < 2:
         return _unbounded(point, n, "1 timing: no spread", level)
     rng = np.random.default_rng(seed)
+    if paired:
+        rounds = rng.integers(0, n, (n_boot, n))
+        samples = np.median(base[rounds] / t[rounds], axis=1)
+        return _percentile(point, samples, n, f"{n} rounds timed in turn, bootstrap of the median ratio, "
+                                              f"{level:.0%}", level)
     samples = (np.median(rng.choice(base, (n_boot, base.size)), axis=1)
                / np.median(rng.choice(t, (n_boot, t.size)), axis=1))
     return _percentile(point, samples, n, f"{t.size} vs {base.size} timings, bootstrap of medians, {level:.0%}", level)
