@@ -120,6 +120,21 @@ def test_the_logged_model_carries_its_code(registered):
     assert "segstudy" not in requirements and "torch==" in requirements and "cityscapesscripts==" in requirements
 
 
+def test_the_request_example_is_logged_unless_turned_off(registered, smoke_model):
+    """tracking.input_example: false (the rehearsal) logs no example, so MLflow serves nothing at
+    registration; the version still loads and segments."""
+    mlflow.set_tracking_uri(registered["db"])
+    local = Path(mlflow.artifacts.download_artifacts("models:/segstudy-custom@champion"))
+    assert (local / "serving_input_example.json").is_file()
+    cfg = dataclasses.replace(registered["cfg"], tracking=dataclasses.replace(registered["cfg"].tracking,
+                                                                              input_example=False))
+    version = registry.register(cfg, smoke_model["checkpoint_best"], "segstudy-custom-noexample", alias=None)
+    local = Path(mlflow.artifacts.download_artifacts(version["uri"]))
+    assert not (local / "serving_input_example.json").exists() and (local / "MLmodel").is_file()
+    image = np.array(Image.open(io.BytesIO(example_image())).convert("RGB"))
+    assert registry.load(cfg, version["uri"]).segment(image).shape == image.shape[:2]
+
+
 def test_registry_errors_name_the_uri_and_list_versions(registered, capsys):
     cfg = registered["cfg"]
     with pytest.raises(UserError, match=r"models:/segstudy-custom@prod: alias 'prod' is not set .* "

@@ -173,6 +173,9 @@ class TrackingConfig:
     uri: str = ""  # MLflow tracking URI; empty: sqlite:///<output_root>/mlflow.db
     log_model: bool = True  # log the final model as an MLflow model
     register: bool = True  # and register it in the MLflow model registry
+    # log a request example with every logged model; MLflow then serves it once to check it (a
+    # forward pass at data.base_size, 3-19 s at 1024 on 2 cores), and only warns when that fails
+    input_example: bool = True
     sweep: str = ""  # set by `segstudy sweep`: every run of a sweep carries this tag
 
 

@@ -59,7 +59,8 @@ def register(cfg: Config, model: str | Path, name: str, metrics: dict[str, float
         mlflow.log_params({"source": str(model), "base_size": base_size})
         if metrics:
             mlflow.log_metrics({k.replace(" ", "_"): v for k, v in metrics.items() if v == v})
-        info = log_servable(model, base_size, registered_model_name=name)
+        info = log_servable(model, base_size, registered_model_name=name,
+                            input_example=cfg.tracking.input_example)
     version = str(info.registered_model_version)
     mc = client(cfg)
     version_tags = {"source": str(model), "format": "onnx" if model.suffix == ".onnx" else "torch",
@@ -88,7 +89,8 @@ def log_trained(cfg: Config, result: dict) -> str | None:
     mlflow = use_mlflow(t, cfg.output_root)
     with mlflow.start_run(run_id=result["mlflow_run_id"]):  # log_servable keeps only the weights and meta
         info = log_servable(result["checkpoint_best"], cfg.data.base_size,
-                            registered_model_name=f"segstudy-{result['model']}" if t.register else None)
+                            registered_model_name=f"segstudy-{result['model']}" if t.register else None,
+                            input_example=t.input_example)
     return info.model_uri
 
 

@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -185,23 +186,27 @@ def servable_copy(model_path: str | Path, out_dir: str | Path) -> Path:
 
 
 def log_servable(model_path: str | Path, base_size: int, registered_model_name: str | None = None,
-                 max_pixels: int = inference.MAX_PIXELS, name: str = "model") -> mlflow.models.model.ModelInfo:
+                 max_pixels: int = inference.MAX_PIXELS, name: str = "model",
+                 input_example: bool = True) -> mlflow.models.model.ModelInfo:
     """Log (into the active MLflow run) the pyfunc model serving `model_path`; optionally register it.
 
     `model_path`: a segstudy checkpoint (.pt, fp32 or pruned) or an .onnx file (fp32 or int8).
     `base_size`: the evaluation shorter side the model was trained for (cfg.data.base_size).
+    `input_example`: log a request example, which MLflow serves once (tracking.input_example).
     """
     model_path = Path(model_path)
     inference.load_engine(model_path)  # fail here, with the file named, rather than in the server
     kind = "onnx" if model_path.suffix == ".onnx" else "torch"
     example, signature = _signature()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        if not input_example:  # asked for: MLflow's advice to log one is noise here
+            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         artifact = servable_copy(model_path, tmp)
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(Path(__file__).with_name("serving_model.py")),  # models from code
             artifacts={"model": str(artifact)},
             model_config={"base_size": int(base_size), "max_pixels": int(max_pixels), "format": kind},
-            signature=signature, input_example=example, pip_requirements=_requirements(kind),
+            signature=signature, input_example=example if input_example else None, pip_requirements=_requirements(kind),
             code_paths=[str(PACKAGE_DIR)], registered_model_name=registered_model_name)
 
 
