@@ -126,3 +126,26 @@ def test_training_records_its_time_and_prints_the_eta(smoke, capsys):
     assert "ETA: this training" in capsys.readouterr().out
     entry = timings.read(cfg)["trainings"]["runs/custom"]
     assert entry["planned_s"] == 10.0 and entry["actual_s"] > 0
+
+
+def test_a_loss_run_that_is_notebook_02s_training_reads_that_run(smoke_model, monkeypatch, capsys):
+    """The rehearsal's (ce, seed 0) loss run has runs/custom's settings: the plan says so, and the
+    grid returns that finished run instead of training it again; other losses still train."""
+    from segstudy.studies import loss_comparison
+
+    base = smoke_model["cfg"]
+    cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, reuse=True), loss_study=dataclasses.replace(
+        base.loss_study, names=["ce", "dice"], seeds=[0], epochs=1, model="custom"))
+    assert [loss_comparison.twin_key(cfg, n, 0) for n in ("ce", "dice")] == ["runs/custom", None]
+    assert loss_comparison.twin_key(cfg, "ce", 1) is None
+    rows = {r.loss: r for r in plan.trainings(cfg, ["03_loss_comparison"])}
+    assert rows["ce"].reused and rows["ce"].note == "the same training as runs/custom" and not rows["dice"].reused
+
+    trained = []
+    monkeypatch.setattr(loss_comparison, "train", lambda run_cfg, **kw: trained.append(run_cfg.loss.name) or {})
+    runs = loss_comparison.run_grid(cfg)
+    assert trained == ["dice"]
+    assert runs[0]["reused"] and runs[0]["best_miou"] == smoke_model["best_miou"]
+    assert "loss ce, seed 0 trains exactly as runs/custom: reusing that run" in capsys.readouterr().out
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, reuse=False))
+    assert not plan.trainings(off, ["03_loss_comparison"])[0].reused

@@ -11,6 +11,7 @@ import pandas as pd
 
 from segstudy.config import Config
 from segstudy.data.labels import CLASS_NAMES, SMALL_CLASSES
+from segstudy.engine import run_folder
 from segstudy.engine.training import train
 from segstudy.studies import results_files
 
@@ -20,11 +21,33 @@ def run_grid(cfg: Config, names: list[str] | None = None, seeds: list[int] | Non
     runs = []
     for name in names or cfg.loss_study.names:
         for seed in seeds or run_seeds(cfg):
-            # only the scores are compared: a finished loss run keeps no weights (disk: 12+ runs)
-            result = train(run_config(cfg, name, seed), run_dir=cfg.output_dir / run_key(cfg, name, seed),
-                           keep_weights=False)
+            result = _twin_result(cfg, name, seed) or train(  # only the scores are compared: a finished
+                run_config(cfg, name, seed), run_dir=cfg.output_dir / run_key(cfg, name, seed),  # loss run
+                keep_weights=False)  # keeps no weights (disk: 12+ runs)
             runs.append({"loss": name, "seed": seed, **result})
     return runs
+
+
+def twin_key(cfg: Config, name: str, seed: int) -> str | None:
+    """runs/<loss_study.model>, the training notebook 01 or 02 makes of that model, when the
+    (loss, seed) run would be trained with the same settings (same loss, seed and schedule): the
+    grid then reads that run instead of repeating it."""
+    own = run_config(cfg, name, seed)
+    base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=cfg.loss_study.model))
+    same = all(getattr(own, k) == getattr(base, k) for k in ("seed", "data", "model", "train", "loss"))
+    return f"runs/{cfg.loss_study.model}" if same else None
+
+
+def _twin_result(cfg: Config, name: str, seed: int) -> dict | None:
+    """The finished twin run (twin_key) trained with these settings, when train.reuse allows it."""
+    key = twin_key(cfg, name, seed)
+    done = key and cfg.train.reuse and run_folder.finished_result(cfg.output_dir / key)
+    own = run_config(cfg, name, seed)
+    if not done or done.get("settings") is None or run_folder.changed_settings(
+            done["settings"], run_folder.settings(own, own.model)):
+        return None
+    print(f"[segstudy] loss {name}, seed {seed} trains exactly as {key}: reusing that run")
+    return done | {"reused": True}
 
 
 def run_seeds(cfg: Config) -> list[int]:

@@ -120,6 +120,14 @@ def _train_row(cfg: Config, notebook: str, key: str, steps_per_epoch: int) -> Pl
                            _val_passes(epochs, cfg.train.val_every), _reused(cfg, cfg.output_dir / key))
 
 
+def _loss_row(cfg: Config, name: str, seed: int, steps_per_epoch: int) -> PlannedTraining:
+    """One run of notebook 03's grid; reused when it is notebook 01/02's training (loss_comparison.twin_key)."""
+    row = _train_row(loss_comparison.run_config(cfg, name, seed), "03_loss_comparison",
+                     loss_comparison.run_key(cfg, name, seed), steps_per_epoch)
+    twin = loss_comparison.twin_key(cfg, name, seed) if cfg.train.reuse else None
+    return dataclasses.replace(row, reused=True, note=f"the same training as {twin}") if twin else row
+
+
 def _finetune_row(cfg: Config, notebook: str, name: str, kind: str, epochs: float, steps_per_epoch: int,
                   calls: int = 1, note: str = "") -> PlannedTraining:
     """engine.finetuning.finetune, `calls` times for `epochs` in all (one validation after each)."""
@@ -148,8 +156,7 @@ def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[PlannedTr
     spe = max(1, train_images // cfg.data.batch_size)
     rows = [_train_row(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=m)), nb, f"runs/{m}", spe)
             for nb, models in NOTEBOOK_MODELS.items() for m in models]
-    rows += [_train_row(loss_comparison.run_config(cfg, name, seed), "03_loss_comparison",
-                        loss_comparison.run_key(cfg, name, seed), spe)
+    rows += [_loss_row(cfg, name, seed, spe)
              for name in cfg.loss_study.names for seed in loss_comparison.run_seeds(cfg)]
     rows += _pruning(cfg, spe)
     if cfg.quant.qat != "never":
