@@ -118,3 +118,24 @@ def test_evaluate_missing_prediction_and_size(tiny_root, tmp_path):
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(preds[0])
     with pytest.raises(UserError, match="predict at full size"):
         evaluate_folder(tiny_root, "val", tmp_path / "pred", progress=False)
+
+
+def test_a_trainings_validation_is_read_only_where_it_is_the_same_evaluation(smoke_model):
+    """evaluation.from_training gives validate()'s numbers for the run's best weights, to every
+    digit, and nothing when the evaluation would differ (memory format, precision, data)."""
+    import dataclasses
+    from pathlib import Path
+
+    from segstudy.engine.evaluation import from_training, validate
+    from segstudy.models.checkpoint import load_trained
+
+    cfg, run_dir = smoke_model["cfg"], Path(smoke_model["run_dir"])
+    args = {"amp": cfg.train.amp, "channels_last": cfg.train.channels_last}
+    read = from_training(run_dir, cfg, **args)
+    computed = validate(load_trained(run_dir / "checkpoint_best.pt"), cfg, **args, per_image=True)
+    assert read["miou"] == computed["miou"] == smoke_model["best_miou"]
+    assert read["iou"] == computed["iou"] and np.array_equal(read["per_image"], computed["per_image"])
+    assert from_training(run_dir, cfg, amp=cfg.train.amp, channels_last=not cfg.train.channels_last) is None
+    assert from_training(run_dir, cfg, amp="bf16", channels_last=cfg.train.channels_last) is None
+    other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, base_size=cfg.data.base_size * 2))
+    assert from_training(run_dir, other, **args) is None

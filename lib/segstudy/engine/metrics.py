@@ -52,6 +52,14 @@ class ConfusionMatrix:
         if self._images is not None:
             self._images.append(counts.cpu().numpy())
 
+    @classmethod
+    def from_per_image(cls, per_image: np.ndarray) -> ConfusionMatrix:
+        """The matrix of a set of images from their own matrices ([N, C, C + 1], as per_image gives)."""
+        cm = cls(per_image.shape[1], per_image=True)
+        cm.mat += torch.from_numpy(per_image.sum(0).astype(np.int64))
+        cm._images = [per_image]
+        return cm
+
     @property
     def per_image(self) -> np.ndarray | None:
         """[N, C, C + 1] int64, one matrix per image in update order; None unless constructed with

@@ -29,6 +29,8 @@ from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import remove_stale_temporaries
 
+CONFUSIONS = "val_confusions.npy"  # [images, 19, 20]: each validation image's confusion matrix, best epoch
+
 
 def _read_json(path: Path) -> dict | None:
     """A run folder's JSON file; None when it is absent or unreadable (a write cut short)."""

@@ -55,7 +55,7 @@ from segstudy.models.checkpoint import (
 from segstudy.models.networks import backbone_init, build_model
 from segstudy.tracking import Tracker
 
-CONFUSIONS = "val_confusions.npy"  # [images, 19, 20]: each validation image's confusion matrix, best epoch
+CONFUSIONS = run_folder.CONFUSIONS
 
 
 def _reused_result(run_dir: Path, settings: dict, max_steps: int, reuse: bool) -> dict | None:

@@ -17,8 +17,8 @@ from torch import nn
 from segstudy.compress import prune
 from segstudy.config import Config
 from segstudy.data.datasets import build_dataset, build_loader
-from segstudy.engine import measure
-from segstudy.engine.evaluation import validate
+from segstudy.engine import measure, run_folder
+from segstudy.engine.evaluation import from_training, validate
 from segstudy.engine.finetuning import finetune
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_checkpoint, load_trained, save_model
@@ -43,14 +43,15 @@ def _eval_args(cfg: Config) -> dict:
 
 
 def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool = False,
-             reference: nn.Module | None = None, **row) -> dict:
+             reference: nn.Module | None = None, metrics: dict | None = None, **row) -> dict:
     """Measure one model: accuracy on val, sparsity, size, and (optionally) latency and FLOPs.
     The row keeps each validation image's confusion matrix ("per_image", saved apart from the JSON
     by results_files.write_pruning) and every timing ("latency_times_ms"): the verdicts' intervals.
     With a `reference` (the dense model), both are timed side by side, bench.speedup_iters times,
-    and the reference's timings kept too ("reference_times_ms"): the speed-up the verdicts read."""
+    and the reference's timings kept too ("reference_times_ms"): the speed-up the verdicts read.
+    `metrics`: validate()'s answer when it is known already (dense_row)."""
     model = model.eval()
-    metrics = validate(copy.deepcopy(model), cfg, **_eval_args(cfg), per_image=True)
+    metrics = metrics or validate(copy.deepcopy(model), cfg, **_eval_args(cfg), per_image=True)
     b = cfg.bench
     out = row | {
         "sparsity": prune.sparsity(model)["overall"], "miou": 100 * metrics["miou"],
@@ -67,6 +68,16 @@ def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool
     if flops:
         out["gflops"] = measure.flops(copy.deepcopy(model).cpu(), b.height, b.width) / 1e9
     return out
+
+
+def dense_row(cfg: Config, dense: nn.Module) -> dict:
+    """describe() of the dense model, FLOPs too; its accuracy is read from its training (the best
+    epoch's validation, evaluation.from_training) when that was the same evaluation."""
+    metrics = from_training(dense_checkpoint(cfg).parent, cfg, **_eval_args(cfg))
+    if metrics:
+        print(f"[segstudy] dense model: accuracy from its training's validation of the same weights "
+              f"({dense_checkpoint(cfg).parent / run_folder.CONFUSIONS})")
+    return describe(dense, cfg, flops=True, metrics=metrics, method="dense", level=0.0, recovery="none")
 
 
 def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[str, dict]]:

@@ -23,6 +23,7 @@ from segstudy.compress.onnx_export import OrtModule
 from segstudy.config import Config
 from segstudy.deploy import registry
 from segstudy.engine import measure
+from segstudy.engine.evaluation import from_training
 from segstudy.engine.evaluation import validate as validate_on
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_trained
@@ -177,13 +178,20 @@ def start(cfg: Config) -> QuantStudy:
     return study
 
 
+REFERENCES = {"fp32 eager": ("none", False), "fp32 channels_last": ("none", True),
+              "bf16 autocast + channels_last": ("bf16", True)}  # name: (amp, channels_last)
+
+
 def references(study: QuantStudy) -> pd.DataFrame:
-    """fp32 eager, fp32 channels_last and bf16 autocast + channels_last."""
+    """fp32 eager, fp32 channels_last and bf16 autocast + channels_last. The one that evaluates as
+    notebook 02's training did reads its accuracy from there (evaluation.from_training)."""
     fp32, cfg = study.fp32, study.cfg
-    study.rows["fp32 eager"] = variant(fp32, cfg, engine="torch", precision="fp32")
-    study.rows["fp32 channels_last"] = variant(fp32, cfg, engine="torch", precision="fp32", channels_last=True)
-    study.rows["bf16 autocast + channels_last"] = variant(fp32, cfg, engine="torch", precision="bf16",
-                                                          channels_last=True, amp="bf16")
+    for name, (amp, channels_last) in REFERENCES.items():
+        known = from_training(cfg.output_dir / "runs" / "custom", cfg, amp=amp, channels_last=channels_last)
+        if known:
+            study.notes["accuracy_from_training"] = name
+        study.rows[name] = variant(fp32, cfg, engine="torch", precision="bf16" if amp == "bf16" else "fp32",
+                                   channels_last=channels_last, amp=amp, metrics=known)
     return table(study.rows)
 
 
