@@ -139,3 +139,25 @@ def test_a_trainings_validation_is_read_only_where_it_is_the_same_evaluation(smo
     assert from_training(run_dir, cfg, amp="bf16", channels_last=cfg.train.channels_last) is None
     other = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, base_size=cfg.data.base_size * 2))
     assert from_training(run_dir, other, **args) is None
+
+
+def test_the_prediction_figure_shows_the_best_validations_own_predictions(smoke_model, tmp_path):
+    """Training keeps its best validation's predictions of the first images; the notebooks' figure
+    reads them (no pass over the images again) and they are what the weights predict."""
+    import shutil
+    from pathlib import Path
+
+    from segstudy.data.datasets import build_dataset
+    from segstudy.engine import run_folder
+    from segstudy.studies import model_comparison
+
+    cfg, run_dir = smoke_model["cfg"], Path(smoke_model["run_dir"])
+    assert (run_dir / run_folder.PREVIEWS).is_file()
+    val = build_dataset(cfg.data, cfg.data.val_split)
+    kept = model_comparison.predictions(cfg, {"custom": smoke_model}, val, 2)["custom"]
+    bare = tmp_path / "run"  # the same weights without the kept predictions: computed
+    bare.mkdir()
+    shutil.copy(run_dir / "checkpoint_best.pt", bare)
+    computed = model_comparison.predictions(cfg, {"custom": {"checkpoint_best": str(bare / "checkpoint_best.pt")}},
+                                            val, 2)["custom"]
+    assert len(kept) == 2 and all(np.array_equal(a, b) for a, b in zip(kept, computed))

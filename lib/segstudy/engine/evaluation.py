@@ -18,12 +18,16 @@ from segstudy.engine import run_folder
 from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.engine.metrics import ConfusionMatrix
 
+PREVIEW_IMAGES = 4  # predictions kept for the notebooks' figure (confusion_over's `previews`)
+
 
 @torch.inference_mode()
 def confusion_over(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
-                   channels_last: bool = False, progress: bool = False, per_image: bool = False) -> ConfusionMatrix:
+                   channels_last: bool = False, progress: bool = False, per_image: bool = False,
+                   previews: list[np.ndarray] | None = None) -> ConfusionMatrix:
     """The confusion matrix of `model` over `loader` (reduced over DDP ranks); with per_image, each
-    image's matrix too (cm.per_image; None under DDP with more than one rank)."""
+    image's matrix too (cm.per_image; None under DDP with more than one rank). `previews`: a list
+    that receives the predicted train ids (uint8) of the loader's first PREVIEW_IMAGES images."""
     model.eval()
     cm = ConfusionMatrix(NUM_CLASSES, device=device, per_image=per_image)
     for image, target in tqdm(loader, desc="val", leave=False, disable=not progress, mininterval=2.0):
@@ -31,8 +35,10 @@ def confusion_over(model: nn.Module, loader, device: torch.device, amp_dtype: to
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(image)["out"]
-        cm.update(target, logits.argmax(1))
+            pred = model(image)["out"].argmax(1)
+        cm.update(target, pred)
+        if previews is not None and len(previews) < PREVIEW_IMAGES:
+            previews += list(pred[:PREVIEW_IMAGES - len(previews)].to(torch.uint8).cpu().numpy())
     cm.reduce_from_all_processes()
     return cm
 

@@ -30,6 +30,7 @@ from segstudy.errors import UserError
 from segstudy.models.checkpoint import remove_stale_temporaries
 
 CONFUSIONS = "val_confusions.npy"  # [images, 19, 20]: each validation image's confusion matrix, best epoch
+PREVIEWS = "val_previews.npz"  # the best epoch's predictions of the first validation images (uint8 train ids)
 
 
 def _read_json(path: Path) -> dict | None:

@@ -100,6 +100,7 @@ class TrainingRun:
     guard: DivergenceGuard = dataclasses.field(default_factory=DivergenceGuard)
     partial: dict = dataclasses.field(default_factory=dict)  # the epoch in progress: batches, loss sum, ...
     per_image: np.ndarray | None = None  # the last validation's confusion matrix of each image
+    previews: list[np.ndarray] | None = None  # its predictions of the first images (one process only)
     clock: tuple[str, float, int] | None = None  # (run key, start time, first step) for the ETA line
 
     @property
@@ -249,8 +250,9 @@ def _mean_over_ranks(value: float, world: int) -> float:
 
 
 def _validate_epoch(run: TrainingRun, tracker: Tracker) -> dict:
+    run.previews = [] if run.world == 1 else None  # under DDP this rank's first images are not the set's
     cm = confusion_over(run.model, run.val_loader, run.device, run.amp_dtype, run.cfg.train.channels_last,
-                        per_image=True)
+                        per_image=True, previews=run.previews)
     metrics = cm.compute()
     run.per_image = cm.per_image  # saved with the best checkpoint: the verdicts bootstrap over images
     tracker.log_metrics({"val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"]}
@@ -272,6 +274,8 @@ def _save_state(run: TrainingRun, run_dir: Path, record: dict | None = None) -> 
                         run_dir / "checkpoint_best.pt")
         if run.per_image is not None:
             np.save(run_dir / CONFUSIONS, run.per_image)
+        if run.previews:
+            np.savez_compressed(run_dir / run_folder.PREVIEWS, *run.previews)
     save_checkpoint(state, run_dir / "checkpoint_latest.pt")
 
 

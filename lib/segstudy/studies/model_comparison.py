@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 
 from segstudy.config import Config
 from segstudy.deploy import registry
-from segstudy.engine import measure
+from segstudy.engine import measure, run_folder
 from segstudy.engine.device import resolve_device
 from segstudy.engine.training import train
 from segstudy.models.checkpoint import load_trained
@@ -53,13 +55,25 @@ def comparison_table(results: dict[str, dict], profiles: dict[str, dict], cfg: C
 
 @torch.inference_mode()
 def predictions(cfg: Config, results: dict[str, dict], dataset, n: int) -> dict[str, list[np.ndarray]]:
-    """Argmax train ids of the first n images of `dataset` (eval preset) for every model."""
+    """Argmax train ids of the first n images of `dataset` (the validation split, eval preset) for
+    every model: those its training's best validation kept (run_folder.PREVIEWS), else computed."""
     device = resolve_device(cfg.device)
     out = {}
     for name, r in results.items():
-        model = load_trained(r["checkpoint_best"]).to(device)
-        out[name] = [model(dataset[i][0][None].to(device))["out"].argmax(1)[0].cpu().numpy() for i in range(n)]
+        out[name] = _kept_previews(Path(r["checkpoint_best"]).parent, n)
+        if out[name] is None:
+            model = load_trained(r["checkpoint_best"]).to(device)
+            out[name] = [model(dataset[i][0][None].to(device))["out"].argmax(1)[0].cpu().numpy() for i in range(n)]
     return out
+
+
+def _kept_previews(run_dir: Path, n: int) -> list[np.ndarray] | None:
+    path = run_dir / run_folder.PREVIEWS
+    if not path.is_file():
+        return None
+    with np.load(path) as kept:
+        arrays = [kept[f"arr_{i}"] for i in range(len(kept.files))]
+    return arrays[:n] if len(arrays) >= n else None
 
 
 def register_best(cfg: Config, results: dict[str, dict], profiles: dict[str, dict]) -> dict[str, dict | None]:
