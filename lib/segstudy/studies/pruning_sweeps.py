@@ -43,13 +43,15 @@ def _eval_args(cfg: Config) -> dict:
 
 
 def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool = False,
-             reference: nn.Module | None = None, metrics: dict | None = None, **row) -> dict:
+             reference: nn.Module | None = None, metrics: dict | None = None, timed: dict | None = None,
+             **row) -> dict:
     """Measure one model: accuracy on val, sparsity, size, and (optionally) latency and FLOPs.
     The row keeps each validation image's confusion matrix ("per_image", saved apart from the JSON
     by results_files.write_pruning) and every timing ("latency_times_ms"): the verdicts' intervals.
     With a `reference` (the dense model), both are timed side by side, bench.speedup_iters times,
     and the reference's timings kept too ("reference_times_ms"): the speed-up the verdicts read.
-    `metrics`: validate()'s answer when it is known already (dense_row)."""
+    `metrics`: validate()'s answer when it is known already (dense_row); `timed`: the timings when
+    taken already, {"model": ..., "reference": ...} from measure.latencies (recover)."""
     model = model.eval()
     metrics = metrics or validate(copy.deepcopy(model), cfg, **_eval_args(cfg), per_image=True)
     b = cfg.bench
@@ -59,11 +61,12 @@ def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool
         "params": measure.parameters(model), "size_mb": measure.size_on_disk(model) / 2**20,
         "size_gz_mb": prune.compressed_size(model) / 2**20, "per_image": metrics["per_image"]}
     if latency:
-        models = {"model": copy.deepcopy(model)} | ({"reference": copy.deepcopy(reference)} if reference else {})
-        timed = measure.latencies(models, b.height, b.width, "cpu", warmup=b.warmup,
-                                  iters=b.speedup_iters if reference is not None else b.iters)
+        if timed is None:
+            models = {"model": copy.deepcopy(model)} | ({"reference": copy.deepcopy(reference)} if reference else {})
+            timed = measure.latencies(models, b.height, b.width, "cpu", warmup=b.warmup,
+                                      iters=b.speedup_iters if reference is not None else b.iters)
         out |= {"latency_ms": timed["model"]["median_ms"], "latency_times_ms": timed["model"]["times_ms"]}
-        if reference is not None:
+        if "reference" in timed:
             out["reference_times_ms"] = timed["reference"]["times_ms"]
     if flops:
         out["gflops"] = measure.flops(copy.deepcopy(model).cpu(), b.height, b.width) / 1e9
@@ -160,9 +163,10 @@ def _finetune_in_steps(model: nn.Module, cfg: Config, desc: str, before_step=Non
 
 def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
     """Prune to prune.ratio in prune.steps steps with a fine-tune after each (plain, then with the
-    dense model as KD teacher); the better of the two is saved for notebook 05."""
-    p = cfg.prune
-    rows, best = [], None
+    dense model as KD teacher); the better of the two is saved for notebook 05. Both are timed in
+    the same rounds as the dense model (one dense timing per round serves both speed-ups)."""
+    p, b = cfg.prune, cfg.bench
+    recovered = {}  # recovery: (model, val mIoU after each step but the last, fine-tune seconds)
     for recovery, kd_weight in (("fine-tune", 0.0), ("KD", p.kd_weight)):
         torch.manual_seed(cfg.seed)
         model = copy.deepcopy(dense)
@@ -173,8 +177,14 @@ def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
             lambda pruner=pruner, model=model: prune.structured_step(
                 pruner, model, _taylor_batches(cfg) if p.importance == "taylor" else None),
             teacher=dense, kd_weight=kd_weight, kd_temperature=p.kd_temperature)
-        row = describe(model, cfg, flops=True, reference=dense, method=f"structured {p.importance}",
-                       level=p.ratio, recovery=recovery, train_seconds=time.perf_counter() - t0)
+        recovered[recovery] = (model, history, time.perf_counter() - t0)
+    timed = measure.latencies({"reference": copy.deepcopy(dense)} | {k: copy.deepcopy(m) for k, (m, *_) in
+                                                                     recovered.items()},
+                              b.height, b.width, "cpu", warmup=b.warmup, iters=b.speedup_iters)
+    rows, best = [], None
+    for recovery, (model, history, seconds) in recovered.items():
+        row = describe(model, cfg, flops=True, timed={"model": timed[recovery], "reference": timed["reference"]},
+                       method=f"structured {p.importance}", level=p.ratio, recovery=recovery, train_seconds=seconds)
         row["step_miou"] = [*history, row["miou"]]
         rows.append(row)
         if best is None or row["miou"] > best[0]["miou"]:
