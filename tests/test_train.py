@@ -153,7 +153,7 @@ def test_bad_checkpoints(tmp_path, tiny_root):
     run_dir = tmp_path / "out" / "smoke" / "runs" / "unet"
     # no optimizer state
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_best.pt", "result.json", "settings.json",
-                                                         "val_confusions.npy"]
+                                                         "val_confusions.npy", "val_previews.npz"]
     with pytest.raises(UserError, match="finished, so it keeps no state to resume from"):
         train(_cfg(tmp_path, tiny_root, **{"model.name": "unet"}), resume=True, progress=False)
     # a run stopped in its second epoch (4 steps an epoch) keeps its resumable state
