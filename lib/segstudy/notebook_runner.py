@@ -14,6 +14,7 @@ import html
 import itertools
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import nbformat
 import papermill as pm
 from nbconvert import HTMLExporter
+from tqdm import tqdm
 
 from segstudy.config import PROJECT_ROOT, Config, load_config, resolve_profile
 from segstudy.data.datasets import prepare_data
@@ -77,6 +79,24 @@ def _profile_arg(profile: str) -> str:
     return str(resolve_profile(profile).resolve()) if str(profile).endswith((".yaml", ".yml")) else str(profile)
 
 
+class SegstudyLines:
+    """A stdout_file for papermill: the kernel's "[segstudy] ..." lines (the plan, each epoch, the
+    ETA, the ImageNet fallback, reuse) echoed on this terminal above the progress bar; the
+    notebook keeps everything."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def write(self, text: str) -> None:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if line.startswith("[segstudy]"):
+                tqdm.write(line, file=sys.stdout)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
 def execute(notebook: Path, executed: Path, profile: str, overrides: dict[str, Any], timeout: int = 3600,
             progress: bool = True, log_output: bool = False) -> float:
     """Run one notebook with papermill (explicit kernel, cwd = its folder), export its HTML;
@@ -88,6 +108,7 @@ def execute(notebook: Path, executed: Path, profile: str, overrides: dict[str, A
         pm.execute_notebook(str(notebook), str(executed), kernel_name="python3", cwd=str(notebook.parent),
                             parameters={"profile": _profile_arg(profile), "overrides": overrides},
                             progress_bar=progress, log_output=log_output, execution_timeout=timeout,
+                            stdout_file=None if log_output else SegstudyLines(),
                             request_save_on_cell_execute=True)
     except pm.PapermillExecutionError as exc:
         raise UserError(f"notebook {notebook.name} failed in cell {exc.exec_count}: {exc.ename}: "
