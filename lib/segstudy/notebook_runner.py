@@ -15,6 +15,7 @@ import itertools
 import json
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import nbformat
 import papermill as pm
 from nbconvert import HTMLExporter
 from tqdm import tqdm
+from traitlets.config import Config as TraitletsConfig
 
 from segstudy.config import PROJECT_ROOT, Config, load_config, resolve_profile
 from segstudy.data.datasets import prepare_data
@@ -105,11 +107,15 @@ def execute(notebook: Path, executed: Path, profile: str, overrides: dict[str, A
     print(f"[segstudy] {notebook.name} -> {executed}", flush=True)
     start = time.perf_counter()
     try:
-        pm.execute_notebook(str(notebook), str(executed), kernel_name="python3", cwd=str(notebook.parent),
-                            parameters={"profile": _profile_arg(profile), "overrides": overrides},
-                            progress_bar=progress, log_output=log_output, execution_timeout=timeout,
-                            stdout_file=None if log_output else SegstudyLines(),
-                            request_save_on_cell_execute=True)
+        # the kernel listens on Unix sockets in a private folder instead of unencrypted TCP on
+        # localhost (which ipykernel warns about): nothing else on the machine can reach it
+        with tempfile.TemporaryDirectory(prefix="segstudy-kernel-") as sockets:
+            ipc = TraitletsConfig({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "kernel")}})
+            pm.execute_notebook(str(notebook), str(executed), kernel_name="python3", cwd=str(notebook.parent),
+                                parameters={"profile": _profile_arg(profile), "overrides": overrides},
+                                progress_bar=progress, log_output=log_output, execution_timeout=timeout,
+                                stdout_file=None if log_output else SegstudyLines(),
+                                request_save_on_cell_execute=True, config=ipc)
     except pm.PapermillExecutionError as exc:
         raise UserError(f"notebook {notebook.name} failed in cell {exc.exec_count}: {exc.ename}: "
                         f"{exc.evalue}. The executed copy with the full traceback is {executed}") from None
