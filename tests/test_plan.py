@@ -105,8 +105,8 @@ def test_the_eta_scales_what_is_left_by_measured_over_planned(smoke):
     timings.record_finished(smoke, "runs/m0", 2000)  # twice as slow as planned
     # m1: 10 of 100 steps in 200 s (20 s a step: 2000 s for a planned 1000, twice as slow too)
     line = timings.progress_line(smoke, "runs/m1", 10, 100, 200.0)
-    # this training: 90 steps x 20 s = 30 min; the whole run: 1800 s + 2 x 2000 s (m2) = 1.6 h; planned 4000 s
-    assert line == "ETA: this training 30 min, the whole run 1.6 h (planned 67 min)"
+    # this training: 90 steps x 20 s = 30 min; the run's trainings: 1800 s + 2 x 2000 s (m2) = 1.6 h; planned 4000 s
+    assert line == "ETA: this training 30 min, the run's trainings 1.6 h (planned 67 min)"
     # a training the plan does not hold (segstudy train alone): this training only
     assert timings.progress_line(smoke, "runs/other", 10, 100, 200.0) == "ETA: this training 30 min"
 

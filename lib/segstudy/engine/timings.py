@@ -130,8 +130,8 @@ def _finished_since_plan(data: dict, key: str) -> float | None:
 
 def progress_line(cfg: Config, run_key: str, done_steps: int, total_steps: int, elapsed_s: float,
                   first_step: int = 0) -> str:
-    """"ETA: this training 12 min, the whole run 5.3 h (planned 6.0 h)". `elapsed_s` covers steps
-    first_step..done_steps (a resumed training starts past 0). The whole run is what is left of
+    """"ETA: this training 12 min, the run's trainings 5.3 h (planned 6.0 h)". `elapsed_s` covers steps
+    first_step..done_steps (a resumed training starts past 0). The run's trainings: what is left of
     this training plus the planned time of the trainings after it in the plan, scaled by
     measured/planned so far (finished trainings of this plan, and this one's pace); without a plan
     that holds `run_key` (e.g. `segstudy train` alone) the line covers this training only."""
@@ -150,4 +150,5 @@ def progress_line(cfg: Config, run_key: str, done_steps: int, total_steps: int, 
     planned = sum(p for p, _ in actual) + rows[i]["planned_s"]
     ratio = measured / planned if planned > 0 else 1.0
     after = sum(r["planned_s"] for r in rows[i + 1:] if not r.get("reused"))
-    return f"{line}, the whole run {duration(left + ratio * after)} (planned {duration(planned_total)})"
+    # trainings only: the plan does not time evaluation (notebooks 04 and 05 evaluate much more)
+    return f"{line}, the run's trainings {duration(left + ratio * after)} (planned {duration(planned_total)})"
