@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import time
 
 import pytest
 import torch
@@ -98,6 +99,18 @@ def test_timings_written_before_the_plan_become_notebook_times(smoke):
     timings.path(smoke).write_text(json.dumps({"00_data_exploration": 12.5}))
     timings.record_notebook(smoke, "01_baselines", 30.0)
     assert timings.notebook_seconds(smoke) == {"00_data_exploration": 12.5, "01_baselines": 30.0}
+    assert timings.read(smoke)["notebooks_total_s"] == 42.5
+
+
+def test_a_fine_tune_in_steps_adds_its_parts_within_one_plan(smoke):
+    timings.write_plan(smoke, _plan_rows(100, 200), "test")
+    timings.record_finished(smoke, "runs/m0", 30, add=True)
+    timings.record_finished(smoke, "runs/m0", 45, add=True)
+    assert timings.read(smoke)["trainings"]["runs/m0"]["actual_s"] == 75
+    time.sleep(1.1)  # finished_at and planned_at are whole seconds
+    timings.write_plan(smoke, _plan_rows(100, 200), "a new run")  # the old parts are not this run's
+    timings.record_finished(smoke, "runs/m0", 20, add=True)
+    assert timings.read(smoke)["trainings"]["runs/m0"]["actual_s"] == 20
 
 
 def test_the_eta_scales_what_is_left_by_measured_over_planned(smoke):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from segstudy.compress import prune
-from segstudy.engine import measure
+from segstudy.engine import measure, timings
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_trained, save_model
 from segstudy.models.losses import Distiller, kd_loss, with_kd
@@ -181,6 +181,10 @@ def test_notebook_04_on_smoke(smoke_model):
         per_image = confusions[r["confusions"]]
         assert per_image.shape == (6, 19, 20)  # the tiny data's 6 validation images
         assert miou(per_image.sum(0)) == pytest.approx(r["miou"])
+    trainings = timings.read(cfg)["trainings"]  # each fine-tune's actual time next to its plan
+    for name in ("unstructured-layerwise", "structured-fine-tune", "structured-KD", "dense-control"):
+        entry = trainings[f"04_pruning_sweeps/{name}"]
+        assert entry["actual_s"] > 0 and entry["planned_s"] > 0
     control = next(r for r in result["rows"] if r["method"] == "dense control")
     assert control["latency_times_ms"] == result["dense"]["latency_times_ms"]  # the dense model's shapes
     assert len(result["dense"]["latency_times_ms"]) == cfg.bench.iters

@@ -297,7 +297,7 @@ def fx_ptq(model: nn.Module, images: Sequence[torch.Tensor], sizes: Sequence[int
     return {"models": models, "notes": notes, "calibrate_s": seconds}
 
 
-def qat(model: nn.Module, cfg: Config, epochs: float, lr: float | None = None) -> dict:
+def qat(model: nn.Module, cfg: Config, epochs: float, lr: float | None = None, timing_key: str | None = None) -> dict:
     """Quantization-aware fine-tune of a copy of `model` (fake-quant in the forward pass, x86 QAT
     qconfig, fp32, no channels_last) with engine.finetuning.finetune, then conversion to int8.
     Returns {"model": int8 model returning {"out": logits}, "notes", "train_seconds", "fake_quant_miou"}."""
@@ -305,7 +305,8 @@ def qat(model: nn.Module, cfg: Config, epochs: float, lr: float | None = None) -
 
     example = calibration_images(cfg, 1)[0][None]
     prepared, notes = fx_prepare(model, example, qat=True)
-    result = finetune(AsDict(prepared), cfg, epochs, lr=lr, amp="none", channels_last=False, desc="QAT")
+    result = finetune(AsDict(prepared), cfg, epochs, lr=lr, amp="none", channels_last=False, desc="QAT",
+                      timing_key=timing_key)
     # int8 kernels are CPU kernels: convert on the CPU even when the fine-tune ran on a GPU
     return {"model": AsDict(fx_convert(prepared.cpu().eval(), example)), "notes": notes,
             "train_seconds": result["train_seconds"], "fake_quant_miou": result["miou"]}

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from segstudy.config import Config
 from segstudy.data.datasets import build_dataset, build_loader, seed_everything
+from segstudy.engine import timings
 from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.engine.evaluation import validate
 from segstudy.engine.optimization import adamw, build_criterion, poly_schedule, train_one_epoch
@@ -21,16 +22,18 @@ from segstudy.errors import UserError
 def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None = None,
              teacher: nn.Module | None = None, kd_temperature: float = 1.0, kd_weight: float = 0.0,
              amp: str | None = None, channels_last: bool | None = None, progress: bool = True,
-             desc: str = "finetune", validate_after: bool = True) -> dict:
+             desc: str = "finetune", validate_after: bool = True, timing_key: str | None = None) -> dict:
     """Train an existing model in place (pruned, quantization-aware, ...) with cfg's loss for
     `epochs` (fractions allowed), AdamW at `lr` (default cfg.train.lr / 10) with a poly decay, then
     validate (unless `validate_after` is False: "miou" and "iou" are then None, for a caller that
     scores the model itself). With a teacher, the loss is (1 - kd_weight) x task + kd_weight x
-    pixel-wise KD. Returns {"miou", "iou", "history", "train_seconds", "img_per_s"}."""
+    pixel-wise KD. Returns {"miou", "iou", "history", "train_seconds", "img_per_s"}. `timing_key`:
+    the plan's key for it (studies.plan.finetune_key), under which timings.json adds its seconds."""
     from segstudy.models.losses import Distiller, with_kd
 
     if epochs <= 0:
         raise UserError(f"fine-tune epochs = {epochs}; it must be > 0")
+    start = time.perf_counter()
     device = resolve_device(cfg.device)
     amp_dtype = autocast_dtype(cfg.train.amp if amp is None else amp, device)
     channels_last = cfg.train.channels_last if channels_last is None else channels_last
@@ -77,5 +80,7 @@ def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None =
     metrics = {"miou": None, "iou": None}
     if validate_after:
         metrics = validate(model, cfg, amp=cfg.train.amp if amp is None else amp, channels_last=channels_last)
+    if timing_key:
+        timings.record_finished(cfg, timing_key, time.perf_counter() - start, add=True)
     return {"miou": metrics["miou"], "iou": metrics["iou"], "history": history, "train_seconds": seconds,
             "img_per_s": seen_all / seconds if seconds else float("nan")}

@@ -3,7 +3,8 @@ actual seconds of every training that finished, and each notebook's wall time; a
 training prints once per epoch.
 
 Layout: {"planned_at", "source", "plan": [{"key", "notebook", ..., "planned_s", "reused"}],
-"trainings": {run key: {"planned_s", "actual_s", "finished_at"}}, "notebooks": {stem: seconds}}.
+"trainings": {run key: {"planned_s", "actual_s", "finished_at"}}, "notebooks": {stem: seconds},
+"notebooks_total_s": their sum}.
 A run key is the training's folder relative to outputs/<profile>/ (runs/unet,
 runs/custom-ce-seed0), or <notebook>/<name> for a fine-tune, which has no folder of its own.
 Every write re-reads the file under a lock and replaces it atomically: the notebook runner and
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from segstudy.config import Config
 
-SECTIONS = ("planned_at", "source", "plan", "trainings", "notebooks")
+SECTIONS = ("planned_at", "source", "plan", "trainings", "notebooks", "notebooks_total_s")
 
 
 def path(cfg: Config) -> Path:
@@ -91,12 +92,14 @@ def write_plan(cfg: Config, plan: list[dict], source: str) -> dict:
     return update(cfg, change)
 
 
-def record_finished(cfg: Config, key: str, seconds: float) -> dict:
-    """A training's actual wall time (its validation passes included), next to its plan."""
+def record_finished(cfg: Config, key: str, seconds: float, add: bool = False) -> dict:
+    """A training's actual wall time (its validation passes included), next to its plan. `add`:
+    one more part of it (a fine-tune in steps), added to what this plan's run recorded so far."""
     def change(data: dict) -> None:
         planned = next((r["planned_s"] for r in data["plan"] if r["key"] == key), None)
+        before = (_finished_since_plan(data, key) or 0.0) if add else 0.0
         entry = data["trainings"].setdefault(key, {})
-        entry |= {"actual_s": round(seconds, 1), "finished_at": now()}
+        entry |= {"actual_s": round(before + seconds, 1), "finished_at": now()}
         entry.setdefault("planned_s", planned)
     return update(cfg, change)
 
@@ -104,6 +107,7 @@ def record_finished(cfg: Config, key: str, seconds: float) -> dict:
 def record_notebook(cfg: Config, stem: str, seconds: float) -> dict:
     def change(data: dict) -> None:
         data["notebooks"][stem] = seconds
+        data["notebooks_total_s"] = round(sum(data["notebooks"].values()), 1)
     return update(cfg, change)
 
 

@@ -128,11 +128,16 @@ def _loss_row(cfg: Config, name: str, seed: int, steps_per_epoch: int) -> Planne
     return dataclasses.replace(row, reused=True, note=f"the same training as {twin}") if twin else row
 
 
+def finetune_key(notebook: str, name: str) -> str:
+    """The run key of a fine-tune in the plan and in timings.json (it has no folder of its own)."""
+    return f"{notebook}/{name}"
+
+
 def _finetune_row(cfg: Config, notebook: str, name: str, kind: str, epochs: float, steps_per_epoch: int,
                   calls: int = 1, note: str = "") -> PlannedTraining:
     """engine.finetuning.finetune, `calls` times for `epochs` in all (one validation after each)."""
     iterations = calls * max(1, round(epochs / calls * steps_per_epoch))
-    return PlannedTraining(notebook, f"{notebook}/{name}", "custom", cfg.loss.name, cfg.seed, kind, epochs,
+    return PlannedTraining(notebook, finetune_key(notebook, name), "custom", cfg.loss.name, cfg.seed, kind, epochs,
                            iterations, calls, note=note)
 
 

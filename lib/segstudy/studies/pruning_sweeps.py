@@ -22,8 +22,10 @@ from segstudy.engine.evaluation import from_training, validate
 from segstudy.engine.finetuning import finetune
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_checkpoint, load_trained, save_model
+from segstudy.studies.plan import finetune_key
 
 SAVED = "pruned_structured.pt"  # notebook 05 quantizes this one
+NOTEBOOK = "04_pruning_sweeps"  # its fine-tunes' keys in the plan and timings.json
 
 
 def dense_checkpoint(cfg: Config) -> Path:
@@ -103,7 +105,8 @@ def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[
             model = prune.unstructured(copy.deepcopy(dense), p.finetune_sparsity, scope, permanent=False,
                                        scores=lamp)
             ft = finetune(model, cfg, p.unstructured_epochs, lr=p.unstructured_lr,
-                          desc=f"{scope} {p.finetune_sparsity}", validate_after=False)  # describe() scores it
+                          desc=f"{scope} {p.finetune_sparsity}", validate_after=False,  # describe() scores it
+                          timing_key=finetune_key(NOTEBOOK, f"unstructured-{scope}"))
             prune.make_permanent(model)  # the zeros survived the fine-tune: the masks were kept
             rows.append(describe(model, cfg, latency=False, method=f"unstructured {scope}",
                                  level=p.finetune_sparsity, recovery="fine-tune",
@@ -146,17 +149,17 @@ def structured_sweep(cfg: Config, dense: nn.Module) -> list[dict]:
     return rows
 
 
-def _finetune_in_steps(model: nn.Module, cfg: Config, desc: str, before_step=None, **kd) -> list[float]:
+def _finetune_in_steps(model: nn.Module, cfg: Config, desc: str, name: str, before_step=None, **kd) -> list[float]:
     """prune.steps fine-tunes of prune.epochs / prune.steps epochs at prune.lr, each after
     `before_step()` (a pruning step) when given; returns the val mIoU after every step but the
-    last, which the caller's describe() scores."""
+    last, which the caller's describe() scores. `name`: the fine-tune's in the plan."""
     p, history = cfg.prune, []
     for step in range(p.steps):
         if before_step is not None:
             before_step()
         last = step == p.steps - 1
         ft = finetune(model, cfg, p.epochs / p.steps, lr=p.lr, desc=f"{desc} step {step + 1}/{p.steps}",
-                      validate_after=not last, **kd)
+                      validate_after=not last, timing_key=finetune_key(NOTEBOOK, name), **kd)
         history += [] if last else [100 * ft["miou"]]
     return history
 
@@ -173,7 +176,7 @@ def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
         pruner = prune.structured_pruner(model, p.ratio, p.importance, steps=p.steps, layer_ratios=p.layer_ratios)
         t0 = time.perf_counter()
         history = _finetune_in_steps(
-            model, cfg, recovery,
+            model, cfg, recovery, f"structured-{recovery}",
             lambda pruner=pruner, model=model: prune.structured_step(
                 pruner, model, _taylor_batches(cfg) if p.importance == "taylor" else None),
             teacher=dense, kd_weight=kd_weight, kd_temperature=p.kd_temperature)
@@ -206,7 +209,7 @@ def dense_control(cfg: Config, dense: nn.Module, dense_row: dict) -> dict:
     shapes, hence the dense row's latency and FLOPs (not measured again)."""
     torch.manual_seed(cfg.seed)
     model, t0 = copy.deepcopy(dense), time.perf_counter()
-    history = _finetune_in_steps(model, cfg, "dense control")
+    history = _finetune_in_steps(model, cfg, "dense control", "dense-control")
     row = describe(model, cfg, latency=False, method="dense control", level=0.0, recovery="fine-tune",
                    train_seconds=time.perf_counter() - t0)
     row["step_miou"] = [*history, row["miou"]]

@@ -28,6 +28,7 @@ from segstudy.engine.evaluation import validate as validate_on
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_trained
 from segstudy.studies import results_files
+from segstudy.studies.plan import finetune_key
 
 
 def cpu_only(model: nn.Module) -> bool:
@@ -251,7 +252,8 @@ def qat(study: QuantStudy) -> str:
     run, reason = qat_decision(q.qat, ptq_loss, q.max_loss)
     info = study.notes["qat"] = {"ran": run, "reason": reason}
     if run:
-        result = quantize.qat(study.fp32, cfg, q.qat_epochs, lr=q.qat_lr or None)
+        result = quantize.qat(study.fp32, cfg, q.qat_epochs, lr=q.qat_lr or None,
+                              timing_key=finetune_key("05_quantization", "qat"))
         path = quantize.save_torchscript(result["model"], study.out / "custom_int8_qat.pt")
         study.rows["int8 QAT torch FX"] = variant(result["model"], cfg, engine="torch FX (x86)", precision="int8",
                                                   path=path)
