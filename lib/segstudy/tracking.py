@@ -34,6 +34,8 @@ def use_mlflow(cfg: TrackingConfig, output_root: str | Path):
     """Point MLflow at the profile's database and experiment (artifacts in output_root/mlartifacts)."""
     import mlflow
 
+    # MLflow draws a "Downloading artifacts" bar for every model it logs and reads back: noise in a notebook
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = mlflow_uri(cfg, output_root)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:

@@ -55,8 +55,6 @@ from segstudy.models.checkpoint import (
 from segstudy.models.networks import backbone_init, build_model
 from segstudy.tracking import Tracker
 
-CONFUSIONS = run_folder.CONFUSIONS
-
 
 def _reused_result(run_dir: Path, settings: dict, max_steps: int, reuse: bool) -> dict | None:
     """A finished run trained with these settings (with train.reuse), or one that the same
@@ -273,7 +271,7 @@ def _save_state(run: TrainingRun, run_dir: Path, record: dict | None = None) -> 
         save_checkpoint({k: state[k] for k in ("model", "meta", "epoch", "step", "best_miou", "history")},
                         run_dir / "checkpoint_best.pt")
         if run.per_image is not None:
-            np.save(run_dir / CONFUSIONS, run.per_image)
+            np.save(run_dir / run_folder.CONFUSIONS, run.per_image)
         if run.previews:
             np.savez_compressed(run_dir / run_folder.PREVIEWS, *run.previews)
     save_checkpoint(state, run_dir / "checkpoint_latest.pt")
@@ -382,6 +380,7 @@ def _finish(run: TrainingRun, tracker: Tracker, run_dir: Path, finished: bool) -
     history = run.history
     train_seconds = sum(r.get("seconds", 0.0) for r in history)
     images_seen = sum(r.get("images", 0) for r in history)
+    confusions = run_dir / run_folder.CONFUSIONS
     result = {"model": run.mcfg.name, "profile": run.cfg.profile, "finished": finished, "steps": run.step,
               "capped_at_step": None if finished else run.cfg.train.max_steps, "settings": run.meta["settings"],
               "epochs": len(history), "history": history, "best_miou": run.best_miou,
@@ -389,7 +388,7 @@ def _finish(run: TrainingRun, tracker: Tracker, run_dir: Path, finished: bool) -
               "train_img_per_s": images_seen / train_seconds if train_seconds else float("nan"),
               "parameters": measure.parameters(run.model), "run_dir": str(run_dir),
               "checkpoint_best": str(run_dir / "checkpoint_best.pt"), "mlflow_run_id": tracker.run_id,
-              "val_confusions": str(run_dir / CONFUSIONS) if (run_dir / CONFUSIONS).is_file() else None,
+              "val_confusions": str(confusions) if confusions.is_file() else None,
               "backbone_init": run.meta["backbone_init"]}
     tracker.finish()
     return result

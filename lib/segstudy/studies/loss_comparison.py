@@ -21,9 +21,9 @@ def run_grid(cfg: Config, names: list[str] | None = None, seeds: list[int] | Non
     runs = []
     for name in names or cfg.loss_study.names:
         for seed in seeds or run_seeds(cfg):
-            result = _twin_result(cfg, name, seed) or train(  # only the scores are compared: a finished
-                run_config(cfg, name, seed), run_dir=cfg.output_dir / run_key(cfg, name, seed),  # loss run
-                keep_weights=False)  # keeps no weights (disk: 12+ runs)
+            # only the scores are compared: a finished loss run keeps no weights (disk: 12+ runs)
+            result = _twin_result(cfg, name, seed) or train(
+                run_config(cfg, name, seed), run_dir=cfg.output_dir / run_key(cfg, name, seed), keep_weights=False)
             runs.append({"loss": name, "seed": seed, **result})
     return runs
 
