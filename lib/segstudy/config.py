@@ -134,6 +134,14 @@ class LossConfig:
 
 
 @dataclass
+class CompareConfig:
+    """Notebooks 01 and 02: the models each trains under one schedule (and `segstudy plan` counts)."""
+
+    baselines: list[str] = field(default_factory=lambda: ["unet", "deeplabv3_resnet50"])  # notebook 01
+    custom: list[str] = field(default_factory=lambda: ["custom"])  # notebook 02
+
+
+@dataclass
 class LossStudyConfig:
     """Notebook 03: every loss x every seed, one schedule."""
 
@@ -211,6 +219,19 @@ class QuantConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The thresholds of the report's verdicts (notebook 06)."""
+
+    # "keeps accuracy": the whole interval of the mIoU change (points) lies above -keep_loss
+    keep_loss: float = 1.0
+    # the recommendation: the fastest model whose mIoU interval reaches within `tolerance` points of
+    # the lower end of the most accurate model's interval
+    tolerance: float = 1.0
+    # "buys speed": the whole speed-up interval above this; timing noise alone moves a ratio by a few %
+    speed_floor: float = 1.1
+
+
+@dataclass
 class Config:
     profile: str = "demo"
     seed: int = 0
@@ -222,11 +243,13 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     loss_study: LossStudyConfig = field(default_factory=LossStudyConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     overrides: dict[str, Any] = field(default_factory=dict)  # set by load_config: what --set changed
 
     @property
@@ -474,6 +497,8 @@ CHOICES: dict[str, tuple] = {
     "loss.weighting": WEIGHTINGS,
     "loss_study.names": LOSSES,
     "loss_study.model": MODELS,
+    "compare.baselines": MODELS,
+    "compare.custom": MODELS,
     "prune.scopes": PRUNE_SCOPES,
     "prune.finetune_scopes": PRUNE_SCOPES,
     "prune.importances": IMPORTANCES,
@@ -548,6 +573,9 @@ RANGES: dict[str, Range] = {
     "quant.qat_lr": Range(0, note="0: train.lr / 10"),
     "quant.threads": Range(0, note="0: torch's default"),
     "quant.compare_images": AT_LEAST_ONE,
+    "report.keep_loss": NON_NEGATIVE,
+    "report.tolerance": NON_NEGATIVE,
+    "report.speed_floor": Range(1, note="a ratio: 1.1 asks for at least 10% faster"),
 }
 
 # list keys -> (how many items, what they are); None: any number but at least one
@@ -557,6 +585,8 @@ LENGTHS: dict[str, tuple[int | None, str]] = {
     "loss_study.names": (None, f"losses from {', '.join(LOSSES)}"),
     "loss_study.seeds": (None, "seeds, e.g. [0, 1]"),
     "quant.calib_sweep": (None, "calibration image counts, e.g. [2, 8, 32]"),
+    "compare.baselines": (None, f"models from {', '.join(MODELS)}"),
+    "compare.custom": (None, f"models from {', '.join(MODELS)}"),
 }
 
 Where = Callable[[str], str]
