@@ -98,7 +98,7 @@ def test_failed_retries_never_replace_a_finished_run(tmp_path, tiny_root):
     assert (previous / "checkpoint_best.pt").read_bytes() == before["checkpoint_best.pt"]
     assert result["checkpoint_best"] == str(run_dir / "checkpoint_best.pt") and result["run_dir"] == str(run_dir)
     assert json.loads((run_dir / "result.json").read_text())["history"] == result["history"]
-    assert not list(run_dir.parent.glob("*.tmp")) and not list(run_dir.glob("*.tmp"))
+    assert not list(run_dir.parent.glob("*.tmp*")) and not list(run_dir.glob("*.tmp*"))
 
 
 def test_divergence_guard():
@@ -134,9 +134,9 @@ def test_stale_temporary_checkpoints_are_removed(tmp_path):
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    stale = tmp_path / f"checkpoint_latest.pt.{dead}.tmp"
+    stale = tmp_path / f"checkpoint_latest.{dead}.tmp.pt"
     stale.write_bytes(b"half a checkpoint")
-    mine = tmp_path / f"other.pt.{os.getpid()}.tmp"  # a live writer's file stays
+    mine = tmp_path / f"checkpoint_latest.{os.getppid()}.tmp.pt"  # a live writer's file stays
     mine.write_bytes(b"in progress")
     save_checkpoint({"model": {}}, tmp_path / "checkpoint_latest.pt")
     assert not stale.exists() and mine.exists()

@@ -27,8 +27,9 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 from torch import nn
 
-from segstudy.compress.quantize import LogitsOnly, atomic_path, check_calibration, example_crop
+from segstudy.compress.quantize import LogitsOnly, check_calibration, example_crop
 from segstudy.errors import UserError
+from segstudy.files import atomic_path
 
 OPSET = 17
 # ops ORT quantizes; Resize (the final upsampling) is left out on purpose, see above

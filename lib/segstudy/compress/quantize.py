@@ -16,13 +16,10 @@ precision.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -36,25 +33,11 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 
 from segstudy.config import Config
 from segstudy.errors import UserError
+from segstudy.files import atomic_path
 
 OBSERVERS = ("histogram", "minmax")
 BACKEND = "x86"  # oneDNN or FBGEMM per op, chosen by torch for this CPU
 _TORCH_DIR = str(Path(torch.__file__).parent)
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; move it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def set_threads(threads: int) -> int:

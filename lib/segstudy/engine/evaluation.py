@@ -66,7 +66,7 @@ def from_training(run_dir: Path, cfg: Config, *, amp: str = "none", channels_las
     image at 2048x1024 on 2 cores); None when it would not be the same."""
     result = run_folder.finished_result(Path(run_dir))
     path = Path(run_dir) / run_folder.CONFUSIONS
-    if not result or result.get("settings") is None or not path.is_file() or cfg.train.compile:
+    if not result or not path.is_file() or cfg.train.compile:
         return None
     device = resolve_device(cfg.device)
     model_cfg = dataclasses.replace(cfg.model, name=result["model"])

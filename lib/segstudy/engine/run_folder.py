@@ -27,7 +27,7 @@ import torch
 from segstudy.config import Config
 from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.errors import UserError
-from segstudy.models.checkpoint import remove_stale_temporaries
+from segstudy.files import remove_stale_temporaries, write_json
 
 CONFUSIONS = "val_confusions.npy"  # [images, 19, 20]: each validation image's confusion matrix, best epoch
 PREVIEWS = "val_previews.npz"  # the best epoch's predictions of the first validation images (uint8 train ids)
@@ -75,18 +75,34 @@ def settings(cfg: Config, model_config) -> dict:
     return {key: value for key, value in flat.items() if key not in _NOT_SETTINGS}
 
 
+NO_SETTINGS = "no readable settings recorded (an older run, or a write cut short)"
+
+
 def changed_settings(saved: dict | None, current: dict) -> str:
-    """The settings that differ, in words ("train.lr 0.01 -> 0.02"); empty when the same (or
-    unknown: runs written before settings were recorded)."""
-    if saved is None:
-        return ""
+    """The settings that differ, in words ("train.lr 0.01 -> 0.02"); empty when the same. A run
+    without readable settings differs: nothing shows it was trained the same way."""
+    if not isinstance(saved, dict):
+        return NO_SETTINGS
     keys = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     return ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in keys[:4]) + \
         (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
+def reusable(run_dir: Path, values: dict, reuse: bool, max_steps: int) -> tuple[dict | None, str]:
+    """The one rule for returning a run instead of training (training, the plan and the loss study
+    call it): with train.reuse a finished run, and whatever train.reuse one that the same
+    train.max_steps stopped (continuing it would train nothing), in both cases only when its recorded
+    settings are `values`. (result marked "reused", "") or (None, why not; "" when there is no such run)."""
+    result = (reuse and finished_result(run_dir)) or capped_result(run_dir, max_steps)
+    if not result:
+        return None, ""
+    if changed := changed_settings(result.get("settings"), values):
+        return None, changed
+    return result | {"reused": True}, ""
+
+
 def write_settings(work_dir: Path, values: dict) -> None:
-    (work_dir / "settings.json").write_text(json.dumps(values, indent=1, sort_keys=True))
+    write_json(work_dir / "settings.json", values, indent=1, sort_keys=True)
 
 
 def unfinished(run_dir: Path, values: dict, insist: bool = False) -> Path | None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from segstudy.config import Config
+from segstudy.files import write_json
 
 SECTIONS = ("planned_at", "source", "plan", "trainings", "notebooks", "notebooks_total_s")
 
@@ -77,9 +77,7 @@ def update(cfg: Config, change: Callable[[dict], None]) -> dict:
     with _locked(cfg):
         data = read(cfg)
         change(data)
-        tmp = path(cfg).with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path(cfg))
+        write_json(path(cfg), data)
     return data
 
 

@@ -57,17 +57,14 @@ from segstudy.tracking import Tracker
 
 
 def _reused_result(run_dir: Path, settings: dict, max_steps: int, reuse: bool) -> dict | None:
-    """A finished run trained with these settings (with train.reuse), or one that the same
-    train.max_steps already stopped: continuing it would train nothing."""
-    result = (reuse and run_folder.finished_result(run_dir)) or run_folder.capped_result(run_dir, max_steps)
-    if not result:
-        return None
-    if changed := run_folder.changed_settings(result.get("settings"), settings):
-        print(f"[segstudy] the run in {run_dir} was trained with other settings ({changed}): training again; "
+    """run_folder.reusable, said on the terminal."""
+    result, why_not = run_folder.reusable(run_dir, settings, reuse, max_steps)
+    if why_not:
+        print(f"[segstudy] the run in {run_dir} cannot be reused ({why_not}): training again; "
               f"it stays where it is until the new run finishes")
-        return None
-    print(f"[segstudy] reusing the run in {run_dir} (set train.reuse: false to retrain)")
-    return result | {"reused": True}
+    elif result:
+        print(f"[segstudy] reusing the run in {run_dir} (set train.reuse: false to retrain)")
+    return result
 
 
 @dataclasses.dataclass

@@ -4,7 +4,6 @@ atomically and read back with `torch.load(weights_only=True)`."""
 from __future__ import annotations
 
 import inspect
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -14,40 +13,16 @@ import torch
 from torch import nn
 
 from segstudy.errors import UserError
+from segstudy.files import atomic_path
 from segstudy.models.networks import build_model
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write to a temporary file named after this process, then rename: a crash never leaves a
-    truncated checkpoint, and two processes never write the same temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, path.name)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
+    """Written atomically (segstudy.files): a crash never leaves a truncated checkpoint, and two
+    processes never write the same temporary file."""
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: Path, name: str = "*") -> None:
-    """Delete `<name>.<pid>.tmp` files left by writers that were killed (their PID is gone)."""
-    for tmp in Path(folder).glob(f"{name}.*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        if not pid.isdigit() or not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+    return Path(path)
 
 
 def save_model(model: nn.Module, meta: dict, path: str | Path, **info) -> Path:

@@ -39,15 +39,16 @@ def twin_key(cfg: Config, name: str, seed: int) -> str | None:
 
 
 def _twin_result(cfg: Config, name: str, seed: int) -> dict | None:
-    """The finished twin run (twin_key) trained with these settings, when train.reuse allows it."""
+    """The twin run (twin_key) when run_folder.reusable returns it for this (loss, seed)'s settings."""
     key = twin_key(cfg, name, seed)
-    done = key and cfg.train.reuse and run_folder.finished_result(cfg.output_dir / key)
-    own = run_config(cfg, name, seed)
-    if not done or done.get("settings") is None or run_folder.changed_settings(
-            done["settings"], run_folder.settings(own, own.model)):
+    if key is None:
         return None
-    print(f"[segstudy] loss {name}, seed {seed} trains exactly as {key}: reusing that run")
-    return done | {"reused": True}
+    own = run_config(cfg, name, seed)
+    done, _ = run_folder.reusable(cfg.output_dir / key, run_folder.settings(own, own.model), cfg.train.reuse,
+                                  cfg.train.max_steps)
+    if done:
+        print(f"[segstudy] loss {name}, seed {seed} trains exactly as {key}: reusing that run")
+    return done
 
 
 def run_seeds(cfg: Config) -> list[int]:

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segstudy.compress.quantize import atomic_path
 from segstudy.config import PROJECT_ROOT, Config
 from segstudy.engine import measure, provenance
 from segstudy.errors import UserError
+from segstudy.files import atomic_path
+from segstudy.files import write_json as _write_json_file
 
 # every results file (relative to outputs/<profile>/), by the key the report uses
 FILES = {
@@ -114,9 +115,7 @@ def write_confusions(file: str | Path, store: dict[str, np.ndarray]) -> Path:
 
 def write_json(file: str | Path, payload: dict) -> Path:
     """Write a results file atomically (a crash never leaves half a JSON for notebook 06)."""
-    with atomic_path(file) as tmp:
-        tmp.write_text(json.dumps(_plain(payload), indent=2))
-    return Path(file)
+    return _write_json_file(file, _plain(payload))
 
 
 def read(cfg: Config, key: str) -> tuple[dict | None, Path, str | None]:
