@@ -172,6 +172,10 @@ class PruneConfig:
     lr: float = 0.001
     kd_weight: float = 0.7  # share of the distillation term in the loss
     kd_temperature: float = 2.0
+    # notebook 04's targets for the recovered structured model and the fine-tuned unstructured level
+    target_speedup: float = 2.0  # at least this many times faster than dense
+    target_loss: float = 2.0  # at most this many mIoU points lost
+    target_kept: float = 0.95  # unstructured: this share of dense mIoU kept
 
 
 @dataclass
@@ -561,6 +565,9 @@ RANGES: dict[str, Range] = {
     "prune.lr": POSITIVE,
     "prune.kd_weight": PROBABILITY,
     "prune.kd_temperature": POSITIVE,
+    "prune.target_speedup": POSITIVE,
+    "prune.target_loss": NON_NEGATIVE,
+    "prune.target_kept": PROBABILITY,
     "bench.height": AT_LEAST_ONE,
     "bench.width": AT_LEAST_ONE,
     "bench.warmup": NON_NEGATIVE,
