@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 
 import pytest
@@ -39,11 +38,15 @@ def test_the_plan_lists_every_training_of_the_smoke_profile(smoke):
     assert plan.trainings(smoke, ["02_custom_model"])[0].key == "runs/custom"
 
 
-def test_the_notebooks_train_the_models_the_plan_names():
-    for notebook, models in plan.NOTEBOOK_MODELS.items():
+def test_the_plan_counts_the_models_the_config_names(smoke):
+    """Notebooks 01/02 train cfg.compare's models (they read it, as the plan does)."""
+    fewer = dataclasses.replace(smoke, compare=dataclasses.replace(smoke.compare, baselines=["unet"]))
+    keys = [r.key for r in plan.trainings(fewer, ["01_baselines", "02_custom_model"])]
+    assert keys == ["runs/unet", "runs/custom"]
+    for notebook, attr in (("01_baselines", "baselines"), ("02_custom_model", "custom")):
         source = "".join("".join(c["source"]) for c in json.loads((NOTEBOOKS_DIR / f"{notebook}.ipynb").read_text())
                          ["cells"] if c["cell_type"] == "code")
-        assert re.search(r"^models = (\[.*\])$", source, re.M)[1] == str(list(models))
+        assert f"models = cfg.compare.{attr}" in source
 
 
 def test_the_warm_up_on_the_device_gives_positive_finite_seconds(smoke):

@@ -35,7 +35,7 @@ def _model(miou: float, latency: float, latency_cl: float, params: float) -> dic
 
 def _write(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload))
+    path.write_text(json.dumps(payload | {"format": results_files.FORMAT}))
 
 
 def _png(path: Path) -> None:
@@ -62,14 +62,14 @@ def fake_outputs(out: Path, skip: tuple[str, ...] = ()) -> None:
                         {"loss": "dice", "seeds": 2, "mIoU mean": 14.5, "mIoU std": 0.71, "mIoU min": 14.0,
                          "mIoU max": 15.0, "small-class IoU mean": 0.5}]},
         "pruning": {"profile": "smoke", "cpu": BENCH, "bench": BENCH, "prune": {}, "layer_sparsity": {},
-                    "dense": {"method": "dense", "level": 0.0, "recovery": "none", "sparsity": 0.0, "miou": 27.0,
+                    "dense": {"method": "dense", "level": 0.0, "recovery": "none", "sparsity": 0.0, "miou": 0.27,
                               "params": 3e7, "size_mb": 110.0, "size_gz_mb": 100.0, "latency_ms": 60.0,
                               "gflops": 2.0},
                     "rows": [{"method": "structured group_norm", "level": 0.3, "recovery": "KD", "sparsity": 0.0,
-                              "miou": 26.5, "params": 1e7, "size_mb": 40.0, "size_gz_mb": 37.0,
+                              "miou": 0.265, "params": 1e7, "size_mb": 40.0, "size_gz_mb": 37.0,
                               "latency_ms": 25.0, "gflops": 0.9},
                              {"method": "structured group_norm", "level": 0.5, "recovery": "none", "sparsity": 0.0,
-                              "miou": 25.0, "params": 5e6, "size_mb": 20.0, "size_gz_mb": 18.0,
+                              "miou": 0.25, "params": 5e6, "size_mb": 20.0, "size_gz_mb": 18.0,
                               "latency_ms": 12.0, "gflops": 0.4}]},
         "quantization": {"profile": "smoke", "cpu": BENCH, "variants": {
             "fp32 eager": {"engine": "torch", "precision": "fp32", "miou": 0.27, "latency_ms": 60.0,
@@ -127,7 +127,7 @@ def test_notebook_06_and_report_on_smoke(tmp_path, tiny_root):
 def test_recommendation_rule_and_pool(tmp_path):
     cfg = load_config("smoke", {"output_root": str(tmp_path)})
     fake_outputs(cfg.output_dir, skip=("quantization",))
-    part, pick = report_figures.recommend(cfg, tolerance=1.0)
+    part, pick = report_figures.recommend(cfg)
     # best: custom at 27.0. Notebook 03's two seeds per loss put the seed sd of a training at 1.1 points
     # (2 df): every interval is ~ +-5 points wide, so the 0.5-ratio model (25.0, 12 ms), 2 points
     # down by its mean, is not distinguishable from being within a point, and it is the fastest
@@ -140,7 +140,7 @@ def test_recommendation_rule_and_pool(tmp_path):
     _write(cfg.output_dir / results_files.FILES["losses"], {"profile": "smoke", "epochs": 1, "runs": [
         {"loss": loss, "seed": seed, "best_miou": m + 0.001 * seed, "history": []}
         for loss, m in (("ce", 0.10), ("dice", 0.14)) for seed in range(3)]})
-    part, pick = report_figures.recommend(cfg, tolerance=1.0)
+    part, pick = report_figures.recommend(cfg)
     assert pick["model"] == "custom · structured group_norm 0.3 + KD"
     assert part.table.loc["custom · structured group_norm 0.3 + KD", "recommended"] == "★"
     assert part.table.loc["custom · structured group_norm 0.5", "eligible"] == ""

@@ -61,7 +61,7 @@ def _model(conf_path: Path, latency: float) -> dict:
 def _row(method: str, level: float, recovery: str, key: str, store: dict, conf: np.ndarray,
          latency: float | None = None, **extra) -> dict:
     store[key] = conf
-    row = {"method": method, "level": level, "recovery": recovery, "sparsity": level, "miou": miou(conf.sum(0)),
+    row = {"method": method, "level": level, "recovery": recovery, "sparsity": level, "miou": miou(conf.sum(0)) / 100,
            "params": 1e6, "confusions": key, **extra}
     if latency:
         row |= {"latency_ms": latency, "latency_times_ms": _times(latency)}
@@ -70,7 +70,7 @@ def _row(method: str, level: float, recovery: str, key: str, store: dict, conf: 
 
 def _write(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload))
+    path.write_text(json.dumps(payload | {"format": results_files.FORMAT}))
 
 
 def fake(out: Path, *, losses: dict | None = None, pruned_acc: float = 0.6, int8_same: bool = True,

@@ -191,7 +191,8 @@ def test_order_of_the_items_does_not_change_the_answer():
     assert forward == backward and forward.answer == f"{NOT_DISTINGUISHABLE}: a, b"
     cands = {"x": (Estimate(30, 29, 31, 60, "m"), 50.0), "y": (Estimate(29.8, 28, 31, 60, "m"), 20.0),
              "z": (Estimate(29.8, 28, 31, 60, "m"), 20.0)}  # y, z tie on everything: the name decides
-    assert recommend(cands) == recommend(dict(reversed(list(cands.items())))) and recommend(cands).answer == "y"
+    assert recommend(cands, 1.0) == recommend(dict(reversed(list(cands.items()))), 1.0)
+    assert recommend(cands, 1.0).answer == "y"
 
 
 @pytest.mark.parametrize("low, high, answer",
@@ -206,7 +207,7 @@ def test_threshold_keeps_accuracy(low, high, answer):
 def test_recommend_picks_the_faster_of_indistinguishable_models():
     cands = {"big": (Estimate(30.0, 29.0, 31.0, 3, "3 seeds"), 80.0),
              "small": (Estimate(28.5, 27.0, 30.0, 3, "3 seeds"), 15.0)}  # 1.5 below, but reaches 29.0
-    v = recommend(cands)
+    v = recommend(cands, 1.0)
     assert v.answer == "small"
     assert "eligible (interval reaches 28.0, 1 point below the best's interval)" in v.evidence
     assert "small is the fastest eligible" in v.evidence
@@ -216,7 +217,7 @@ def test_recommend_refuses_a_fast_model_clearly_worse():
     cands = {"big": (Estimate(30.0, 29.5, 30.5, 3, "3 seeds"), 80.0),
              "mid": (Estimate(29.6, 29.0, 30.2, 3, "3 seeds"), 40.0),
              "tiny": (Estimate(25.0, 24.0, 26.0, 3, "3 seeds"), 5.0)}
-    v = recommend(cands)
+    v = recommend(cands, 1.0)
     assert v.answer == "mid"
     assert "excluded (whole interval below 28.5): tiny" in v.evidence  # the best's low 29.5, less 1
 

@@ -31,7 +31,7 @@ from segstudy.data.datasets import prepare_data
 from segstudy.engine import provenance
 from segstudy.engine import timings as timing_records
 from segstudy.errors import UserError
-from segstudy.studies import plan
+from segstudy.studies import plan, results_files
 from segstudy.tracking import mlflow_uri
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
@@ -245,7 +245,7 @@ def sweep(notebook: str | Path, grid: dict[str, list[Any]], profile: str = "demo
         if isinstance(current, list):
             grid[key] = [v if isinstance(v, list) else [v] for v in values]
     name = name or f"{notebook.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep_dir = Path(base.output_root) / "sweeps" / name
+    sweep_dir = results_files.sweep_file(base.output_root, name).parent
     shared = {"tracking.uri": mlflow_uri(base.tracking, base.output_root), "tracking.sweep": name}
     runs = []
     for combo in itertools.product(*grid.values()):
@@ -261,16 +261,13 @@ def sweep(notebook: str | Path, grid: dict[str, list[Any]], profile: str = "demo
         row = {"params": params, "folder": str(run_root)}
         try:
             row["seconds"] = execute(notebook, run_root / notebook.name, profile, overrides, timeout, progress)
-            results = run_root / base.profile / notebook.stem / "results.json"
-            row["results"] = json.loads(results.read_text()) if results.is_file() else None
+            row["results"] = results_files.read_run_results(run_root, base.profile, notebook.stem)
         except UserError as exc:
             row["error"] = str(exc)  # keep going: one failed combination does not lose the others
         rows.append(row)
-        (sweep_dir / "sweep.json").write_text(json.dumps(
-            {"sweep": name, "notebook": notebook.name, "profile": base.profile, "fixed": fixed,
-             "grid": grid, "runs": rows}, indent=2, default=str))
+        gathered = results_files.write_sweep(base.output_root, name, notebook.name, base.profile, fixed, grid, rows)
     failed = [r for r in rows if "error" in r]
     if failed:
         raise UserError(f"{len(failed)} of {len(rows)} sweep runs failed (first: {failed[0]['error']}); "
-                        f"the others are gathered in {sweep_dir / 'sweep.json'}")
-    return sweep_dir / "sweep.json"
+                        f"the others are gathered in {gathered}")
+    return gathered

@@ -19,6 +19,11 @@ from segstudy.engine.optimization import adamw, build_criterion, poly_schedule, 
 from segstudy.errors import UserError
 
 
+def iterations(epochs: float, steps_per_epoch: int) -> int:
+    """The optimiser steps of a fine-tune of `epochs` (fractions allowed): at least one."""
+    return max(1, round(epochs * steps_per_epoch))
+
+
 def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None = None,
              teacher: nn.Module | None = None, kd_temperature: float = 1.0, kd_weight: float = 0.0,
              amp: str | None = None, channels_last: bool | None = None, progress: bool = True,
@@ -28,7 +33,7 @@ def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None =
     validate (unless `validate_after` is False: "miou" and "iou" are then None, for a caller that
     scores the model itself). With a teacher, the loss is (1 - kd_weight) x task + kd_weight x
     pixel-wise KD. Returns {"miou", "iou", "history", "train_seconds", "img_per_s"}. `timing_key`:
-    the plan's key for it (studies.plan.finetune_key), under which timings.json adds its seconds."""
+    the plan's key for it (engine.timings.finetune_key), under which timings.json adds its seconds."""
     from segstudy.models.losses import Distiller, with_kd
 
     if epochs <= 0:
@@ -50,7 +55,7 @@ def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None =
     lr = lr if lr is not None else cfg.train.lr / 10
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr, cfg.train.weight_decay)
     steps_per_epoch = len(train_ds) // cfg.data.batch_size
-    total = max(1, round(epochs * steps_per_epoch))
+    total = iterations(epochs, steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(total, 0, cfg.train.poly_power))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     history, step, seconds, seen_all = [], 0, 0.0, 0

@@ -88,15 +88,16 @@ def changed_settings(saved: dict | None, current: dict) -> str:
         (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
-def reusable(run_dir: Path, values: dict, reuse: bool, max_steps: int) -> tuple[dict | None, str]:
+def reusable(run_dir: Path, cfg: Config, model_config) -> tuple[dict | None, str]:
     """The one rule for returning a run instead of training (training, the plan and the loss study
     call it): with train.reuse a finished run, and whatever train.reuse one that the same
     train.max_steps stopped (continuing it would train nothing), in both cases only when its recorded
-    settings are `values`. (result marked "reused", "") or (None, why not; "" when there is no such run)."""
-    result = (reuse and finished_result(run_dir)) or capped_result(run_dir, max_steps)
+    settings are those of (cfg, model_config). (result marked "reused", "") or (None, why not; ""
+    when there is no such run)."""
+    result = (cfg.train.reuse and finished_result(run_dir)) or capped_result(run_dir, cfg.train.max_steps)
     if not result:
         return None, ""
-    if changed := changed_settings(result.get("settings"), values):
+    if changed := changed_settings(result.get("settings"), settings(cfg, model_config)):
         return None, changed
     return result | {"reused": True}, ""
 

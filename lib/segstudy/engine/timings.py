@@ -26,6 +26,11 @@ from segstudy.files import write_json
 SECTIONS = ("planned_at", "source", "plan", "trainings", "notebooks", "notebooks_total_s")
 
 
+def finetune_key(notebook: str, name: str) -> str:
+    """The key of a fine-tune in the plan and in timings.json (it has no run folder of its own)."""
+    return f"{notebook}/{name}"
+
+
 def path(cfg: Config) -> Path:
     return cfg.output_dir / "timings.json"
 

@@ -56,9 +56,9 @@ from segstudy.models.networks import backbone_init, build_model
 from segstudy.tracking import Tracker
 
 
-def _reused_result(run_dir: Path, settings: dict, max_steps: int, reuse: bool) -> dict | None:
+def _reused_result(run_dir: Path, cfg: Config, mcfg) -> dict | None:
     """run_folder.reusable, said on the terminal."""
-    result, why_not = run_folder.reusable(run_dir, settings, reuse, max_steps)
+    result, why_not = run_folder.reusable(run_dir, cfg, mcfg)
     if why_not:
         print(f"[segstudy] the run in {run_dir} cannot be reused ({why_not}): training again; "
               f"it stays where it is until the new run finishes")
@@ -301,7 +301,7 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
     mcfg = dataclasses.replace(cfg.model, name=model_name or cfg.model.name)
     run_dir = Path(run_dir) if run_dir else cfg.output_dir / "runs" / mcfg.name
     settings = run_folder.settings(cfg, mcfg)
-    if not resume and (saved := _reused_result(run_dir, settings, cfg.train.max_steps, cfg.train.reuse)):
+    if not resume and (saved := _reused_result(run_dir, cfg, mcfg)):
         return saved
     if launch.wanted(cfg):
         return launch.torchrun(cfg, mcfg.name, run_dir, keep_weights)
@@ -337,6 +337,24 @@ def _drop_training_state(work_dir: Path, keep_weights: bool, result: dict) -> No
         result["checkpoint_best"] = None
 
 
+def validates_after(epoch: int, tcfg, capped: bool = False) -> bool:
+    """Whether training validates after epoch `epoch` (1-based): every train.val_every epochs, after
+    the last one, and when train.max_steps stops it."""
+    return capped or epoch % tcfg.val_every == 0 or epoch == tcfg.epochs
+
+
+def validation_passes(tcfg) -> int:
+    """How many times a whole training validates (the plan counts them)."""
+    return sum(validates_after(epoch, tcfg) for epoch in range(1, tcfg.epochs + 1))
+
+
+def planned_batches(tcfg, steps_per_epoch: int) -> int:
+    """The batches a whole training runs: its epochs, or fewer when train.max_steps (optimiser
+    steps, each train.grad_accum batches) stops it."""
+    batches = tcfg.epochs * steps_per_epoch
+    return min(batches, tcfg.max_steps * tcfg.grad_accum) if tcfg.max_steps else batches
+
+
 def _epochs(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: bool) -> bool:
     """The epoch loop; True when the schedule finished, False when train.max_steps stopped it (after
     a validation and a checkpoint, so the run is usable). A failure marks the MLflow run FAILED."""
@@ -346,7 +364,7 @@ def _epochs(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: bool) 
         while run.epoch < tcfg.epochs and not capped:
             capped = _run_epoch(run, tracker, work_dir, progress)
             record = _close_epoch(run, capped)
-            if capped or record["epoch"] % tcfg.val_every == 0 or record["epoch"] == tcfg.epochs:
+            if validates_after(record["epoch"], tcfg, capped):
                 record |= _validate_epoch(run, tracker)
             run.history.append(record)
             if run.main:

@@ -94,9 +94,14 @@ def save(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
+def _in_points(rows: pd.DataFrame) -> pd.DataFrame:
+    """Results files hold mIoU as a fraction (results_files); figures show points."""
+    return rows.assign(miou=100 * rows["miou"].astype(float))
+
+
 def pruning_curves(rows: list[dict], dense: dict) -> plt.Figure:
     """mIoU vs pruned fraction per method (lines: no recovery; markers: fine-tuned / distilled)."""
-    df = pd.DataFrame(rows)
+    df = _in_points(pd.DataFrame(rows))
     fig, ax = plt.subplots(figsize=(8, 4.2))
     plain = df[df["recovery"] == "none"]
     for method, g in plain.groupby("method", sort=False):
@@ -105,7 +110,7 @@ def pruning_curves(rows: list[dict], dense: dict) -> plt.Figure:
     for (method, rec), g in df[df["recovery"] != "none"].groupby(["method", "recovery"], sort=False):
         ax.scatter(g["level"], g["miou"], s=90, marker="*" if rec == "KD" else "D", label=f"{method} + {rec}",
                    zorder=3)
-    ax.axhline(dense["miou"], color="black", linestyle="--", label=f"dense {dense['miou']:.1f}")
+    ax.axhline(100 * dense["miou"], color="black", linestyle="--", label=f"dense {100 * dense['miou']:.1f}")
     ax.set(xlabel="pruned fraction (weights: unstructured; channels per layer: structured)",
            ylabel="val mIoU %", title="Accuracy against pruning")
     ax.legend(fontsize=8)
@@ -133,7 +138,7 @@ def pruning_cost(rows: list[dict], dense: dict) -> plt.Figure:
 
 def pareto(rows: list[dict], dense: dict) -> plt.Figure:
     """mIoU against latency for every measured model; the Pareto front joins the undominated ones."""
-    df = pd.DataFrame([dense | {"method": "dense", "recovery": "none", "level": 0}, *rows])
+    df = _in_points(pd.DataFrame([dense | {"method": "dense", "recovery": "none", "level": 0}, *rows]))
     df = df.dropna(subset=["latency_ms"])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for (method, rec), g in df.groupby(["method", "recovery"], sort=False):

@@ -44,8 +44,7 @@ def _twin_result(cfg: Config, name: str, seed: int) -> dict | None:
     if key is None:
         return None
     own = run_config(cfg, name, seed)
-    done, _ = run_folder.reusable(cfg.output_dir / key, run_folder.settings(own, own.model), cfg.train.reuse,
-                                  cfg.train.max_steps)
+    done, _ = run_folder.reusable(cfg.output_dir / key, own, own.model)
     if done:
         print(f"[segstudy] loss {name}, seed {seed} trains exactly as {key}: reusing that run")
     return done
@@ -128,4 +127,5 @@ def curves(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
 
 def save(cfg: Config, runs: list[dict]) -> Path:
     """outputs/<profile>/03_loss_comparison/results.json: the runs and the tables above."""
-    return results_files.write_losses(cfg, runs, summary(runs), class_means(runs), small_class_delta(runs))
+    return results_files.write_losses(cfg, runs, summary(runs), class_means(runs), small_class_delta(runs),
+                                      per_run_iou(runs))

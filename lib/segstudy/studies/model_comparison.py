@@ -9,11 +9,14 @@ import pandas as pd
 import torch
 
 from segstudy.config import Config
+from segstudy.data.datasets import build_dataset
 from segstudy.deploy import registry
 from segstudy.engine import measure, run_folder
 from segstudy.engine.device import resolve_device
+from segstudy.engine.evaluation import PREVIEW_IMAGES
 from segstudy.engine.training import train
 from segstudy.models.checkpoint import load_trained
+from segstudy.studies import figures
 
 
 def train_models(cfg: Config, names: list[str]) -> dict[str, dict]:
@@ -51,6 +54,14 @@ def comparison_table(results: dict[str, dict], profiles: dict[str, dict], cfg: C
                      "GFLOPs": p["gflops"], "size MB": p["size_mb"], "train img/s": r["train_img_per_s"],
                      "train s": r["train_seconds"]})
     return pd.DataFrame(rows).set_index("model").round(2)
+
+
+def prediction_figure(cfg: Config, results: dict[str, dict]):
+    """The first validation images, their ground truth and every model's prediction: as many as
+    training keeps (evaluation.PREVIEW_IMAGES), so the figure reads them instead of predicting."""
+    val = build_dataset(cfg.data, cfg.data.val_split)
+    n = min(PREVIEW_IMAGES, len(val))
+    return figures.prediction_grid(val, predictions(cfg, results, val, n), n)
 
 
 @torch.inference_mode()

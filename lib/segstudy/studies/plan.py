@@ -22,14 +22,13 @@ from segstudy.data.datasets import build_dataset
 from segstudy.data.labels import NUM_CLASSES
 from segstudy.engine import measure, run_folder
 from segstudy.engine.device import autocast_dtype, resolve_device
-from segstudy.engine.timings import duration
+from segstudy.engine.finetuning import iterations as finetune_iterations
+from segstudy.engine.timings import duration, finetune_key
+from segstudy.engine.training import planned_batches, validation_passes
 from segstudy.errors import UserError
 from segstudy.models.networks import build_model
-from segstudy.studies import loss_comparison
+from segstudy.studies import loss_comparison, pruning_sweeps, quantization
 
-# What each notebook trains. 01 and 02 name their models in the notebook (tests/test_plan.py
-# checks that these agree); 03-05 follow the config.
-NOTEBOOK_MODELS = {"01_baselines": ("unet", "deeplabv3_resnet50"), "02_custom_model": ("custom",)}
 # Effective TFLOPS of one 80 GB A100/H100-class GPU with bf16 AMP, until a GPU measures it: what an
 # A100 80GB reaches training ResNet-50 with AMP in NVIDIA's published benchmark (DeepLearningExamples,
 # 2470 img/s x 3 x 8.18 GFLOPs = 61 TFLOPS, a fifth of its 312 TFLOPS bf16 peak); an H100 is faster.
@@ -91,33 +90,19 @@ def split_sizes(cfg: Config) -> tuple[int, int, str]:
             f"the published {cfg.data.dataset} split sizes: {cfg.data.root} is not on this machine")
 
 
-def _val_passes(epochs: int, val_every: int) -> int:
-    """train() validates every val_every epochs and after the last one."""
-    return epochs // val_every + (epochs % val_every != 0)
-
-
-def _train_iterations(cfg: Config, epochs: int, steps_per_epoch: int) -> int:
-    batches = epochs * steps_per_epoch
-    if cfg.train.max_steps:  # max_steps counts optimiser steps, each train.grad_accum batches
-        batches = min(batches, cfg.train.max_steps * cfg.train.grad_accum)
-    return batches
-
-
 def _reused(cfg: Config, run_dir: Path) -> bool:
-    """train.reuse will return this run folder's result (engine.training._reused_result)."""
-    if not cfg.train.reuse:
+    """Whether train() will return this run folder's result (run_folder.reusable, training's rule)."""
+    try:
+        return run_folder.reusable(run_dir, cfg, cfg.model)[0] is not None
+    except UserError:  # its settings name a device this machine lacks: it will not run here as it is
         return False
-    result = run_folder.finished_result(run_dir) or run_folder.capped_result(run_dir, cfg.train.max_steps)
-    return result is not None and not run_folder.changed_settings(result.get("settings"),
-                                                                  run_folder.settings(cfg, cfg.model))
 
 
 def _train_row(cfg: Config, notebook: str, key: str, steps_per_epoch: int) -> PlannedTraining:
     """engine.training.train of cfg.model with `cfg` (as the notebook builds it) into outputs/<profile>/<key>."""
-    epochs = cfg.train.epochs
-    return PlannedTraining(notebook, key, cfg.model.name, cfg.loss.name, cfg.seed, "train", epochs,
-                           _train_iterations(cfg, epochs, steps_per_epoch),
-                           _val_passes(epochs, cfg.train.val_every), _reused(cfg, cfg.output_dir / key))
+    return PlannedTraining(notebook, key, cfg.model.name, cfg.loss.name, cfg.seed, "train", cfg.train.epochs,
+                           planned_batches(cfg.train, steps_per_epoch), validation_passes(cfg.train),
+                           _reused(cfg, cfg.output_dir / key))
 
 
 def _loss_row(cfg: Config, name: str, seed: int, steps_per_epoch: int) -> PlannedTraining:
@@ -128,30 +113,17 @@ def _loss_row(cfg: Config, name: str, seed: int, steps_per_epoch: int) -> Planne
     return dataclasses.replace(row, reused=True, note=f"the same training as {twin}") if twin else row
 
 
-def finetune_key(notebook: str, name: str) -> str:
-    """The run key of a fine-tune in the plan and in timings.json (it has no folder of its own)."""
-    return f"{notebook}/{name}"
-
-
 def _finetune_row(cfg: Config, notebook: str, name: str, kind: str, epochs: float, steps_per_epoch: int,
                   calls: int = 1, note: str = "") -> PlannedTraining:
     """engine.finetuning.finetune, `calls` times for `epochs` in all (one validation after each)."""
-    iterations = calls * max(1, round(epochs / calls * steps_per_epoch))
+    iterations = calls * finetune_iterations(epochs / calls, steps_per_epoch)
     return PlannedTraining(notebook, finetune_key(notebook, name), "custom", cfg.loss.name, cfg.seed, kind, epochs,
                            iterations, calls, note=note)
 
 
 def _pruning(cfg: Config, spe: int) -> list[PlannedTraining]:
-    p, nb = cfg.prune, "04_pruning_sweeps"
-    rows = [_finetune_row(cfg, nb, f"unstructured-{scope}", "fine-tune", p.unstructured_epochs, spe)
-            for scope in p.scopes
-            if p.unstructured_epochs > 0 and p.finetune_sparsity and scope in p.finetune_scopes]
-    kinds = (("structured-fine-tune", "fine-tune"),
-             ("structured-KD", "KD fine-tune" if p.kd_weight > 0 else "fine-tune"))
-    rows += [_finetune_row(cfg, nb, name, kind, p.epochs, spe, calls=p.steps,
-                           note="dense cost: an upper bound for the pruned model") for name, kind in kinds]
-    return rows + [_finetune_row(cfg, nb, "dense-control", "fine-tune", p.epochs, spe, calls=p.steps,
-                                 note="the dense model, trained as long: what recovery is judged against")]
+    return [_finetune_row(cfg, pruning_sweeps.NOTEBOOK, name, kind, epochs, spe, calls=calls, note=note)
+            for name, kind, epochs, calls, note in pruning_sweeps.finetunes(cfg)]
 
 
 def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[PlannedTraining]:
@@ -159,14 +131,16 @@ def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[PlannedTr
     those of `notebooks`, stems such as 01_baselines, when given)."""
     train_images, _, _ = split_sizes(cfg)
     spe = max(1, train_images // cfg.data.batch_size)
+    notebook_models = {"01_baselines": cfg.compare.baselines, "02_custom_model": cfg.compare.custom}
     rows = [_train_row(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=m)), nb, f"runs/{m}", spe)
-            for nb, models in NOTEBOOK_MODELS.items() for m in models]
+            for nb, models in notebook_models.items() for m in models]
     rows += [_loss_row(cfg, name, seed, spe)
              for name in cfg.loss_study.names for seed in loss_comparison.run_seeds(cfg)]
     rows += _pruning(cfg, spe)
     if cfg.quant.qat != "never":
         note = "only if PTQ loses more than quant.max_loss" if cfg.quant.qat == "auto" else ""
-        rows.append(_finetune_row(cfg, "05_quantization", "qat", "QAT", cfg.quant.qat_epochs, spe, note=note))
+        rows.append(_finetune_row(cfg, quantization.NOTEBOOK, quantization.QAT, "QAT", cfg.quant.qat_epochs, spe,
+                                  note=note))
     return [r for r in rows if notebooks is None or r.notebook in notebooks]
 
 

@@ -20,12 +20,37 @@ from segstudy.data.datasets import build_dataset, build_loader
 from segstudy.engine import measure, run_folder
 from segstudy.engine.evaluation import from_training, validate
 from segstudy.engine.finetuning import finetune
+from segstudy.engine.timings import finetune_key
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_checkpoint, load_trained, save_model
-from segstudy.studies.plan import finetune_key
 
 SAVED = "pruned_structured.pt"  # notebook 05 quantizes this one
 NOTEBOOK = "04_pruning_sweeps"  # its fine-tunes' keys in the plan and timings.json
+
+
+RECOVERIES = ("fine-tune", "KD")  # how recover() fine-tunes the structured model: plain, then distilled
+DENSE_CONTROL = "dense-control"
+
+
+def unstructured_finetune_scopes(cfg: Config) -> list[str]:
+    """The scopes whose prune.finetune_sparsity model is fine-tuned (prune.unstructured_epochs)."""
+    p = cfg.prune
+    if p.unstructured_epochs <= 0 or not p.finetune_sparsity:
+        return []
+    return [scope for scope in p.scopes if scope in p.finetune_scopes]
+
+
+def finetunes(cfg: Config) -> list[tuple[str, str, float, int, str]]:
+    """Every fine-tune this notebook runs, in order, as (its name in timings.json, kind, epochs in
+    all, fine-tune calls, a note): what `segstudy plan` counts."""
+    p = cfg.prune
+    rows = [(f"unstructured-{scope}", "fine-tune", p.unstructured_epochs, 1, "")
+            for scope in unstructured_finetune_scopes(cfg)]
+    kd = "KD fine-tune" if p.kd_weight > 0 else "fine-tune"
+    rows += [(f"structured-{r}", kd if r == "KD" else "fine-tune", p.epochs, p.steps,
+              "dense cost: an upper bound for the pruned model") for r in RECOVERIES]
+    return rows + [(DENSE_CONTROL, "fine-tune", p.epochs, p.steps,
+                    "the dense model, trained as long: what recovery is judged against")]
 
 
 def dense_checkpoint(cfg: Config) -> Path:
@@ -58,8 +83,7 @@ def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool
     metrics = metrics or validate(copy.deepcopy(model), cfg, **_eval_args(cfg), per_image=True)
     b = cfg.bench
     out = row | {
-        "sparsity": prune.sparsity(model)["overall"], "miou": 100 * metrics["miou"],
-        "iou": {k: (None if v is None else 100 * v) for k, v in metrics["iou"].items()},
+        "sparsity": prune.sparsity(model)["overall"], "miou": metrics["miou"], "iou": metrics["iou"],
         "params": measure.parameters(model), "size_mb": measure.size_on_disk(model) / 2**20,
         "size_gz_mb": prune.compressed_size(model) / 2**20, "per_image": metrics["per_image"]}
     if latency:
@@ -101,7 +125,7 @@ def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[
                                  method=f"unstructured {scope}", level=s, recovery="none"))
             if s == p.finetune_sparsity:
                 layers[scope] = prune.sparsity(model)["layers"]
-        if p.unstructured_epochs > 0 and p.finetune_sparsity and scope in p.finetune_scopes:
+        if scope in unstructured_finetune_scopes(cfg):
             model = prune.unstructured(copy.deepcopy(dense), p.finetune_sparsity, scope, permanent=False,
                                        scores=lamp)
             ft = finetune(model, cfg, p.unstructured_epochs, lr=p.unstructured_lr,
@@ -160,7 +184,7 @@ def _finetune_in_steps(model: nn.Module, cfg: Config, desc: str, name: str, befo
         last = step == p.steps - 1
         ft = finetune(model, cfg, p.epochs / p.steps, lr=p.lr, desc=f"{desc} step {step + 1}/{p.steps}",
                       validate_after=not last, timing_key=finetune_key(NOTEBOOK, name), **kd)
-        history += [] if last else [100 * ft["miou"]]
+        history += [] if last else [ft["miou"]]
     return history
 
 
@@ -170,7 +194,7 @@ def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
     the same rounds as the dense model (one dense timing per round serves both speed-ups)."""
     p, b = cfg.prune, cfg.bench
     recovered = {}  # recovery: (model, val mIoU after each step but the last, fine-tune seconds)
-    for recovery, kd_weight in (("fine-tune", 0.0), ("KD", p.kd_weight)):
+    for recovery, kd_weight in zip(RECOVERIES, (0.0, p.kd_weight)):
         torch.manual_seed(cfg.seed)
         model = copy.deepcopy(dense)
         pruner = prune.structured_pruner(model, p.ratio, p.importance, steps=p.steps, layer_ratios=p.layer_ratios)
@@ -209,7 +233,7 @@ def dense_control(cfg: Config, dense: nn.Module, dense_row: dict) -> dict:
     shapes, hence the dense row's latency and FLOPs (not measured again)."""
     torch.manual_seed(cfg.seed)
     model, t0 = copy.deepcopy(dense), time.perf_counter()
-    history = _finetune_in_steps(model, cfg, "dense control", "dense-control")
+    history = _finetune_in_steps(model, cfg, "dense control", DENSE_CONTROL)
     row = describe(model, cfg, latency=False, method="dense control", level=0.0, recovery="fine-tune",
                    train_seconds=time.perf_counter() - t0)
     row["step_miou"] = [*history, row["miou"]]
@@ -222,7 +246,7 @@ def register(cfg: Config, rows: list[dict]) -> dict | None:
     from segstudy.deploy import registry
 
     kept = next(r for r in rows if r.get("checkpoint"))
-    metrics = {"val_miou": kept["miou"] / 100, "latency_ms": kept["latency_ms"], "params": kept["params"],
+    metrics = {"val_miou": kept["miou"], "latency_ms": kept["latency_ms"], "params": kept["params"],
                "gflops": kept["gflops"]}
     return registry.register(cfg, kept["checkpoint"], "segstudy-custom-pruned", metrics,
                              tags={"recovery": kept["recovery"], "ratio": str(kept["level"])})

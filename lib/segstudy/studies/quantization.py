@@ -22,13 +22,15 @@ from segstudy.compress import onnx_export, quantize
 from segstudy.compress.onnx_export import OrtModule
 from segstudy.config import Config
 from segstudy.deploy import registry
-from segstudy.engine import measure
+from segstudy.engine import measure, timings
 from segstudy.engine.evaluation import from_training
 from segstudy.engine.evaluation import validate as validate_on
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_trained
 from segstudy.studies import results_files
-from segstudy.studies.plan import finetune_key
+
+NOTEBOOK = "05_quantization"  # its QAT fine-tune's key in the plan and timings.json
+QAT = "qat"
 
 
 def cpu_only(model: nn.Module) -> bool:
@@ -70,14 +72,12 @@ def variant(model: nn.Module, cfg: Config, *, engine: str, precision: str, metri
 
 
 def table(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:
-    """mIoU, its change vs the reference, latency, speed-up, size: one row per variant."""
-    ref = rows[reference]
-    out = pd.DataFrame({name: {
-        "engine": r["engine"], "precision": r["precision"], "val mIoU %": 100 * r["miou"],
-        "Δ mIoU points": 100 * (r["miou"] - ref["miou"]), "latency ms": r["latency_ms"],
-        "speed-up vs fp32 eager": ref["latency_ms"] / r["latency_ms"], "size MB": r["size_bytes"] / 2**20,
-    } for name, r in rows.items()}).T
-    return out.astype({c: float for c in out.columns if c not in ("engine", "precision")}).round(2)
+    return results_files.quantization_table(rows, reference)
+
+
+def _speedup(row: dict, reference: dict) -> float:
+    est = results_files.speedup(row, reference)
+    return math.nan if est is None else est.mean
 
 
 def per_class_delta(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:
@@ -111,7 +111,7 @@ def check_targets(cpu: dict, rows: dict[str, dict], int8: Sequence[str], *, fp32
     out = {}
     for k in present:
         r = rows[k]
-        speedup, ratio = rows[fp32]["latency_ms"] / r["latency_ms"], r["latency_ms"] / fastest
+        speedup, ratio = _speedup(r, rows[fp32]), r["latency_ms"] / fastest
         loss = 100 * (rows[fp32]["miou"] - r["miou"]) if "miou" in r and "miou" in rows[fp32] else None
         out[k] = {"speedup": speedup, "speedup_target": need, "ratio_to_fastest_int8": ratio,
                   "miou_loss_points": loss,
@@ -253,7 +253,7 @@ def qat(study: QuantStudy) -> str:
     info = study.notes["qat"] = {"ran": run, "reason": reason}
     if run:
         result = quantize.qat(study.fp32, cfg, q.qat_epochs, lr=q.qat_lr or None,
-                              timing_key=finetune_key("05_quantization", "qat"))
+                              timing_key=timings.finetune_key(NOTEBOOK, QAT))
         path = quantize.save_torchscript(result["model"], study.out / "custom_int8_qat.pt")
         study.rows["int8 QAT torch FX"] = variant(result["model"], cfg, engine="torch FX (x86)", precision="int8",
                                                   path=path)
@@ -304,7 +304,7 @@ def other_models(study: QuantStudy) -> list[pd.DataFrame]:
 def targets(study: QuantStudy) -> pd.DataFrame:
     """The int8 targets for each dense int8 variant, and whether pruned + int8 is the fastest."""
     rows, q = study.rows, study.cfg.quant
-    int8 = [k for k in ("int8 PTQ torch FX", "int8 ONNX Runtime", "int8 QAT torch FX") if k in rows]
+    int8 = [k for k in results_files.INT8_VARIANTS if k in rows]
     checked = study.notes["targets"] = check_targets(study.cpu, rows, int8, max_loss=q.max_loss)
     fastest = study.notes["fastest"] = min(rows, key=lambda k: rows[k]["latency_ms"])
     if "pruned + int8 torch FX" in rows:
@@ -318,12 +318,10 @@ def targets(study: QuantStudy) -> pd.DataFrame:
 def save(study: QuantStudy) -> Path:
     """results.json (every row, the notes of each step) and the two tables as CSV."""
     variants, deltas = table(study.rows), per_class_delta(study.rows)
-    variants.to_csv(study.out / "variants.csv")
-    deltas.to_csv(study.out / "per_class_iou_delta.csv")
     return results_files.write_quantization(study.cfg, {
         "cpu": study.cpu, "threads": study.threads, "variants": study.rows,
         "per_class_iou_delta_vs_fp32": deltas.to_dict(orient="index"), **study.notes,
-        "artefacts": study.artefacts})
+        "artefacts": study.artefacts}, variants, deltas)
 
 
 def register_int8(study: QuantStudy) -> dict | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +191,7 @@ def pruning(cfg: Config) -> tuple[Part, Part]:
         caption = (f"Latency: batch 1 at {b['width']}x{b['height']}, fp32, {d['cpu']['cpu']}; "
                    f"mIoU in points on the validation split; the dense row is notebook 02's custom model.")
         return (Part(results_files.pruning_table([dense, *rows]), [path], caption=caption),
-                Part(results_files.pruning_targets(rows, dense), [path]))
+                Part(results_files.pruning_targets(rows, dense, cfg), [path]))
 
 
 def pruning_figure(cfg: Config) -> plt.Figure | None:
@@ -213,13 +212,7 @@ def quantization(cfg: Config) -> tuple[Part, Part]:
         rows = results_files.quantization_rows(d)
         ref_name = d.get("reference", "fp32 eager")
         ref_name = ref_name if ref_name in rows else next(iter(rows))
-        ref = rows[ref_name]
-        table = pd.DataFrame({name: {
-            "engine": r.get("engine"), "precision": r.get("precision"), "val mIoU %": 100 * r["miou"],
-            "Δ mIoU points": 100 * (r["miou"] - ref["miou"]), "latency ms": r["latency_ms"],
-            "speed-up": ref["latency_ms"] / r["latency_ms"],
-            "size MB": r["size_bytes"] / 2**20 if r.get("size_bytes") else None} for name, r in rows.items()}).T
-        table = table.astype({c: float for c in table.columns if c not in ("engine", "precision")}).round(2)
+        table = results_files.quantization_table(rows, ref_name)
         cpu = d.get("cpu", {})
         caption = (f"Speed-up against '{ref_name}', measured side by side in one run"
                    + (f" on {cpu.get('cpu')} (AVX-512 VNNI: {cpu.get('avx512_vnni')})." if cpu else "."))
@@ -235,9 +228,9 @@ def candidates(cfg: Config) -> tuple[pd.DataFrame, list[Path], list[str]]:
     return pool.table, pool.sources, pool.notes
 
 
-def recommend(cfg: Config, tolerance: float = 1.0) -> tuple[Part, dict | None]:
-    """The fastest measured model whose mIoU interval reaches within `tolerance` points of the most
-    accurate model's mean: the verdict table's rule (verdicts.recommend), with its uncertainty.
+def recommend(cfg: Config) -> tuple[Part, dict | None]:
+    """The fastest measured model whose mIoU interval reaches report.tolerance points below the lower
+    end of the most accurate model's interval: the verdict table's rule (verdicts.recommend).
 
     Why this rule: a gap inside the seed-to-seed and image-to-image noise is no evidence for paying
     with a slower model, and a model whose whole interval is further down is really worse."""
@@ -245,6 +238,7 @@ def recommend(cfg: Config, tolerance: float = 1.0) -> tuple[Part, dict | None]:
     notes = [f"not in the pool below: {n}" for n in pool.notes]
     if pool.table.empty:
         return Part(notes=notes or ["no model with both mIoU and latency was found"], sources=pool.sources), None
+    tolerance = cfg.report.tolerance
     verdict = verdict_table.recommend(pool, tolerance)
     best, bar = pool.bar(tolerance)
     table = pool.table.assign(**{"Δ mIoU vs best": pool.table["mIoU %"] - best["mIoU %"],
@@ -279,12 +273,13 @@ def _pareto_front(pool: pd.DataFrame) -> pd.DataFrame:
     return pool.loc[front]
 
 
-def tradeoff_figure(cfg: Config, tolerance: float = 1.0, view: float = 6.0) -> plt.Figure | None:
+def tradeoff_figure(cfg: Config, view: float = 6.0) -> plt.Figure | None:
     """mIoU against latency for the candidates within `view` points of the best (how many are
     below is written on the plot; all are in recommend()'s table), the tolerance band and the
     recommended model. Named: the Pareto front's steps of at least 0.1 point, and its end."""
     pool, _, _ = candidates(cfg)
-    _, pick = recommend(cfg, tolerance)
+    _, pick = recommend(cfg)
+    tolerance = cfg.report.tolerance
     if pick is None:
         return None
     top = pick["best"]["mIoU %"]
@@ -309,8 +304,9 @@ def tradeoff_figure(cfg: Config, tolerance: float = 1.0, view: float = 6.0) -> p
     for r in named:  # a leader line ties each name to its point when points crowd
         ax.annotate(r["model"], (r["latency ms"], r["mIoU %"]), xytext=(8, -18), textcoords="offset points",
                     fontsize=8, arrowprops={"arrowstyle": "-", "linewidth": 0.6, "color": "dimgrey"})
-    ax.axhspan(top - tolerance, top, color="green", alpha=0.12,
-               label=f"within {tolerance:g} point of the best (an interval reaching it is eligible)")
+    bar = pick["best"]["mIoU low"] - tolerance
+    ax.axhspan(bar, top, color="green", alpha=0.12,
+               label=f"an interval reaching {bar:.2f} is eligible ({tolerance:g} point below the best's interval)")
     ax.scatter([pick["latency ms"]], [pick["mIoU %"]], s=320, marker="*", color="gold", edgecolor="black",
                zorder=3, label="recommended")
     if len(shown) < len(pool):
@@ -340,19 +336,12 @@ def predictions(cfg: Config) -> Part:
 def sweeps(cfg: Config) -> Part:
     """The runs of `segstudy sweep` made with this profile (outputs/sweeps/*/sweep.json)."""
     rows, paths = [], []
-    for path in sorted((Path(cfg.output_root) / "sweeps").glob("*/sweep.json")):
-        d = json.loads(path.read_text())
-        if d.get("profile") != cfg.profile:
-            continue
+    for path, d, runs in results_files.sweeps(cfg):
         paths.append(path)
-        for run in d.get("runs", []):
-            res = run.get("results") or {}  # notebook 03 saves "runs", notebooks 01/02 "models"
-            entries = res.get("runs") or list((res.get("models") or {}).values())
-            scores = [r["best_miou"] for r in entries if isinstance(r, dict) and r.get("best_miou") is not None]
-            rows.append({"sweep": d["sweep"], "notebook": d.get("notebook"),
-                         "params": ", ".join(f"{k}={v}" for k, v in run.get("params", {}).items()),
-                         "best mIoU %": 100 * max(scores) if scores else None, "seconds": run.get("seconds"),
-                         "error": run.get("error", "")})
+        rows += [{"sweep": d["sweep"], "notebook": d.get("notebook"),
+                  "params": ", ".join(f"{k}={v}" for k, v in run["params"].items()),
+                  "best mIoU %": None if run["best_miou"] is None else 100 * run["best_miou"],
+                  "seconds": run["seconds"], "error": run["error"]} for run in runs]
     if not rows:
         return Part(caption="No sweep was run with this profile (segstudy sweep NOTEBOOK -p KEY VALUES ...).")
     table = pd.DataFrame(rows).set_index("sweep").round(2)

@@ -1,7 +1,13 @@
 """The results files of notebooks 00-05 under outputs/<profile>/: the one owner of their layout.
 
-Each notebook writes its file through a `write_*` function here, and notebook 06 (report_figures)
-reads them back only through `read` and the table helpers here, so a field changes in one place.
+Each notebook writes its files (results.json, its CSV tables, the per-image confusions) through a
+`write_*` function here, `segstudy sweep` its sweep.json, and notebook 06 (report_figures) reads
+them back only through `read` and the table helpers here, so a field changes in one place.
+
+Units, the same in every file: mIoU and IoU ("miou", "best_miou", "val_miou", "iou") are fractions
+in [0, 1], as the metrics compute them and MLflow logs them; tables and figures show points
+(x 100). Latency in ms. A speed-up is read from repeated timings by `speedup` below, the same one
+the verdicts read.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import pandas as pd
 from segstudy.config import PROJECT_ROOT, Config
 from segstudy.engine import measure, provenance
 from segstudy.errors import UserError
-from segstudy.files import atomic_path
+from segstudy.files import atomic_path, write_text
 from segstudy.files import write_json as _write_json_file
+from segstudy.studies import verdicts
 
+FORMAT = 2  # 2: mIoU as a fraction in every file (notebook 04's were points)
 # every results file (relative to outputs/<profile>/), by the key the report uses
 FILES = {
     "data": "00_data_exploration/summary.json",
@@ -35,6 +43,8 @@ FILES = {
 }
 # each validation image's confusion matrix of the models of a results file, by the key its row names
 # under "confusions" (numpy, not JSON: [N, C, C + 1] integers per model)
+# notebook 05's dense int8 variants, by the names its rows carry
+INT8_VARIANTS = ("int8 PTQ torch FX", "int8 ONNX Runtime", "int8 QAT torch FX")
 CONFUSIONS = {"pruning": "04_pruning_sweeps/confusions.npz", "quantization": "05_quantization/confusions.npz"}
 
 
@@ -124,9 +134,13 @@ def read(cfg: Config, key: str) -> tuple[dict | None, Path, str | None]:
     if not file.is_file():
         return None, file, f"{shown(file)} does not exist; it is written by {writer(cfg, key)}."
     try:
-        return json.loads(file.read_text()), file, None
+        data = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{file} is not valid JSON ({exc}); re-run {writer(cfg, key)}") from None
+    if data.get("format") != FORMAT:
+        return None, file, (f"{shown(file)} was written by an older segstudy (another layout or unit); "
+                            f"re-run {writer(cfg, key)}.")
+    return data, file, None
 
 
 @contextmanager
@@ -143,15 +157,25 @@ def reading(cfg: Config, key: str) -> Iterator[None]:
 
 def _write(cfg: Config, key: str, payload: dict) -> Path:
     """FILES[key] with the provenance stamp (commit, environment, machine, profile, overrides)."""
-    return write_json(path(cfg, key), payload | {"provenance": provenance.stamp(cfg)})
+    return write_json(path(cfg, key), payload | {"format": FORMAT, "provenance": provenance.stamp(cfg)})
 
 
 def write_data_summary(cfg: Config, summary: dict) -> Path:
     return _write(cfg, "data", {"profile": cfg.profile, "data_root": cfg.data.root, "splits": summary})
 
 
-def write_models(cfg: Config, key: str, results: dict[str, dict], profiles: dict[str, dict]) -> Path:
-    """Notebooks 01 (key baselines) and 02 (key custom): each model's training result and profile."""
+def write_csv(file: Path, table: pd.DataFrame, **to_csv) -> Path:
+    """A notebook's table as CSV, atomically (numbers as the table holds them)."""
+    return write_text(file, table.to_csv(**to_csv))
+
+
+def write_models(cfg: Config, key: str, results: dict[str, dict], profiles: dict[str, dict],
+                 comparison: pd.DataFrame, per_class: pd.DataFrame) -> Path:
+    """Notebooks 01 (key baselines) and 02 (key custom): each model's training result and profile,
+    and the notebook's tables (comparison.csv, per_class_iou.csv)."""
+    folder = path(cfg, key).parent
+    write_csv(folder / "comparison.csv", comparison)
+    write_csv(folder / "per_class_iou.csv", per_class)
     payload = {"profile": cfg.profile, "bench": {"height": cfg.bench.height, "width": cfg.bench.width,
                                                  **measure.cpu_info()},
                "models": {name: {**results[name], **profiles[name]} for name in results}}
@@ -159,7 +183,9 @@ def write_models(cfg: Config, key: str, results: dict[str, dict], profiles: dict
 
 
 def write_losses(cfg: Config, runs: list[dict], summary: pd.DataFrame, class_means: pd.DataFrame,
-                 small_class_delta: pd.DataFrame) -> Path:
+                 small_class_delta: pd.DataFrame, per_run_iou: pd.DataFrame) -> Path:
+    """Notebook 03's runs and tables (and per_run_iou.csv)."""
+    write_csv(path(cfg, "losses").parent / "per_run_iou.csv", per_run_iou.round(2))
     keep = ("loss", "seed", "best_miou", "final", "history", "train_seconds", "run_dir", "mlflow_run_id")
     payload = {"profile": cfg.profile, "model": cfg.loss_study.model,
                "epochs": cfg.loss_study.epochs or cfg.train.epochs, "runs": [{k: r.get(k) for k in keep} for r in runs],
@@ -182,14 +208,19 @@ def write_pruning(cfg: Config, rows: list[dict], dense_row: dict, layers: dict) 
     dense = _take_confusions({"dense": dense_row}, store)["dense"]
     named = _take_confusions({f"{i:02d} {pruning_row_name(r)}": r for i, r in enumerate(rows)}, store)
     write_confusions(confusions_path(cfg, "pruning"), store)
+    write_csv(path(cfg, "pruning").parent / "pruning.csv", pruning_table([dense_row, *rows]), index=False)
     payload = {"profile": cfg.profile, "cpu": measure.cpu_info(), "bench": cfg.bench, "prune": cfg.prune,
                "dense": dense, "rows": list(named.values()), "layer_sparsity": layers}
     return _write(cfg, "pruning", payload)
 
 
-def write_quantization(cfg: Config, study: dict) -> Path:
-    """Notebook 05's study (studies.quantization.QuantStudy as a dict) with the profile's settings;
-    the per-image confusions of its variants go to CONFUSIONS["quantization"], keyed."""
+def write_quantization(cfg: Config, study: dict, variants: pd.DataFrame, per_class_delta: pd.DataFrame) -> Path:
+    """Notebook 05's study (studies.quantization.QuantStudy as a dict) with the profile's settings
+    and its tables (variants.csv, per_class_iou_delta.csv); the per-image confusions of its
+    variants go to CONFUSIONS["quantization"], keyed."""
+    folder = path(cfg, "quantization").parent
+    write_csv(folder / "variants.csv", variants)
+    write_csv(folder / "per_class_iou_delta.csv", per_class_delta)
     store: dict[str, np.ndarray] = {}
     study = study | {k: _take_confusions(study[k], store) for k in ("variants", "other_models") if study.get(k)}
     write_confusions(confusions_path(cfg, "quantization"), store)
@@ -202,6 +233,45 @@ def write_verdicts(cfg: Config, verdicts: list, inputs: list[Path]) -> Path:
     """Notebook 06's verdict table (studies.verdicts.Verdict rows) and the files it was read from."""
     return _write(cfg, "verdicts", {"profile": cfg.profile, "verdicts": verdicts,
                                     "inputs": [shown(p) for p in inputs]})
+
+
+def sweep_file(output_root: str | Path, name: str) -> Path:
+    """outputs/sweeps/<name>/sweep.json: one `segstudy sweep`'s runs, gathered."""
+    return Path(output_root) / "sweeps" / name / "sweep.json"
+
+
+def write_sweep(output_root: str | Path, name: str, notebook: str, profile: str, fixed: dict, grid: dict,
+                runs: list[dict]) -> Path:
+    """The sweep's runs so far, each with its params, folder, seconds and the notebook's results
+    (read back through `read_run_results`), or the error that stopped it."""
+    return _write_json_file(sweep_file(output_root, name),
+                            {"sweep": name, "notebook": notebook, "profile": profile, "fixed": fixed, "grid": grid,
+                             "runs": runs}, default=str)
+
+
+def read_run_results(output_root: str | Path, profile: str, notebook: str) -> dict | None:
+    """results.json of `notebook` (a stem) under another output_root (a sweep's run), or None."""
+    file = Path(output_root) / profile / notebook / "results.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def sweeps(cfg: Config) -> list[tuple[Path, dict, list[dict]]]:
+    """Every sweep of this profile under output_root: (file, sweep.json, one row per run with its
+    params, best validation mIoU (a fraction, over the run's models or loss runs), seconds, error)."""
+    found = []
+    for file in sorted(sweep_file(cfg.output_root, "*").parent.parent.glob("*/sweep.json")):
+        d = json.loads(file.read_text())
+        if d.get("profile") != cfg.profile:
+            continue
+        rows = []
+        for run in d.get("runs", []):
+            res = run.get("results") or {}  # notebook 03 saves "runs", notebooks 01/02 "models"
+            entries = res.get("runs") or list((res.get("models") or {}).values())
+            scores = [r["best_miou"] for r in entries if isinstance(r, dict) and r.get("best_miou") is not None]
+            rows.append({"params": run.get("params", {}), "best_miou": max(scores) if scores else None,
+                         "seconds": run.get("seconds"), "error": run.get("error", "")})
+        found.append((file, d, rows))
+    return found
 
 
 # --- readers and the tables built from what was saved -----------------------------------------
@@ -253,25 +323,64 @@ def pruning_table(rows: list[dict]) -> pd.DataFrame:
             "size_gz_mb"]
     df = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows])
     df["sparsity"] = 100 * df["sparsity"]
+    df["miou"] = 100 * df["miou"].astype(float)
     df["params"] = df["params"] / 1e6
-    return df.rename(columns={"sparsity": "zeros %", "miou": "mIoU", "params": "params (M)", "gflops": "GFLOPs",
+    return df.rename(columns={"sparsity": "zeros %", "miou": "mIoU %", "params": "params (M)", "gflops": "GFLOPs",
                               "latency_ms": "latency ms", "size_mb": "size MB", "size_gz_mb": "gzip MB"}).round(2)
 
 
-def pruning_targets(rows: list[dict], dense: dict, sparsity: float = 0.55) -> pd.DataFrame:
-    """The pruning targets, read off notebook 04's rows: the structured model's speed-up and mIoU
-    loss after recovery, and the share of dense mIoU kept at 55% unstructured sparsity."""
-    out = []
+def speedup(row: dict, reference: dict) -> verdicts.Estimate | None:
+    """How many times faster `row` is than `reference`, from their repeated timings: round by round
+    when `row` was timed in turn with it ("reference_times_ms", engine.measure.latencies), else
+    from each side's timings (one median each in older files). None without timings. The verdicts,
+    the targets and the tables all read a speed-up here, so one model has one speed-up."""
+    times, base_times = (r.get("latency_times_ms") or ([r["latency_ms"]] if r.get("latency_ms") else None)
+                         for r in (row, reference))
+    side_by_side = row.get("reference_times_ms")
+    if not times or not (side_by_side or base_times):
+        return None
+    if side_by_side and len(side_by_side) == len(times):
+        return verdicts.speedup(times, side_by_side, paired=True)
+    return verdicts.speedup(times, side_by_side or base_times)
+
+
+def pruning_targets(rows: list[dict], dense: dict, cfg: Config) -> pd.DataFrame:
+    """The pruning targets (prune.target_*), read off notebook 04's rows: each recovered structured
+    model's speed-up (`speedup`) and mIoU loss, and the share of dense mIoU kept at
+    prune.finetune_sparsity unstructured."""
+    p, out = cfg.prune, []
     for r in rows:
-        if r["method"].startswith("structured") and r["recovery"] != "none" and r.get("latency_ms"):
-            speedup, loss = dense["latency_ms"] / r["latency_ms"], dense["miou"] - r["miou"]
-            out.append({"target": f"structured {r['level']} + {r['recovery']}: >= 2.0x faster, <= 2 mIoU points lost",
-                        "measured": f"{speedup:.2f}x, {loss:+.2f} points", "met": speedup >= 2.0 and loss <= 2.0})
-        if r["method"].startswith("unstructured") and abs(r["level"] - sparsity) < 1e-9:
+        fast = speedup(r, dense) if r.get("latency_ms") else None
+        if r["method"].startswith("structured") and r["recovery"] != "none" and fast is not None:
+            loss = 100 * (dense["miou"] - r["miou"])
+            out.append({"target": f"structured {r['level']} + {r['recovery']}: >= {p.target_speedup:g}x faster, "
+                                  f"<= {p.target_loss:g} mIoU points lost",
+                        "measured": f"{fast.mean:.2f}x, {loss:+.2f} points",
+                        "met": fast.mean >= p.target_speedup and loss <= p.target_loss})
+        if r["method"].startswith("unstructured") and abs(r["level"] - p.finetune_sparsity) < 1e-9:
             kept = r["miou"] / dense["miou"]
-            out.append({"target": f"{r['method']} {sparsity:.0%} ({r['recovery']}): keep >= 95% of dense mIoU",
-                        "measured": f"{100 * kept:.1f}% ({r['miou']:.2f} of {dense['miou']:.2f})", "met": kept >= 0.95})
+            out.append({"target": f"{r['method']} {p.finetune_sparsity:.0%} ({r['recovery']}): keep >= "
+                                  f"{p.target_kept:.0%} of dense mIoU",
+                        "measured": f"{100 * kept:.1f}% ({100 * r['miou']:.2f} of {100 * dense['miou']:.2f})",
+                        "met": kept >= p.target_kept})
     return pd.DataFrame(out)
+
+
+def quantization_table(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:
+    """Notebook 05's variants: mIoU, its change vs the reference, latency, speed-up (`speedup`),
+    size; one row per variant (the notebook, and the report from its saved rows)."""
+    ref = rows[reference]
+
+    def fast(r: dict) -> float:
+        est = speedup(r, ref)
+        return math.nan if est is None else est.mean
+
+    out = pd.DataFrame({name: {
+        "engine": r.get("engine"), "precision": r.get("precision"), "val mIoU %": 100 * r["miou"],
+        "Δ mIoU points": 100 * (r["miou"] - ref["miou"]), "latency ms": r["latency_ms"],
+        f"speed-up vs {reference}": fast(r),
+        "size MB": r["size_bytes"] / 2**20 if r.get("size_bytes") else None} for name, r in rows.items()}).T
+    return out.astype({c: float for c in out.columns if c not in ("engine", "precision")}).round(2)
 
 
 def quantization_rows(d: dict) -> dict[str, dict]:

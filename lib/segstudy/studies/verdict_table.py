@@ -29,10 +29,6 @@ from segstudy.studies import results_files, verdicts
 from segstudy.studies.verdicts import NOT_DISTINGUISHABLE, Estimate, Verdict
 
 NOT_MEASURED = "not measured"
-KEEP_FLOOR = -1.0  # "keeps accuracy": the whole interval of the mIoU change above -1 point
-TOLERANCE = 1.0  # the recommendation: within 1 mIoU point of the most accurate model
-SPEED_FLOOR = 1.1  # "buys speed": at least 10% faster; timing noise alone moves a ratio by a few %
-INT8 = ("int8 PTQ torch FX", "int8 ONNX Runtime", "int8 QAT torch FX")  # notebook 05's dense int8 variants
 
 QUESTIONS = {
     "loss": "Which loss is best overall?",
@@ -143,17 +139,11 @@ def _no_noise(ins: Inputs) -> Missing:
 
 
 def _speedup(row: dict, base: dict, name: str) -> Estimate:
-    """Speed-up of `row` over `base` from their repeated timings (one median each in older files);
-    `base`'s timings taken side by side with `row` ("reference_times_ms"), round by round, when the
-    row has them."""
-    times, base_times = (r.get("latency_times_ms") or ([r["latency_ms"]] if r.get("latency_ms") else None)
-                         for r in (row, base))
-    side_by_side = row.get("reference_times_ms")
-    if not times or not (side_by_side or base_times):
+    """results_files.speedup, or Missing."""
+    est = results_files.speedup(row, base)
+    if est is None:
         raise Missing(f"no latency of '{name}' or of its reference")
-    if side_by_side and len(side_by_side) == len(times):
-        return verdicts.speedup(times, side_by_side, paired=True)
-    return verdicts.speedup(times, side_by_side or base_times)
+    return est
 
 
 def _times(e: Estimate) -> str:
@@ -232,6 +222,7 @@ def structured_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
     """Paired bootstrap of recovered-pruned minus dense-control mIoU over the validation images,
     widened by the seed noise of the two fine-tunes; "yes" when the whole interval is above -1."""
     pruned, control, dense, prune = _recovered(ins)
+    keep = ins.cfg.report.keep_loss
     name = results_files.pruning_row_name(pruned)
     if noise is None:
         raise _no_noise(ins)
@@ -239,9 +230,9 @@ def structured_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
                                       ins.confusions("pruning", control, "dense control"))
     epochs = prune.get("epochs")
     subject = (f"{name} − the dense model fine-tuned the same way"
-               + (f" ({epochs:g} epochs)" if epochs else "") + ", mIoU points (keeps: within 1 point)")
+               + (f" ({epochs:g} epochs)" if epochs else "") + f", mIoU points (keeps: within {keep:g} point)")
     speed = _speedup(pruned, dense, name)
-    return _threshold(QUESTIONS["structured"], noise.widen(diff, trainings=2), KEEP_FLOOR, subject,
+    return _threshold(QUESTIONS["structured"], noise.widen(diff, trainings=2), -keep, subject,
                       f"speed-up over dense {_times(speed)}; {noise}")
 
 
@@ -258,8 +249,9 @@ def unstructured_buys_speed(ins: Inputs) -> Verdict:
                       f"re-run {results_files.writer(ins.cfg, 'pruning')}")
     row = (at_level or timed)[0]
     name = results_files.pruning_row_name(row)
-    subject = f"{name} ({100 * row['sparsity']:.0f}% zeros) over dense, speed-up (buys speed: above {SPEED_FLOOR:g}x)"
-    return _threshold(QUESTIONS["unstructured"], _speedup(row, dense, name), SPEED_FLOOR, subject)
+    floor = ins.cfg.report.speed_floor
+    subject = f"{name} ({100 * row['sparsity']:.0f}% zeros) over dense, speed-up (buys speed: above {floor:g}x)"
+    return _threshold(QUESTIONS["unstructured"], _speedup(row, dense, name), floor, subject)
 
 
 def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
@@ -269,7 +261,7 @@ def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
     with ins.reading("quantization"):
         rows = results_files.quantization_rows(d)
         ref_name = d.get("reference", "fp32 eager")
-    present = [k for k in INT8 if rows.get(k, {}).get("latency_ms")]
+    present = [k for k in results_files.INT8_VARIANTS if rows.get(k, {}).get("latency_ms")]
     if ref_name not in rows or not present:
         raise Missing(f"no fp32 or int8 row in notebook 05's results; "
                       f"re-run {results_files.writer(ins.cfg, 'quantization')}")
@@ -281,8 +273,9 @@ def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
                                       ins.confusions("quantization", rows[ref_name], ref_name))
     if trainings:
         diff = noise.widen(diff, trainings)
-    subject = f"{name} (the fastest int8) − {ref_name}, mIoU points (keeps: within 1 point)"
-    return _threshold(QUESTIONS["int8"], diff, KEEP_FLOOR, subject,
+    keep = ins.cfg.report.keep_loss
+    subject = f"{name} (the fastest int8) − {ref_name}, mIoU points (keeps: within {keep:g} point)"
+    return _threshold(QUESTIONS["int8"], diff, -keep, subject,
                       f"speed-up {_times(_speedup(rows[name], rows[ref_name], name))}")
 
 
@@ -301,7 +294,7 @@ class Pool:
     def candidates(self) -> dict[str, tuple[Estimate, float]]:
         return {r["model"]: (r["estimate"], r["latency ms"]) for _, r in self.table.iterrows()}
 
-    def bar(self, tolerance: float = TOLERANCE) -> tuple[pd.Series, float]:
+    def bar(self, tolerance: float) -> tuple[pd.Series, float]:
         """The most accurate model's row and the eligibility bar (verdicts.recommendation_bar)."""
         best_name, bar = verdicts.recommendation_bar(self.candidates(), tolerance)
         return self.table[self.table["model"] == best_name].iloc[0], bar
@@ -367,14 +360,14 @@ def _variant_rows(ins: Inputs, noise: SeedNoise | None, pool: Pool, key: str) ->
     pool.sources.append(results_files.path(ins.cfg, key))
     if key == "pruning":
         variants = {results_files.pruning_row_name(r): r for r in d["rows"]}
-        base, scale = "custom", 1.0  # pruning rows hold mIoU in points, quantization rows as a fraction
+        base = "custom"
     else:
-        variants, base, scale = results_files.quantization_rows(d), d.get("model", "custom"), 100.0
+        variants, base = results_files.quantization_rows(d), d.get("model", "custom")
     rows = []
     with ins.reading(key):
         for name, r in variants.items():
             if r.get("latency_ms"):
-                est = _accuracy(scale * r["miou"], _confusions_or_none(ins, key, r, name), noise)
+                est = _accuracy(100 * r["miou"], _confusions_or_none(ins, key, r, name), noise)
                 rows.append(_row(f"{base} · {name}", est, r["latency_ms"], results_files.FILES[key]))
     return rows
 
@@ -393,9 +386,9 @@ def candidate_pool(cfg: Config, ins: Inputs | None = None) -> Pool:
     return pool
 
 
-def recommend(pool: Pool, tolerance: float = TOLERANCE) -> Verdict:
+def recommend(pool: Pool, tolerance: float) -> Verdict:
     """verdicts.recommend over the pool (the fastest model whose interval reaches within
-    `tolerance` points of the best mean), with a short evidence line."""
+    `tolerance` points of the lower end of the best's interval), with a short evidence line."""
     if pool.table.empty:
         raise Missing("no model with both an mIoU and a latency: run notebooks 01 and 02 (04, 05 add variants)")
     table = pool.table
@@ -429,7 +422,7 @@ def evaluate(cfg: Config) -> tuple[list[Verdict], list[Path]]:
             "structured": lambda: structured_keeps_accuracy(ins, noise),
             "unstructured": lambda: unstructured_buys_speed(ins),
             "int8": lambda: int8_keeps_accuracy(ins, noise),
-            "deploy": lambda: recommend(candidate_pool(cfg, ins))}
+            "deploy": lambda: recommend(candidate_pool(cfg, ins), cfg.report.tolerance)}
     table = [_answer(QUESTIONS[key], ask) for key, ask in asks.items()]
     return table, list(dict.fromkeys(ins.used))
 

@@ -281,14 +281,14 @@ def threshold(question: str, est: Estimate, floor: float, context: str = "") -> 
     return Verdict(question, answer, evidence + (f"; {context}" if context else ""))
 
 
-def recommendation_bar(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float = 1.0) -> tuple[str, float]:
+def recommendation_bar(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float) -> tuple[str, float]:
     """(the most accurate candidate, ties broken by name; the bar a candidate's interval must
     reach to be eligible: the best's low end less `tolerance`). See recommend."""
     best_name, (best, _) = max(sorted(candidates.items()), key=lambda kv: kv[1][0].mean)
     return best_name, best.low - tolerance
 
 
-def recommend(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float = 1.0,
+def recommend(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float,
               question: str = "Which model to deploy?") -> Verdict:
     """The fastest model not distinguishable from the most accurate one, `tolerance` points
     allowed: a model is eligible when its interval reaches the best's interval less the tolerance
