@@ -62,5 +62,5 @@ COPY . .
 RUN useradd --create-home --uid 10001 segstudy && mkdir -p outputs && chown -R 10001 outputs "$TORCH_HOME"
 USER 10001
 # single GPU: the whole study. Multi-GPU training of one model:
-#   torchrun --nproc_per_node 4 -m segstudy train --params full --model custom
+#   torchrun --nproc_per_node 4 -m segstudy train --profile full --model custom
 CMD ["./run_all.sh", "full"]

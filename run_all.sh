@@ -8,15 +8,15 @@ source scripts/setup_env.sh
 profile=demo
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then profile="$1"; shift; fi
 start=$(date +%s)
-segstudy run "$profile" "$@"
+segstudy run --profile "$profile" "$@"
 echo "[run_all] profile $profile finished in $(( $(date +%s) - start )) s"
 # where this run wrote, --set output_root=... included
 out=$(python - "$profile" "$@" <<'PY'
 import sys
 from segstudy.cli import build_parser
-from segstudy.config import _parse_overrides, load_config
-args = build_parser().parse_args(["run", *sys.argv[1:]])
-print(load_config(args.profile, _parse_overrides(args.set)).output_dir)
+from segstudy.config import load_config, parse_overrides
+args = build_parser().parse_args(["run", "--profile", *sys.argv[1:]])
+print(load_config(args.profile, parse_overrides(args.set)).output_dir)
 PY
 )
 root=$(dirname "$out")

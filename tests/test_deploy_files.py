@@ -69,7 +69,7 @@ def test_training_job_uses_the_notebooks_entry_point_on_all_its_gpus():
     assert c["image"] == TRAIN_IMAGE
     gpus = int(c["resources"]["limits"]["nvidia.com/gpu"])
     cmd = c["command"]
-    assert cmd[:4] == ["segstudy", "train", "--params", "full"] and f"train.gpus={gpus}" in cmd
+    assert cmd[:4] == ["segstudy", "train", "--profile", "full"] and f"train.gpus={gpus}" in cmd
     assert _env(c)["CITYSCAPES_ROOT"] in {m["mountPath"] for m in c["volumeMounts"]}
     assert "/dev/shm" in {m["mountPath"] for m in c["volumeMounts"]}
 

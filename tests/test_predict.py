@@ -20,7 +20,7 @@ from segstudy.models.checkpoint import load_trained
 def test_predict_then_evaluate_round_trip(smoke_model, tiny_root, tmp_path, capsys):
     out = tmp_path / "pred"
     rc = main(["predict", "--model", smoke_model["checkpoint_best"], "--input", str(tiny_root / "leftImg8bit" / "val"),
-               "--out", str(out), "--params", "smoke", "--set", f"data.root={tiny_root}"])
+               "--out", str(out), "--profile", "smoke", "--set", f"data.root={tiny_root}"])
     assert rc == 0, capsys.readouterr().err
     label_files = sorted(out.rglob("*_labelIds.png"))
     assert len(label_files) == 6 and len(sorted(out.rglob("*_color.png"))) == 6
@@ -57,13 +57,13 @@ def test_predict_onnx_matches_torch(smoke_model, tiny_root, tmp_path):
         a, b = inference.segment(torch_engine, image, 64), inference.segment(onnx_engine, image, 64)
         assert (a == b).mean() > 0.999  # float rounding may flip a near-tie pixel
     rc = main(["predict", "--model", str(onnx_path), "--input", str(images[0]), "--out", str(tmp_path / "p"),
-               "--params", "smoke"])
+               "--profile", "smoke"])
     assert rc == 0 and len(list((tmp_path / "p").glob("*_labelIds.png"))) == 1
 
 
 def test_predict_bad_input(smoke_model, tiny_root, tmp_path, capsys):
     def err(*args: str) -> str:
-        assert main(["predict", *args, "--params", "smoke", "--set", f"output_root={tmp_path}"]) == 2
+        assert main(["predict", *args, "--profile", "smoke", "--set", f"output_root={tmp_path}"]) == 2
         return capsys.readouterr().err
 
     val = str(tiny_root / "leftImg8bit" / "val")

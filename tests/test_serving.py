@@ -147,7 +147,7 @@ def test_registry_errors_name_the_uri_and_list_versions(registered, capsys):
         registry.resolve(cfg, "models:/segstudy-custom/7")
     # segstudy serve checks before it starts anything
     sets = ["--set", "tracking.backend=mlflow", f"output_root={cfg.output_root}"]
-    assert main(["serve", "--model", "models:/segstudy-custom@prod", "--params", "smoke", *sets]) == 2
+    assert main(["serve", "--model", "models:/segstudy-custom@prod", "--profile", "smoke", *sets]) == 2
     assert "alias 'prod' is not set" in capsys.readouterr().err
 
 
@@ -162,7 +162,7 @@ def test_server_masks_equal_predict(server, registered, smoke_model, tiny_root, 
     assert status == 200, answer
     preds = answer["predictions"]
     assert len(preds) == 2
-    sets = ["--params", "smoke", "--set", f"output_root={registered['cfg'].output_root}"]
+    sets = ["--profile", "smoke", "--set", f"output_root={registered['cfg'].output_root}"]
     for model in (smoke_model["checkpoint_best"], "models:/segstudy-custom@champion"):
         out = tmp_path / model.replace("/", "_").replace(":", "")
         assert main(["predict", "--model", model, "--input", str(images[0]), str(jpeg_path), "--out", str(out),

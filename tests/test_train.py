@@ -190,7 +190,7 @@ def test_ctrl_c_says_how_to_continue(monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(training, "train", interrupted)
-    assert cli.main(["train", "--params", "smoke"]) == 130
+    assert cli.main(["train", "--profile", "smoke"]) == 130
     err = capsys.readouterr().err
     assert "interrupted; the last checkpoint is kept: run the same command again to continue from it" in err
     assert "Traceback" not in err
@@ -214,7 +214,7 @@ def test_mlflow_run_and_registered_model(tmp_path, tiny_root):
 
 
 def _train_command(out, tiny_root, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "segstudy", "train", "--params", "smoke", "--set", f"data.root={tiny_root}",
+    return [sys.executable, "-m", "segstudy", "train", "--profile", "smoke", "--set", f"data.root={tiny_root}",
             f"output_root={out}", "data.generate=false", "tracking.backend=none", *extra]
 
 

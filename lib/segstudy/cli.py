@@ -34,12 +34,12 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from segstudy.config import _parse_overrides
+    from segstudy.config import parse_overrides
     from segstudy.notebook_runner import run_notebooks
 
     start = time.perf_counter()
-    overrides = _parse_overrides(args.set) | ({"train.gpus": args.gpus} if args.gpus else {})
-    timings = run_notebooks(args.profile, overrides, only=args.only,
+    overrides = parse_overrides(args.set) | ({"train.gpus": args.gpus} if args.gpus else {})
+    timings = run_notebooks(profile(args), overrides, only=args.only,
                             timeout=args.timeout, log_output=args.log_output)
     total = time.perf_counter() - start
     for name, sec in timings.items():
@@ -52,7 +52,7 @@ def _plan(args: argparse.Namespace) -> None:
     from segstudy.notebook_runner import list_notebooks
     from segstudy.studies import plan
 
-    cfg = load_config(args.profile, args.set)
+    cfg = load_config(profile(args), args.set)
     trainings = plan.trainings(cfg, [nb.stem for nb in list_notebooks(only=args.only)])
     print(plan.format_plan(cfg, trainings, plan.estimate(cfg, trainings, args.assume_tflops)))
 
@@ -62,7 +62,7 @@ def _train(args: argparse.Namespace) -> None:
     from segstudy.deploy.registry import log_trained
     from segstudy.engine.training import train
 
-    cfg = load_config(args.params, args.set)
+    cfg = load_config(profile(args), args.set)
     result = train(cfg, model_name=args.model, resume=args.resume, run_dir=args.run_dir,
                    keep_weights=not args.no_keep_weights)
     if not args.no_log_model and int(os.environ.get("RANK", "0")) == 0:
@@ -73,14 +73,14 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from segstudy.config import _parse_overrides, _parse_value
+    from segstudy.config import parse_overrides, parse_value
     from segstudy.notebook_runner import sweep
 
-    grid = {key: [_parse_value(key, v) for v in values] for key, *values in args.p}
+    grid = {key: [parse_value(key, v) for v in values] for key, *values in args.p}
     empty = [key for key, values in grid.items() if not values]
     if empty:
         raise UserError(f"-p {empty[0]} has no values; write -p KEY VALUE [VALUE ...], e.g. -p loss_study.seeds 0 1")
-    path = sweep(args.notebook, grid, args.profile, _parse_overrides(args.set), args.name, args.timeout)
+    path = sweep(args.notebook, grid, profile(args), parse_overrides(args.set), args.name, args.timeout)
     print(f"gathered results: {path}")
 
 
@@ -88,7 +88,7 @@ def _predict(args: argparse.Namespace) -> None:
     from segstudy.config import load_config
     from segstudy.deploy.predict import predict
 
-    cfg = load_config(args.params, args.set)
+    cfg = load_config(profile(args), args.set)
     result = predict(args.model, args.input, args.out, cfg)
     print(f"{result['images']} images in {result['seconds']:.1f} s with {result['model']}: "
           f"*_labelIds.png and *_color.png in {result['out_dir']}")
@@ -102,15 +102,38 @@ def _serve(args: argparse.Namespace) -> None:
     from segstudy.deploy.serving import serve_command, serve_env
     from segstudy.tracking import mlflow_uri
 
-    cfg = load_config(args.params, args.set)
+    cfg = load_config(profile(args), args.set)
     resolve(cfg, args.model)  # a missing model or alias fails here, listing the registered ones
     cmd = serve_command(args.model, args.host, args.port, args.workers)
     print(" ".join(cmd), flush=True)
     os.execve(cmd[0], cmd, serve_env(mlflow_uri(cfg.tracking, cfg.output_root)))
 
 
+def _add_profile(parser: argparse.ArgumentParser, what: str, positional: bool = False) -> None:
+    """--profile, the one way every subcommand takes a profile; the older spellings (a positional
+    profile for run and plan, --params elsewhere) are still read, with a deprecation line."""
+    parser.add_argument("--profile", help=f"profile name (params/) or YAML file: {what} (default: demo)")
+    if positional:
+        parser.add_argument("old_profile", nargs="?", help=argparse.SUPPRESS)
+    else:
+        parser.add_argument("--params", dest="old_params", help=argparse.SUPPRESS)
+
+
+def profile(args: argparse.Namespace) -> str:
+    """The profile a subcommand was given (demo when none)."""
+    old = getattr(args, "old_profile", None) or getattr(args, "old_params", None)
+    if old is None:
+        return args.profile or "demo"
+    spelling = f"--params {old}" if getattr(args, "old_params", None) else f"the positional profile '{old}'"
+    if args.profile and args.profile != old:
+        raise UserError(f"two profiles given: --profile {args.profile} and {spelling}; keep --profile")
+    print(f"segstudy {args.command}: {spelling} is deprecated; write --profile {old}", file=sys.stderr)
+    return old
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segstudy", description=__doc__)
+    p.add_argument("--version", action=_PrintVersion, nargs=0, help="print the version, commit and torch's, and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="write the generated dataset in the Cityscapes layout")
@@ -131,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_evaluate)
 
     t = sub.add_parser("train", help="train one model (torchrun-compatible)")
-    t.add_argument("--params", default="demo", help="profile name or YAML file")
+    _add_profile(t, "the training's settings")
     t.add_argument("--model", help="override model.name: unet | deeplabv3_resnet50 | custom")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     t.add_argument("--resume", action="store_true",
@@ -146,14 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("notebook", help="e.g. notebooks/03_loss_comparison.ipynb")
     w.add_argument("-p", nargs="+", action="append", required=True, metavar=("KEY", "VALUE"),
                    help="a config key and its values, e.g. -p loss_study.names ce dice -p loss_study.seeds 0 1")
-    w.add_argument("--profile", default="demo")
+    w.add_argument("--profile", help="profile name (params/) or YAML file every run starts from (default: demo)")
     w.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fixed overrides for every run")
     w.add_argument("--name", help="sweep name (folder under outputs/sweeps/); default: notebook-timestamp")
     w.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     w.set_defaults(func=_sweep)
 
     r = sub.add_parser("run", help="execute the numbered notebooks with papermill (run_all.sh)")
-    r.add_argument("profile", nargs="?", default="demo")
+    _add_profile(r, "what every notebook runs with", positional=True)
     r.add_argument("--only", nargs="*", help="notebook prefixes, e.g. --only 00 01")
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override params, e.g. --set data.batch_size=4")
@@ -164,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_run)
 
     n = sub.add_parser("plan", help="print every training a run would do and its estimated time (trains nothing)")
-    n.add_argument("profile", nargs="?", default="demo")
+    _add_profile(n, "the run to plan", positional=True)
     n.add_argument("--only", nargs="*", help="notebook prefixes, e.g. --only 03")
     n.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     n.add_argument("--assume-tflops", type=float, metavar="X",
@@ -177,19 +200,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint .pt, .onnx file, or MLflow URI (models:/segstudy-custom@champion, runs:/ID/model)")
     d.add_argument("--input", required=True, nargs="+", help="image files and/or folders (searched recursively)")
     d.add_argument("--out", required=True, help="output folder (scorable by segstudy evaluate)")
-    d.add_argument("--params", default="demo", help="profile: data.base_size for files, the registry for URIs")
+    _add_profile(d, "data.base_size for files, the registry for URIs")
     d.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     d.set_defaults(func=_predict)
 
     v = sub.add_parser("serve", help="check a registered model, then run mlflow models serve on it")
     v.add_argument("--model", required=True, help="models:/NAME@ALIAS (or models:/NAME/VERSION)")
-    v.add_argument("--params", default="demo", help="profile whose MLflow registry holds the model")
+    _add_profile(v, "whose MLflow registry holds the model")
     v.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=5001)
     v.add_argument("--workers", type=int, default=1)
     v.set_defaults(func=_serve)
     return p
+
+
+def _version() -> str:
+    """The installed distribution's version, the commit when run from a checkout, and torch's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("segstudy")
+    except PackageNotFoundError:
+        text = "(not installed)"
+    import torch
+
+    from segstudy.engine.provenance import git_state
+
+    commit, dirty = git_state()
+    where = "" if commit == "unknown" else f", commit {commit[:12]}{' with uncommitted changes' if dirty else ''}"
+    return f"{text}{where}, torch {torch.__version__}"
+
+
+class _PrintVersion(argparse.Action):
+    """--version, computed only when asked (it imports torch and runs git)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"segstudy {_version()}")
+        parser.exit()
 
 
 # what to do after Ctrl-C, by command

@@ -1,10 +1,13 @@
 """Several GPUs from the notebooks' flow: with train.gpus = N > 1, `train` hands a training to
-`torchrun --nproc_per_node N -m segstudy train` with the same settings and reads back its result,
-so a notebook, `./run_all.sh full --gpus N` and the Kubernetes Job all train through one entry
-point. (On a CPU-only machine the N processes use gloo: that is how the tests run it.)"""
+`torchrun --nproc_per_node N -m segstudy.engine.launch`, this module's own worker entry point, with
+the same settings (the whole config as one YAML file) and reads back its result. The worker calls
+the same `engine.training.train`, so a notebook, `./run_all.sh full --gpus N` and the Kubernetes
+Job (`torchrun ... -m segstudy train`) train alike; the engine does not depend on the CLI's flags.
+(On a CPU-only machine the N processes use gloo: that is how the tests run it.)"""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from segstudy.config import Config
+from segstudy.config import Config, load_config
 from segstudy.errors import UserError
 
 
@@ -30,8 +33,7 @@ def torchrun(cfg: Config, model_name: str, run_dir: Path, keep_weights: bool) ->
         params = Path(tmp) / f"{cfg.profile}.yaml"
         params.write_text(yaml.safe_dump(cfg.to_dict() | {"overrides": {}}, sort_keys=False))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(cfg.train.gpus), "-m", "segstudy", "train", "--params", str(params),
-               "--model", model_name, "--run-dir", str(run_dir), "--no-log-model",
+               "--nproc_per_node", str(cfg.train.gpus), "-m", __name__, str(params), model_name, str(run_dir),
                *([] if keep_weights else ["--no-keep-weights"])]
         print(f"[segstudy] {model_name}: torchrun on {cfg.train.gpus} processes, global batch "
               f"{cfg.data.batch_size}", flush=True)
@@ -59,3 +61,27 @@ def _result(run_dir: Path) -> dict:
     if newest is None:
         raise UserError(f"the distributed training wrote no result.json in {run_dir}")
     return json.loads(newest.read_text())
+
+
+def worker(argv: list[str] | None = None) -> int:
+    """One of torchrun's processes: train() with the config file torchrun() wrote. Its result is
+    read back from the run folder, and the caller logs the model, so the worker logs none."""
+    from segstudy.engine.training import train  # training imports this module
+
+    p = argparse.ArgumentParser(prog=f"python -m {__name__}", description="a worker of engine.launch.torchrun")
+    p.add_argument("config", help="the YAML file torchrun() wrote (the whole config)")
+    p.add_argument("model")
+    p.add_argument("run_dir")
+    p.add_argument("--no-keep-weights", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        train(load_config(args.config), model_name=args.model, run_dir=args.run_dir,
+              keep_weights=not args.no_keep_weights)
+    except UserError as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker())

@@ -21,7 +21,7 @@ from segstudy.engine.measure import cpu_info
 
 
 @functools.cache
-def _git() -> tuple[str, bool | None]:
+def git_state() -> tuple[str, bool | None]:
     """(commit, dirty); ("unknown", None) outside a git checkout (e.g. a Docker image)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True,
@@ -47,7 +47,7 @@ def _environment() -> dict:
 
 def stamp(cfg: Config, **times: str) -> dict:
     """The stamp for `cfg`'s run; `times` adds e.g. started=..., finished=... (ISO 8601)."""
-    commit, dirty = _git()
+    commit, dirty = git_state()
     return {"commit": commit, "dirty": dirty, **_environment(), "profile": cfg.profile,
             "overrides": {k: str(v) for k, v in cfg.overrides.items()},
             "written": now(), **times}
