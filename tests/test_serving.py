@@ -118,6 +118,13 @@ def test_the_logged_model_carries_its_code(registered):
     assert (local / "code" / "segstudy" / "deploy" / "serving.py").is_file()
     requirements = (local / "requirements.txt").read_text()
     assert "segstudy" not in requirements and "torch==" in requirements and "cityscapesscripts==" in requirements
+    assert "+" not in requirements  # torch==2.14.1, not a local build label (+cpu) that PyPI cannot install
+
+
+def test_logged_requirements_drop_local_build_labels():
+    from segstudy.deploy.serving import installable_version
+
+    assert installable_version("2.14.1+cpu") == "2.14.1" == installable_version("2.14.1")
 
 
 def test_the_request_example_is_logged_unless_turned_off(registered, smoke_model):

@@ -147,7 +147,14 @@ def _requirements(kind: str) -> list[str]:
     # segstudy itself is not a requirement: its code travels with the model (code_paths)
     names = ["torch", "torchvision", "mlflow", "pillow", "imagecodecs", "pandas", "numpy", "cityscapesscripts"]
     names += ["onnxruntime"] if kind == "onnx" else []
-    return [f"{n}=={metadata.version(n)}" for n in names]
+    return [f"{n}=={installable_version(metadata.version(n))}" for n in names]
+
+
+def installable_version(version: str) -> str:
+    """The version without a local label: a CPU or CUDA build of torch is `2.14.1+cpu` or
+    `2.14.1+cu130`, which no index but PyTorch's serves; `2.14.1` installs from PyPI (the
+    environment that serves the model picks its own build)."""
+    return version.split("+", 1)[0]
 
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # lib/segstudy, logged with every model
