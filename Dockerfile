@@ -8,9 +8,10 @@
 #   docker run -p 8080:8080 -e MLFLOW_TRACKING_URI=http://mlflow:5000 \
 #       -e MODEL_URI=models:/segstudy-custom@champion segstudy-serve:0.1.0
 #
-# Both install requirements.lock through scripts/setup_env.sh; SEGSTUDY_TORCH picks the torch build
-# (cpu for the server; for training the PyPI default, whose CUDA 13 libraries match the base below:
-# build with --build-arg CUDA_BASE=... --build-arg SEGSTUDY_TORCH=cu128 for an older driver).
+# Both install requirements.lock (hash-checked) through scripts/setup_env.sh; SEGSTUDY_TORCH picks
+# the torch build (cpu for the server; for training the PyPI default, whose CUDA 13 libraries match
+# the base below: build with --build-arg CUDA_BASE=... --build-arg SEGSTUDY_TORCH=cu128 for an
+# older driver).
 
 # CUDA runtime base. torch's wheel ships its own CUDA libraries (nvidia-* wheels, CUDA 13 for
 # torch 2.14.1 from PyPI); the base brings the NVIDIA container settings for the same major version.
@@ -24,11 +25,11 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/segstudy/.venv/bin:$PATH
 WORKDIR /opt/segstudy
 # the locked dependencies first, from a stub package: a cached layer while only code changes
-COPY pyproject.toml requirements.lock README.md ./
+COPY pyproject.toml requirements.lock README.md LICENSE ./
 COPY scripts/ scripts/
 RUN mkdir -p lib/segstudy && touch lib/segstudy/__init__.py && bash -c 'source scripts/setup_env.sh'
 COPY lib/ lib/
-RUN useradd --create-home --uid 10001 segstudy
+RUN groupadd --gid 10001 segstudy && useradd --create-home --uid 10001 --gid 10001 segstudy
 USER 10001
 ENV MODEL_URI=models:/segstudy-custom@champion PORT=8080 WORKERS=1 OMP_NUM_THREADS=2
 EXPOSE 8080
@@ -52,14 +53,15 @@ RUN apt-get update && apt-get install -y --no-install-recommends software-proper
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/segstudy
 # the locked dependencies first, from a stub package: a cached layer while only code changes
-COPY pyproject.toml requirements.lock README.md ./
+COPY pyproject.toml requirements.lock README.md LICENSE ./
 COPY scripts/ scripts/
 RUN mkdir -p lib/segstudy && touch lib/segstudy/__init__.py && bash -c 'source scripts/setup_env.sh' \
     && python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 # the ImageNet ResNet-50 backbone the full profile starts from, so the job needs no download
 RUN python -c "from torchvision.models import resnet50, ResNet50_Weights; resnet50(weights=ResNet50_Weights.IMAGENET1K_V1)"
 COPY . .
-RUN useradd --create-home --uid 10001 segstudy && mkdir -p outputs && chown -R 10001 outputs "$TORCH_HOME"
+RUN groupadd --gid 10001 segstudy && useradd --create-home --uid 10001 --gid 10001 segstudy \
+    && mkdir -p outputs && chown -R 10001:10001 outputs "$TORCH_HOME"
 USER 10001
 # single GPU: the whole study. Multi-GPU training of one model:
 #   torchrun --nproc_per_node 4 -m segstudy train --profile full --model custom
