@@ -1,7 +1,7 @@
 """Inference latency (fp32 eager vs channels_last, batch 1) and training throughput of the three
 models, side by side in one process on this machine.
 
-    python benchmarks/bench_models.py [--params demo] [--height 512 --width 1024] [--iters 5]
+    python benchmarks/bench_models.py [--profile demo] [--height 512 --width 1024] [--iters 5]
     python benchmarks/bench_models.py --crops 128x256 96x192   # training img/s per crop, side by side
     python benchmarks/bench_models.py --precisions none bf16   # training img/s per autocast, side by side
 
@@ -25,7 +25,8 @@ from segstudy.models.networks import MODELS, build_model
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="demo")
+    p.add_argument("--profile", "--params", dest="params", default="demo",
+                   metavar="NAME", help="profile (params/) or YAML file (default: demo)")
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--iters", type=int, default=5)

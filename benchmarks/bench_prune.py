@@ -1,6 +1,6 @@
 """Pruning targets, measured side by side in one process on this machine.
 
-    python benchmarks/bench_prune.py [--params demo] [--iters 7] [--control]
+    python benchmarks/bench_prune.py [--profile demo] [--iters 7] [--control]
 
 Loads the dense custom model (notebook 02) and the recovered structured model that notebook 04
 saved, makes the 55% unstructured (LAMP) copy, and measures batch-1 latency at the bench size
@@ -8,6 +8,8 @@ saved, makes the 55% unstructured (LAMP) copy, and measures batch-1 latency at t
 mIoU. Prints the CPU, each figure, and PASS/FAIL for:
   structured: >= 2.0x lower latency than dense at <= 2 mIoU points loss;
   unstructured 55%: >= 95% of the dense mIoU (read from notebook 04's fine-tuned rows), no speed-up.
+(These thresholds are fixed here, at the defaults of prune.target_speedup, prune.target_loss and
+prune.target_kept; notebook 04 reads the profile's.)
 With --control, the dense model is also fine-tuned for the same prune.epochs at prune.lr as the
 structured model's recovery, and the structured model's loss is printed against that copy too:
 the recovered model has been trained longer than the dense one, and on a short schedule part of
@@ -52,7 +54,8 @@ def _interleaved_latency(models: dict[str, torch.nn.Module], height: int, width:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="demo")
+    p.add_argument("--profile", "--params", dest="params", default="demo",
+                   metavar="NAME", help="profile (params/) or YAML file whose notebook 02/04 models are measured")
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--control", action="store_true", help="also fine-tune the dense model as long as the recovery")
     args = p.parse_args()

@@ -1,9 +1,9 @@
 """The quantization targets, measured side by side in one process on this machine.
 
-    python benchmarks/bench_quantize.py [--params demo] [--model custom] [--iters N] [--warmup N]
+    python benchmarks/bench_quantize.py [--profile demo] [--model custom] [--iters N] [--warmup N]
                                         [--threads N] [--height H --width W] [--calib N]
 
-Batch-1 latency at the bench size (params' bench.height x bench.width, 512x1024 in demo) of the trained
+Batch-1 latency at the bench size (the profile's bench.height x bench.width, 512x1024 in demo) of the trained
 model (outputs/<profile>/runs/<model>/checkpoint_best.pt; random weights when it is missing, which
 does not change the speed): fp32 eager, fp32 channels_last, bf16 autocast + channels_last, ONNX
 Runtime fp32, torch FX int8 (x86), ONNX Runtime static int8 QDQ with uint8 and with int8
@@ -36,7 +36,8 @@ from segstudy.studies import quantization, results_files
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="demo")
+    p.add_argument("--profile", "--params", dest="params", default="demo",
+                   metavar="NAME", help="profile (params/) or YAML file: bench size, quant settings, the model")
     p.add_argument("--model", default="custom", help="custom | deeplabv3_resnet50 (the pruned rows are custom's)")
     p.add_argument("--height", type=int, help="default: bench.height")
     p.add_argument("--width", type=int, help="default: bench.width")

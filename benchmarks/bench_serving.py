@@ -2,7 +2,7 @@
 loopback, for the fp32 checkpoint and an int8 ONNX model, with the bare model latency measured in
 the same run.
 
-    python benchmarks/bench_serving.py [--params demo] [--checkpoint PATH.pt] [--onnx PATH.onnx | --make-int8]
+    python benchmarks/bench_serving.py [--profile demo] [--checkpoint PATH.pt] [--onnx PATH.onnx | --make-int8]
                                        [--models fp32 int8] [--format png|jpeg] [--requests 50]
                                        [--concurrency 1 4] [--height 512 --width 1024]
 
@@ -214,7 +214,8 @@ def others_pct(before: dict[int, int], after: dict[int, int], wall: float) -> fl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="demo")
+    p.add_argument("--profile", "--params", dest="params", default="demo",
+                   metavar="NAME", help="profile (params/) or YAML file whose models are served (default: demo)")
     p.add_argument("--checkpoint", help="fp32 checkpoint (default outputs/<profile>/runs/custom/checkpoint_best.pt)")
     p.add_argument("--onnx", help="int8 ONNX model (default: notebook 05's, if written)")
     p.add_argument("--make-int8", action="store_true", help="quantize the checkpoint here when no --onnx is given")
