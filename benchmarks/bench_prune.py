@@ -6,10 +6,9 @@ Loads the dense custom model (notebook 02) and the recovered structured model th
 saved, makes the 55% unstructured (LAMP) copy, and measures batch-1 latency at the bench size
 (fp32 eager, interleaved so that load on the machine hits every model alike) and validation
 mIoU. Prints the CPU, each figure, and PASS/FAIL for:
-  structured: >= 2.0x lower latency than dense at <= 2 mIoU points loss;
-  unstructured 55%: >= 95% of the dense mIoU (read from notebook 04's fine-tuned rows), no speed-up.
-(These thresholds are fixed here, at the defaults of prune.target_speedup, prune.target_loss and
-prune.target_kept; notebook 04 reads the profile's.)
+  structured: >= prune.target_speedup x lower latency than dense at <= prune.target_loss mIoU points loss;
+  unstructured (prune.finetune_sparsity): >= prune.target_kept of the dense mIoU (read from notebook
+  04's fine-tuned rows), no speed-up. The thresholds are the profile's, as notebook 04 reads them.
 With --control, the dense model is also fine-tuned for the same prune.epochs at prune.lr as the
 structured model's recovery, and the structured model's loss is printed against that copy too:
 the recovered model has been trained longer than the dense one, and on a short schedule part of
@@ -82,16 +81,19 @@ def main() -> None:
         print(f"{k:13s} {lat[k]:8.1f} ms  ({lat['dense'] / lat[k]:4.2f}x)   mIoU {miou[k]:6.2f}   "
               f"params {measure.parameters(m) / 1e6:5.1f} M   zeros {100 * prune.sparsity(m)['overall']:4.1f}%")
     speedup, loss = lat["dense"] / lat["structured"], miou["dense"] - miou["structured"]
-    ok = speedup >= 2.0 and loss <= 2.0
-    print(f"structured target (>= 2.0x faster, <= 2 mIoU points lost): {speedup:.2f}x, {loss:+.2f} points -> "
+    t = cfg.prune
+    ok = speedup >= t.target_speedup and loss <= t.target_loss
+    print(f"structured target (>= {t.target_speedup:g}x faster, <= {t.target_loss:g} mIoU points lost): "
+          f"{speedup:.2f}x, {loss:+.2f} points -> "
           f"{'PASS' if ok else 'FAIL'}")
     rows = json.loads(results.read_text())["rows"]
     finetuned = [r for r in rows if r["method"].startswith("unstructured") and r["recovery"] != "none"
                  and abs(r["level"] - cfg.prune.finetune_sparsity) < 1e-9]
     for r in finetuned:
-        kept = r["miou"] / miou["dense"]
-        print(f"{r['method']} {r['level']:.0%} + {r['recovery']} (notebook 04): mIoU {r['miou']:.2f} = "
-              f"{100 * kept:.1f}% of dense -> {'PASS' if kept >= 0.95 else 'FAIL'} (target >= 95%)")
+        kept = 100 * r["miou"] / miou["dense"]  # results files hold fractions; this script, points
+        print(f"{r['method']} {r['level']:.0%} + {r['recovery']} (notebook 04): mIoU {100 * r['miou']:.2f} = "
+              f"{100 * kept:.1f}% of dense -> {'PASS' if kept >= t.target_kept else 'FAIL'} "
+              f"(target >= {t.target_kept:.0%})")
     control = None
     if args.control:
         control = 100 * finetune(copy.deepcopy(dense), cfg, cfg.prune.epochs, lr=cfg.prune.lr, progress=False)["miou"]

@@ -2,7 +2,7 @@
 `torchrun --nproc_per_node N -m segstudy.engine.launch`, this module's own worker entry point, with
 the same settings (the whole config as one YAML file) and reads back its result. The worker calls
 the same `engine.training.train`, so a notebook, `./run_all.sh full --gpus N` and the Kubernetes
-Job (`torchrun ... -m segstudy train`) train alike; the engine does not depend on the CLI's flags.
+Job (`segstudy train ... --set train.gpus=4`) train alike; the engine does not depend on the CLI's flags.
 (On a CPU-only machine the N processes use gloo: that is how the tests run it.)"""
 
 from __future__ import annotations
