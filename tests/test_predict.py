@@ -83,7 +83,7 @@ def test_predict_bad_input(smoke_model, tiny_root, tmp_path, capsys):
     Image.new("L", (1, 8_000_000)).save(strip)
     msg = err("--model", ckpt, "--input", str(strip), "--out", str(tmp_path / "o"))
     assert f"{strip} is 1x8000000, an aspect ratio of 8,000,000:1" in msg
-    assert "crop it to at most 8:1, or remove it from --input" in msg and "send" not in msg
+    assert "crop it to at most 8:1, or leave it out of --input" in msg and "send" not in msg
 
 
 def test_argmax_classes_equals_argmax_including_ties():
@@ -110,7 +110,8 @@ def test_decode_image_gives_pils_rgb_pixels():
         # tRNS: an RGB PNG with a transparent colour, which libpng would hand out as RGBA
         data = _encoded(images["RGB"], fmt, transparency=(1, 2, 3)) if mode == "tRNS" else _encoded(images[mode], fmt)
         with Image.open(io.BytesIO(data)) as im:
-            expected = np.asarray(im.convert("RGB"))
+            # 16-bit grey: scaled to 8 bits (PIL's convert("RGB") would clip it to white)
+            expected = np.repeat(rgb[..., :1], 3, axis=2) if mode == "I;16" else np.asarray(im.convert("RGB"))
         got = inference.decode_image(data)
         assert got.dtype == np.uint8 and got.shape == (24, 40, 3), (mode, fmt)
         np.testing.assert_array_equal(got, expected, err_msg=f"{mode} {fmt}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"segstudy {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # the notebook's cell task dies with its kernel: asyncio would log "Task exception was never
+        # retrieved" with a traceback at exit, after the line below
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         hint = _CONTINUE.get(args.command, "nothing already written was lost")
         print(f"\nsegstudy {args.command}: interrupted; {hint}", file=sys.stderr)
         return 130

@@ -8,12 +8,16 @@ then replaces the file. It is created like any file, so its mode follows the uma
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from segstudy.errors import UserError
 
 _TEMPORARY = re.compile(r"^(?P<stem>.+)\.(?P<pid>\d+)\.tmp(?P<suffix>\.[^.]+)?$")
 
@@ -24,8 +28,10 @@ def temporary(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield the temporary path; it replaces `path` only if the block succeeds, else it is removed."""
+def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
+    """Yield the temporary path; it replaces `path` only if the block succeeds, else it is removed.
+    A full disk becomes one line naming the path and the space needed (`needed` bytes, when the
+    caller knows them); the file it would have replaced is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
@@ -33,13 +39,44 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if not disk_full(exc):
+            raise
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        raise no_space(path, needed or written) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def disk_full(exc: BaseException) -> bool:
+    """An OSError ENOSPC/EDQUOT, or torch.save's RuntimeError for the same (its zip writer reports a
+    short write as "unexpected pos" or "file write failed")."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return "unexpected pos" in text or "file write failed" in text or "No space left" in text
+
+
+def no_space(path: Path, needed: int) -> UserError:
+    """The one line for a full disk: the path, what it needs, what is free, the fix."""
+    free = shutil.disk_usage(path.parent).free
+    need = (f"at least {needed / 2**20:.1f} MB" if needed >= 2**20 else f"at least {needed / 2**10:.1f} KB") \
+        if needed else "more space"
+    return UserError(f"no space left to write {path}: it needs {need}, {free / 2**20:.1f} MB are free there; "
+                     f"free some space (or set output_root to a disk with room) and run the same command again "
+                     f"(nothing partial was written)")
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import html
 import itertools
-import json
+import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -22,8 +23,10 @@ from typing import Any
 
 import nbformat
 import papermill as pm
+from jupyter_client.manager import AsyncKernelManager
 from nbconvert import HTMLExporter
 from tqdm import tqdm
+from traitlets import Unicode
 from traitlets.config import Config as TraitletsConfig
 
 from segstudy.config import PROJECT_ROOT, Config, load_config, resolve_profile
@@ -31,6 +34,7 @@ from segstudy.data.datasets import prepare_data
 from segstudy.engine import provenance
 from segstudy.engine import timings as timing_records
 from segstudy.errors import UserError
+from segstudy.files import disk_full, no_space, write_json, write_text
 from segstudy.studies import plan, results_files
 from segstudy.tracking import mlflow_uri
 
@@ -72,13 +76,27 @@ def export_html(executed: Path) -> Path:
     """HTML next to the executed notebook, without stderr streams (progress bars)."""
     body, _ = HTMLExporter().from_notebook_node(_read_without_streams(executed, ("stderr",)))
     page = executed.with_suffix(".html")
-    page.write_text(body, encoding="utf-8")
+    write_text(page, body)
     return page
 
 
 def _profile_arg(profile: str) -> str:
     """A profile name stays a name in the executed notebooks; a YAML path becomes absolute."""
     return str(resolve_profile(profile).resolve()) if str(profile).endswith((".yaml", ".yml")) else str(profile)
+
+
+class KernelLogManager(AsyncKernelManager):
+    """nbclient's kernel manager, with the kernel process's own stderr in a file (`log_path`)
+    instead of the terminal. The notebook's outputs do not go there (ipykernel sends those to the
+    notebook); what does is the kernel's own noise, such as the ZMQ traceback it prints when Ctrl-C
+    stops the run while it replies."""
+
+    log_path = Unicode("", help="file the kernel's stderr is appended to").tag(config=True)
+
+    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+        if self.log_path:
+            kw["stderr"] = open(self.log_path, "ab")  # noqa: SIM115 - the kernel process holds it
+        await super()._async_launch_kernel(kernel_cmd, **kw)
 
 
 class SegstudyLines:
@@ -110,7 +128,9 @@ def execute(notebook: Path, executed: Path, profile: str, overrides: dict[str, A
         # the kernel listens on Unix sockets in a private folder instead of unencrypted TCP on
         # localhost (which ipykernel warns about): nothing else on the machine can reach it
         with tempfile.TemporaryDirectory(prefix="segstudy-kernel-") as sockets:
-            ipc = TraitletsConfig({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "kernel")}})
+            ipc = TraitletsConfig({"KernelManager": {"transport": "ipc", "ip": str(Path(sockets) / "kernel")},
+                                   "NotebookClient": {"kernel_manager_class": KernelLogManager},
+                                   "KernelLogManager": {"log_path": str(kernel_log(executed))}})
             pm.execute_notebook(str(notebook), str(executed), kernel_name="python3", cwd=str(notebook.parent),
                                 parameters={"profile": _profile_arg(profile), "overrides": overrides},
                                 progress_bar=progress, log_output=log_output, execution_timeout=timeout,
@@ -118,11 +138,29 @@ def execute(notebook: Path, executed: Path, profile: str, overrides: dict[str, A
                                 request_save_on_cell_execute=True, config=ipc)
     except pm.PapermillExecutionError as exc:
         raise UserError(f"notebook {notebook.name} failed in cell {exc.exec_count}: {exc.ename}: "
-                        f"{exc.evalue}. The executed copy with the full traceback is {executed}") from None
+                        f"{exc.evalue}. The executed copy with the full traceback is {keep_failed(executed)}") from None
+    except OSError as exc:  # papermill writing the executed copy
+        if disk_full(exc):
+            raise no_space(executed, 0) from None
+        raise
     seconds = round(time.perf_counter() - start, 1)
     html = export_html(executed)
     print(f"[segstudy] {notebook.name} done in {seconds:.1f} s -> {html}", flush=True)
     return seconds
+
+
+def kernel_log(executed: Path) -> Path:
+    """<notebook>.kernel.log beside the executed notebook: its kernel's own stderr."""
+    return executed.with_suffix(".kernel.log")
+
+
+def keep_failed(executed: Path) -> Path:
+    """A copy of a failed notebook's executed file under failed/, named for this run (the time and
+    process), so the next or a concurrent run writing `executed` cannot overwrite its traceback."""
+    kept = executed.parent / "failed" / f"{executed.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.ipynb"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(executed, kept)
+    return kept
 
 
 def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None,
@@ -144,8 +182,7 @@ def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None
         timing_records.record_notebook(cfg, nb.stem, seconds)
     timings = timing_records.notebook_seconds(cfg)
     stamp = provenance.stamp(cfg, started=started, finished=provenance.now())
-    (out_dir / "provenance.json").write_text(json.dumps(stamp | {"notebooks": [nb.stem for nb in notebooks]},
-                                                        indent=2))
+    write_json(out_dir / "provenance.json", stamp | {"notebooks": [nb.stem for nb in notebooks]})
     write_pages(out_dir, notebooks_dir, timings, ran=[nb.stem for nb in notebooks], stamp=stamp)
     return {nb.stem: timings[nb.stem] for nb in notebooks}
 
@@ -183,7 +220,7 @@ def write_report(executed: Path, out: Path, header: str = "") -> Path:
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
     if header:  # right after <main>, where nbconvert's lab template starts the page's content
         body = re.sub(r"(<main[^>]*>)", lambda m: m[1] + header, body, count=1) if "<main" in body else header + body
-    out.write_text(body, encoding="utf-8")
+    write_text(out, body)
     return out
 
 
@@ -210,7 +247,7 @@ def write_index(out_dir: Path, notebooks: list[str], timings: dict[str, float], 
 <p style="color:#555">Wall times from timings.json (the latest run of each notebook).</p></body></html>
 """
     path = out_dir / "index.html"
-    path.write_text(page, encoding="utf-8")
+    write_text(path, page)
     return path
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from segstudy.config import TrackingConfig
 from segstudy.errors import UserError
@@ -30,21 +34,70 @@ def mlflow_uri(cfg: TrackingConfig, output_root: str | Path) -> str:
     return cfg.uri or ENV_TRACKING_URI or f"sqlite:///{Path(output_root).resolve()}/mlflow.db"
 
 
+# A locked SQLite database (another process writing, a sync tool): MLflow waits 20 s on each call
+# (its busy_timeout) and logs a traceback; segstudy tries a call this many times in all, then says so in
+# one line. Logging a metric or a parameter again, or ending a run again, changes nothing.
+LOCK_ATTEMPTS = 3
+T = TypeVar("T")
+
+
+def _locked(exc: BaseException) -> bool:
+    return "database is locked" in str(exc) or "database is locked" in str(exc.__cause__ or "")
+
+
+class _DropLockedTraceback(logging.Filter):
+    """MLflow's traceback for a locked database: segstudy says it in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "database is locked" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def mlflow_database(uri: str, what: str) -> Iterator[None]:
+    """A locked database during `what` becomes one line naming it and the fix."""
+    try:
+        yield
+    except Exception as exc:  # MlflowException, or SQLAlchemy's OperationalError underneath it
+        if not _locked(exc):
+            raise
+        raise UserError(f"the MLflow database {uri} stayed locked ({what}; another process is writing to it, "
+                        f"or a sync tool holds it); wait for it and run the same command again, or give this "
+                        f"run a database of its own with --set tracking.uri=sqlite:////another/mlflow.db") from None
+
+
+def retry_locked(call: Callable[[], T], uri: str, what: str, attempts: int | None = None) -> T:
+    """`call`, tried again while the database is locked, LOCK_ATTEMPTS times in all; then mlflow_database's
+    one line. Only for calls that may be repeated (logging a value, ending a run)."""
+    attempts = attempts or LOCK_ATTEMPTS
+    with mlflow_database(uri, f"{what}, {attempts} attempts"):
+        for attempt in range(attempts):
+            try:
+                return call()
+            except Exception as exc:
+                if not _locked(exc) or attempt == attempts - 1:
+                    raise
+                time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
 def use_mlflow(cfg: TrackingConfig, output_root: str | Path):
     """Point MLflow at the profile's database and experiment (artifacts in output_root/mlartifacts)."""
     import mlflow
+
+    logging.getLogger("mlflow.store.db.utils").addFilter(_DropLockedTraceback())
 
     # MLflow draws a "Downloading artifacts" bar for every model it logs and reads back: noise in a notebook
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = mlflow_uri(cfg, output_root)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(cfg.experiment) is None:
-        # a local database keeps artefacts beside it; a tracking server (http://...) stores them
-        # where it is configured to (e.g. --serve-artifacts), so other pods can load the models
-        local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-        artifacts = (Path(output_root).resolve() / "mlartifacts").as_uri() if local else None
-        mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
-    mlflow.set_experiment(cfg.experiment)
+    with mlflow_database(uri, f"opening experiment {cfg.experiment}"):
+        if mlflow.get_experiment_by_name(cfg.experiment) is None:
+            # a local database keeps artefacts beside it; a tracking server (http://...) stores them
+            # where it is configured to (e.g. --serve-artifacts), so other pods can load the models
+            local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+            artifacts = (Path(output_root).resolve() / "mlartifacts").as_uri() if local else None
+            mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+        mlflow.set_experiment(cfg.experiment)
     return mlflow
 
 
@@ -58,10 +111,17 @@ class Tracker:
         self.run_id: str | None = None
         if self.backend == "mlflow":
             self.mlflow = use_mlflow(cfg, output_root)
+            self.uri = mlflow_uri(cfg, output_root)
             self.params = params
-            run = self.mlflow.start_run(run_name=run_name, tags=tags)
+            with mlflow_database(self.uri, f"starting run {run_name}"):
+                run = self.mlflow.start_run(run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
-            self.mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()})
+            try:
+                retry_locked(lambda: self.mlflow.log_params({k: str(v)[:500] for k, v in flatten(params).items()}),
+                             self.uri, f"logging the parameters of run {self.run_id}")
+            except UserError:
+                self.finish("FAILED")
+                raise
         elif self.backend == "wandb":
             try:
                 import wandb
@@ -78,12 +138,22 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         clean = {k.replace(" ", "_"): float(v) for k, v in metrics.items() if v == v}  # drop NaN
         if self.backend == "mlflow":
-            self.mlflow.log_metrics(clean, step=step)
+            retry_locked(lambda: self.mlflow.log_metrics(clean, step=step), self.uri,
+                         f"logging step {step} of run {self.run_id}")
         elif self.backend == "wandb":
             self.wandb.log(clean, step=step)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the run with `status`. A run that failed is marked FAILED even when the database was
+        locked a while (twice the attempts); only when it stays locked is the run left for a line to name."""
         if self.backend == "mlflow":
-            self.mlflow.end_run(status=status)
+            if status == "FINISHED":
+                retry_locked(lambda: self.mlflow.end_run(status=status), self.uri, f"ending run {self.run_id}")
+                return
+            try:
+                retry_locked(lambda: self.mlflow.end_run(status=status), self.uri, f"ending run {self.run_id}",
+                             attempts=2 * LOCK_ATTEMPTS)
+            except UserError as exc:  # already failing: say it, and let the first error be the one raised
+                print(f"[segstudy] could not mark MLflow run {self.run_id} {status}: {exc}", flush=True)
         elif self.backend == "wandb":
             self.run.finish(exit_code=0 if status == "FINISHED" else 1)

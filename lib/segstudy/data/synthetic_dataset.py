@@ -13,10 +13,13 @@ whatever the number of worker processes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import multiprocessing as mp
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -96,6 +99,28 @@ def ensure_dataset(root: str | Path, cfg: SynthConfig, workers: int = 2) -> bool
     silently reused, so a profile's numbers always come from the data it describes.
     """
     root = Path(root)
+    with generation_lock(root):  # a second first run waits here, then finds the dataset made
+        return _ensure(root, cfg, workers)
+
+
+@contextlib.contextmanager
+def generation_lock(root: Path) -> Iterator[None]:
+    """An exclusive flock on `<root>.lock` beside the dataset; the kernel drops it when the holder
+    dies, so a crash never blocks the next run."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[segstudy] another process is generating {root}: waiting for it", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _ensure(root: Path, cfg: SynthConfig, workers: int) -> bool:
     marker = root / MARKER
     if marker.is_file():
         made = json.loads(marker.read_text())

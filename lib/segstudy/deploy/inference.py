@@ -23,7 +23,7 @@ import imagecodecs
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 
 from segstudy.data import labels
@@ -78,6 +78,7 @@ class Engine:
     path: str
     run: Callable[[torch.Tensor], torch.Tensor]
     fixed_size: tuple[int, int] | None = None  # (h, w) of an ONNX graph exported with a static shape
+    architecture: str | None = None  # unet | deeplabv3_resnet50 | custom, when the file says
 
 
 def load_engine(path: str | Path) -> Engine:
@@ -88,15 +89,16 @@ def load_engine(path: str | Path) -> Engine:
                         f"MLflow model URI (models:/NAME@ALIAS)")
     if path.suffix == ".onnx":
         return _onnx_engine(path)
-    from segstudy.models.checkpoint import load_trained
+    from segstudy.models.checkpoint import load_checkpoint, load_trained
 
-    model = load_trained(path).eval()
+    ckpt = load_checkpoint(path)
+    model = load_trained(path, ckpt).eval()
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return model(x)["out"]
 
-    return Engine("torch", str(path), run)
+    return Engine("torch", str(path), run, architecture=ckpt.get("meta", {}).get("model"))
 
 
 def _onnx_engine(path: Path) -> Engine:
@@ -146,15 +148,39 @@ def decode_image(data: bytes, what: str = "image", limits: SizeLimits | None = N
     if limits:
         check_size(im.width, im.height, limits, what)
     try:
-        if im.format == "PNG" and im.mode == "RGB":
+        turned = _orientation(im) not in (None, 1)
+        if im.format == "PNG" and im.mode == "RGB" and not turned:
             pixels = imagecodecs.png_decode(data)
             # 16 bit (uint16) or a transparent colour (tRNS: RGBA out) is rare: PIL converts those
             if pixels.dtype == np.uint8 and pixels.shape[2:] == (3,):
                 return pixels
         im.load()
+        if turned:  # a phone photo stores its pixels sideways and says how to turn them (EXIF Orientation)
+            im = ImageOps.exif_transpose(im)
     except (OSError, SyntaxError, ValueError, imagecodecs.PngError) as exc:
         raise UserError(f"{what} is a truncated or corrupt {im.format} ({exc})") from exc
-    return np.array(im if im.mode == "RGB" else im.convert("RGB"))  # a writable copy, as torch wants
+    return to_rgb8(im)
+
+
+def _orientation(im: Image.Image) -> int | None:
+    """The EXIF Orientation tag, read from the header only (PIL's PNG getexif() would decode the
+    pixels to look for a late eXIf chunk: a PNG's orientation counts only before its image data)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return None
+    return im.getexif().get(0x0112)
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, a writable copy as torch wants. 16-bit greyscale (PIL modes I;16* and I)
+    is scaled to 8 bits (v / 257, exact for an 8-bit picture saved as 16 bit): PIL's convert("RGB")
+    would clip every value above 255, turning the picture white."""
+    if im.mode == "RGB":
+        return np.array(im)
+    if im.mode.startswith("I"):
+        grey = np.asarray(im, dtype=np.float64)
+        grey8 = np.clip(np.rint(grey / 257), 0, 255).astype(np.uint8)
+        return np.repeat(grey8[..., None], 3, axis=2)
+    return np.array(im.convert("RGB"))
 
 
 def decode_base64_image(text: str, what: str = "image", limits: SizeLimits | None = None) -> np.ndarray:

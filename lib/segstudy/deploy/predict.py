@@ -8,6 +8,7 @@ The decode, pre- and post-processing are segstudy.deploy.inference's, shared wit
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from tqdm import tqdm
 from segstudy.config import Config
 from segstudy.deploy import inference
 from segstudy.errors import UserError
+from segstudy.files import atomic_path, write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MODEL_SUFFIXES = (".pt", ".pth", ".onnx")
 
 
 def is_model_uri(model: str) -> bool:
@@ -46,19 +49,23 @@ def load_segmenter(model: str | Path, cfg: Config) -> Segmenter:
         return Segmenter(seg.segment, f"{model} ({seg.engine.kind}, base_size {seg.base_size})", seg.limits)
     engine = inference.load_engine(model)
     base_size = cfg.data.base_size
+    arch = f"{engine.architecture} " if engine.architecture else ""
+    if engine.architecture and engine.architecture != cfg.model.name:
+        print(f"[segstudy] {model} holds a {engine.architecture} model, not the profile's model.name "
+              f"({cfg.model.name}): predicting with {engine.architecture}")
     return Segmenter(lambda image: inference.segment(engine, image, base_size),
-                     f"{model} ({engine.kind}, base_size {base_size})", inference.SizeLimits(base_size))
+                     f"{model} ({arch}{engine.kind}, base_size {base_size})", inference.SizeLimits(base_size))
 
 
 def read_image(path: Path, limits: inference.SizeLimits) -> np.ndarray:
-    """Decode one input file; a file refused by its size or content stops predict, naming it and the fix."""
+    """Decode one input file; a file refused by its size or content is a UserError naming it and the fix."""
     try:
         return inference.decode_image(path.read_bytes(), str(path), limits)
     except inference.ImageTooLarge as exc:
         fix = "downscale" if exc.kind == "pixels" else "crop"
-        raise UserError(f"{exc.reason}; {fix} it to at most {exc.limit}, or remove it from --input") from None
+        raise UserError(f"{exc.reason}; {fix} it to at most {exc.limit}, or leave it out of --input") from None
     except UserError as exc:
-        raise UserError(f"{exc}; remove or replace the file") from None
+        raise UserError(f"{exc}; replace the file, or leave it out of --input") from None
 
 
 def find_images(inputs: Sequence[str | Path], exclude: Path | None = None) -> list[tuple[Path, Path]]:
@@ -70,6 +77,8 @@ def find_images(inputs: Sequence[str | Path], exclude: Path | None = None) -> li
                            and not (exclude and p.resolve().is_relative_to(exclude)))
             found += [(p, p.relative_to(item)) for p in files]
         elif item.is_file():
+            if item.suffix.lower() in MODEL_SUFFIXES:
+                raise UserError(f"--input {item} is a model file; pass it as --model, and images as --input")
             if item.suffix.lower() not in IMAGE_SUFFIXES:
                 raise UserError(f"--input {item} is not a .png/.jpg image; give images or folders of them")
             found.append((item, Path(item.name)))
@@ -88,18 +97,30 @@ def output_stem(relative: Path) -> Path:
 
 def predict(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, cfg: Config,
             progress: bool = True) -> dict:
-    """Segment every image of `inputs`, write labelIds PNGs and colour overlays to `out_dir`.
+    """Segment every image of `inputs`, write labelIds PNGs and colour overlays to `out_dir`. A file
+    that cannot be segmented (empty, corrupt, too large) is said in one line and skipped; the others
+    are written, and then a UserError counts the refused ones.
     Returns {"images", "seconds", "out_dir", "model"}."""
     out_dir = Path(out_dir)
     images = find_images(inputs, exclude=out_dir.resolve())
     segmenter = load_segmenter(model, cfg)  # before any output is written: fail early
-    start = time.perf_counter()
+    start, refused = time.perf_counter(), []
     for path, relative in tqdm(images, desc="predict", unit="img", disable=not progress, mininterval=2.0):
-        image = read_image(path, segmenter.limits)
-        train_ids = segmenter.segment(image)
+        try:
+            image = read_image(path, segmenter.limits)
+            train_ids = segmenter.segment(image)
+        except UserError as exc:
+            print(f"[segstudy] refused: {exc}", file=sys.stderr, flush=True)
+            refused.append(path)
+            continue
         stem = out_dir / output_stem(relative)
         stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_name(stem.name + "_labelIds.png").write_bytes(inference.label_ids_png(train_ids))
-        inference.overlay(image, train_ids).save(stem.with_name(stem.name + "_color.png"))
-    return {"images": len(images), "seconds": time.perf_counter() - start, "out_dir": str(out_dir),
+        write_bytes(stem.with_name(stem.name + "_labelIds.png"), inference.label_ids_png(train_ids))
+        with atomic_path(stem.with_name(stem.name + "_color.png")) as tmp:
+            inference.overlay(image, train_ids).save(tmp, format="PNG")
+    written = len(images) - len(refused)
+    if refused:
+        raise UserError(f"{len(refused)} of {len(images)} input files were refused (each named above); "
+                        f"the other {written} were segmented into {out_dir}")
+    return {"images": written, "seconds": time.perf_counter() - start, "out_dir": str(out_dir),
             "model": segmenter.description}

@@ -19,7 +19,7 @@ from pathlib import Path
 from segstudy.config import Config
 from segstudy.engine import provenance
 from segstudy.errors import UserError
-from segstudy.tracking import mlflow_uri, use_mlflow
+from segstudy.tracking import mlflow_database, mlflow_uri, use_mlflow
 
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
 
@@ -45,7 +45,6 @@ def register(cfg: Config, model: str | Path, name: str, metrics: dict[str, float
     if cfg.tracking.backend == "none":
         print(f"[segstudy] registry: tracking.backend is none, {name} not registered")
         return None
-    from segstudy.deploy.serving import log_servable
 
     model = Path(model)
     if not model.is_file():
@@ -53,6 +52,14 @@ def register(cfg: Config, model: str | Path, name: str, metrics: dict[str, float
     metrics = {k: float(v) for k, v in (metrics or {}).items()}
     mlflow = use_mlflow(cfg.tracking, cfg.output_root)
     base_size = int(base_size or cfg.data.base_size)
+    with mlflow_database(mlflow_uri(cfg.tracking, cfg.output_root), f"registering {name}"):
+        return _register(cfg, mlflow, model, name, metrics, alias, base_size, tags)
+
+
+def _register(cfg: Config, mlflow, model: Path, name: str, metrics: dict[str, float], alias: str | None,
+              base_size: int, tags: dict[str, str] | None) -> dict:
+    from segstudy.deploy.serving import log_servable
+
     with mlflow.start_run(run_name=f"register-{name}", nested=mlflow.active_run() is not None,
                           tags={"profile": cfg.profile, "registered_model": name} | (tags or {})
                           | provenance.as_tags(provenance.stamp(cfg))) as run:
@@ -87,7 +94,8 @@ def log_trained(cfg: Config, result: dict) -> str | None:
             or not result.get("mlflow_run_id") or not result.get("checkpoint_best")):
         return None
     mlflow = use_mlflow(t, cfg.output_root)
-    with mlflow.start_run(run_id=result["mlflow_run_id"]):  # log_servable keeps only the weights and meta
+    with mlflow_database(mlflow_uri(t, cfg.output_root), f"logging the model of run {result['mlflow_run_id']}"), \
+            mlflow.start_run(run_id=result["mlflow_run_id"]):  # log_servable keeps only the weights and meta
         info = log_servable(result["checkpoint_best"], cfg.data.base_size,
                             registered_model_name=f"segstudy-{result['model']}" if t.register else None,
                             input_example=t.input_example)

@@ -44,6 +44,7 @@ from segstudy.engine.optimization import (
     train_one_epoch,
 )
 from segstudy.errors import UserError
+from segstudy.files import atomic_path, write_json
 from segstudy.models.checkpoint import (
     check_meta,
     load_checkpoint,
@@ -268,9 +269,11 @@ def _save_state(run: TrainingRun, run_dir: Path, record: dict | None = None) -> 
         save_checkpoint({k: state[k] for k in ("model", "meta", "epoch", "step", "best_miou", "history")},
                         run_dir / "checkpoint_best.pt")
         if run.per_image is not None:
-            np.save(run_dir / run_folder.CONFUSIONS, run.per_image)
+            with atomic_path(run_dir / run_folder.CONFUSIONS) as tmp, tmp.open("wb") as f:
+                np.save(f, run.per_image)
         if run.previews:
-            np.savez_compressed(run_dir / run_folder.PREVIEWS, *run.previews)
+            with atomic_path(run_dir / run_folder.PREVIEWS) as tmp, tmp.open("wb") as f:
+                np.savez_compressed(f, *run.previews)
     save_checkpoint(state, run_dir / "checkpoint_latest.pt")
 
 
@@ -410,4 +413,4 @@ def _finish(run: TrainingRun, tracker: Tracker, run_dir: Path, finished: bool) -
 
 
 def _write_result(result: dict, work_dir: Path) -> None:
-    (work_dir / "result.json").write_text(json.dumps(result, indent=2, default=lambda v: None if v != v else v))
+    write_json(work_dir / "result.json", result, default=lambda v: None if v != v else v)

@@ -20,9 +20,20 @@ from segstudy.models.networks import build_model
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Written atomically (segstudy.files): a crash never leaves a truncated checkpoint, and two
     processes never write the same temporary file."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=_tensor_bytes(state)) as tmp:
         torch.save(state, tmp)
     return Path(path)
+
+
+def _tensor_bytes(obj) -> int:
+    """The tensors' bytes in a (nested) checkpoint: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_model(model: nn.Module, meta: dict, path: str | Path, **info) -> Path:
@@ -37,17 +48,44 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; train first (segstudy train) or "
                         f"point at an existing checkpoint")
+    if other := other_kind(path):
+        raise UserError(f"{path} is {other}, not a model checkpoint; {PASS_A_MODEL}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError,
             TypeError, AttributeError, OSError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{path} is not a readable checkpoint (corrupt, truncated or not saved by "
-                        f"segstudy: {first}); delete it and train again") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"{path} is not a readable checkpoint (corrupt, truncated, or not saved by segstudy: "
+                        f"{first}); {PASS_A_MODEL}, or train that run again (its folder is kept until a new "
+                        f"run finishes)") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is a torch file but not a segstudy checkpoint (no 'model' entry); "
                         f"point at a checkpoint written by segstudy train")
     return ckpt
+
+
+PASS_A_MODEL = ("pass a checkpoint written by segstudy (runs/<model>/checkpoint_best.pt, "
+                "04_pruning_sweeps/pruned_structured.pt), an .onnx file, or models:/NAME@ALIAS")
+
+
+def other_kind(path: Path) -> str | None:
+    """What a file that is not a checkpoint is, when it is another output of the study (so the
+    message can say so, and never advises deleting it): JSON, ONNX, TorchScript; None otherwise."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON file (a results or settings file of the study)"
+    if path.suffix == ".onnx":
+        return "an ONNX model (predict and serving read it as it is: give it as the model, not as a checkpoint)"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist()):
+                return ("a TorchScript model (notebook 05's int8 export, read by torch.jit.load; predict "
+                        "takes notebook 05's custom_int8.onnx or the registered int8 model instead)")
+    return None
 
 
 def check_meta(ckpt: dict, model_name: str, num_classes: int, path: str | Path) -> None:
@@ -84,10 +122,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_trained(checkpoint: str | Path) -> nn.Module:
+def load_trained(checkpoint: str | Path, ckpt: dict | None = None) -> nn.Module:
     """Rebuild a model from a segstudy checkpoint (its meta says which, and whether it was
-    structurally pruned) and load its weights."""
-    ckpt = load_checkpoint(checkpoint)
+    structurally pruned) and load its weights; `ckpt`: the checkpoint when already read."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
     if "meta" not in ckpt or "model_config" not in ckpt["meta"]:
         raise UserError(f"{checkpoint} has no segstudy model metadata; it was not written by segstudy train")
     mc = ckpt["meta"]["model_config"]
