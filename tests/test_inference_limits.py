@@ -70,10 +70,10 @@ def test_predict_words_the_limits_for_a_file(strips, tmp_path):
     large.write_bytes(blank_png(4100, 2100))
     assert _message(read_image, strip, limits) == (
         f"{strip} is 1x8000000, an aspect ratio of 8,000,000:1 (longer to shorter side), more than the limit of "
-        f"8:1; crop it to at most 8:1, or remove it from --input")
+        f"8:1; crop it to at most 8:1, or leave it out of --input")
     assert _message(read_image, large, limits) == (
         f"{large} is 4100x2100 (8,610,000 pixels), more than the limit of 8,388,608 (8.4 MP); downscale it to at "
-        f"most 8.4 MP, or remove it from --input")
+        f"most 8.4 MP, or leave it out of --input")
 
 
 def test_evaluate_blames_a_corrupt_prediction_on_the_predictions(tiny_root, tmp_path):

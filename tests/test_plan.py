@@ -165,3 +165,21 @@ def test_a_loss_run_that_is_notebook_02s_training_reads_that_run(smoke_model, mo
     assert "loss ce, seed 0 trains exactly as runs/custom: reusing that run" in capsys.readouterr().out
     off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, reuse=False))
     assert not plan.trainings(off, ["03_loss_comparison"])[0].reused
+
+
+def test_one_reuse_rule_and_a_run_without_settings_is_not_reused(smoke, tmp_path):
+    """engine.run_folder.reusable: training, the plan and the loss study's twin all ask it."""
+    from segstudy.engine import run_folder
+
+    cfg = dataclasses.replace(smoke, train=dataclasses.replace(smoke.train, reuse=True))
+    run_dir = tmp_path / "runs" / "custom"
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps({"finished": True}))  # an older run: no settings recorded
+    assert run_folder.reusable(run_dir, cfg, cfg.model) == (None, run_folder.NO_SETTINGS)
+    settings = run_folder.settings(cfg, cfg.model)
+    (run_dir / "result.json").write_text(json.dumps({"finished": True, "settings": settings}))
+    result, why_not = run_folder.reusable(run_dir, cfg, cfg.model)
+    assert result["reused"] and why_not == ""
+    assert run_folder.reusable(run_dir, smoke, smoke.model) == (None, "")  # smoke: train.reuse false
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5))
+    assert "train.lr 0.01 -> 0.5" in run_folder.reusable(run_dir, other, cfg.model)[1]

@@ -243,3 +243,16 @@ def test_speedup_reads_the_reference_timed_alongside():
     assert abs(verdict_table._speedup(row, dense, "unstructured").mean - 1.0) < 0.03
     assert verdict_table._speedup({"latency_times_ms": row["latency_times_ms"]}, dense, "x").mean > 1.25
     assert "rounds timed in turn" in verdict_table._speedup(row, dense, "unstructured").how  # paired by round
+
+
+def test_thresholds_come_from_the_config_and_older_files_are_not_read(tmp_path):
+    strict = load_config("smoke", {"output_root": str(tmp_path), "report.keep_loss": 0.25, "report.speed_floor": 3.0})
+    fake(strict.output_dir)
+    v = _by_question(strict)
+    assert "keeps: within 0.25 point" in v["int8"].evidence and "buys speed: above 3x" in v["unstructured"].evidence
+    path = strict.output_dir / results_files.FILES["pruning"]
+    old = json.loads(path.read_text())
+    del old["format"]  # written before mIoU was a fraction in every file
+    path.write_text(json.dumps(old))
+    v = _by_question(strict)
+    assert v["structured"].answer == NOT_MEASURED and "written by an older segstudy" in v["structured"].evidence
