@@ -183,3 +183,21 @@ def test_one_reuse_rule_and_a_run_without_settings_is_not_reused(smoke, tmp_path
     assert run_folder.reusable(run_dir, smoke, smoke.model) == (None, "")  # smoke: train.reuse false
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5))
     assert "train.lr 0.01 -> 0.5" in run_folder.reusable(run_dir, other, cfg.model)[1]
+
+
+def test_a_random_init_run_is_not_reused_once_the_imagenet_weights_are_there(smoke, tmp_path):
+    from segstudy.engine import run_folder
+    from segstudy.models.networks import BACKBONE_WEIGHTS
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    model = dataclasses.replace(smoke.model, pretrained="auto", weights_dir=str(weights))
+    cfg = dataclasses.replace(smoke, model=model, train=dataclasses.replace(smoke.train, reuse=True))
+    run_dir = tmp_path / "runs" / "custom"
+    run_dir.mkdir(parents=True)
+    result = {"finished": True, "backbone_init": "random", "settings": run_folder.settings(cfg, model)}
+    (run_dir / "result.json").write_text(json.dumps(result))
+    assert run_folder.reusable(run_dir, cfg, model)[0] is not None  # no weights file: the same training
+    (weights / BACKBONE_WEIGHTS.url.rsplit("/", 1)[1]).write_bytes(b"weights")
+    reused, why_not = run_folder.reusable(run_dir, cfg, model)
+    assert reused is None and "the ImageNet weights are on this machine now" in why_not

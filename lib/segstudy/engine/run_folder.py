@@ -28,6 +28,7 @@ from segstudy.config import Config
 from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.errors import UserError
 from segstudy.files import remove_stale_temporaries, write_json
+from segstudy.models.networks import weights_on_disk
 
 CONFUSIONS = "val_confusions.npy"  # [images, 19, 20]: each validation image's confusion matrix, best epoch
 PREVIEWS = "val_previews.npz"  # the best epoch's predictions of the first validation images (uint8 train ids)
@@ -99,7 +100,17 @@ def reusable(run_dir: Path, cfg: Config, model_config) -> tuple[dict | None, str
         return None, ""
     if changed := changed_settings(result.get("settings"), settings(cfg, model_config)):
         return None, changed
+    if weights := _imagenet_now(result, model_config):
+        return None, f"it started from random init, and the ImageNet weights are on this machine now ({weights})"
     return result | {"reused": True}, ""
+
+
+def _imagenet_now(result: dict, model_config) -> Path | None:
+    """With model.pretrained auto, a run that fell back to random init (no weights then) would train
+    differently now that the weights file is there: its settings are the same, its start is not."""
+    if result.get("backbone_init") != "random" or str(model_config.pretrained).lower() != "auto":
+        return None
+    return weights_on_disk(model_config.weights_dir)
 
 
 def write_settings(work_dir: Path, values: dict) -> None:

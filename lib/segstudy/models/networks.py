@@ -119,6 +119,14 @@ def backbone_weights(pretrained: str | bool, weights_dir: str = "") -> dict[str,
         return None
 
 
+def weights_on_disk(weights_dir: str = "") -> Path | None:
+    """The ImageNet ResNet-50 file that backbone_weights would read without a download: in
+    `weights_dir` when set, else in the torch hub cache; None when it is not there."""
+    name = Path(BACKBONE_WEIGHTS.url).name
+    file = Path(weights_dir) / name if weights_dir else Path(torch.hub.get_dir()) / "checkpoints" / name
+    return file if file.is_file() else None
+
+
 def _local_weights(folder: Path) -> dict[str, torch.Tensor]:
     file = folder / Path(BACKBONE_WEIGHTS.url).name
     if not file.is_file():
