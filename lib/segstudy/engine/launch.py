@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from segstudy.config import Config, load_config
+from segstudy.engine import run_folder
 from segstudy.errors import UserError
 
 
@@ -56,11 +56,12 @@ def _stream(proc: subprocess.Popen) -> list[str]:
 def _result(run_dir: Path) -> dict:
     """result.json of the run just trained: run_dir, or `<run>.next` when a retry beside a finished
     run stopped early (train.max_steps)."""
-    paths = [p / "result.json" for p in (run_dir, run_dir.with_name(run_dir.name + ".next"))]
-    newest = max((p for p in paths if p.is_file()), key=lambda p: p.stat().st_mtime, default=None)
-    if newest is None:
-        raise UserError(f"the distributed training wrote no result.json in {run_dir}")
-    return json.loads(newest.read_text())
+    folders = [f for f in (run_dir, run_folder.staging(run_dir)) if (f / "result.json").is_file()]
+    newest = max(folders, key=lambda f: (f / "result.json").stat().st_mtime, default=None)
+    result = run_folder.read_result(newest) if newest else None
+    if result is None:
+        raise UserError(f"the distributed training wrote no readable result.json in {run_dir}")
+    return result
 
 
 def worker(argv: list[str] | None = None) -> int:

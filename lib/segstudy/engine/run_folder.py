@@ -42,6 +42,11 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def read_result(run_dir: Path) -> dict | None:
+    """A run folder's result.json, finished or not; None when absent or unreadable."""
+    return _read_json(run_dir / "result.json")
+
+
 def finished_result(run_dir: Path) -> dict | None:
     """The result.json of a run whose training finished; None for an unfinished or absent run."""
     result = _read_json(run_dir / "result.json")
@@ -120,7 +125,7 @@ def write_settings(work_dir: Path, values: dict) -> None:
 def unfinished(run_dir: Path, values: dict, insist: bool = False) -> Path | None:
     """The folder of an interrupted training of these settings, to continue from its latest
     checkpoint: run_dir, or `<run>.next` beside a finished run. `insist` (--resume): one must exist."""
-    for folder in (run_dir, _staging(run_dir)):
+    for folder in (run_dir, staging(run_dir)):
         if not (folder / "checkpoint_latest.pt").is_file() or finished(folder):
             continue
         if changed := changed_settings(_read_json(folder / "settings.json"), values):
@@ -164,7 +169,8 @@ def lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _staging(run_dir: Path) -> Path:
+def staging(run_dir: Path) -> Path:
+    """`<run>.next`: where a retry beside a finished run trains until it finishes."""
     return run_dir.with_name(run_dir.name + ".next")
 
 
@@ -173,7 +179,7 @@ def work_folder(run_dir: Path) -> Path:
     it only ever holds an unfinished retry), else an empty run_dir (an unfinished run of other
     settings found there moves to `<run>.previous`)."""
     if finished(run_dir):
-        target = _staging(run_dir)
+        target = staging(run_dir)
         if target.exists():
             shutil.rmtree(target)
     else:
