@@ -144,6 +144,9 @@ def execute(notebook: Path, executed: Path, profile: str, overrides: dict[str, A
             raise no_space(executed, 0) from None
         raise
     seconds = round(time.perf_counter() - start, 1)
+    log = kernel_log(executed)
+    if log.is_file() and not log.stat().st_size:
+        log.unlink()  # the kernel said nothing of its own: no empty file beside every notebook
     html = export_html(executed)
     print(f"[segstudy] {notebook.name} done in {seconds:.1f} s -> {html}", flush=True)
     return seconds
