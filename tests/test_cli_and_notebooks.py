@@ -141,7 +141,7 @@ def test_sweep_gathers_runs_and_tags_mlflow(tmp_path, tiny_root):
 
 def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     overrides = {"data.root": str(tiny_root), "data.generate": False, "output_root": str(tmp_path / "out"),
-                 "train.epochs": 1, "bench.warmup": 1, "bench.iters": 2}
+                 "train.epochs": 1, "bench.warmup": 1, "bench.iters": 2, "bench.speedup_iters": 3}
     runs = tmp_path / "out" / "smoke" / "runs"
     shutil.copytree(smoke_model["run_dir"], runs / "custom")  # notebook 02's model: 05 never trains it
     run_notebooks("smoke", overrides, only=["05"], progress=False)
@@ -153,7 +153,9 @@ def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     confusions = np.load(out / "confusions.npz")  # each variant's per-image confusions, keyed by its row
     for r in variants.values():
         assert 0 <= r["miou"] <= 1 and r["latency_ms"] > 0 and r["size_bytes"] > 0 and len(r["iou"]) == 19
-        assert len(r["latency_times_ms"]) == 2 and confusions[r["confusions"]].shape == (6, 19, 20)
+        assert len(r["latency_times_ms"]) == 3 and confusions[r["confusions"]].shape == (6, 19, 20)
+        # every variant timed in turn with fp32 eager: its speed-up is read round by round
+        assert r["reference_times_ms"] == variants["fp32 eager"]["latency_times_ms"]
         assert 100 * r["miou"] == pytest.approx(miou(confusions[r["confusions"]].sum(0)))
     assert variants["int8 ONNX Runtime"]["size_bytes"] < 0.3 * variants["ONNX Runtime fp32"]["size_bytes"]
     assert variants["int8 PTQ torch FX"]["size_bytes"] < 0.3 * variants["fp32 eager"]["size_bytes"]
@@ -167,6 +169,6 @@ def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     for name in ("variants.png", "per_class_iou_delta.png", "miou_vs_calibration_images.png", "custom_fp32.onnx",
                  "custom_int8.onnx", "custom_int8_fx.pt", "custom_int8_qat.pt"):
         assert (out / name).is_file(), name
-    assert not list(out.glob(".*partial*"))
+    assert not list(out.glob("*.tmp*"))  # no temporaries of the atomic writes left
     html = (tmp_path / "out" / "smoke" / "05_quantization.html").read_text()
     assert "Why torch FX graph mode and ONNX Runtime, not PT2E" in html and "no pruned model at" in html

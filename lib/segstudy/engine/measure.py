@@ -7,6 +7,7 @@ import io
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,19 +59,29 @@ def latencies(models: dict[str, nn.Module], height: int = 512, width: int = 1024
     x = torch.randn(1, 3, height, width, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for i in range(warmup + iters):
-            for name, model in models.items():
-                _sync(device)
-                start = time.perf_counter()
-                model(x)
-                _sync(device)
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - start)
+        runners = {name: (lambda m=model: m(x)) for name, model in models.items()}
+        return timed_in_turn(runners, warmup, iters, device, f"{width}x{height}")
+
+
+def timed_in_turn(runners: dict[str, Callable[[], object]], warmup: int, iters: int,
+                  device: str | torch.device = "cpu", size: str = "") -> dict[str, dict]:
+    """Each runner (one forward pass of a model, an ONNX Runtime session, ...) called in turn, one
+    call of each per round, `warmup` rounds untimed then `iters` timed: the round-robin every
+    side-by-side timing of the study goes through (latencies, notebook 05's variants)."""
+    device = torch.device(device)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for i in range(warmup + iters):
+        for name, run in runners.items():
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
     # every timing too: speed-ups are compared with an interval over them (studies.verdicts.speedup)
     return {name: {"median_ms": 1000 * statistics.median(t), "min_ms": 1000 * min(t), "max_ms": 1000 * max(t),
-                   "times_ms": [1000 * v for v in t], "iters": iters, "size": f"{width}x{height}",
+                   "times_ms": [1000 * v for v in t], "iters": iters, "size": size,
                    "threads": torch.get_num_threads(), "device": str(device)} for name, t in times.items()}
 
 

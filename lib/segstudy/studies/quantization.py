@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -158,6 +159,8 @@ class QuantStudy:
     calib: list[torch.Tensor]
     rows: dict[str, dict] = dataclasses.field(default_factory=dict)
     models: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    # name -> (model, channels_last, amp): how each row's model runs, for time_in_turn
+    runs: dict[str, tuple[nn.Module, bool, str]] = dataclasses.field(default_factory=dict)
     artefacts: dict[str, str] = dataclasses.field(default_factory=dict)
     notes: dict = dataclasses.field(default_factory=dict)
 
@@ -165,7 +168,52 @@ class QuantStudy:
         c, b = self.cpu, self.cfg.bench
         return (f"{c['cpu']}: {self.threads} threads, avx2={c['avx2']} avx512_vnni={c['avx512_vnni']} "
                 f"avx512_bf16={c['avx512_bf16']} amx_int8={c['amx_int8']}; latency: batch 1 at {b.width}x{b.height}, "
-                f"median of {b.iters} after {b.warmup} warm-up; int8 speed-up target {speedup_target(c):.0f}x")
+                f"median of {b.iters} after {b.warmup} warm-up, and at the end every variant timed in turn with "
+                f"fp32 eager for {b.speedup_iters} rounds (the speed-ups); int8 speed-up target "
+                f"{speedup_target(c):.0f}x")
+
+
+def add(study: QuantStudy, name: str, model: nn.Module, *, channels_last: bool = False, amp: str = "none",
+        **row) -> dict:
+    """variant() of `model` as the study's row `name`, remembered for time_in_turn."""
+    study.rows[name] = variant(model, study.cfg, channels_last=channels_last, amp=amp, **row)
+    study.runs[name] = (model, channels_last, amp)
+    return study.rows[name]
+
+
+def time_in_turn(study: QuantStudy) -> pd.DataFrame:
+    """Every variant timed in turn with fp32 eager, bench.speedup_iters rounds of one pass each: each
+    row's latency becomes these timings, with the reference's of the same rounds
+    ("reference_times_ms"), so every speed-up (results_files.speedup) is read round by round and a
+    slow minute of the machine slows both sides. Returns the table with them."""
+    b = study.cfg.bench
+    x = torch.randn(1, 3, b.height, b.width)
+    runners = {name: _runner(model, channels_last, amp, x) for name, (model, channels_last, amp) in study.runs.items()}
+    with torch.inference_mode():
+        timed = measure.timed_in_turn(runners, b.warmup, b.speedup_iters, size=f"{b.width}x{b.height}")
+    reference = timed["fp32 eager"]["times_ms"]
+    for name, t in timed.items():
+        study.rows[name] |= {"latency_ms": t["median_ms"], "latency_times_ms": t["times_ms"], "latency": t,
+                             "reference_times_ms": reference}
+    study.notes["timed_in_turn"] = {"rounds": b.speedup_iters, "warmup": b.warmup, "reference": "fp32 eager"}
+    return table(study.rows)
+
+
+def _runner(model: nn.Module, channels_last: bool, amp: str, x: torch.Tensor) -> Callable[[], object]:
+    """One batch-1 pass of a variant as it is measured alone (measure.latency, onnx_export.latency)."""
+    if isinstance(model, OrtModule):  # the bare session, as onnx_export.latency times it
+        feed = {model.input_name: np.ascontiguousarray(x.numpy())}
+        return lambda: model.session.run(None, feed)
+    if channels_last:
+        model, x = copy.deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    model = model.eval()
+    if amp == "bf16":
+        def run() -> object:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(x)
+        return run
+    return lambda: model(x)
 
 
 def start(cfg: Config) -> QuantStudy:
@@ -191,8 +239,8 @@ def references(study: QuantStudy) -> pd.DataFrame:
         known = from_training(cfg.output_dir / "runs" / "custom", cfg, amp=amp, channels_last=channels_last)
         if known:
             study.notes["accuracy_from_training"] = name
-        study.rows[name] = variant(fp32, cfg, engine="torch", precision="bf16" if amp == "bf16" else "fp32",
-                                   channels_last=channels_last, amp=amp, metrics=known)
+        add(study, name, fp32, engine="torch", precision="bf16" if amp == "bf16" else "fp32",
+            channels_last=channels_last, amp=amp, metrics=known)
     return table(study.rows)
 
 
@@ -212,8 +260,8 @@ def fx_ptq(study: QuantStudy) -> pd.DataFrame:
     int8 = study.models["int8 PTQ torch FX"] = ptq["models"][q.calib_images]
     path = quantize.save_torchscript(int8, study.out / "custom_int8_fx.pt")
     study.artefacts["int8_fx_torchscript"] = str(path)
-    study.rows["int8 PTQ torch FX"] = variant(int8, cfg, engine="torch FX (x86)", precision="int8",
-                                              metrics=sweep[q.calib_images], path=path)
+    add(study, "int8 PTQ torch FX", int8, engine="torch FX (x86)", precision="int8", metrics=sweep[q.calib_images],
+        path=path)
     study.notes["calibration_sweep"] = {n: {"miou": m["miou"], "calibrate_s": ptq["calibrate_s"][n]}
                                         for n, m in sweep.items()}
     study.notes["fx_kept_in_float"] = ptq["notes"]
@@ -234,8 +282,8 @@ def onnx_runtime(study: QuantStudy) -> pd.DataFrame:
                                   ("int8 ONNX Runtime", onnx_int8, f"int8 ({q.ort_activation} activations)")]:
         session = onnx_export.session(path, study.threads)
         study.models[name] = onnx_export.OrtModule(session)
-        study.rows[name] = variant(study.models[name], cfg, engine="onnxruntime", precision=precision, path=path,
-                                   latency=onnx_export.latency(session, b.height, b.width, b.warmup, b.iters))
+        add(study, name, study.models[name], engine="onnxruntime", precision=precision, path=path,
+            latency=onnx_export.latency(session, b.height, b.width, b.warmup, b.iters))
     val_images = quantize.validation_images(cfg, q.compare_images)
     agreement = quantize.agreement(study.fp32, {name: study.models[name] for name in
                                                 ("ONNX Runtime fp32", "int8 PTQ torch FX", "int8 ONNX Runtime")},
@@ -255,8 +303,7 @@ def qat(study: QuantStudy) -> str:
         result = quantize.qat(study.fp32, cfg, q.qat_epochs, lr=q.qat_lr or None,
                               timing_key=timings.finetune_key(NOTEBOOK, QAT))
         path = quantize.save_torchscript(result["model"], study.out / "custom_int8_qat.pt")
-        study.rows["int8 QAT torch FX"] = variant(result["model"], cfg, engine="torch FX (x86)", precision="int8",
-                                                  path=path)
+        add(study, "int8 QAT torch FX", result["model"], engine="torch FX (x86)", precision="int8", path=path)
         info |= {"epochs": q.qat_epochs, "train_seconds": result["train_seconds"],
                  "fake_quant_miou": result["fake_quant_miou"], "path": str(path)}
         study.artefacts["int8_qat_torchscript"] = str(path)
@@ -265,16 +312,15 @@ def qat(study: QuantStudy) -> str:
 
 def pruned_int8(study: QuantStudy) -> str:
     """Notebook 04's structurally pruned model in fp32 and FX int8, when it exists."""
-    cfg, path = study.cfg, pruned_checkpoint(study.cfg)
+    path = pruned_checkpoint(study.cfg)
     info = study.notes["pruned"] = {"checkpoint": str(path), "available": path.is_file()}
     if not path.is_file():
         return f"no pruned model at {path}: run notebook 04 first; the pruned rows are skipped"
     pruned = load_trained(path)
-    study.rows["pruned fp32"] = variant(pruned, cfg, engine="torch", precision="fp32")
+    add(study, "pruned fp32", pruned, engine="torch", precision="fp32")
     int8 = _fx_int8(study, pruned)
     int8_path = quantize.save_torchscript(int8, study.out / "pruned_int8_fx.pt")
-    study.rows["pruned + int8 torch FX"] = variant(int8, cfg, engine="torch FX (x86)", precision="int8",
-                                                   path=int8_path)
+    add(study, "pruned + int8 torch FX", int8, engine="torch FX (x86)", precision="int8", path=int8_path)
     info["parameters"] = measure.parameters(pruned)
     study.artefacts["pruned_int8_fx_torchscript"] = str(int8_path)
     return f"pruned model of {info['parameters'] / 1e6:.1f} M parameters quantized from {path}"
@@ -293,8 +339,14 @@ def other_models(study: QuantStudy) -> list[pd.DataFrame]:
         model = load_trained(ckpt)
         int8 = _fx_int8(study, model)
         path = quantize.save_torchscript(int8, study.out / f"{name}_int8_fx.pt")
-        rows = {f"{name} fp32 eager": variant(model, cfg, engine="torch", precision="fp32"),
-                f"{name} int8 PTQ torch FX": variant(int8, cfg, engine="torch FX (x86)", precision="int8", path=path)}
+        b = cfg.bench  # the pair timed in turn, as time_in_turn times notebook 05's own variants
+        timed = measure.latencies({"fp32": model, "int8": int8}, b.height, b.width, warmup=b.warmup,
+                                  iters=b.speedup_iters)
+        same_rounds = {"reference_times_ms": timed["fp32"]["times_ms"]}
+        rows = {f"{name} fp32 eager": variant(model, cfg, engine="torch", precision="fp32", latency=timed["fp32"])
+                | same_rounds,
+                f"{name} int8 PTQ torch FX": variant(int8, cfg, engine="torch FX (x86)", precision="int8", path=path,
+                                                     latency=timed["int8"]) | same_rounds}
         other |= rows
         study.artefacts[f"{name}_int8_fx_torchscript"] = str(path)
         tables.append(table(rows, reference=f"{name} fp32 eager"))
