@@ -141,7 +141,7 @@ def test_sweep_gathers_runs_and_tags_mlflow(tmp_path, tiny_root):
 
 def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     overrides = {"data.root": str(tiny_root), "data.generate": False, "output_root": str(tmp_path / "out"),
-                 "train.epochs": 1, "bench.warmup": 1, "bench.iters": 2, "bench.speedup_iters": 3}
+                 "train.epochs": 1, "bench.warmup": 1, "bench.iters": 2}
     runs = tmp_path / "out" / "smoke" / "runs"
     shutil.copytree(smoke_model["run_dir"], runs / "custom")  # notebook 02's model: 05 never trains it
     run_notebooks("smoke", overrides, only=["05"], progress=False)
@@ -153,7 +153,7 @@ def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     confusions = np.load(out / "confusions.npz")  # each variant's per-image confusions, keyed by its row
     for r in variants.values():
         assert 0 <= r["miou"] <= 1 and r["latency_ms"] > 0 and r["size_bytes"] > 0 and len(r["iou"]) == 19
-        assert len(r["latency_times_ms"]) == 3 and confusions[r["confusions"]].shape == (6, 19, 20)
+        assert len(r["latency_times_ms"]) == 2 and confusions[r["confusions"]].shape == (6, 19, 20)
         # every variant timed in turn with fp32 eager: its speed-up is read round by round
         assert r["reference_times_ms"] == variants["fp32 eager"]["latency_times_ms"]
         assert 100 * r["miou"] == pytest.approx(miou(confusions[r["confusions"]].sum(0)))

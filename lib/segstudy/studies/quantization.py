@@ -169,7 +169,7 @@ class QuantStudy:
         return (f"{c['cpu']}: {self.threads} threads, avx2={c['avx2']} avx512_vnni={c['avx512_vnni']} "
                 f"avx512_bf16={c['avx512_bf16']} amx_int8={c['amx_int8']}; latency: batch 1 at {b.width}x{b.height}, "
                 f"median of {b.iters} after {b.warmup} warm-up, and at the end every variant timed in turn with "
-                f"fp32 eager for {b.speedup_iters} rounds (the speed-ups); int8 speed-up target "
+                f"fp32 eager for {b.iters} rounds (the speed-ups); int8 speed-up target "
                 f"{speedup_target(c):.0f}x")
 
 
@@ -182,7 +182,9 @@ def add(study: QuantStudy, name: str, model: nn.Module, *, channels_last: bool =
 
 
 def time_in_turn(study: QuantStudy) -> pd.DataFrame:
-    """Every variant timed in turn with fp32 eager, bench.speedup_iters rounds of one pass each: each
+    """Every variant timed in turn with fp32 eager, bench.iters rounds of one pass each (no speed verdict
+    rests on these; bench.speedup_iters = 15 rounds of all 8 took notebook 05 from 97 to 182 s in the
+    demo on a Zen 4 EPYC): each
     row's latency becomes these timings, with the reference's of the same rounds
     ("reference_times_ms"), so every speed-up (results_files.speedup) is read round by round and a
     slow minute of the machine slows both sides. Returns the table with them."""
@@ -190,12 +192,12 @@ def time_in_turn(study: QuantStudy) -> pd.DataFrame:
     x = torch.randn(1, 3, b.height, b.width)
     runners = {name: _runner(model, channels_last, amp, x) for name, (model, channels_last, amp) in study.runs.items()}
     with torch.inference_mode():
-        timed = measure.timed_in_turn(runners, b.warmup, b.speedup_iters, size=f"{b.width}x{b.height}")
+        timed = measure.timed_in_turn(runners, b.warmup, b.iters, size=f"{b.width}x{b.height}")
     reference = timed["fp32 eager"]["times_ms"]
     for name, t in timed.items():
         study.rows[name] |= {"latency_ms": t["median_ms"], "latency_times_ms": t["times_ms"], "latency": t,
                              "reference_times_ms": reference}
-    study.notes["timed_in_turn"] = {"rounds": b.speedup_iters, "warmup": b.warmup, "reference": "fp32 eager"}
+    study.notes["timed_in_turn"] = {"rounds": b.iters, "warmup": b.warmup, "reference": "fp32 eager"}
     return table(study.rows)
 
 
@@ -340,8 +342,7 @@ def other_models(study: QuantStudy) -> list[pd.DataFrame]:
         int8 = _fx_int8(study, model)
         path = quantize.save_torchscript(int8, study.out / f"{name}_int8_fx.pt")
         b = cfg.bench  # the pair timed in turn, as time_in_turn times notebook 05's own variants
-        timed = measure.latencies({"fp32": model, "int8": int8}, b.height, b.width, warmup=b.warmup,
-                                  iters=b.speedup_iters)
+        timed = measure.latencies({"fp32": model, "int8": int8}, b.height, b.width, warmup=b.warmup, iters=b.iters)
         same_rounds = {"reference_times_ms": timed["fp32"]["times_ms"]}
         rows = {f"{name} fp32 eager": variant(model, cfg, engine="torch", precision="fp32", latency=timed["fp32"])
                 | same_rounds,
