@@ -9,6 +9,7 @@ then replaces the file. It is created like any file, so its mode follows the uma
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
@@ -83,6 +84,25 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, payload: object, **dumps) -> Path:
     """JSON (indent 2 unless given) written atomically."""
     return write_text(path, json.dumps(payload, **({"indent": 2} | dumps)))
+
+
+@contextmanager
+def exclusive_lock(path: Path, waiting: str = "") -> Iterator[None]:
+    """An exclusive flock on `path` (made when missing) for the block; another process waits for it,
+    printing `waiting` first when given. The kernel drops the lock when its holder dies, so a crash
+    never leaves a stale one. (run_folder.lock refuses instead of waiting: a second training.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _alive(pid: int) -> bool:

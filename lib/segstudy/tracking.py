@@ -52,6 +52,9 @@ class _DropLockedTraceback(logging.Filter):
         return "database is locked" not in record.getMessage()
 
 
+_DROP_LOCKED_TRACEBACK = _DropLockedTraceback()  # one instance: addFilter keeps it once however often called
+
+
 @contextlib.contextmanager
 def mlflow_database(uri: str, what: str) -> Iterator[None]:
     """A locked database during `what` becomes one line naming it and the fix."""
@@ -70,21 +73,21 @@ def retry_locked(call: Callable[[], T], uri: str, what: str, attempts: int | Non
     one line. Only for calls that may be repeated (logging a value, ending a run)."""
     attempts = attempts or LOCK_ATTEMPTS
     with mlflow_database(uri, f"{what}, {attempts} attempts"):
-        for attempt in range(attempts):
+        for _ in range(attempts - 1):
             try:
                 return call()
             except Exception as exc:
-                if not _locked(exc) or attempt == attempts - 1:
+                if not _locked(exc):
                     raise
                 time.sleep(1.0)
-    raise AssertionError("unreachable")
+        return call()  # the last attempt: a locked database now becomes mlflow_database's line
 
 
 def use_mlflow(cfg: TrackingConfig, output_root: str | Path):
     """Point MLflow at the profile's database and experiment (artifacts in output_root/mlartifacts)."""
     import mlflow
 
-    logging.getLogger("mlflow.store.db.utils").addFilter(_DropLockedTraceback())
+    logging.getLogger("mlflow.store.db.utils").addFilter(_DROP_LOCKED_TRACEBACK)
 
     # MLflow draws a "Downloading artifacts" bar for every model it logs and reads back: noise in a notebook
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

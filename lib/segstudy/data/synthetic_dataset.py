@@ -13,13 +13,11 @@ whatever the number of worker processes.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import multiprocessing as mp
 import shutil
 import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from segstudy.config import SynthConfig
 from segstudy.data.labels import colorize_label_ids
 from segstudy.data.synthetic_scene import render
 from segstudy.errors import UserError
+from segstudy.files import exclusive_lock
 
 MARKER = "SYNTH.json"  # written at the dataset root; says "this folder was generated"
 CITIES = {"train": ["synthburg", "pixelton", "rendermund"], "val": ["valdorf", "testhausen"]}
@@ -103,21 +102,10 @@ def ensure_dataset(root: str | Path, cfg: SynthConfig, workers: int = 2) -> bool
         return _ensure(root, cfg, workers)
 
 
-@contextlib.contextmanager
-def generation_lock(root: Path) -> Iterator[None]:
-    """An exclusive flock on `<root>.lock` beside the dataset; the kernel drops it when the holder
-    dies, so a crash never blocks the next run."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.with_name(root.name + ".lock"), "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[segstudy] another process is generating {root}: waiting for it", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def generation_lock(root: Path) -> AbstractContextManager[None]:
+    """`<root>.lock` beside the dataset, held while it is generated (files.exclusive_lock)."""
+    return exclusive_lock(root.with_name(root.name + ".lock"),
+                          waiting=f"[segstudy] another process is generating {root}: waiting for it")
 
 
 def _ensure(root: Path, cfg: SynthConfig, workers: int) -> bool:

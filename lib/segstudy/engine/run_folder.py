@@ -49,7 +49,7 @@ def read_result(run_dir: Path) -> dict | None:
 
 def finished_result(run_dir: Path) -> dict | None:
     """The result.json of a run whose training finished; None for an unfinished or absent run."""
-    result = _read_json(run_dir / "result.json")
+    result = read_result(run_dir)
     return result if result and result.get("finished") else None
 
 
@@ -59,7 +59,7 @@ def finished(run_dir: Path) -> bool:
 
 def capped_result(run_dir: Path, max_steps: int) -> dict | None:
     """The result.json of a run that train.max_steps = `max_steps` stopped (validated, usable)."""
-    result = _read_json(run_dir / "result.json")
+    result = read_result(run_dir)
     return result if result and max_steps and result.get("capped_at_step") == max_steps else None
 
 

@@ -14,14 +14,13 @@ the training inside a notebook's kernel both write it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from segstudy.config import Config
-from segstudy.files import write_json
+from segstudy.files import exclusive_lock, write_json
 
 SECTIONS = ("planned_at", "source", "plan", "trainings", "notebooks", "notebooks_total_s")
 
@@ -67,14 +66,8 @@ def read(cfg: Config) -> dict:
 
 @contextlib.contextmanager
 def _locked(cfg: Config) -> Iterator[None]:
-    lock = path(cfg).with_suffix(".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(path(cfg).with_suffix(".lock")):
+        yield
 
 
 def update(cfg: Config, change: Callable[[dict], None]) -> dict:

@@ -109,7 +109,7 @@ def backbone_weights(pretrained: str | bool, weights_dir: str = "") -> dict[str,
     try:
         return _cached_or_downloaded()
     except Exception as exc:  # no network, proxy, disk, bad hash: all mean "not available"
-        name, cache = Path(BACKBONE_WEIGHTS.url).name, Path(torch.hub.get_dir()) / "checkpoints"
+        name, cache = _weights_file(Path()).name, _hub_checkpoints()
         if mode != "auto":
             raise UserError(f"model.pretrained = true but the ImageNet ResNet-50 weights are not in {cache} and "
                             f"could not be downloaded ({type(exc).__name__}: {exc}); copy {name} there, or set "
@@ -122,13 +122,21 @@ def backbone_weights(pretrained: str | bool, weights_dir: str = "") -> dict[str,
 def weights_on_disk(weights_dir: str = "") -> Path | None:
     """The ImageNet ResNet-50 file that backbone_weights would read without a download: in
     `weights_dir` when set, else in the torch hub cache; None when it is not there."""
-    name = Path(BACKBONE_WEIGHTS.url).name
-    file = Path(weights_dir) / name if weights_dir else Path(torch.hub.get_dir()) / "checkpoints" / name
+    file = _weights_file(Path(weights_dir) if weights_dir else _hub_checkpoints())
     return file if file.is_file() else None
 
 
+def _weights_file(folder: Path) -> Path:
+    return folder / Path(BACKBONE_WEIGHTS.url).name
+
+
+def _hub_checkpoints() -> Path:
+    """Where torchvision's weights API caches (and looks for) downloaded files."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
 def _local_weights(folder: Path) -> dict[str, torch.Tensor]:
-    file = folder / Path(BACKBONE_WEIGHTS.url).name
+    file = _weights_file(folder)
     if not file.is_file():
         raise UserError(f"model.weights_dir = {folder} holds no {file.name}; copy torchvision's ImageNet "
                         f"ResNet-50 weights ({BACKBONE_WEIGHTS.url}) there, or set model.weights_dir to \"\" "
