@@ -76,11 +76,6 @@ def table(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:
     return results_files.quantization_table(rows, reference)
 
 
-def _speedup(row: dict, reference: dict) -> float:
-    est = results_files.speedup(row, reference)
-    return math.nan if est is None else est.mean
-
-
 def per_class_delta(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:
     """IoU change in points per class (columns) and variant (rows) against the reference."""
     ref = rows[reference]["iou"]
@@ -112,7 +107,7 @@ def check_targets(cpu: dict, rows: dict[str, dict], int8: Sequence[str], *, fp32
     out = {}
     for k in present:
         r = rows[k]
-        speedup, ratio = _speedup(r, rows[fp32]), r["latency_ms"] / fastest
+        speedup, ratio = results_files.speedup_ratio(r, rows[fp32]), r["latency_ms"] / fastest
         loss = 100 * (rows[fp32]["miou"] - r["miou"]) if "miou" in r and "miou" in rows[fp32] else None
         out[k] = {"speedup": speedup, "speedup_target": need, "ratio_to_fastest_int8": ratio,
                   "miou_loss_points": loss,

@@ -260,7 +260,8 @@ def recommend(cfg: Config) -> tuple[Part, dict | None]:
             "source"]
     plain = ["model", "mIoU %", "mIoU low", "mIoU high", "latency ms", "source"]
     return Part(table[cols].set_index("model").round(2), pool.sources, notes, caption), {
-        **pick[plain].to_dict(), "tolerance": tolerance, "rule": verdict.evidence, "best": best[plain].to_dict()}
+        **pick[plain].to_dict(), "tolerance": tolerance, "bar": bar, "rule": verdict.evidence,
+        "best": best[plain].to_dict()}
 
 
 def _pareto_front(pool: pd.DataFrame) -> pd.DataFrame:
@@ -279,9 +280,9 @@ def tradeoff_figure(cfg: Config, view: float = 6.0) -> plt.Figure | None:
     recommended model. Named: the Pareto front's steps of at least 0.1 point, and its end."""
     pool, _, _ = candidates(cfg)
     _, pick = recommend(cfg)
-    tolerance = cfg.report.tolerance
     if pick is None:
         return None
+    tolerance = pick["tolerance"]
     top = pick["best"]["mIoU %"]
     shown = pool[pool["mIoU %"] >= top - view]
     fig, ax = plt.subplots(figsize=(10, 5.2))
@@ -304,7 +305,7 @@ def tradeoff_figure(cfg: Config, view: float = 6.0) -> plt.Figure | None:
     for r in named:  # a leader line ties each name to its point when points crowd
         ax.annotate(r["model"], (r["latency ms"], r["mIoU %"]), xytext=(8, -18), textcoords="offset points",
                     fontsize=8, arrowprops={"arrowstyle": "-", "linewidth": 0.6, "color": "dimgrey"})
-    bar = pick["best"]["mIoU low"] - tolerance
+    bar = pick["bar"]  # the rule's (verdicts.recommendation_bar), as recommend() applied it
     ax.axhspan(bar, top, color="green", alpha=0.12,
                label=f"an interval reaching {bar:.2f} is eligible ({tolerance:g} point below the best's interval)")
     ax.scatter([pick["latency ms"]], [pick["mIoU %"]], s=320, marker="*", color="gold", edgecolor="black",

@@ -235,9 +235,17 @@ def write_verdicts(cfg: Config, verdicts: list, inputs: list[Path]) -> Path:
                                     "inputs": [shown(p) for p in inputs]})
 
 
+SWEEP_FILE = "sweep.json"
+
+
+def sweeps_dir(output_root: str | Path) -> Path:
+    """outputs/sweeps/: every `segstudy sweep`, one folder each."""
+    return Path(output_root) / "sweeps"
+
+
 def sweep_file(output_root: str | Path, name: str) -> Path:
     """outputs/sweeps/<name>/sweep.json: one `segstudy sweep`'s runs, gathered."""
-    return Path(output_root) / "sweeps" / name / "sweep.json"
+    return sweeps_dir(output_root) / name / SWEEP_FILE
 
 
 def write_sweep(output_root: str | Path, name: str, notebook: str, profile: str, fixed: dict, grid: dict,
@@ -259,7 +267,7 @@ def sweeps(cfg: Config) -> list[tuple[Path, dict, list[dict]]]:
     """Every sweep of this profile under output_root: (file, sweep.json, one row per run with its
     params, best validation mIoU (a fraction, over the run's models or loss runs), seconds, error)."""
     found = []
-    for file in sorted(sweep_file(cfg.output_root, "*").parent.parent.glob("*/sweep.json")):
+    for file in sorted(sweeps_dir(cfg.output_root).glob(f"*/{SWEEP_FILE}")):
         d = json.loads(file.read_text())
         if d.get("profile") != cfg.profile:
             continue
@@ -344,6 +352,12 @@ def speedup(row: dict, reference: dict) -> verdicts.Estimate | None:
     return verdicts.speedup(times, side_by_side or base_times)
 
 
+def speedup_ratio(row: dict, reference: dict) -> float:
+    """`speedup`'s point value, NaN without timings: the tables' number."""
+    est = speedup(row, reference)
+    return math.nan if est is None else est.mean
+
+
 def pruning_targets(rows: list[dict], dense: dict, cfg: Config) -> pd.DataFrame:
     """The pruning targets (prune.target_*), read off notebook 04's rows: each recovered structured
     model's speed-up (`speedup`) and mIoU loss, and the share of dense mIoU kept at
@@ -370,15 +384,10 @@ def quantization_table(rows: dict[str, dict], reference: str = "fp32 eager") -> 
     """Notebook 05's variants: mIoU, its change vs the reference, latency, speed-up (`speedup`),
     size; one row per variant (the notebook, and the report from its saved rows)."""
     ref = rows[reference]
-
-    def fast(r: dict) -> float:
-        est = speedup(r, ref)
-        return math.nan if est is None else est.mean
-
     out = pd.DataFrame({name: {
         "engine": r.get("engine"), "precision": r.get("precision"), "val mIoU %": 100 * r["miou"],
         "Δ mIoU points": 100 * (r["miou"] - ref["miou"]), "latency ms": r["latency_ms"],
-        f"speed-up vs {reference}": fast(r),
+        f"speed-up vs {reference}": speedup_ratio(r, ref),
         "size MB": r["size_bytes"] / 2**20 if r.get("size_bytes") else None} for name, r in rows.items()}).T
     return out.astype({c: float for c in out.columns if c not in ("engine", "precision")}).round(2)
 
