@@ -55,7 +55,7 @@ if [ -z "$INSTALLED" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$LOCK" -
   start=$(date +%s)
   failed() { echo "[setup] installation failed ($1): see the pip output above" >&2; exit 1; }
   pip_quiet install -q --upgrade pip || failed "upgrading pip"
-  extras="${SEGSTUDY_EXTRAS-dev,lab}"  # the images set it empty: no test tools, no JupyterLab
+  extras="${SEGSTUDY_EXTRAS-dev,lab,wandb}"  # the images set it empty: no test tools, no JupyterLab
   select=("$ROOT/scripts/lock_select.py" --lock "$LOCK" --pyproject "$ROOT/pyproject.toml" --extras "$extras")
   [ "$TORCH_VARIANT" = "default" ] || select+=(--without-torch)
   reqs="$(mktemp -d)"
