@@ -1,4 +1,4 @@
-"""Notebook 06 and the HTML report on smoke-profile outputs.
+"""Notebook 08 and the HTML report on smoke-profile outputs.
 
 The upstream results are small JSON files in the formats notebooks 00-05 write (studies.results_files),
 so nothing is trained here.
@@ -89,15 +89,15 @@ def test_notebook_06_and_report_on_smoke(tmp_path, tiny_root):
     root = tmp_path / "out"
     fake_outputs(root / "smoke", skip=("pruning",))
     overrides = {"data.root": str(tiny_root), "data.generate": False, "output_root": str(root)}
-    timings = run_notebooks("smoke", overrides, only=["06"], progress=False)
-    assert set(timings) == {"06_report_figures"}
+    timings = run_notebooks("smoke", overrides, only=["08"], progress=False)
+    assert set(timings) == {"08_report_figures"}
     out = root / "smoke"
     page = (out / "report.html").read_text()
     for heading in ("Verdicts", "Models", "Losses", "Pruning", "Quantization", "Recommended model", "Predictions"):
         assert re.search(rf"<h2[^>]*>{heading}", page), heading
     # the report opens with the verdict table, also saved; the questions notebook 04 answers are unmeasured
     assert page.index("Which loss is best overall?") < page.index("Results files") < page.index("<h2 id=\"Models")
-    verdicts = json.loads((out / "06_report_figures" / "verdicts.json").read_text())["verdicts"]
+    verdicts = json.loads((out / "08_report_figures" / "verdicts.json").read_text())["verdicts"]
     answers = {v["question"]: v["answer"] for v in verdicts}
     assert answers["Does unstructured pruning buy speed?"] == "not measured"
     assert answers["Which model to deploy?"] == "custom · int8 ONNX Runtime"
@@ -109,11 +109,11 @@ def test_notebook_06_and_report_on_smoke(tmp_path, tiny_root):
     assert "smoke/04_pruning_sweeps/results.json does not exist" in page and "--only 04" in page
     # every table names its file; the recommendation follows the stated rule on these numbers
     assert "01_baselines/results.json" in page and "05_quantization/results.json" in page
-    pick = json.loads((out / "06_report_figures" / "recommended.json").read_text())
+    pick = json.loads((out / "08_report_figures" / "recommended.json").read_text())
     assert pick["model"] == "custom · int8 ONNX Runtime" and pick["source"].endswith("05_quantization/results.json")
     index = (out / "index.html").read_text()
-    assert 'href="report.html"' in index and 'href="06_report_figures.html"' in index
-    assert f"{timings['06_report_figures']:.1f} s" in index
+    assert 'href="report.html"' in index and 'href="08_report_figures.html"' in index
+    assert f"{timings['08_report_figures']:.1f} s" in index
     assert "00_data_exploration (not run" in index
     # provenance: the commit, the locked environment, the machine, the profile and its overrides
     stamp = json.loads((out / "provenance.json").read_text())

@@ -250,7 +250,7 @@ class QuantConfig(Section):
 
 @dataclass
 class ReportConfig(Section):
-    """The thresholds of the report's verdicts (notebook 06)."""
+    """The thresholds of the report's verdicts (notebook 08)."""
 
     # "keeps accuracy": the whole interval of the mIoU change (points) lies above -keep_loss
     keep_loss: Annotated[Float, NON_NEGATIVE] = 1.0

@@ -3,7 +3,7 @@
 `./run_all.sh [profile]` calls `segstudy run`. Every `notebooks/NN_*.ipynb` runs in order with
 the profile injected into its `parameters` cell; the executed copy goes to
 outputs/<profile>/NN_*.ipynb and its HTML next to it. The first failing notebook stops the run;
-its executed copy (with the failing cell's traceback) is kept. After the run, notebook 06's
+its executed copy (with the failing cell's traceback) is kept. After the run, notebook 08's
 executed copy becomes outputs/<profile>/report.html (no code, figures embedded) and
 outputs/<profile>/index.html links every executed notebook with its wall time.
 """
@@ -39,7 +39,7 @@ from segstudy.studies import plan, results_files
 from segstudy.tracking import mlflow_uri
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
-REPORT_NOTEBOOK = "06_report_figures"  # its executed copy becomes report.html
+REPORT_NOTEBOOK = "08_report_figures"  # its executed copy becomes report.html
 NOTEBOOK_PARAMETERS = {"profile", "overrides"}  # what every notebook's parameters cell defines
 
 
@@ -203,7 +203,7 @@ def announce_plan(cfg: Config, notebooks: list[str]) -> None:
 
 def write_pages(out_dir: Path, notebooks_dir: Path, timings: dict[str, float], ran: list[str],
                 stamp: dict | None = None) -> None:
-    """report.html (when notebook 06 ran) and index.html linking every executed notebook, each
+    """report.html (when notebook 08 ran) and index.html linking every executed notebook, each
     opening with the provenance stamp of the run that wrote it."""
     block = provenance.as_html(stamp) if stamp else ""
     if REPORT_NOTEBOOK in ran:
@@ -214,7 +214,7 @@ def write_pages(out_dir: Path, notebooks_dir: Path, timings: dict[str, float], r
 
 
 def write_report(executed: Path, out: Path, header: str = "") -> Path:
-    """report.html from the executed notebook 06: code hidden, stream outputs (progress bars,
+    """report.html from the executed notebook 08: code hidden, stream outputs (progress bars,
     prints) dropped, figures embedded as data URIs, so the file stands alone."""
     nb = _read_without_streams(executed, ("stdout", "stderr"))
     title = f"segstudy report ({executed.parent.name})"

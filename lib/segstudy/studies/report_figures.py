@@ -1,4 +1,4 @@
-"""Notebook 06: the study's tables and figures, read from what notebooks 00-05 saved under
+"""Notebook 08: the study's tables and figures, read from what notebooks 00-07 saved under
 outputs/<profile>/ (notebook_runner.py turns the executed notebook into report.html).
 
 Nothing here trains or measures. Every table is a `Part` that names the files its numbers come
@@ -71,7 +71,7 @@ def sources(cfg: Config) -> Part:
     """Which upstream files exist, when they were written, and what writes them."""
     rows = []
     for key, rel in results_files.FILES.items():
-        if rel.startswith("06_"):
+        if key == "verdicts":
             continue  # this notebook's own output (the verdict table), not an input
         path = cfg.output_dir / rel
         found = path.is_file()
@@ -84,7 +84,7 @@ def sources(cfg: Config) -> Part:
 
 def verdicts(cfg: Config) -> Part:
     """The verdict table (studies.verdict_table): each question, its answer and the evidence; also
-    written to 06_report_figures/verdicts.json."""
+    written to 08_report_figures/verdicts.json."""
     rows, inputs = verdict_table.evaluate(cfg)
     path = verdict_table.save(cfg, rows, inputs)
     caption = ("Each question of the study with its answer and the evidence: means with 95% intervals, over "

@@ -1,7 +1,7 @@
 """The results files of notebooks 00-05 under outputs/<profile>/: the one owner of their layout.
 
 Each notebook writes its files (results.json, its CSV tables, the per-image confusions) through a
-`write_*` function here, `segstudy sweep` its sweep.json, and notebook 06 (report_figures) reads
+`write_*` function here, `segstudy sweep` its sweep.json, and notebook 08 (report_figures) reads
 them back only through `read` and the table helpers here, so a field changes in one place.
 
 Units, the same in every file: mIoU and IoU ("miou", "best_miou", "val_miou", "iou") are fractions
@@ -39,7 +39,7 @@ FILES = {
     "losses": "03_loss_comparison/results.json",
     "pruning": "04_pruning_sweeps/results.json",
     "quantization": "05_quantization/results.json",
-    "verdicts": "06_report_figures/verdicts.json",  # written by the report itself, from the files above
+    "verdicts": "08_report_figures/verdicts.json",  # written by the report itself, from the files above
 }
 # each validation image's confusion matrix of the models of a results file, by the key its row names
 # under "confusions" (numpy, not JSON: [N, C, C + 1] integers per model)
@@ -124,7 +124,7 @@ def write_confusions(file: str | Path, store: dict[str, np.ndarray]) -> Path:
 
 
 def write_json(file: str | Path, payload: dict) -> Path:
-    """Write a results file atomically (a crash never leaves half a JSON for notebook 06)."""
+    """Write a results file atomically (a crash never leaves half a JSON for notebook 08)."""
     return _write_json_file(file, _plain(payload))
 
 
@@ -149,7 +149,7 @@ def reading(cfg: Config, key: str) -> Iterator[None]:
     try:
         yield
     except (KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{path(cfg, key)} lacks a field notebook 06 reads ({exc!r}); it may "
+        raise UserError(f"{path(cfg, key)} lacks a field notebook 08 reads ({exc!r}); it may "
                         f"come from an older segstudy: re-run {writer(cfg, key)}") from None
 
 
@@ -230,7 +230,7 @@ def write_quantization(cfg: Config, study: dict, variants: pd.DataFrame, per_cla
 
 
 def write_verdicts(cfg: Config, verdicts: list, inputs: list[Path]) -> Path:
-    """Notebook 06's verdict table (studies.verdicts.Verdict rows) and the files it was read from."""
+    """Notebook 08's verdict table (studies.verdicts.Verdict rows) and the files it was read from."""
     return _write(cfg, "verdicts", {"profile": cfg.profile, "verdicts": verdicts,
                                     "inputs": [shown(p) for p in inputs]})
 
