@@ -29,7 +29,8 @@ PARAMS_DIR = Path(os.environ.get("SEGSTUDY_PARAMS_DIR", PROJECT_ROOT / "params")
 
 # The valid choices. config is the lowest layer and imports none of the modules that act on them;
 # where such a module keeps its own tuple, tests/test_config.py checks that the two agree.
-DATASETS = ("cityscapes", "bdd100k")  # data/datasets.py
+DATASETS = ("cityscapes", "bdd100k", "nuimages")  # data/datasets.py
+SAMPLINGS = ("equal", "proportional")  # data/datasets.py (a training on several datasets)
 MODELS = ("unet", "deeplabv3_resnet50", "custom")  # models/networks.py
 OUTPUT_STRIDES = (8, 16, 32)  # models/networks.py (DeepLabV3: 8 or 16)
 PRETRAINED = ("auto", "true", "false")  # models/networks.py
@@ -44,6 +45,8 @@ OBSERVERS = ("histogram", "minmax")  # compress/quantize.py
 ORT_ACTIVATIONS = ("uint8", "int8")  # compress/onnx_export.py
 QAT_MODES = ("auto", "always", "never")  # studies/quantization.py
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # engine/device.py
+DISTRIBUTIONS = ("float", "log_float", "int", "categorical")  # studies/tuning.py
+PRUNERS = ("median", "hyperband", "none")  # studies/tuning.py
 
 
 def _path(default: str) -> Any:
@@ -96,6 +99,33 @@ class DataConfig(Section):
     num_workers: Natural = 1
     max_images: Annotated[int, Range(0, note="0: every image")] = 0  # N: the first N (quick experiments)
     cache_mb: Natural = 0  # decoded images kept in memory per process (0: decode every time)
+    # other datasets (cross.<name>) whose training images join this one's in a training's batches
+    mix_with: Annotated[list[str], Choice(DATASETS)] = _list()
+    sampling: Annotated[str, Choice(SAMPLINGS)] = "equal"  # equal: the same share of each dataset per epoch
+
+
+@dataclass
+class OtherDataset(Section):
+    """One more dataset of the profile (cross.<reader name>): every model is scored on its val split."""
+
+    root: str = _path("")  # empty: not part of this profile
+    generate: bool = False  # when `root` does not exist, write the generated set of this layout there
+    height: Natural = 0  # the generated images' size (0: synth's)
+    width: Natural = 0
+    train: Natural = 0  # generated images per split (0: synth's)
+    val: Natural = 0
+
+
+@dataclass
+class CrossConfig(Section):
+    """The cross-dataset study (notebook 02): the profile's other datasets, and the models also trained
+    on the union of data.dataset's training set and those of `mix` (as many iterations as alone)."""
+
+    cityscapes: OtherDataset = field(default_factory=OtherDataset)
+    bdd100k: OtherDataset = field(default_factory=OtherDataset)
+    nuimages: OtherDataset = field(default_factory=OtherDataset)
+    mix: Annotated[list[str], Choice(DATASETS)] = _list()  # the datasets the mixed models add (the rest: held out)
+    models: Annotated[list[str], Choice(MODELS)] = _list("custom")
 
 
 @dataclass
@@ -261,6 +291,72 @@ class ReportConfig(Section):
     speed_floor: Annotated[Float, Range(1, note="a ratio: 1.1 asks for at least 10% faster")] = 1.1
 
 
+def _leaf_type(key: str) -> type | None:
+    """The plain type of a dotted Config key (float for train.lr), or None when no such leaf exists."""
+    cls: Any = Config
+    for part in key.split("."):
+        hints = schema._hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints or part == "overrides":
+            return None
+        cls = hints[part]
+    return None if dataclasses.is_dataclass(cls) else cls
+
+
+def _space_problem(key: str, spec: dict) -> str | None:
+    """What is wrong with one distribution of tune.space, after `.<key>`; None when it is usable."""
+    kind, kinds = spec.get("type"), ", ".join(DISTRIBUTIONS)
+    if kind not in DISTRIBUTIONS:
+        return f".type = {kind!r} is unknown; choose one of {kinds}"
+    allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "step"}
+    if extra := sorted(set(spec) - allowed):
+        return f": '{extra[0]}' is not a key of a {kind} distribution; use {', '.join(sorted(allowed))}"
+    leaf = _leaf_type(key)
+    if leaf is None:
+        return " is not a config key; name one such as train.lr or data.batch_size"
+    if kind == "categorical":
+        choices = spec.get("choices")
+        return None if isinstance(choices, list) and choices else " needs choices: a non-empty list, e.g. [sgd, adamw]"
+    if leaf not in (int, float):
+        return f" is not a number ({getattr(leaf, '__name__', leaf)}): use type: categorical with choices"
+    if kind != "int" and leaf is int:
+        return f" is an integer key: use type: int, not {kind}"
+    low, high = (schema._yaml_float(spec.get(end)) for end in ("low", "high"))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        return f" needs numbers low and high, e.g. {{type: {kind}, low: 1, high: 8}}"
+    if low > high or (low == high and kind != "int"):
+        return f": [{low}, {high}] is an empty range; make low < high"
+    if kind == "log_float" and low <= 0:
+        return f": low = {low} cannot be on a log scale; make it > 0 or use type: float"
+    return None
+
+
+def _space_fits(tune: TuneConfig) -> str | None:
+    for key, spec in tune.space.items():
+        if problem := _space_problem(key, spec):
+            return f".{key}{problem}"
+    return None
+
+
+@dataclass
+class TuneConfig(Section):
+    """`segstudy tune` and notebook 06: an Optuna search over `space` (dotted config keys -> a
+    distribution: {type: float | log_float | int, low, high[, step]} or {type: categorical, choices}). The
+    objective: the best validation mIoU of `model` trained with the profile under a fixed budget (`epochs`,
+    `max_steps`, `max_images`), validated after every epoch so the pruner can stop a poor trial early."""
+
+    model: Annotated[str, Choice(MODELS)] = "unet"
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    epochs: Count = 3  # each trial's train.epochs
+    max_steps: Annotated[int, Range(0, note="0: the whole epochs")] = 0  # each trial's train.max_steps
+    max_images: Annotated[int, Range(0, note="0: data.max_images")] = 0  # each trial's data.max_images
+    trials: Count = 8  # notebook 06 runs the study until it holds this many finished trials
+    pruner: Annotated[str, Choice(PRUNERS)] = "median"  # fed the validation mIoU after each validation
+    startup_trials: Natural = 2  # trials finished before the pruner and TPE act (random sampling until then)
+    warmup_epochs: Natural = 0  # validations of a trial the median pruner never prunes at
+    heartbeat: Count = 60  # seconds; RDB storages fail a trial whose worker was silent for twice this
+    retries: Natural = 2  # times a failed trial's parameters are tried again
+
+
 @dataclass
 class Config(Section):
     profile: str = "demo"
@@ -268,6 +364,7 @@ class Config(Section):
     device: Annotated[str, Spelled(r"auto|cpu|cuda(:\d+)?", DEVICES)] = "auto"
     output_root: str = _path("../outputs")
     data: DataConfig = field(default_factory=DataConfig)
+    cross: CrossConfig = field(default_factory=CrossConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     explore: ExploreConfig = field(default_factory=ExploreConfig)
     model: Annotated[ModelConfig, Check(_stride_fits, "output_stride")] = field(default_factory=ModelConfig)
@@ -280,6 +377,7 @@ class Config(Section):
     bench: BenchConfig = field(default_factory=BenchConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    tune: Annotated[TuneConfig, Check(_space_fits, "space")] = field(default_factory=TuneConfig)
     overrides: dict[str, Any] = field(default_factory=dict)  # set by load_config: what --set changed
 
     @property

@@ -119,6 +119,8 @@ class SegmentationFolder(Dataset):
     `cache_mb`: keep up to that many MB of decoded pairs in this process (DECODED), for every
     dataset of the same files."""
 
+    classes: tuple[int, ...] = tuple(range(labels.NUM_CLASSES))  # the train ids it labels: its mIoU's classes
+
     def __init__(self, samples: list[Sample], transforms=None, cache_mb: int = 0):
         self.samples = samples
         self.transforms = transforms
@@ -129,6 +131,11 @@ class SegmentationFolder(Dataset):
 
     def load_train_ids(self, sample: Sample) -> np.ndarray:
         return label_ids_to_train_ids(read_label_array(sample.label), sample.label)
+
+    def label_size(self, sample: Sample) -> tuple[int, int]:
+        """(width, height) of the sample's label, read from its header only."""
+        with Image.open(sample.label) as im:
+            return im.size
 
     def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
         sample = self.samples[index]

@@ -1,23 +1,51 @@
-"""Datasets by name and deterministic DataLoaders."""
+"""Datasets by name (the profile's: data.dataset and cross.*), a training set mixing several, and
+deterministic DataLoaders."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
-from segstudy.config import Config, DataConfig, load_config
+from segstudy.config import Config, DataConfig, SynthConfig, load_config
 from segstudy.data.bdd100k import BDD100KSegmentation
 from segstudy.data.cityscapes import CityscapesSegmentation, SegmentationFolder
+from segstudy.data.nuimages import NuImagesSegmentation
 from segstudy.data.synthetic_dataset import ensure_dataset
 from segstudy.data.transforms import eval_preset, train_preset
 from segstudy.errors import UserError
 
-DATASETS = {"cityscapes": CityscapesSegmentation, "bdd100k": BDD100KSegmentation}
+DATASETS = {"cityscapes": CityscapesSegmentation, "bdd100k": BDD100KSegmentation, "nuimages": NuImagesSegmentation}
+
+
+def dataset_names(cfg: Config) -> list[str]:
+    """The profile's datasets: data.dataset first, then each cross.<name> with a root."""
+    return [cfg.data.dataset] + [n for n in DATASETS if n != cfg.data.dataset and getattr(cfg.cross, n).root]
+
+
+def data_config(cfg: Config, name: str) -> DataConfig:
+    """cfg.data for dataset `name`: its reader and root, the profile's transforms and loader settings."""
+    if name == cfg.data.dataset:
+        return cfg.data
+    other = getattr(cfg.cross, name, None)
+    if other is None or not other.root:
+        raise UserError(f"dataset '{name}' is not part of profile {cfg.profile}: set cross.{name}.root to its "
+                        f"folder (or data.dataset: {name})")
+    return dataclasses.replace(cfg.data, dataset=name, root=other.root, generate=other.generate, mix_with=[])
+
+
+def synth_config(cfg: Config, name: str) -> SynthConfig:
+    """The generated set of dataset `name`: synth's settings, with the dataset's own size and counts."""
+    if name == cfg.data.dataset:
+        return cfg.synth
+    other = getattr(cfg.cross, name)
+    return dataclasses.replace(cfg.synth, **{k: getattr(other, k) for k in ("height", "width", "train", "val")
+                                            if getattr(other, k)})
 
 
 def build_dataset(data: DataConfig, split: str, train: bool = False,
@@ -38,26 +66,86 @@ def build_dataset(data: DataConfig, split: str, train: bool = False,
 
 
 def prepare_data(cfg: Config) -> None:
-    """Generate the synthetic dataset at data.root if the profile asks for it and it is missing."""
-    if cfg.data.generate and cfg.data.dataset == "cityscapes":
-        _check_generation_root(cfg)
-        ensure_dataset(cfg.data.root, cfg.synth)
+    """Generate each of the profile's datasets whose `generate` is set and which is missing."""
+    for name in dataset_names(cfg):
+        data = data_config(cfg, name)
+        if data.generate:
+            _check_generation_root(cfg, name)
+            ensure_dataset(data.root, synth_config(cfg, name), layout=name)
 
 
-def _check_generation_root(cfg: Config) -> None:
-    """Generate only at the profile's own data.root or into a folder that exists (made on purpose):
+def _root_key(cfg: Config, name: str) -> str:
+    return "data.root" if name == cfg.data.dataset else f"cross.{name}.root"
+
+
+def _check_generation_root(cfg: Config, name: str) -> None:
+    """Generate only at the profile's own root or into a folder that exists (made on purpose):
     a mistyped root must not quietly become a new synthetic dataset that the study then trains on."""
-    root = Path(cfg.data.root)
+    root = Path(data_config(cfg, name).root)
     if root.exists():
         return
     try:
-        default = Path(load_config(cfg.profile).data.root)
+        default = Path(data_config(load_config(cfg.profile), name).root)
     except UserError:
-        return  # a profile file outside params/: nothing to compare with
+        return  # a profile file outside params/ (or without this dataset): nothing to compare with
     if root.resolve() != default.resolve():
-        raise UserError(f"data.root = {root} does not exist, and data.generate would create a new synthetic "
+        key = _root_key(cfg, name)
+        raise UserError(f"{key} = {root} does not exist, and generate would create a new synthetic "
                         f"dataset there (the profile's own root is {default}); fix the path, or create the empty "
                         f"folder first (mkdir -p {root}) to generate there on purpose")
+
+
+class MixedDatasets(ConcatDataset):
+    """The training sets of several datasets in one training (data.mix_with). The sampling rule: an
+    epoch draws as many images as the first dataset's (data.dataset's) training set holds, so a mixed
+    training takes as many iterations as the same training on that dataset alone. With `equal`, each
+    dataset gives the same share of them (the remainder to the first ones), whatever its size; with
+    `proportional`, shares follow the datasets' sizes. A share is drawn without replacement from a
+    permutation seeded by (seed, epoch) (a new permutation when a smaller dataset runs out), and the
+    draws of all datasets are then shuffled together, so each batch mixes datasets."""
+
+    def __init__(self, parts: list[SegmentationFolder], sampling: str):
+        super().__init__(parts)
+        self.parts, self.sampling = parts, sampling
+
+    @property
+    def epoch_size(self) -> int:
+        return len(self.parts[0])
+
+    def shares(self) -> list[int]:
+        n, sizes = self.epoch_size, [len(p) for p in self.parts]
+        weights = [1.0] * len(sizes) if self.sampling == "equal" else [float(s) for s in sizes]
+        exact = [n * w / sum(weights) for w in weights]
+        shares = [int(e) for e in exact]
+        for i in sorted(range(len(sizes)), key=lambda i: (shares[i] - exact[i], i))[: n - sum(shares)]:
+            shares[i] += 1  # largest remainders first, ties to the first datasets
+        return shares
+
+    def order(self, seed: int, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        picks: list[int] = []
+        for offset, size, share in zip(self.cumulative_sizes, map(len, self.parts), self.shares()):
+            drawn: list[int] = []
+            while len(drawn) < share:
+                drawn += torch.randperm(size, generator=generator).tolist()
+            picks += [offset - size + j for j in drawn[:share]]
+        return [picks[j] for j in torch.randperm(len(picks), generator=generator).tolist()]
+
+
+def training_set(cfg: Config) -> SegmentationFolder | MixedDatasets:
+    """data.dataset's training split, mixed with those of data.mix_with (MixedDatasets) when it names any."""
+    names = [cfg.data.dataset] + [n for n in cfg.data.mix_with if n != cfg.data.dataset]
+    parts = [build_dataset(data_config(cfg, n), data_config(cfg, n).train_split, train=True) for n in names]
+    return parts[0] if len(parts) == 1 else MixedDatasets(parts, cfg.data.sampling)
+
+
+def parts(dataset: Dataset) -> list[SegmentationFolder]:
+    return dataset.parts if isinstance(dataset, MixedDatasets) else [dataset]
+
+
+def epoch_size(dataset: Dataset) -> int:
+    """Images per training epoch (MixedDatasets: its first dataset's)."""
+    return dataset.epoch_size if isinstance(dataset, MixedDatasets) else len(dataset)
 
 
 def check_files(dataset: SegmentationFolder, split: str) -> None:
@@ -67,6 +155,9 @@ def check_files(dataset: SegmentationFolder, split: str) -> None:
         sizes = {}
         for kind, path in (("image", sample.image), ("label", sample.label)):
             try:
+                if kind == "label":
+                    sizes[kind] = dataset.label_size(sample)
+                    continue
                 with Image.open(path) as im:
                     sizes[kind] = im.size
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -103,10 +194,19 @@ class EpochOrder(Sampler[int]):
     one-process batch), from position `start` on. Written here because DistributedSampler cannot
     start mid-epoch: a training resumed there would replay the epoch's first batches."""
 
-    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=generator).tolist()
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0,
+                 order: list[int] | None = None):
+        if order is None:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=generator).tolist()
+        n = len(order)
         self.indices = order[rank:n - n % world:world][start:]
+
+    @classmethod
+    def of(cls, dataset: Dataset, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0) -> EpochOrder:
+        """The order of a training set, mixed (MixedDatasets.order) or not."""
+        order = dataset.order(seed, epoch) if isinstance(dataset, MixedDatasets) else None
+        return cls(len(dataset), seed, epoch, rank, world, start, order)
 
     def __iter__(self):
         return iter(self.indices)

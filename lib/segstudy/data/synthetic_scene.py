@@ -3,6 +3,8 @@ instanceIds map with the same polygons (so labels are exact). Used by synthetic_
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -59,20 +61,50 @@ class Canvas:
         self._d[0].polygon([(float(x), float(y)) for x, y in pts], fill=color)
 
 
+@dataclass(frozen=True)
+class Domain:
+    """How one generated domain looks: where its camera sits and what light it sees. The
+    Cityscapes-layout set is CITYSCAPES (its images are unchanged by the other domains' knobs);
+    the other layouts' sets are shifted from it in these controlled ways (docs/study.md)."""
+
+    horizon: tuple[float, float] = (0.36, 0.5)  # horizon row as a share of the height: camera height and pitch
+    zoom: float = 1.0  # apparent size of the road and of every object: < 1 is a wider field of view
+    hood: float = 0.3  # share of images showing the ego vehicle's bonnet (dashcams: most)
+    conditions: dict[str, float] = field(default_factory=lambda: {"day": 1.0})  # illumination -> share
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the camera's colour balance (palette)
+    jpeg: bool = False  # stored as JPEG (the layout's format): block artefacts are part of the texture
+
+
+CITYSCAPES = Domain()
+DOMAINS = {
+    "cityscapes": CITYSCAPES,
+    # dashcams behind the windscreen: lower, wider, warmer, often at dusk, night or in rain
+    "bdd100k": Domain(horizon=(0.5, 0.62), zoom=0.7, hood=0.75, tint=(1.08, 0.98, 0.85), jpeg=True,
+                      conditions={"day": 0.3, "dusk": 0.25, "night": 0.25, "rain": 0.2}),
+    # a roof camera of a taller car: higher horizon, overcast, cool palette
+    "nuimages": Domain(horizon=(0.3, 0.42), zoom=0.85, hood=0.0, tint=(0.88, 0.98, 1.12), jpeg=True,
+                       conditions={"day": 0.4, "dusk": 0.2, "night": 0.2, "rain": 0.2}),
+}
+
+
 class Scene:
     """Perspective geometry: horizon `yh`, vanishing point `xv`, ground depth from y."""
 
-    def __init__(self, cv: Canvas):
+    def __init__(self, cv: Canvas, domain: Domain = CITYSCAPES):
         r, h, w = cv.rng, cv.h, cv.w
-        self.cv, self.h, self.w = cv, h, w
-        self.yh = h * r.uniform(0.36, 0.5)
+        self.cv, self.h, self.w, self.zoom = cv, h, w, domain.zoom
+        self.yh = h * r.uniform(*domain.horizon)
         self.xv = w * r.uniform(0.38, 0.62)
-        self.road_half = w * r.uniform(0.35, 0.6)  # road half-width at the bottom edge
-        self.walk = w * r.uniform(0.12, 0.3)  # sidewalk width at the bottom edge
+        self.road_half = w * r.uniform(0.35, 0.6) * domain.zoom  # road half-width at the bottom edge
+        self.walk = w * r.uniform(0.12, 0.3) * domain.zoom  # sidewalk width at the bottom edge
 
     def scale(self, y: float) -> float:
         """Apparent size of a 1-unit object standing at image row y (0 at the horizon)."""
         return max(y - self.yh, 0.0) / (self.h - self.yh)
+
+    def px(self, y: float) -> float:
+        """Height in pixels of a 1-unit object standing at image row y."""
+        return self.scale(y) * self.h * self.zoom
 
     def edge_x(self, y: float, offset: float) -> float:
         """x of a line through the vanishing point that is `offset` px from xv at the bottom."""
@@ -166,7 +198,7 @@ def draw_ground(sc: Scene) -> None:
 
 def draw_tree(sc: Scene, x: float, y: float, big: bool = False) -> None:
     cv, r = sc.cv, sc.cv.rng
-    s = sc.scale(y) * sc.h * (1.3 if big else 1.0)
+    s = sc.px(y) * (1.3 if big else 1.0)
     cv.rect(x - 0.02 * s, y - 0.45 * s, x + 0.02 * s, y, ID["vegetation"], cv.color((90, 70, 50)))
     green = (int(r.integers(40, 90)), int(r.integers(90, 150)), int(r.integers(30, 70)))
     for _ in range(r.integers(3, 7)):
@@ -177,7 +209,7 @@ def draw_tree(sc: Scene, x: float, y: float, big: bool = False) -> None:
 
 def draw_pole(sc: Scene, x: float, y: float, top: str | None) -> None:
     cv, r = sc.cv, sc.cv.rng
-    s = sc.scale(y) * sc.h
+    s = sc.px(y)
     hgt, half = s * r.uniform(0.7, 1.0), max(0.006 * s, 0.5)
     cv.rect(x - half, y - hgt, x + half, y, ID["pole"], cv.color((110, 110, 115)))
     if top == "sign":
@@ -202,7 +234,7 @@ def draw_pole(sc: Scene, x: float, y: float, top: str | None) -> None:
 
 def draw_vehicle(sc: Scene, kind: str, x: float, y: float) -> None:
     cv, r = sc.cv, sc.cv.rng
-    s = sc.scale(y) * sc.h
+    s = sc.px(y)
     label = ID[kind]
     inst = cv.new_instance(label)
     w, hgt = {"car": (0.55, 0.35), "truck": (0.75, 0.7), "bus": (0.85, 0.75),
@@ -236,7 +268,7 @@ def draw_vehicle(sc: Scene, kind: str, x: float, y: float) -> None:
 
 def draw_person(sc: Scene, x: float, y: float, label: int, inst: int | None = None) -> None:
     cv, r = sc.cv, sc.cv.rng
-    s = sc.scale(y) * sc.h * r.uniform(0.85, 1.05)
+    s = sc.px(y) * r.uniform(0.85, 1.05)
     inst = inst if inst is not None else cv.new_instance(label)
     coat = cv.color(tuple(int(v) for v in r.integers(20, 220, 3)), 5)
     legs = cv.color((40, 40, 60), 15)
@@ -250,7 +282,7 @@ def draw_person(sc: Scene, x: float, y: float, label: int, inst: int | None = No
 
 def draw_two_wheeler(sc: Scene, kind: str, x: float, y: float) -> None:
     cv = sc.cv
-    s = sc.scale(y) * sc.h
+    s = sc.px(y)
     label = ID[kind]
     inst = cv.new_instance(label)
     rad = (0.1 if kind == "bicycle" else 0.12) * s
@@ -269,11 +301,12 @@ def draw_two_wheeler(sc: Scene, kind: str, x: float, y: float) -> None:
         draw_person(sc, x, y - 1.6 * rad, ID["rider"])
 
 
-def render(h: int, w: int, seed: int, split: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render(h: int, w: int, seed: int, split: str, index: int,
+           domain: Domain = CITYSCAPES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene -> (RGB uint8 (h,w,3), labelIds uint8 (h,w), instanceIds uint16 (h,w))."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
     cv = Canvas(h, w, rng)
-    sc = Scene(cv)
+    sc = Scene(cv, domain)
     light = rng.uniform(0.55, 1.15)
     draw_sky(sc, light)
     cv.rect(sc.xv - w * 0.12, sc.yh - h * 0.06, sc.xv + w * 0.12, sc.yh + 1,
@@ -333,7 +366,7 @@ def render(h: int, w: int, seed: int, split: str, index: int) -> tuple[np.ndarra
             top = kind.split(":")[1]
             draw_pole(sc, x, y, None if top == "None" else top)
 
-    if rng.random() < 0.3:  # the ego vehicle's bonnet: ignored in evaluation, as in Cityscapes
+    if rng.random() < domain.hood:  # the ego vehicle's bonnet: ignored in evaluation, as in Cityscapes
         hood = h * rng.uniform(0.04, 0.1)
         cv.poly([(0, h), (w, h), (w * 0.85, h - hood), (w * 0.15, h - hood)], ID["ego"],
                 cv.color((40, 40, 45), 10))
@@ -346,5 +379,38 @@ def render(h: int, w: int, seed: int, split: str, index: int) -> tuple[np.ndarra
     tint = rng.uniform(0.9, 1.1, size=3).astype(np.float32)
     arr = arr * shade[..., None] * tint * rng.uniform(0.8, 1.15)
     arr += rng.normal(0, rng.uniform(2, 8), size=arr.shape).astype(np.float32)
+    if domain != CITYSCAPES:  # its own generator: the Cityscapes-layout images stay as they were
+        arr = illuminate(arr, domain, np.random.default_rng([seed, 0 if split == "train" else 1, index, 1]))
     rgb = np.clip(arr, 0, 255).astype(np.uint8)
     return rgb, np.asarray(cv.lab, dtype=np.uint8), np.asarray(cv.inst, dtype=np.uint16)
+
+
+def illuminate(arr: np.ndarray, domain: Domain, rng: np.random.Generator) -> np.ndarray:
+    """The domain's colour balance and one of its conditions, drawn per image (the image only)."""
+    names = list(domain.conditions)
+    condition = names[rng.choice(len(names), p=np.array(list(domain.conditions.values())) / sum(
+        domain.conditions.values()))]
+    arr = arr * np.asarray(domain.tint, dtype=np.float32)
+    h, w = arr.shape[:2]
+    if condition == "dusk":  # low orange light
+        arr = arr * np.array([1.05, 0.8, 0.6], np.float32) * rng.uniform(0.5, 0.75)
+    elif condition == "night":  # dark and blue, with lamps and headlights as bright blurred spots
+        arr = arr * np.array([0.6, 0.65, 0.9], np.float32) * rng.uniform(0.15, 0.3)
+        glow = np.zeros((h, w), np.float32)
+        for _ in range(rng.integers(3, 9)):
+            cy, cx, rad = rng.uniform(0.2, 0.8) * h, rng.uniform(0, 1) * w, rng.uniform(0.02, 0.06) * h
+            yy, xx = np.ogrid[:h, :w]
+            glow += 220 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rad ** 2))
+        arr = arr + glow[..., None] * np.array([1.0, 0.9, 0.6], np.float32)
+        arr += rng.normal(0, 6, size=arr.shape).astype(np.float32)  # high gain: more sensor noise
+    elif condition == "rain":  # grey, low contrast, streaks
+        gray = arr.mean(-1, keepdims=True)
+        arr = 0.45 * arr + 0.55 * gray
+        arr = 0.6 * arr + 0.4 * arr.mean()
+        streaks = Image.new("L", (w, h))
+        draw = ImageDraw.Draw(streaks)
+        for _ in range(int(h * w / 900)):
+            x, y, n = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.02, 0.06) * h
+            draw.line([(x, y), (x - 0.15 * n, y + n)], fill=int(rng.integers(40, 90)), width=1)
+        arr = arr + np.asarray(streaks.filter(ImageFilter.GaussianBlur(0.7)), np.float32)[..., None]
+    return arr

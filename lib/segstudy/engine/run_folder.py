@@ -78,6 +78,11 @@ def settings(cfg: Config, model_config) -> dict:
         flat |= {f"{name}.{key}": value for key, value in dataclasses.asdict(section).items()}
     # train.amp "auto" means bf16 on one machine and fp32 on another: the weights follow what it chose
     flat["train.precision"] = str(autocast_dtype(cfg.train.amp, resolve_device(cfg.device)) or torch.float32)
+    if cfg.data.mix_with:  # the mixed datasets' folders and sizes; a single-dataset run records no mix keys,
+        # so its settings stay those of runs made before mixing existed (and are reused)
+        flat |= {f"cross.{name}": dataclasses.asdict(getattr(cfg.cross, name)) for name in cfg.data.mix_with}
+    else:
+        flat = {key: value for key, value in flat.items() if key not in ("data.mix_with", "data.sampling")}
     return {key: value for key, value in flat.items() if key not in _NOT_SETTINGS}
 
 
