@@ -358,6 +358,20 @@ class TuneConfig(Section):
 
 
 @dataclass
+class MonitoringConfig(Section):
+    """The drift reference stored with every registered model (deploy/drift.py), the server's drift
+    windows, and notebook 07."""
+
+    reference_images: Annotated[int, Range(0, note="0: the whole val split")] = 64  # val images, spread evenly
+    window: Annotated[int, Range(2)] = 8  # images per drift window
+    step: Annotated[int, Range(0, note="0: the window (windows do not overlap)")] = 0  # images between two scores
+    # the threshold lets this share of held-out in-domain windows cross it (its (1 - x) quantile)
+    false_alarm: Annotated[Float, Range(0, 1, low_open=True, high_open=True)] = 0.05
+    calibration_rounds: Count = 400  # held-out windows drawn from the reference images to set the threshold
+    study_windows: Count = 6  # notebook 07: windows of each domain (in-domain held-out images, then shifted)
+
+
+@dataclass
 class Config(Section):
     profile: str = "demo"
     seed: Annotated[int, SEED] = 0
@@ -378,6 +392,7 @@ class Config(Section):
     quant: QuantConfig = field(default_factory=QuantConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tune: Annotated[TuneConfig, Check(_space_fits, "space")] = field(default_factory=TuneConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     overrides: dict[str, Any] = field(default_factory=dict)  # set by load_config: what --set changed
 
     @property
