@@ -162,6 +162,7 @@ def generate(out: str | Path, cfg: SynthConfig, workers: int = 2, progress: bool
     tasks = [(split, i, cfg.height, cfg.width, cfg.seed, str(tmp), layout)
              for split, n in (("train", cfg.train), ("val", cfg.val)) for i in range(n)]
     records: dict[str, list[dict]] = {"train": [], "val": []}
+    workers = workers if len(tasks) >= 64 else 1  # starting spawned workers costs more than a few images
     bar = tqdm(total=len(tasks), desc=f"synth {layout}", unit="img", disable=not progress, mininterval=1.0)
     with mp.get_context("spawn").Pool(workers) if workers > 1 else _InProcess() as pool:
         for task, written in zip(tasks, pool.imap(_write_one, tasks, chunksize=8)):

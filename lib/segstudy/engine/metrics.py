@@ -24,6 +24,18 @@ def nanmean(values) -> float:
     return sum(valid) / len(valid) if valid else float("nan")
 
 
+def scored_on(confusions: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
+    """Confusions ([..., C, C + 1]) as scored on a dataset that labels only `classes` (nuImages: 7 of
+    the 19): a prediction of a class it does not label is moved to the void column, a false negative
+    of the pixel's class and a false positive of nothing, so that class's IoU is absent (NaN), not 0."""
+    out = np.array(confusions, copy=True)
+    others = [c for c in range(out.shape[-2]) if c not in classes]
+    if others:
+        out[..., -1] += out[..., others].sum(-1)
+        out[..., others] = 0
+    return out
+
+
 class ConfusionMatrix:
     """Accumulates (target, prediction) train-id pairs with bincount, on CPU or GPU."""
 

@@ -29,8 +29,11 @@ from segstudy.data.datasets import (
     build_dataset,
     build_loader,
     check_files,
+    epoch_size,
+    parts,
     prepare_data,
     seed_everything,
+    training_set,
 )
 from segstudy.data.labels import NUM_CLASSES
 from segstudy.engine import launch, measure, provenance, run_folder, timings
@@ -115,12 +118,13 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
         prepare_data(cfg)
     if world > 1:
         dist.barrier()
-    train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    train_ds = training_set(cfg)
     val_ds = build_dataset(cfg.data, cfg.data.val_split)
-    check_files(train_ds, cfg.data.train_split)
+    for part in parts(train_ds):
+        check_files(part, cfg.data.train_split)
     check_files(val_ds, cfg.data.val_split)
     seed_everything(cfg.seed)
-    criterion = build_criterion(cfg, train_ds)
+    criterion = build_criterion(cfg, parts(train_ds)[0])  # wce's class weights: data.dataset's frequencies
     model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(mcfg)).to(device)
     if world > 1 and device.type == "cuda":
         # 2 images per GPU give poor BatchNorm statistics: normalise over the global batch, as
@@ -134,10 +138,10 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
         raise UserError(f"data.batch_size = {cfg.data.batch_size} is the global batch, shared by {world} processes; "
                         f"make it a multiple of {world}")
     rank_batch = cfg.data.batch_size // world
-    steps_per_epoch = len(train_ds) // world // rank_batch // tcfg.grad_accum
+    steps_per_epoch = epoch_size(train_ds) // world // rank_batch // tcfg.grad_accum
     if steps_per_epoch < 1:
         raise UserError(f"data.batch_size x train.grad_accum = {cfg.data.batch_size * tcfg.grad_accum} is larger "
-                        f"than the {len(train_ds)} training images; lower them")
+                        f"than the {epoch_size(train_ds)} training images; lower them")
     schedule = poly_schedule(tcfg.epochs * steps_per_epoch, tcfg.warmup_iters, tcfg.poly_power)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -192,7 +196,7 @@ def _run_epoch(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: boo
     done = run.partial.get("batches", 0)
     if not done:
         torch.manual_seed(cfg.seed + epoch)  # each epoch's randomness depends on (seed, epoch) only
-    order = EpochOrder(len(run.train_ds), cfg.seed, epoch, run.rank, run.world, start=done * run.rank_batch)
+    order = EpochOrder.of(run.train_ds, cfg.seed, epoch, run.rank, run.world, start=done * run.rank_batch)
     loader = build_loader(SeededSamples(run.train_ds, cfg.seed * 1000 + epoch), run.rank_batch, train=True,
                           seed=cfg.seed + epoch, num_workers=cfg.data.num_workers, device=run.device.type,
                           sampler=order)
@@ -290,7 +294,8 @@ def _report(run: TrainingRun, record: dict) -> None:
 
 
 def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_dir: str | Path | None = None,
-          progress: bool = True, keep_weights: bool = True) -> dict:
+          progress: bool = True, keep_weights: bool = True,
+          on_validation: Callable[[int, dict], None] | None = None) -> dict:
     """Train cfg.model (or `model_name`) on cfg.data; returns the run's result (also result.json),
     whose checkpoint_best the caller may register (deploy.registry).
 
@@ -300,6 +305,10 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
     runs in torchrun's processes (engine.launch). One process at a time trains into a run folder, and
     a retry replaces a finished run only when it finishes too (engine.run_folder). A finished run
     keeps checkpoint_best.pt (weights), or nothing with keep_weights=False.
+
+    `on_validation(epoch, record)` is called after each validation, once that epoch's checkpoint is
+    saved (a tuner's pruner reads record["val_miou"]); an exception it raises (optuna.TrialPruned) stops
+    the training and leaves an unfinished run folder that the same settings would continue.
     """
     mcfg = dataclasses.replace(cfg.model, name=model_name or cfg.model.name)
     run_dir = Path(run_dir) if run_dir else cfg.output_dir / "runs" / mcfg.name
@@ -320,7 +329,7 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
         _wrap(run)
         tracker = _tracker(run)
         run.clock = (timings.run_key(cfg, run_dir), time.perf_counter(), run.step)
-        finished = _epochs(run, tracker, work_dir, progress)
+        finished = _epochs(run, tracker, work_dir, progress, on_validation)
         result = _finish(run, tracker, run_dir if finished else work_dir, finished)
         if run.main:
             if finished:
@@ -358,7 +367,8 @@ def planned_batches(tcfg, steps_per_epoch: int) -> int:
     return min(batches, tcfg.max_steps * tcfg.grad_accum) if tcfg.max_steps else batches
 
 
-def _epochs(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: bool) -> bool:
+def _epochs(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: bool,
+            on_validation: Callable[[int, dict], None] | None = None) -> bool:
     """The epoch loop; True when the schedule finished, False when train.max_steps stopped it (after
     a validation and a checkpoint, so the run is usable). A failure marks the MLflow run FAILED."""
     tcfg = run.cfg.train
@@ -373,6 +383,8 @@ def _epochs(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: bool) 
             if run.main:
                 _save_state(run, work_dir, record)
                 _report(run, record)
+                if on_validation and "val_miou" in record:
+                    on_validation(math.ceil(record["epoch"]), record)
         status = "FINISHED"
     finally:
         if status != "FINISHED":

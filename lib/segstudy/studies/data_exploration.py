@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -60,3 +61,22 @@ def summary(stats: dict[str, dict]) -> dict:
             "small_object_count": {k: len(v) for k, v in s["object_sizes"].items()},
         }
     return out
+
+
+def val_splits(cfg) -> dict[str, SegmentationFolder]:
+    """Each dataset of the profile (data.dataset, then cross.*): its val split, untransformed."""
+    from segstudy.data.datasets import build_dataset, data_config, dataset_names
+
+    return {name: build_dataset(data_config(cfg, name), data_config(cfg, name).val_split, raw=True)
+            for name in dataset_names(cfg)}
+
+
+def side_by_side(datasets: dict[str, SegmentationFolder], summaries: dict[str, dict]) -> pd.DataFrame:
+    """One column per dataset: images, sizes, the classes it labels and finds, ignored pixels, rarest."""
+    return pd.DataFrame({name: {
+        "images (val)": s["images"], "image size": ", ".join(s["image_sizes"]),
+        "classes labelled": len(datasets[name].classes), "classes present": s["classes_present"],
+        "ignored pixels": f"{s['ignored_fraction']:.1%}",
+        "rarest labelled": ", ".join(c for c in sorted(s["frequency"], key=s["frequency"].get)
+                                     if CLASS_NAMES.index(c) in datasets[name].classes)[:60]}
+        for name, s in summaries.items()})

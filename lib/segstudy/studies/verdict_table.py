@@ -36,6 +36,7 @@ QUESTIONS = {
     "structured": "Does structured pruning keep accuracy at its speed-up?",
     "unstructured": "Does unstructured pruning buy speed?",
     "int8": "Does int8 keep accuracy at its speed-up?",
+    "robust": "Does training on several datasets make the model more robust?",
     "deploy": "Which model to deploy?",
 }
 
@@ -279,6 +280,39 @@ def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
                       f"speed-up {_times(_speedup(rows[name], rows[ref_name], name))}")
 
 
+def _cross_rows(ins: Inputs) -> tuple[dict, dict[tuple[str, str], dict]]:
+    d = ins.results("cross")
+    with ins.reading("cross"):
+        return d, {(r["model"], r["dataset"]): r for r in d["rows"]}
+
+
+def more_robust(ins: Inputs, noise: SeedNoise | None) -> Verdict:
+    """Paired bootstrap over one dataset's images of the mixed model minus the same model trained on
+    data.dataset alone, widened by the seed noise of two trainings. The dataset is the first that no
+    training saw (held out of cross.mix): robustness is accuracy where the model has not been; "yes"
+    when the whole interval is above 0. The evidence gives each model's in-domain and cross-domain mIoU."""
+    d, rows = _cross_rows(ins)
+    mixed = sorted({m for m, _ in rows if "+" in m})
+    if not mixed:
+        raise Missing(f"no mixed training in {results_files.shown(results_files.path(ins.cfg, 'cross'))} "
+                      f"(cross.mix is empty); set cross.mix and re-run {results_files.writer(ins.cfg, 'cross')}")
+    if noise is None:
+        raise _no_noise(ins)
+    name, single = mixed[0], mixed[0].split("+")[0]
+    others = [ds for m, ds in rows if m == name and ds != d["primary"]]
+    held = [ds for ds in others if ds not in d["mix"]]
+    target = (held or others or [None])[0]
+    if target is None or (single, target) not in rows:
+        raise Missing(f"no dataset besides {d['primary']} scored for {single} and {name}; add one under cross.*")
+    diff = noise.widen(verdicts.paired_difference(ins.confusions("cross", rows[name, target], name),
+                                                  ins.confusions("cross", rows[single, target], single)), 2)
+    seen = "held out: seen by neither" if held else "seen by the mixed training"
+    subject = f"{name} − {single} on {target} ({seen}), mIoU points"
+    drops = "; ".join(f"{m}: {d['primary']} {100 * rows[m, d['primary']]['miou']:.1f} → {target} "
+                      f"{100 * rows[m, target]['miou']:.1f}" for m in (single, name) if (m, d["primary"]) in rows)
+    return _threshold(QUESTIONS["robust"], diff, 0.0, subject, f"in-domain → cross-domain mIoU %: {drops}")
+
+
 # ---------------------------------------------------------------- the deployment candidates
 
 
@@ -422,6 +456,7 @@ def evaluate(cfg: Config) -> tuple[list[Verdict], list[Path]]:
             "structured": lambda: structured_keeps_accuracy(ins, noise),
             "unstructured": lambda: unstructured_buys_speed(ins),
             "int8": lambda: int8_keeps_accuracy(ins, noise),
+            "robust": lambda: more_robust(ins, noise),
             "deploy": lambda: recommend(candidate_pool(cfg, ins), cfg.report.tolerance)}
     table = [_answer(QUESTIONS[key], ask) for key, ask in asks.items()]
     return table, list(dict.fromkeys(ins.used))
