@@ -85,6 +85,23 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"gathered results: {path}")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from segstudy.studies import tuning
+
+    if args.profile and args.tune_profile and args.profile != args.tune_profile:
+        raise UserError(f"two profiles given: {args.tune_profile} and --profile {args.profile}; keep one")
+    study = tuning.start(args.tune_profile or profile(args), args.set, study=args.study, storage=args.storage)
+    print(study.describe(), flush=True)
+    tuning.optimize(study, args.trials, args.timeout)
+    summary = tuning.save(study)
+    states = ", ".join(f"{n} {s.lower()}" for s, n in summary["states"].items() if n)
+    print(f"study '{summary['study']}': {summary['trials']} trials ({states}); this process ran {args.trials} "
+          f"in {study.seconds:.1f} s")
+    if best := summary["best"]:
+        print(f"best: trial {best['trial']}, val mIoU {100 * best['val_miou']:.2f}, --set {' '.join(best['set'])}")
+    print(f"files: {study.out}")
+
+
 def _predict(args: argparse.Namespace) -> None:
     from segstudy.config import load_config
     from segstudy.deploy.predict import predict
@@ -196,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "profile's device (the default when that device is not on this machine: 60)")
     n.set_defaults(func=_plan)
 
+    u = sub.add_parser("tune", help="search tune.space with Optuna: pruned trials, resumable, one box or many")
+    u.add_argument("tune_profile", nargs="?", metavar="PROFILE", help="profile name or YAML file (or --profile)")
+    _add_profile(u, "its tune: section is the search space")
+    u.add_argument("--trials", type=int, required=True, help="trials this process runs (Optuna's n_trials)")
+    u.add_argument("--timeout", type=float, help="start no trial after this many seconds")
+    u.add_argument("--study", help="study name (default: tune.model); files in outputs/<profile>/tune/<study>/")
+    u.add_argument("--storage", help="journal:PATH (workers on one machine) or a database URL such as "
+                                     "postgresql://... (several machines); default: a file in the study's folder")
+    u.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    u.set_defaults(func=_tune)
+
     d = sub.add_parser("predict", help="segment new images: labelIds PNGs + colour overlays")
     d.add_argument("--model", required=True,
                    help="checkpoint .pt, .onnx file, or MLflow URI (models:/segstudy-custom@champion, runs:/ID/model)")
@@ -247,6 +275,7 @@ _CONTINUE = {
     "run": "run the same command again: finished trainings are reused (train.reuse), an interrupted one "
            "continues from its last checkpoint, and the notebooks run again",
     "sweep": "run the same command again: finished trainings are reused (train.reuse)",
+    "tune": "the trial in progress is marked failed; run the same command again to continue the study",
 }
 
 

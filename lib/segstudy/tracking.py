@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import time
@@ -104,6 +105,26 @@ def use_mlflow(cfg: TrackingConfig, output_root: str | Path):
     return mlflow
 
 
+# tags every run started inside `extra_tags` carries besides its own
+_EXTRA_TAGS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("segstudy_extra_tags",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def extra_tags(tags: dict[str, str]) -> Iterator[None]:
+    """Runs started in the block carry `tags` too: `segstudy tune` nests each trial's training under its
+    study's run (mlflow.parentRunId) without the training knowing it is a trial."""
+    token = _EXTRA_TAGS.set((_EXTRA_TAGS.get() or {}) | tags)
+    try:
+        yield
+    finally:
+        _EXTRA_TAGS.reset(token)
+
+
+# W&B refuses a tag longer than 64 characters (a commit or a CPU's name may be)
+WANDB_TAG_LIMIT = 64
+
+
 class Tracker:
     """One run. `backend` none makes every call a no-op, so the engine never branches on it."""
 
@@ -112,6 +133,7 @@ class Tracker:
         self.backend = cfg.backend
         self.cfg = cfg
         self.run_id: str | None = None
+        tags = (tags or {}) | (_EXTRA_TAGS.get() or {})
         if self.backend == "mlflow":
             self.mlflow = use_mlflow(cfg, output_root)
             self.uri = mlflow_uri(cfg, output_root)
@@ -133,8 +155,12 @@ class Tracker:
                                 "(or set tracking.backend: mlflow / none)") from exc
             os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
             self.wandb = wandb
-            self.run = wandb.init(project=cfg.experiment, name=run_name, config=params,
-                                  dir=str(output_root), tags=list((tags or {}).values()))
+            # the same parameters as MLflow's (flat, dotted keys); the tags' values as W&B's tags, a
+            # study's trials grouped by its name
+            self.run = wandb.init(project=cfg.experiment, name=run_name, config=flatten(params),
+                                  dir=str(output_root), group=tags.get("segstudy.study"),
+                                  tags=sorted({str(v)[:WANDB_TAG_LIMIT] for v in tags.values() if str(v)}))
+            self.run_id = self.run.id
         elif self.backend != "none":
             raise UserError(f"tracking.backend = '{self.backend}'; choose mlflow, wandb or none")
 
@@ -144,7 +170,7 @@ class Tracker:
             retry_locked(lambda: self.mlflow.log_metrics(clean, step=step), self.uri,
                          f"logging step {step} of run {self.run_id}")
         elif self.backend == "wandb":
-            self.wandb.log(clean, step=step)
+            self.run.log(clean, step=step)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with `status`. A run that failed is marked FAILED even when the database was

@@ -282,6 +282,26 @@ def sweeps(cfg: Config) -> list[tuple[Path, dict, list[dict]]]:
     return found
 
 
+TUNE_FILE = "study.json"
+
+
+def tune_dir(cfg: Config, study: str) -> Path:
+    """outputs/<profile>/tune/<study>/: one tuning study's files (segstudy tune, notebook 06)."""
+    return cfg.output_dir / "tune" / study
+
+
+def write_tune(cfg: Config, study: str, summary: dict) -> Path:
+    """The study's summary (trials by state, the best trial, the files beside it), stamped."""
+    return write_json(tune_dir(cfg, study) / TUNE_FILE,
+                      summary | {"format": FORMAT, "provenance": provenance.stamp(cfg)})
+
+
+def tunes(cfg: Config) -> list[tuple[Path, dict]]:
+    """Every tuning study of this profile with its summary (the report's tuning section)."""
+    files = sorted((cfg.output_dir / "tune").glob(f"*/{TUNE_FILE}"))
+    return [(file, d) for file in files if (d := json.loads(file.read_text())).get("format") == FORMAT]
+
+
 # --- readers and the tables built from what was saved -----------------------------------------
 
 def trained_models(cfg: Config) -> tuple[dict[str, dict], list[Path], list[str], dict]:

@@ -1,0 +1,437 @@
+"""Notebook 06 and `segstudy tune`: an Optuna search over a profile's `tune.space`.
+
+The objective is `tune.model`'s best validation mIoU under a fixed budget (`tune.epochs`,
+`tune.max_steps`, `tune.max_images`; validated after every epoch). A trial is an ordinary training
+(engine.training.train) in its own run folder, outputs/<profile>/tune/<study>/trials/<number>/; its
+validations feed the pruner (median or Hyperband), which stops a poor trial after any of them. The
+sampler is TPE, seeded from the profile's seed. The study lives in a storage (tune_storage): a file
+beside its results by default, a journal file for several processes on one machine, a database for
+several machines; running the same command again continues it, and a trial whose worker died is
+failed and its parameters tried again, from its run folder's last checkpoint.
+
+MLflow gets one parent run per study and one child run per trial (the training's own run, nested
+with mlflow.parentRunId, tagged with the trial's final state). `save` writes trials.csv, the best
+parameters as a profile fragment (best.yaml), the figures and study.json, which the report reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import optuna
+import pandas as pd
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from segstudy import tracking
+from segstudy.config import Config, load_config, parse_overrides, resolve_profile
+from segstudy.engine.training import train
+from segstudy.errors import UserError
+from segstudy.files import write_text
+from segstudy.studies import figures, results_files, tune_storage
+from segstudy.studies.report_figures import Part
+
+# Optuna's matplotlib plots and the retry accessors are marked experimental: it warns at every call
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+SIGNATURE = "segstudy"  # the study's user attribute: the space and budget it began with
+FIGURES = {"history": "optimization_history.png", "importances": "param_importances.png",
+           "intermediate": "intermediate_values.png"}
+DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+@dataclasses.dataclass
+class Tuning:
+    """One study as this process sees it."""
+
+    cfg: Config
+    profile: str
+    overrides: dict
+    name: str
+    out: Path  # outputs/<profile>/tune/<study>/
+    storage: str  # its URL as shown (no password)
+    study: optuna.Study
+    parent_run: str | None = None  # the study's MLflow run
+    seconds: float = 0.0  # spent in `optimize` by this process
+
+    def describe(self) -> str:
+        tune = self.cfg.tune
+        return (f"study '{self.name}' in {self.storage}: {len(self.study.trials)} trials so far; "
+                f"{tune.model}, {tune.epochs} epochs per trial, searching {', '.join(tune.space)}")
+
+
+def start(profile: str, overrides: dict | list[str] | None = None, study: str | None = None,
+          storage: str | None = None) -> Tuning:
+    """Open (or begin) the study; every input is checked before the storage is touched."""
+    overrides = parse_overrides(overrides)
+    cfg = load_config(profile, overrides)
+    check(cfg, profile, overrides)
+    name = study or cfg.tune.model
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"--study {name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
+    out = results_files.tune_dir(cfg, name)
+    store, shown = tune_storage.open_storage(storage, out, cfg.tune)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # segstudy prints one line per trial instead
+    tuning = Tuning(cfg, profile, overrides, name, out, shown, _open_study(cfg, name, store, shown))
+    if failed := tune_storage.fail_dead_local_trials(tuning.study, cfg.tune):
+        print(f"[segstudy] trials {', '.join(map(str, failed))} were left running by a process that is gone: "
+              f"marked failed, their parameters queued again", flush=True)
+    tuning.parent_run = _parent_run(tuning)
+    return tuning
+
+
+def budget(cfg: Config) -> dict[str, Any]:
+    """The overrides every trial trains with: the model, its schedule, a validation per epoch."""
+    tune = cfg.tune
+    return ({"model.name": tune.model, "train.epochs": tune.epochs, "train.val_every": 1}
+            | ({"train.max_steps": tune.max_steps} if tune.max_steps else {})
+            | ({"data.max_images": tune.max_images} if tune.max_images else {}))
+
+
+def check(cfg: Config, profile: str, overrides: dict) -> None:
+    """A space the profile cannot train: one line naming the key (the shape was checked at load)."""
+    where = f"tune.space in {resolve_profile(profile)}"
+    if not cfg.tune.space:
+        raise UserError(f"{where} is empty; declare the keys to search, e.g. "
+                        f"train.lr: {{type: log_float, low: 0.0001, high: 0.01}}")
+    if cfg.train.gpus > 1:
+        raise UserError("segstudy tune trains each trial in one process: set train.gpus: 1 and start one worker "
+                        "per GPU instead (CUDA_VISIBLE_DEVICES=N segstudy tune ... --storage SHARED)")
+    for key, spec in cfg.tune.space.items():
+        for value in _extremes(spec):
+            try:
+                load_config(profile, overrides | budget(cfg) | {key: value})
+            except UserError as exc:
+                raise UserError(f"{where}: {key} can take {value!r}, which the profile refuses ({exc})") from None
+
+
+def _extremes(spec: dict) -> list:
+    """The values of a distribution that the config's own rules must accept."""
+    if spec["type"] == "categorical":
+        return list(spec["choices"])
+    return [_number(spec, "low"), _number(spec, "high")]
+
+
+def _number(spec: dict, end: str) -> float | int:
+    value = spec[end]
+    return int(value) if spec["type"] == "int" else float(value)  # YAML reads 1e-4 as text: float() takes it
+
+
+def signature(cfg: Config) -> dict:
+    """What a study's trials must share to be compared: the model, the budget, the search space."""
+    tune = cfg.tune
+    return json.loads(json.dumps({"model": tune.model, "epochs": tune.epochs, "max_steps": tune.max_steps,
+                                  "max_images": tune.max_images, "space": tune.space}))
+
+
+def _open_study(cfg: Config, name: str, store, shown: str) -> optuna.Study:
+    """The stored study (its space and budget unchanged), or a new one."""
+    try:
+        study = optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        study = optuna.create_study(study_name=name, storage=store, direction="maximize", load_if_exists=True)
+    saved = study.user_attrs.get(SIGNATURE)
+    if saved is None:
+        study.set_user_attr(SIGNATURE, signature(cfg))
+    elif saved != signature(cfg):
+        raise UserError(f"study '{name}' in {shown} began with {_difference(saved, signature(cfg))}; its trials "
+                        f"would not compare: name a new study (--study NAME) or set tune back as it was")
+    study.sampler = optuna.samplers.TPESampler(seed=_seed(cfg, study), n_startup_trials=cfg.tune.startup_trials,
+                                               constant_liar=True)
+    study.pruner = _pruner(cfg)
+    return study
+
+
+def _difference(saved: dict, now: dict) -> str:
+    for key in now.keys() | saved.keys():
+        if key == "space":
+            for param in sorted(now["space"].keys() | saved.get("space", {}).keys()):
+                if saved["space"].get(param) != now["space"].get(param):
+                    return (f"tune.space.{param} = {saved['space'].get(param)}, now "
+                            f"{now['space'].get(param)}")
+        elif saved.get(key) != now.get(key):
+            return f"tune.{key} = {saved.get(key)}, now {now.get(key)}"
+    return "another search space"
+
+
+def _seed(cfg: Config, study: optuna.Study) -> int:
+    """The profile's seed, moved on by the trials already run (a continued study draws new points)
+    and by the worker's index (parallel workers: JOB_COMPLETION_INDEX in an indexed Job, else
+    SEGSTUDY_WORKER), so two workers do not propose the same first trials."""
+    worker = int(os.environ.get("JOB_COMPLETION_INDEX") or os.environ.get("SEGSTUDY_WORKER") or 0)
+    return cfg.seed + 1000 * worker + len(study.get_trials(deepcopy=False))
+
+
+def _pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    tune = cfg.tune
+    if tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=tune.warmup_epochs)
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=tune.epochs)
+    return optuna.pruners.NopPruner()
+
+
+# --- running trials --------------------------------------------------------------------------
+
+def optimize(tuning: Tuning, trials: int, timeout: float | None = None) -> None:
+    """Run `trials` trials in this process (Optuna's n_trials; queued retries first), or stop
+    starting new ones after `timeout` seconds. A trial whose training raises a UserError (the loss
+    diverged, a batch larger than the data) is failed and the study goes on."""
+    started = time.perf_counter()
+    _parent_status(tuning, "RUNNING")
+    try:
+        tuning.study.optimize(lambda trial: _objective(tuning, trial), n_trials=trials, timeout=timeout or None,
+                              callbacks=[lambda study, trial: _after_trial(tuning, trial)], catch=(UserError,),
+                              gc_after_trial=True)
+    finally:
+        tuning.seconds += time.perf_counter() - started
+        _parent_status(tuning, "FINISHED")
+
+
+def optimize_until(tuning: Tuning, total: int, timeout: float | None = None) -> int:
+    """Run trials until the study holds `total` finished ones (notebook 06: a re-run adds none);
+    returns how many this call ran."""
+    missing = max(0, total - len(tuning.study.get_trials(deepcopy=False, states=DONE)))
+    if missing:
+        optimize(tuning, missing, timeout)
+    return missing
+
+
+def trial_dir(tuning: Tuning, number: int) -> Path:
+    return tuning.out / "trials" / f"{number:04d}"
+
+
+def _objective(tuning: Tuning, trial: optuna.Trial) -> float:
+    trial.set_user_attr(tune_storage.WORKER, tune_storage.this_worker())
+    params = {key: _suggest(trial, key, spec) for key, spec in tuning.cfg.tune.space.items()}
+    # a retry of a trial whose worker died continues that trial's run folder from its last checkpoint
+    origin = tune_storage.retry_of(next(t for t in tuning.study.get_trials(deepcopy=False) if t.number == trial.number))
+    run_dir = trial_dir(tuning, trial.number if origin is None else origin)
+    cfg = load_config(tuning.profile, tuning.overrides | budget(tuning.cfg) | params)
+
+    def report(epoch: int, record: dict) -> None:
+        trial.report(record["val_miou"], epoch)
+        if epoch < cfg.train.epochs and trial.should_prune():  # after the last epoch there is nothing to save
+            raise optuna.TrialPruned(f"val mIoU {100 * record['val_miou']:.2f} after epoch {epoch}")
+
+    tags = {"segstudy.study": tuning.name, "segstudy.trial": str(trial.number)}
+    with tracking.extra_tags(tags | ({"mlflow.parentRunId": tuning.parent_run} if tuning.parent_run else {})):
+        try:
+            result = train(cfg, run_dir=run_dir, progress=False, keep_weights=False, on_validation=report)
+        except optuna.TrialPruned:
+            # a pruned trial is never continued nor used: its checkpoints are only weight on the disk
+            for name in ("checkpoint_latest.pt", "checkpoint_best.pt"):
+                (run_dir / name).unlink(missing_ok=True)
+            raise
+    return result["best_miou"]
+
+
+def _suggest(trial: optuna.Trial, key: str, spec: dict) -> Any:
+    kind = spec["type"]
+    if kind == "categorical":
+        return trial.suggest_categorical(key, spec["choices"])
+    low, high = _number(spec, "low"), _number(spec, "high")
+    if kind == "int":
+        return trial.suggest_int(key, low, high, step=int(spec.get("step", 1)))
+    step = float(spec["step"]) if spec.get("step") else None
+    return trial.suggest_float(key, low, high, log=kind == "log_float", step=step)
+
+
+def _after_trial(tuning: Tuning, trial: FrozenTrial) -> None:
+    """One line, the MLflow runs brought up to date, the trials table rewritten (a killed
+    study keeps a current one)."""
+    value = f", val mIoU {100 * trial.value:.2f}" if trial.value is not None else ""
+    last = f" at epoch {max(trial.intermediate_values)}" if trial.state == TrialState.PRUNED and \
+        trial.intermediate_values else ""
+    print(f"[segstudy] trial {trial.number}: {trial.state.name.lower()}{last}{value} "
+          f"({', '.join(f'{k}={_shown(v)}' for k, v in trial.params.items())})", flush=True)
+    _track_trial(tuning, trial)
+    results_files.write_csv(tuning.out / "trials.csv", trials_table(tuning.study), index=False)
+
+
+def _shown(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+# --- MLflow: one parent run per study, the trials' trainings nested under it -------------------
+
+def _client(tuning: Tuning):
+    mlflow = tracking.use_mlflow(tuning.cfg.tracking, tuning.cfg.output_root)
+    return mlflow, mlflow.MlflowClient(), tracking.mlflow_uri(tuning.cfg.tracking, tuning.cfg.output_root)
+
+
+def _parent_run(tuning: Tuning) -> str | None:
+    """The study's MLflow run: found by a tag naming storage and study, or begun. Workers that begin
+    one at the same time keep the earliest and delete their own."""
+    if tuning.cfg.tracking.backend != "mlflow":
+        return None
+    mlflow, client, uri = _client(tuning)
+    key = hashlib.sha256(f"{tuning.storage}#{tuning.name}".encode()).hexdigest()[:16]
+    experiment = mlflow.get_experiment_by_name(tuning.cfg.tracking.experiment).experiment_id
+
+    def earliest() -> str | None:
+        runs = client.search_runs([experiment], f"tags.`segstudy.tune_study` = '{key}'",
+                                  order_by=["attributes.start_time ASC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    with tracking.mlflow_database(uri, f"opening the MLflow run of study {tuning.name}"):
+        if found := earliest():
+            return found
+        run = client.create_run(experiment, run_name=f"{tuning.cfg.profile}-tune-{tuning.name}",
+                                tags={"segstudy.tune_study": key, "segstudy.study": tuning.name,
+                                      "segstudy.storage": tuning.storage, "profile": tuning.cfg.profile})
+        for param, value in signature(tuning.cfg).items():
+            client.log_param(run.info.run_id, param, json.dumps(value)[:500])
+        kept = earliest()
+        if kept != run.info.run_id:
+            client.delete_run(run.info.run_id)
+    return kept
+
+
+def _parent_status(tuning: Tuning, status: str) -> None:
+    if tuning.parent_run:
+        _, client, uri = _client(tuning)
+        tracking.retry_locked(lambda: client.update_run(tuning.parent_run, status=status), uri,
+                              f"marking the study's run {status}")
+
+
+def _track_trial(tuning: Tuning, trial: FrozenTrial) -> None:
+    """The trial's run gets its final state (a pruned one ends KILLED, not FAILED); the parent the
+    trial's value and the best so far."""
+    if not tuning.parent_run:
+        return
+    _, client, uri = _client(tuning)
+    experiment = client.get_run(tuning.parent_run).info.experiment_id
+    found = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{tuning.parent_run}' and "
+                                             f"tags.`segstudy.trial` = '{trial.number}'")
+
+    def update() -> None:
+        for run in found:
+            client.set_tag(run.info.run_id, "segstudy.trial_state", trial.state.name)
+            if trial.state == TrialState.PRUNED:
+                client.set_terminated(run.info.run_id, "KILLED")
+        if trial.value is not None:
+            client.log_metric(tuning.parent_run, "trial_val_miou", trial.value, step=trial.number)
+        if any(t.state == TrialState.COMPLETE for t in tuning.study.get_trials(deepcopy=False)):
+            client.log_metric(tuning.parent_run, "best_val_miou", tuning.study.best_value, step=trial.number)
+
+    tracking.retry_locked(update, uri, f"recording trial {trial.number} of study {tuning.name}")
+
+
+# --- results ----------------------------------------------------------------------------------
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: state, val mIoU (points), the parameters, validations, seconds, worker."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        worker = t.user_attrs.get(tune_storage.WORKER) or {}
+        rows.append({"trial": t.number, "state": t.state.name,
+                     "val mIoU %": None if t.value is None else 100 * t.value,
+                     **t.params, "validations": len(t.intermediate_values),
+                     "last epoch": max(t.intermediate_values, default=None),
+                     "seconds": t.duration.total_seconds() if t.duration else None,
+                     "retry of": tune_storage.retry_of(t),
+                     "worker": f"{worker.get('host', '?')}:{worker.get('pid', '?')}" if worker else ""})
+    return pd.DataFrame(rows)
+
+
+def save(tuning: Tuning) -> dict:
+    """trials.csv, best.yaml (when a trial completed), the three figures and study.json; returns the
+    summary written to study.json."""
+    study, out = tuning.study, tuning.out
+    table = trials_table(study)
+    results_files.write_csv(out / "trials.csv", table, index=False)
+    states = table["state"].value_counts().to_dict() if len(table) else {}
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    summary = {"study": tuning.name, "profile": tuning.cfg.profile, "storage": tuning.storage,
+               "signature": signature(tuning.cfg), "trials": len(table),
+               "states": {s.name: states.get(s.name, 0) for s in TrialState},
+               "seconds_this_process": tuning.seconds,
+               "seconds_trials": float(table["seconds"].fillna(0).sum()) if len(table) else 0.0,
+               "best": None if best is None else {"trial": best.number, "val_miou": best.value, "params": best.params,
+                                                  "set": set_args(best.params),
+                                                  "fragment": str(write_best(tuning, best))},
+               "mlflow_parent_run": tuning.parent_run, "figures": save_figures(tuning)}
+    results_files.write_tune(tuning.cfg, tuning.name, summary)
+    return summary
+
+
+def set_args(params: dict) -> list[str]:
+    """The best parameters as `--set` arguments."""
+    return [f"{key}={value}" for key, value in params.items()]
+
+
+def write_best(tuning: Tuning, best: FrozenTrial) -> Path:
+    """best.yaml: the profile the study ran, plus the best parameters; `segstudy run --profile
+    best.yaml` trains with them, `extends: <it>` starts another profile from it. Paths are written
+    absolute, as the file lives elsewhere than the profile it extends."""
+    cfg = tuning.cfg
+    fragment: dict = {"extends": str(resolve_profile(tuning.profile).resolve()), "profile": f"{cfg.profile}-tuned",
+                      "output_root": cfg.output_root, "data": {"root": cfg.data.root}}
+    if cfg.model.weights_dir:
+        fragment["model"] = {"weights_dir": cfg.model.weights_dir}
+    for key, value in ({k: v for k, v in tuning.overrides.items() if not k.startswith("tune.")} | best.params).items():
+        node = fragment
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    head = (f"# study '{tuning.name}' ({tuning.storage}), trial {best.number}: val mIoU {100 * best.value:.2f} "
+            f"({cfg.tune.model}, {cfg.tune.epochs} epochs per trial)\n"
+            f"# or: --set {' '.join(set_args(best.params))}\n")
+    return write_text(tuning.out / "best.yaml", head + yaml.safe_dump(fragment, sort_keys=False))
+
+
+def save_figures(tuning: Tuning) -> dict[str, str]:
+    """Optuna's matplotlib figures of the study (file names by kind; one that cannot be drawn yet,
+    e.g. importances before two trials completed, is left out)."""
+    from optuna.visualization import matplotlib as vis
+
+    in_points = {"target": lambda t: 100 * t.value, "target_name": "val mIoU %"}
+    draw = {"history": lambda: vis.plot_optimization_history(tuning.study, **in_points),
+            # importances read the study's direction (maximize) only without a target
+            "importances": lambda: vis.plot_param_importances(tuning.study),
+            "intermediate": lambda: vis.plot_intermediate_values(tuning.study)}
+    saved = {}
+    for kind, plot in draw.items():
+        try:
+            axes = plot()
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            print(f"[segstudy] no {kind} figure yet: {exc}")
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        figures.save(figure, tuning.out / FIGURES[kind])
+        plt.close(figure)
+        saved[kind] = FIGURES[kind]
+    return saved
+
+
+def report(cfg: Config) -> Part:
+    """Notebook 08's tuning section: each study of this profile (trials by state, the best trial),
+    with its figures."""
+    found = results_files.tunes(cfg)
+    if not found:
+        return Part(caption=f"No tuning study was run with this profile (notebook 06, or segstudy tune "
+                            f"--profile {cfg.profile} --trials N).")
+    rows, images = [], []
+    for file, d in found:
+        best = d.get("best") or {}
+        rows.append({"study": d["study"], "model": d["signature"]["model"],
+                     "epochs per trial": d["signature"]["epochs"], "trials": d["trials"],
+                     **{state.lower(): d["states"].get(state, 0) for state in ("COMPLETE", "PRUNED", "FAIL")},
+                     "best mIoU %": 100 * best["val_miou"] if best else None,
+                     "best parameters": ", ".join(best.get("set", [])), "trial seconds": d["seconds_trials"]})
+        images += [file.parent / name for name in d["figures"].values() if (file.parent / name).is_file()]
+    caption = ("Each study's trials (complete, pruned by the median/Hyperband pruner, failed) and its best "
+               "parameters; best.yaml beside each study.json holds them as a profile fragment.")
+    return Part(pd.DataFrame(rows).set_index("study").round(2), [f for f, _ in found], caption=caption, images=images)
