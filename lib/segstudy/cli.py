@@ -18,15 +18,15 @@ def _synth(args: argparse.Namespace) -> None:
 
     cfg = SynthConfig(train=args.train, val=args.val, height=args.height, width=args.width,
                       seed=args.seed)
-    seconds = generate(args.out, cfg, workers=args.workers)
-    print(f"wrote {cfg.train} train + {cfg.val} val images ({cfg.width}x{cfg.height}) "
+    seconds = generate(args.out, cfg, workers=args.workers, layout=args.layout)
+    print(f"wrote {cfg.train} train + {cfg.val} val images ({cfg.width}x{cfg.height}, {args.layout} layout) "
           f"to {args.out} in {seconds:.1f} s")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from segstudy.engine.cityscapes_eval import evaluate_folder, format_result
 
-    result = evaluate_folder(args.data_root, args.split, args.pred_dir, progress=not args.json)
+    result = evaluate_folder(args.data_root, args.split, args.pred_dir, progress=not args.json, dataset=args.dataset)
     if args.json:
         clean = json.loads(json.dumps(result, default=float).replace("NaN", "null"))
         print(json.dumps({k: v for k, v in clean.items() if k != "confusion"}, indent=2))
@@ -123,8 +123,30 @@ def _serve(args: argparse.Namespace) -> None:
     cfg = load_config(profile(args), args.set)
     resolve(cfg, args.model)  # a missing model or alias fails here, listing the registered ones
     cmd = serve_command(args.model, args.host, args.port, args.workers)
+    env = serve_env(mlflow_uri(cfg.tracking, cfg.output_root), args.workers) | _monitoring_env(args)
     print(" ".join(cmd), flush=True)
-    os.execve(cmd[0], cmd, serve_env(mlflow_uri(cfg.tracking, cfg.output_root)))
+    os.execve(cmd[0], cmd, env)
+
+
+def _monitoring_env(args: argparse.Namespace) -> dict[str, str]:
+    """serve's metrics and feedback sample settings, for the server's processes (deploy/monitoring.py)."""
+    from segstudy.deploy import monitoring
+
+    env = {monitoring.ENABLED: "0"} if args.no_metrics else {}
+    if args.feedback_dir:
+        env |= {monitoring.FEEDBACK_DIR: os.path.abspath(args.feedback_dir),
+                monitoring.FEEDBACK_MAX: str(args.feedback_max), monitoring.FEEDBACK_RATE: str(args.feedback_rate)}
+    return env
+
+
+def _monitor(args: argparse.Namespace) -> None:
+    from segstudy.config import load_config
+    from segstudy.studies import monitoring
+
+    result = monitoring.monitor(load_config(profile(args), args.set), args.model, args.input, args.step, args.plot)
+    print(json.dumps(result, indent=2, default=float) if args.json else monitoring.format_windows(result))
+    if args.plot and result["windows"]:
+        print(f"plot: {args.plot}")
 
 
 def _add_profile(parser: argparse.ArgumentParser, what: str, positional: bool = False) -> None:
@@ -154,8 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=_PrintVersion, nargs=0, help="print the version, commit and torch's, and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("synth", help="write the generated dataset in the Cityscapes layout")
+    s = sub.add_parser("synth", help="write a generated dataset in the Cityscapes, BDD100K or nuImages layout")
     s.add_argument("--out", required=True)
+    s.add_argument("--layout", default="cityscapes", choices=("cityscapes", "bdd100k", "nuimages"),
+                   help="the dataset's layout, and its domain: bdd100k and nuimages are other cameras and light "
+                        "(docs/study.md, 'Across datasets')")
     s.add_argument("--train", type=int, default=120)
     s.add_argument("--val", type=int, default=30)
     s.add_argument("--height", type=int, default=256)
@@ -166,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="score a folder of labelIds PNGs (official definitions)")
     e.add_argument("--data-root", required=True)
+    e.add_argument("--dataset", default="cityscapes", choices=("cityscapes", "bdd100k", "nuimages"),
+                   help="the ground truth's reader (mIoU over the classes it labels: nuimages 7)")
     e.add_argument("--split", default="val")
     e.add_argument("--pred-dir", required=True)
     e.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -240,7 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=5001)
     v.add_argument("--workers", type=int, default=1)
+    v.add_argument("--no-metrics", action="store_true", help="serve without GET /metrics and its counting")
+    v.add_argument("--feedback-dir", help="keep a sample of requests and predictions there for labelling (off by "
+                   "default; the images are what clients sent: docs/serving.md, 'Feedback sample')")
+    v.add_argument("--feedback-max", type=int, default=1000, help="at most this many samples in the folder")
+    v.add_argument("--feedback-rate", type=float, default=0.01, help="share of the images served that are kept")
     v.set_defaults(func=_serve)
+
+    m = sub.add_parser("monitor", help="drift score of a registered model over windows of images or a request log")
+    m.add_argument("--model", required=True, help="models:/NAME@ALIAS (registered with its drift reference)")
+    m.add_argument("--input", required=True, nargs="+",
+                   help="image files, folders (searched recursively) and/or request logs (.jsonl: one "
+                        "/invocations body per line), read in order")
+    _add_profile(m, "whose MLflow registry holds the model")
+    m.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    m.add_argument("--step", type=int, help="images between two windows (default: the reference's, = its window)")
+    m.add_argument("--plot", help="save the drift score per window against the threshold as this PNG")
+    m.add_argument("--json", action="store_true", help="print the windows as JSON")
+    m.set_defaults(func=_monitor)
     return p
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ LABELLED = tuple(sorted({name_to_train_id(name) for name in NUIMAGES_TO_TRAIN.va
 
 def mask_decode(mask: dict) -> np.ndarray:
     """An nuImages mask ({'size': [h, w], 'counts': base64 text}) -> uint8 [h, w] of 0/1."""
-    return coco_mask.decode({"size": mask["size"], "counts": base64.b64decode(mask["counts"])})
+    with warnings.catch_warnings():  # pycocotools 2.0's __array__ predates numpy 2's copy keyword: harmless
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return coco_mask.decode({"size": mask["size"], "counts": base64.b64decode(mask["counts"])})
 
 
 def mask_encode(binary: np.ndarray) -> dict:

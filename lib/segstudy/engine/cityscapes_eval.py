@@ -1,8 +1,10 @@
-"""Score a folder of predicted labelIds PNGs against a Cityscapes split (`segstudy evaluate`).
+"""Score a folder of predicted labelIds PNGs against a dataset's split (`segstudy evaluate`).
 
-Predictions are matched to ground truth by the `{city}_{seq}_{frame}` part of their file names,
-as cityscapesscripts does. Class IoU, category IoU and the instance-weighted iIoU follow
+Cityscapes: predictions are matched to ground truth by the `{city}_{seq}_{frame}` part of their file
+names, as cityscapesscripts does. Class IoU, category IoU and the instance-weighted iIoU follow
 `cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling` exactly (tests compare the two).
+BDD100K and nuImages (`--dataset`): matched by the image's file name (`segstudy predict` writes
+`<image name>_labelIds.png`), scored by the same definitions over the classes the dataset labels.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from segstudy.data import labels
-from segstudy.data.cityscapes import STEM, cityscapes_samples, label_ids_to_train_ids, read_label_array
-from segstudy.engine.metrics import ConfusionMatrix, nanmean
+from segstudy.data.cityscapes import STEM, read_label_array
+from segstudy.data.datasets import DATASETS
+from segstudy.engine.metrics import ConfusionMatrix, nanmean, scored_on
 from segstudy.errors import UserError
 
 # Cityscapes' average instance size per class, the weights of iIoU (from the official script).
@@ -32,7 +35,9 @@ INSTANCE_CATEGORIES = {cat: [lb.id for lb in lbs if lb.id >= 0] for cat, lbs in 
                        if all(lb.hasInstances for lb in lbs if lb.id >= 0)}
 
 
-def find_predictions(pred_dir: str | Path) -> dict[str, Path]:
+def find_predictions(pred_dir: str | Path, by_name: bool = False) -> dict[str, Path]:
+    """Prediction files by the stem they score: Cityscapes' {city}_{seq}_{frame}, or with `by_name`
+    the file name less `_labelIds.png` (or `.png`)."""
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise UserError(f"prediction folder {pred_dir} does not exist; write labelIds PNGs there "
@@ -41,8 +46,9 @@ def find_predictions(pred_dir: str | Path) -> dict[str, Path]:
     for path in sorted(pred_dir.rglob("*.png")):
         if "color" in path.name:
             continue  # colour overlays written next to the labelIds files
-        match = STEM.search(path.name)
-        if match:
+        if by_name:
+            found.setdefault(path.name.removesuffix(".png").removesuffix("_labelIds"), path)
+        elif match := STEM.search(path.name):
             found.setdefault(match.group(1), path)
     return found
 
@@ -114,20 +120,24 @@ class InstanceStats:
 
 
 def evaluate_folder(data_root: str | Path, split: str, pred_dir: str | Path,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, dataset: str = "cityscapes") -> dict:
     """Every ground-truth image of the split must have a prediction of the same size."""
-    samples = cityscapes_samples(data_root, split)
-    preds = find_predictions(pred_dir)
+    if dataset not in DATASETS:
+        raise UserError(f"--dataset {dataset} is unknown; choose one of {', '.join(DATASETS)}")
+    reader = DATASETS[dataset](data_root, split)
+    samples = reader.samples
+    cityscapes = dataset == "cityscapes"
+    preds = find_predictions(pred_dir, by_name=not cityscapes)
     missing = [s.stem for s in samples if s.stem not in preds]
     if missing:
+        form = "contain {city}_{seq}_{frame}, e.g. " if cityscapes else "be the image's name + _labelIds.png: "
         raise UserError(f"{pred_dir} has no prediction for {len(missing)} of {len(samples)} images "
-                        f"of split '{split}' (first: {missing[0]}); file names must contain "
-                        f"{{city}}_{{seq}}_{{frame}}, e.g. {missing[0]}_pred.png")
+                        f"of split '{split}' (first: {missing[0]}); file names must {form}{missing[0]}_labelIds.png")
     cm = ConfusionMatrix()
     inst = InstanceStats()
-    have_instances = True
+    have_instances = cityscapes
     for sample in tqdm(samples, desc="evaluate", unit="img", disable=not progress, mininterval=1.0):
-        gt = label_ids_to_train_ids(read_label_array(sample.label), sample.label)
+        gt = reader.load_train_ids(sample)
         path = preds[sample.stem]
         pred = read_prediction(path, pred_dir)
         if pred.ndim != 2:
@@ -145,10 +155,13 @@ def evaluate_folder(data_root: str | Path, split: str, pred_dir: str | Path,
             inst.update(read_label_array(inst_path).astype(np.int64), pred, gt)
         else:
             have_instances = False
+    if reader.classes != tuple(range(labels.NUM_CLASSES)):  # a dataset labelling some classes: scored on those
+        cm.mat = torch.from_numpy(scored_on(cm.mat.numpy(), reader.classes))
     result = cm.compute()
     if have_instances:
         result.update(inst.compute(cm))
     result["n_images"] = len(samples)
+    result["dataset"], result["classes"] = dataset, [labels.CLASS_NAMES[c] for c in reader.classes]
     result["confusion"] = cm.mat.tolist()
     return result
 

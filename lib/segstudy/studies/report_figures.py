@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from segstudy.config import Config
-from segstudy.studies import figures, results_files, verdict_table
+from segstudy.studies import cross_dataset, figures, results_files, verdict_table
 from segstudy.studies import verdicts as stats
 
 _NOTE_STYLE = "border-left:4px solid #d9822b;background:#fff4e5;padding:6px 10px;margin:8px 0"
@@ -106,6 +106,22 @@ def data(cfg: Config) -> Part:
                         "rarest classes": ", ".join(s["rarest"])} for split, s in d["splits"].items()}
         caption = f"Dataset: {results_files.shown(Path(d['data_root']))}"
         return Part(pd.DataFrame(rows).T.rename_axis("split"), [path], caption=caption)
+
+
+def cross_datasets(cfg: Config) -> Part:
+    """Each model (and its training data) on each dataset: notebook 02's cross-dataset table, as saved."""
+    d, path, note = results_files.read(cfg, "cross")
+    if d is None:
+        return Part(notes=[note])
+    with results_files.reading(cfg, "cross"):
+        table = cross_dataset.table(d["rows"])
+        held = [r["dataset"] for r in d["rows"] if r["dataset"] != d["primary"] and r["dataset"] not in d["mix"]]
+        caption = (f"mIoU % over the classes each dataset labels (in its column's name), 95% bootstrap over its val "
+                   f"images. Trained on {d['primary']}" + (f", the mixed model also on {', '.join(d['mix'])}" if
+                                                           d["mix"] else "")
+                   + (f"; held out of every training: {', '.join(dict.fromkeys(held))}." if held else "."))
+        figure = path.parent / "cross_dataset.png"
+        return Part(table, [path], caption=caption, images=[figure] if figure.is_file() else [])
 
 
 def models(cfg: Config) -> Part:

@@ -36,16 +36,19 @@ FILES = {
     "data": "00_data_exploration/summary.json",
     "baselines": "01_baselines/results.json",
     "custom": "02_custom_model/results.json",
+    "cross": "02_custom_model/cross_dataset.json",
     "losses": "03_loss_comparison/results.json",
     "pruning": "04_pruning_sweeps/results.json",
     "quantization": "05_quantization/results.json",
+    "monitoring": "07_monitoring/results.json",
     "verdicts": "08_report_figures/verdicts.json",  # written by the report itself, from the files above
 }
 # each validation image's confusion matrix of the models of a results file, by the key its row names
 # under "confusions" (numpy, not JSON: [N, C, C + 1] integers per model)
 # notebook 05's dense int8 variants, by the names its rows carry
 INT8_VARIANTS = ("int8 PTQ torch FX", "int8 ONNX Runtime", "int8 QAT torch FX")
-CONFUSIONS = {"pruning": "04_pruning_sweeps/confusions.npz", "quantization": "05_quantization/confusions.npz"}
+CONFUSIONS = {"pruning": "04_pruning_sweeps/confusions.npz", "quantization": "05_quantization/confusions.npz",
+              "cross": "02_custom_model/cross_confusions.npz"}
 
 
 def path(cfg: Config, key: str) -> Path:
@@ -160,8 +163,10 @@ def _write(cfg: Config, key: str, payload: dict) -> Path:
     return write_json(path(cfg, key), payload | {"format": FORMAT, "provenance": provenance.stamp(cfg)})
 
 
-def write_data_summary(cfg: Config, summary: dict) -> Path:
-    return _write(cfg, "data", {"profile": cfg.profile, "data_root": cfg.data.root, "splits": summary})
+def write_data_summary(cfg: Config, summary: dict, datasets: dict | None = None) -> Path:
+    """Notebook 00: data.dataset's splits, and each dataset's val split (`datasets`, by name)."""
+    return _write(cfg, "data", {"profile": cfg.profile, "data_root": cfg.data.root, "splits": summary,
+                                "datasets": datasets or {}})
 
 
 def write_csv(file: Path, table: pd.DataFrame, **to_csv) -> Path:
@@ -196,6 +201,18 @@ def write_losses(cfg: Config, runs: list[dict], summary: pd.DataFrame, class_mea
     return _write(cfg, "losses", payload)
 
 
+def write_cross(cfg: Config, rows: list[dict], table: pd.DataFrame) -> Path:
+    """Notebook 02's cross-dataset scores: one row per (model, evaluation dataset), each with its
+    per-image confusions (cross_confusions.npz), and the table (cross_dataset.csv)."""
+    folder = path(cfg, "cross").parent
+    write_csv(folder / "cross_dataset.csv", table)
+    store: dict[str, np.ndarray] = {}
+    kept = _take_confusions({f"{r['model']} on {r['dataset']}": r for r in rows}, store)
+    write_confusions(confusions_path(cfg, "cross"), store)
+    return _write(cfg, "cross", {"profile": cfg.profile, "primary": cfg.data.dataset, "mix": cfg.cross.mix,
+                                 "rows": list(kept.values())})
+
+
 def pruning_row_name(row: dict) -> str:
     """A pruning row's name: "structured group_norm 0.35 + KD", "dense control + fine-tune"."""
     level = "" if row["method"].startswith("dense") else f" {row['level']:g}"
@@ -227,6 +244,13 @@ def write_quantization(cfg: Config, study: dict, variants: pd.DataFrame, per_cla
     return _write(cfg, "quantization", {"profile": cfg.profile, "model": "custom",
                                                   "reference": "fp32 eager", "bench": cfg.bench,
                                                   "quant": cfg.quant} | study)
+
+
+def write_monitoring(cfg: Config, summary: dict, windows: list[dict], reference: dict) -> Path:
+    """Notebook 07's drift study: the summary (false-alarm rate, detection delay), every window,
+    the reference (with its calibration scores) and the profile's monitoring settings."""
+    return _write(cfg, "monitoring", {"profile": cfg.profile, "summary": summary, "windows": windows,
+                                      "reference": reference, "monitoring": cfg.monitoring})
 
 
 def write_verdicts(cfg: Config, verdicts: list, inputs: list[Path]) -> Path:
