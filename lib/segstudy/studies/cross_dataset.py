@@ -53,8 +53,9 @@ def _per_image(cfg: Config, name: str, result: dict, dataset: str) -> np.ndarray
     training kept (evaluation.from_training) when they are the same."""
     data = data_config(cfg, dataset)
     cfg_d = dataclasses.replace(cfg, data=data)
-    if dataset == cfg.data.dataset and "+" not in name:
-        kept = evaluation.from_training(Path(result["checkpoint_best"]).parent, cfg)
+    if dataset == cfg.data.dataset:
+        trained = mixed_config(cfg) if "+" in name else cfg
+        kept = evaluation.from_training(Path(result["checkpoint_best"]).parent, trained)
         if kept is not None:
             return kept["per_image"]
     return evaluation.validate(load_trained(result["checkpoint_best"]), cfg_d, per_image=True)["per_image"]

@@ -5,7 +5,8 @@ The estimate comes from a short timed warm-up on the profile's device when it is
 distinct model built once, random weights: 1 warm-up and 2 timed training steps at the crop size
 and batch, a forward at the evaluation size), else from measured FLOPs and a stated throughput:
 x3 for forward + backward, x batch, at `assume_tflops` effective TFLOPS. Evaluation-only work
-(notebook 04's and 05's validation of every variant, CPU latencies) is not counted.
+(notebook 04's and 05's validation of every variant, CPU latencies) is not counted, except notebook
+02's scoring of every model on each other dataset's val split (a row each, kind "evaluate").
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from segstudy.config import Config
-from segstudy.data.datasets import build_dataset
+from segstudy.data.datasets import build_dataset, data_config, dataset_names, synth_config
 from segstudy.data.labels import NUM_CLASSES
 from segstudy.engine import measure, run_folder
 from segstudy.engine.device import autocast_dtype, resolve_device
@@ -27,7 +28,7 @@ from segstudy.engine.timings import duration, finetune_key
 from segstudy.engine.training import planned_batches, validation_passes
 from segstudy.errors import UserError
 from segstudy.models.networks import build_model
-from segstudy.studies import loss_comparison, pruning_sweeps, quantization
+from segstudy.studies import cross_dataset, loss_comparison, pruning_sweeps, quantization
 
 # Effective TFLOPS of one 80 GB A100/H100-class GPU with bf16 AMP, until a GPU measures it: what an
 # A100 80GB reaches training ResNet-50 with AMP in NVIDIA's published benchmark (DeepLearningExamples,
@@ -40,7 +41,8 @@ FAKE_QUANT_SLOWDOWN = 2.0  # ... with fake-quant observers on every layer (assum
 WARMUP_SHARE = 0.05
 CPU_EFFICIENCY = 0.3  # convolution training's share of a CPU's matrix-multiply rate (assumed)
 # The published split sizes, used when the dataset is not on this machine.
-SPLIT_SIZES = {"cityscapes": (2975, 500), "bdd100k": (7000, 1000)}
+# nuImages v1.0: its key frames (67,279 train, 16,445 val), the 2D annotated part of NuScenes.
+SPLIT_SIZES = {"cityscapes": (2975, 500), "bdd100k": (7000, 1000), "nuimages": (67279, 16445)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,7 @@ class PlannedTraining:
     val_passes: int
     reused: bool = False  # a finished run train.reuse will return instead of training
     note: str = ""
+    val_images: int = 0  # images of one validation pass when not data.dataset's val split (kind "evaluate")
 
 
 @dataclasses.dataclass
@@ -73,21 +76,24 @@ class Estimate:
         return sum(self.seconds)
 
 
-def split_sizes(cfg: Config) -> tuple[int, int, str]:
-    """(train images, val images, where the counts come from): the dataset when it is on this
-    machine; the generated dataset's size when the profile generates it; else the published sizes."""
-    cap = cfg.data.max_images or math.inf
-    if Path(cfg.data.root).is_dir():
+def split_sizes(cfg: Config, name: str | None = None) -> tuple[int, int, str]:
+    """(train images, val images, where the counts come from) of dataset `name` (data.dataset): the
+    dataset when it is on this machine; the generated set's size when the profile generates it; else
+    the published sizes."""
+    data = data_config(cfg, name or cfg.data.dataset)
+    cap = data.max_images or math.inf
+    if Path(data.root).is_dir():
         try:
-            n = [len(build_dataset(cfg.data, s, raw=True)) for s in (cfg.data.train_split, cfg.data.val_split)]
-            return n[0], n[1], f"counted in {cfg.data.root}"
+            n = [len(build_dataset(data, s, raw=True)) for s in (data.train_split, data.val_split)]
+            return n[0], n[1], f"counted in {data.root}"
         except (UserError, OSError):
             pass  # an incomplete folder: fall through to the sizes it should have
-    if cfg.data.generate and cfg.data.dataset == "cityscapes":
-        return min(cfg.synth.train, cap), min(cfg.synth.val, cap), "synth.train / synth.val, generated on first use"
-    train, val = SPLIT_SIZES[cfg.data.dataset]
+    if data.generate:
+        synth = synth_config(cfg, data.dataset)
+        return min(synth.train, cap), min(synth.val, cap), "the generated set's size, generated on first use"
+    train, val = SPLIT_SIZES[data.dataset]
     return (min(train, cap), min(val, cap),
-            f"the published {cfg.data.dataset} split sizes: {cfg.data.root} is not on this machine")
+            f"the published {data.dataset} split sizes: {data.root} is not on this machine")
 
 
 def _reused(cfg: Config, run_dir: Path) -> bool:
@@ -126,6 +132,21 @@ def _pruning(cfg: Config, spe: int) -> list[PlannedTraining]:
             for name, kind, epochs, calls, note in pruning_sweeps.finetunes(cfg)]
 
 
+def _cross(cfg: Config, spe: int) -> list[PlannedTraining]:
+    """Notebook 02's mixed trainings (as many iterations as alone), then one pass of every model over each
+    other dataset's val split."""
+    nb, mixed = "02_custom_model", cross_dataset.mixed_config(cfg)
+    rows = [_train_row(dataclasses.replace(mixed, model=dataclasses.replace(cfg.model, name=m)), nb,
+                       f"runs/{cross_dataset.mixed_name(cfg, m)}", spe) for m in cfg.cross.models if cfg.cross.mix]
+    models = [(m, m) for m in cfg.compare.baselines + cfg.compare.custom]
+    models += [(cross_dataset.mixed_name(cfg, m), m) for m in cfg.cross.models if cfg.cross.mix]
+    for name in dataset_names(cfg)[1:]:
+        val = split_sizes(cfg, name)[1]
+        rows += [PlannedTraining(nb, f"{key} on {name} val", model, "-", cfg.seed, "evaluate", 0, 0, 1,
+                                 val_images=val) for key, model in models]
+    return rows
+
+
 def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[PlannedTraining]:
     """Every training and fine-tune notebooks 01-05 run with `cfg`, in the order they run (only
     those of `notebooks`, stems such as 01_baselines, when given)."""
@@ -134,6 +155,7 @@ def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[PlannedTr
     notebook_models = {"01_baselines": cfg.compare.baselines, "02_custom_model": cfg.compare.custom}
     rows = [_train_row(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=m)), nb, f"runs/{m}", spe)
             for nb, models in notebook_models.items() for m in models]
+    rows += _cross(cfg, spe)
     rows += [_loss_row(cfg, name, seed, spe)
              for name in cfg.loss_study.names for seed in loss_comparison.run_seeds(cfg)]
     rows += _pruning(cfg, spe)
@@ -199,7 +221,7 @@ def _seconds(row: PlannedTraining, c: Costs, val_images: int, gpus: int) -> floa
     step = c.fp32_step * FAKE_QUANT_SLOWDOWN if row.kind == "QAT" else c.step
     if row.kind == "KD fine-tune":
         step += c.teacher
-    seconds = row.iterations * step + row.val_passes * val_images * c.val_image
+    seconds = row.iterations * step + row.val_passes * (row.val_images or val_images) * c.val_image
     return seconds / gpus if row.kind == "train" else seconds  # DDP, assumed to scale perfectly
 
 
