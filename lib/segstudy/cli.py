@@ -123,7 +123,7 @@ def _serve(args: argparse.Namespace) -> None:
     cfg = load_config(profile(args), args.set)
     resolve(cfg, args.model)  # a missing model or alias fails here, listing the registered ones
     cmd = serve_command(args.model, args.host, args.port, args.workers)
-    env = serve_env(mlflow_uri(cfg.tracking, cfg.output_root), args.workers) | _monitoring_env(args)
+    env = serve_env(mlflow_uri(cfg.tracking, cfg.output_root)) | _monitoring_env(args)
     print(" ".join(cmd), flush=True)
     os.execve(cmd[0], cmd, env)
 

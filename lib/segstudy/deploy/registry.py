@@ -8,7 +8,9 @@
 The registry is the profile's MLflow database (tracking.mlflow_uri: outputs/mlflow.db by default,
 `tracking.uri` to use another), artefacts under outputs/mlartifacts. Each call logs a new version
 of the servable pyfunc model (segstudy.deploy.serving), tags it with its metrics and moves the alias to
-it: the notebook picks the best candidate, the latest call holds the alias.
+it: the notebook picks the best candidate, the latest call holds the alias. The drift reference of
+the model (deploy/drift.py: its inputs and predictions on monitoring.reference_images val images,
+and its threshold) is logged with it, for the server's drift score.
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ def register(cfg: Config, model: str | Path, name: str, metrics: dict[str, float
 
 def _register(cfg: Config, mlflow, model: Path, name: str, metrics: dict[str, float], alias: str | None,
               base_size: int, tags: dict[str, str] | None) -> dict:
+    from segstudy.deploy.drift import reference_for
     from segstudy.deploy.serving import log_servable
 
+    reference = reference_for(cfg, model, base_size)  # before the run: a failure leaves no empty run
     with mlflow.start_run(run_name=f"register-{name}", nested=mlflow.active_run() is not None,
                           tags={"profile": cfg.profile, "registered_model": name} | (tags or {})
                           | provenance.as_tags(provenance.stamp(cfg))) as run:
@@ -67,7 +71,8 @@ def _register(cfg: Config, mlflow, model: Path, name: str, metrics: dict[str, fl
         if metrics:
             mlflow.log_metrics({k.replace(" ", "_"): v for k, v in metrics.items() if v == v})
         info = log_servable(model, base_size, registered_model_name=name,
-                            input_example=cfg.tracking.input_example)
+                            input_example=cfg.tracking.input_example, reference=reference)
+        mlflow.log_metrics({"drift_threshold": min(reference.threshold, 1e9), "drift_window": reference.window})
     version = str(info.registered_model_version)
     mc = client(cfg)
     version_tags = {"source": str(model), "format": "onnx" if model.suffix == ".onnx" else "torch",
@@ -87,6 +92,7 @@ def log_trained(cfg: Config, result: dict) -> str | None:
     version of segstudy-<model> without alias (tracking.log_model, tracking.register): what
     `segstudy train` does. The notebooks register the same checkpoint with an alias instead
     (register), so the weights are stored once. Returns the logged model's URI, None when off."""
+    from segstudy.deploy.drift import reference_for
     from segstudy.deploy.serving import log_servable
 
     t = cfg.tracking
@@ -98,7 +104,8 @@ def log_trained(cfg: Config, result: dict) -> str | None:
             mlflow.start_run(run_id=result["mlflow_run_id"]):  # log_servable keeps only the weights and meta
         info = log_servable(result["checkpoint_best"], cfg.data.base_size,
                             registered_model_name=f"segstudy-{result['model']}" if t.register else None,
-                            input_example=t.input_example)
+                            input_example=t.input_example,
+                            reference=reference_for(cfg, result["checkpoint_best"], cfg.data.base_size))
     return info.model_uri
 
 

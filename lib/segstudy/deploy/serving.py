@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -44,7 +45,7 @@ from mlflow.types.schema import ColSpec, Object, Property, Schema
 from PIL import Image
 
 from segstudy.data import labels
-from segstudy.deploy import inference
+from segstudy.deploy import drift, inference, monitoring
 from segstudy.errors import UserError
 
 IMAGE_COLUMN = "image"
@@ -54,8 +55,10 @@ TRAINING_STATE = ("optimizer", "lr_scheduler", "scaler", "rng", "history")
 _log = logging.getLogger(__name__)
 
 
-def _invalid(message: str) -> MlflowException:
-    # INVALID_PARAMETER_VALUE is answered as HTTP 400 with this message (not a stack trace)
+def _invalid(message: str, kind: str = "bad_request") -> MlflowException:
+    # INVALID_PARAMETER_VALUE is answered as HTTP 400 with this message (not a stack trace); the
+    # metrics count it under `kind` (monitoring.ERROR_KINDS)
+    monitoring.note_error(kind)
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
@@ -68,6 +71,14 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.max_pixels = int(cfg.get("max_pixels", inference.MAX_PIXELS))
         self.limits = inference.SizeLimits(self.base_size, self.max_pixels)
         self.engine = inference.load_engine(context.artifacts["model"])
+        reference = context.artifacts.get("reference")  # models registered before monitoring have none
+        self.reference = drift.Reference.load(reference) if reference else None
+        self.metrics: monitoring.ServingMetrics | None = None  # set by the server only (monitor)
+        self.feedback: monitoring.Feedback | None = None
+
+    def monitor(self, metrics: monitoring.ServingMetrics, feedback: monitoring.Feedback | None = None) -> None:
+        """Update `metrics` (and offer images to the feedback sample) from every prediction."""
+        self.metrics, self.feedback = metrics, feedback
 
     def segment(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> train ids at its size; what `segstudy predict` calls for an MLflow URI."""
@@ -80,6 +91,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
             raise
         except Exception as exc:
             _log.exception("segstudy model: unexpected error while predicting")
+            monitoring.note_error("internal")
             raise MlflowException(f"internal error while segmenting ({type(exc).__name__}); the server's log has "
                                   f"the details", error_code=INTERNAL_ERROR) from None
 
@@ -87,12 +99,26 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         images = self._decode(model_input)
         rows = []
         for i, image in enumerate(images):
+            start = time.perf_counter()
             try:
                 train_ids = self.segment(image)
             except UserError as exc:  # e.g. a fixed-shape ONNX graph and an image of another aspect
                 raise _invalid(f"image {i}: {exc}") from None
+            segmented = time.perf_counter()
             rows.append(answer(train_ids))
+            if self.metrics is not None:
+                self.metrics.segmented(image, rows[-1]["class_pixels"], segmented - start,
+                                       time.perf_counter() - segmented)
+                self._offer(image, rows[-1])
         return pd.DataFrame(rows, columns=["label_ids_png", "height", "width", "class_pixels"])
+
+    def _offer(self, image: np.ndarray, row: dict[str, Any]) -> None:
+        if self.feedback is None:
+            return
+        try:
+            self.feedback.offer(image, row)
+        except Exception:  # the sample is a by-product: the request is answered regardless
+            _log.warning("segstudy feedback sample: could not keep an image", exc_info=True)
 
     def _decode(self, model_input: pd.DataFrame) -> list[np.ndarray]:
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
@@ -105,15 +131,19 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
                            f"in the column '{IMAGE_COLUMN}'")
         if len(values) > MAX_IMAGES_PER_REQUEST:
             raise _invalid(f"the request holds {len(values)} images; send at most {MAX_IMAGES_PER_REQUEST} "
-                           f"per request")
-        images = []
+                           f"per request", "too_large")
+        images, seconds = [], []
         for i, value in enumerate(values):
+            start = time.perf_counter()
             try:
                 images.append(inference.decode_base64_image(value, f"image {i}", self.limits))
             except inference.ImageTooLarge as exc:
-                raise _invalid(f"{exc.reason}; send images of at most {exc.limit}") from None
+                raise _invalid(f"{exc.reason}; send images of at most {exc.limit}", "too_large") from None
             except UserError as exc:
-                raise _invalid(str(exc)) from None
+                raise _invalid(str(exc), "not_an_image") from None
+            seconds.append(time.perf_counter() - start)
+        if self.metrics is not None:
+            self.metrics.decoded(seconds)
         return images
 
 
@@ -145,7 +175,8 @@ def _signature() -> tuple[pd.DataFrame, ModelSignature]:
 def _requirements(kind: str) -> list[str]:
     # pinned from this environment; stated so that MLflow does not load the model to infer them.
     # segstudy itself is not a requirement: its code travels with the model (code_paths)
-    names = ["torch", "torchvision", "mlflow", "pillow", "imagecodecs", "pandas", "numpy", "cityscapesscripts"]
+    names = ["torch", "torchvision", "mlflow", "pillow", "imagecodecs", "pandas", "numpy", "cityscapesscripts",
+             "prometheus_client"]
     names += ["onnxruntime"] if kind == "onnx" else []
     return [f"{n}=={installable_version(metadata.version(n))}" for n in names]
 
@@ -194,12 +225,13 @@ def servable_copy(model_path: str | Path, out_dir: str | Path) -> Path:
 
 def log_servable(model_path: str | Path, base_size: int, registered_model_name: str | None = None,
                  max_pixels: int = inference.MAX_PIXELS, name: str = "model",
-                 input_example: bool = True) -> mlflow.models.model.ModelInfo:
+                 input_example: bool = True, reference: drift.Reference | None = None) -> mlflow.models.model.ModelInfo:
     """Log (into the active MLflow run) the pyfunc model serving `model_path`; optionally register it.
 
     `model_path`: a segstudy checkpoint (.pt, fp32 or pruned) or an .onnx file (fp32 or int8).
     `base_size`: the evaluation shorter side the model was trained for (cfg.data.base_size).
     `input_example`: log a request example, which MLflow serves once (tracking.input_example).
+    `reference`: the drift reference the server scores its windows against (reference.json).
     """
     model_path = Path(model_path)
     inference.load_engine(model_path)  # fail here, with the file named, rather than in the server
@@ -208,10 +240,12 @@ def log_servable(model_path: str | Path, base_size: int, registered_model_name: 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         if not input_example:  # asked for: MLflow's advice to log one is noise here
             warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-        artifact = servable_copy(model_path, tmp)
+        artifacts = {"model": str(servable_copy(model_path, tmp))}
+        if reference is not None:
+            artifacts["reference"] = str(reference.save(Path(tmp) / "reference.json"))
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(Path(__file__).with_name("serving_model.py")),  # models from code
-            artifacts={"model": str(artifact)},
+            artifacts=artifacts,
             model_config={"base_size": int(base_size), "max_pixels": int(max_pixels), "format": kind},
             signature=signature, input_example=example if input_example else None, pip_requirements=_requirements(kind),
             code_paths=[str(PACKAGE_DIR)], registered_model_name=registered_model_name)
@@ -228,10 +262,10 @@ def load_segmenter(model_uri: str) -> SegmentationModel:
 
 def serve_command(model_uri: str, host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
                   timeout: int = 60) -> list[str]:
-    """The documented `mlflow models serve ... --env-manager local` command, from this environment."""
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    return [str(mlflow_bin), "models", "serve", "-m", model_uri, "--env-manager", "local",
-            "-h", host, "-p", str(port), "-w", str(workers), "-t", str(timeout)]
+    """The server `segstudy serve` runs: what `mlflow models serve ... --env-manager local` does,
+    with GET /metrics on the same port (deploy/server.py), from this environment."""
+    return [sys.executable, "-m", "segstudy.deploy.server", "-m", model_uri, "-h", host, "-p", str(port),
+            "-w", str(workers), "-t", str(timeout)]
 
 
 def serve_env(tracking_uri: str) -> dict[str, str]:

@@ -1,0 +1,241 @@
+"""Monitoring the served model: the real server (`segstudy serve`, two workers) on loopback answers
+GET /metrics with counts, histograms and class shares that add up; a failing metric never fails a
+request; the drift score stays under its threshold in-domain and crosses it on a shifted domain;
+`segstudy monitor` scores a folder and a request log; the feedback sample keeps its cap."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from segstudy.cli import main
+from segstudy.data import labels
+from segstudy.data.synthetic_scene import render
+from segstudy.deploy import drift, inference, monitoring, server
+from segstudy.deploy.serving import example_image
+from tests.test_serving import START_TIMEOUT_S, _free_port, _images, _request, registered  # noqa: F401
+
+WORKERS = 2
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _scrape(url: str) -> dict[str, list]:
+    """Every sample of GET /metrics, parsed by prometheus_client's parser: name -> [(labels, value)]."""
+    status, text = _request(url + "/metrics")
+    assert status == 200, text
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return samples
+
+
+def _one(samples: dict[str, list], name: str, **labels) -> float:
+    found = [v for lab, v in samples[name] if labels.items() <= lab.items()]
+    assert len(found) == 1, (name, labels, samples.get(name))
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def served(registered, tmp_path_factory):  # noqa: F811
+    """`segstudy serve` with two workers on a free loopback port, their metrics in one folder."""
+    cfg, port = registered["cfg"], _free_port()
+    tmp = tmp_path_factory.mktemp("monitored")
+    log, multiproc = tmp / "server.log", tmp / "prometheus"
+    multiproc.mkdir()
+    cmd = [sys.executable, "-m", "segstudy", "serve", "--model", "models:/segstudy-custom@champion", "--profile",
+           "smoke", "--set", "tracking.backend=mlflow", f"output_root={cfg.output_root}",
+           f"data.root={cfg.data.root}", "data.generate=false", "--port", str(port), "--workers", str(WORKERS)]
+    env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(multiproc)}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no /ping answer in {START_TIMEOUT_S} s: {log.read_text()[-3000:]}"
+            try:
+                if _request(url + "/ping")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield {"url": url, "multiproc": multiproc, "log": log}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the group started here: segstudy -> mlflow -> uvicorn workers
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_metrics_count_good_and_bad_requests_across_workers(served, registered, tiny_root):  # noqa: F811
+    url = served["url"]
+    vals = sorted((tiny_root / "leftImg8bit" / "val").rglob("*.png"))
+    good = [_images(vals[i % len(vals)].read_bytes()) for i in range(5)]
+    good.append(_images(*(p.read_bytes() for p in vals[:3])))
+    big = io.BytesIO()
+    Image.new("RGB", (4100, 2100)).save(big, format="PNG")  # over the pixel limit
+    bad = {"not_an_image": [_images(b"hello"), _images("%%% not base64 %%%")], "too_large": [_images(big.getvalue())],
+           "bad_request": [b'{"dataframe_split": ', _images()]}  # not JSON (refused by MLflow), no image
+    for body in good:
+        assert _request(url + "/invocations", body)[0] == 200
+    for kind, bodies in bad.items():
+        for body in bodies:
+            assert _request(url + "/invocations", body)[0] == 400, kind
+    n_good, n_bad, n_images = len(good), sum(map(len, bad.values())), 5 + 3
+    m = _scrape(url)
+    assert _one(m, "segstudy_requests_total") == n_good + n_bad
+    for kind in monitoring.ERROR_KINDS:
+        assert _one(m, "segstudy_request_errors_total", kind=kind) == len(bad.get(kind, [])), kind
+    assert _one(m, "segstudy_images_total") == n_images
+    # histograms: the counts add up, the buckets grow to +Inf = count
+    for name, labels_, count in [("segstudy_request_seconds", {}, n_good + n_bad),
+                                 ("segstudy_image_megapixels", {}, n_images)] + [
+                                    ("segstudy_stage_seconds", {"stage": s}, n_images) for s in monitoring.STAGES]:
+        assert _one(m, f"{name}_count", **labels_) == count, name
+        buckets = sorted((float(lab["le"]), v) for lab, v in m[f"{name}_bucket"] if labels_.items() <= lab.items())
+        values = [v for _, v in buckets]
+        assert values == sorted(values) and buckets[-1] == (float("inf"), count), name
+    shares = {lab["class"]: v for lab, v in m["segstudy_predicted_class_share"]}
+    assert set(shares) == set(labels.CLASS_NAMES) and sum(shares.values()) == pytest.approx(1.0)
+    pixels = sum(v for _, v in m["segstudy_predicted_pixels_total"])
+    assert pixels == n_images * 64 * 128
+    # the drift reference came with the model: the threshold is its, each worker scores its windows
+    mlflow.set_tracking_uri(registered["db"])
+    reference = mlflow.pyfunc.load_model("models:/segstudy-custom@champion").unwrap_python_model().reference
+    assert _one(m, "segstudy_drift_threshold") == pytest.approx(min(reference.threshold, 1e9))
+    assert _one(m, "segstudy_drift_windows_total") >= 1 and 0 <= _one(m, "segstudy_drift_score") <= 1
+    assert {lab["feature"] for lab, _ in m["segstudy_drift_distance"]} == set(drift.FEATURES)
+    # two workers, one set of counts: both wrote to the multiprocess folder
+    pids = {p.stem.rsplit("_", 1)[-1] for p in served["multiproc"].glob("*.db")}
+    assert len(pids) == WORKERS, sorted(served["multiproc"].iterdir())
+
+
+def test_several_workers_get_a_fresh_metrics_folder(registered, monkeypatch):  # noqa: F811
+    """The server's command is MLflow's own (scoring_server.get_cmd) with segstudy's app."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["db"])
+    cmd, env = server.command("models:/segstudy-custom@champion", "127.0.0.1", 5001, 1, 60)
+    assert cmd[-1] == server.APP and "--port" in cmd and "PROMETHEUS_MULTIPROC_DIR" not in env
+    cmd, env = server.command("models:/segstudy-custom@champion", "127.0.0.1", 5001, 3, 60)
+    assert cmd[cmd.index("--workers") + 1] == "3"
+    folder = Path(env["PROMETHEUS_MULTIPROC_DIR"])
+    assert folder.is_dir() and not any(folder.iterdir())
+    folder.rmdir()
+
+
+def test_a_failing_metric_is_logged_and_the_request_answered(registered, caplog, monkeypatch):  # noqa: F811
+    """The server's app in-process (deploy/server.py: MLflow's app with the metrics attached)."""
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    mlflow.set_tracking_uri(registered["db"])
+    local = mlflow.artifacts.download_artifacts("models:/segstudy-custom@champion")
+    monkeypatch.setenv(scoring_server._SERVER_MODEL_PATH, local)
+    app = server.build_app()
+    client = TestClient(app)
+    metrics = next(m for m in app.user_middleware if m.cls is monitoring._CountRequests).kwargs["metrics"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the metrics store broke")
+
+    metrics.images.inc = broken
+    answer = client.post("/invocations", content=_images(example_image()), headers={"Content-Type": "application/json"})
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+    assert "segstudy metrics: segmented failed" in caplog.text and "the metrics store broke" in caplog.text
+    scraped = client.get("/metrics")
+    assert scraped.status_code == 200 and "segstudy_requests_total 1.0" in scraped.text
+
+
+def _scenes(seed: int, n: int, shift: bool = False) -> list[np.ndarray]:
+    images = [render(64, 128, seed, "val", i)[0] for i in range(n)]
+    if shift:  # night: dark, blue, noisy (the kind of change the BDD100K-layout domain brings)
+        rng = np.random.default_rng(seed)
+        images = [np.clip(im * np.array([0.6, 0.65, 0.9]) * 0.3 + rng.normal(0, 6, im.shape), 0, 255).astype(np.uint8)
+                  for im in images]
+    return images
+
+
+def test_drift_stays_under_the_threshold_in_domain_and_crosses_it_when_shifted(smoke_model):
+    engine = inference.load_engine(smoke_model["checkpoint_best"])
+
+    def segment(image: np.ndarray) -> np.ndarray:
+        return inference.segment(engine, image, 64)
+
+    reference = drift.build_reference(drift.rows_of(_scenes(11, 40), segment), window=4, step=4, false_alarm=0.01,
+                                      rounds=300)
+    assert len(reference.calibration) == 300 and 0 < reference.threshold < 1
+    in_domain = drift.score_windows(reference, drift.rows_of(_scenes(12, 16), segment))
+    shifted = drift.score_windows(reference, drift.rows_of(_scenes(12, 16, shift=True), segment))
+    assert len(in_domain) == len(shifted) == 4
+    assert not any(w["alarm"] for w in in_domain), [w["score"] for w in in_domain]
+    assert all(w["alarm"] for w in shifted), [w["score"] for w in shifted]
+    # the server's window scores the same windows
+    window = drift.DriftWindow(reference)
+    scored = [window.add(row) for row in drift.rows_of(_scenes(12, 8), segment)]
+    assert [s is not None for s in scored] == [False, False, False, True] * 2
+    assert scored[3][0] == pytest.approx(in_domain[0]["score"])
+    loaded = drift.Reference.load(reference.save(Path(engine.path).parent / "reference.json"))
+    assert loaded.threshold == reference.threshold and np.allclose(loaded.rows, reference.rows)
+
+
+def test_js_distance_bounds():
+    p, q = np.array([1.0, 0, 0]), np.array([0, 0.5, 0.5])
+    assert drift.js_distance(p, p) == 0 and drift.js_distance(p, q) == pytest.approx(1.0)
+
+
+def test_monitor_scores_a_folder_and_a_request_log(registered, tiny_root, tmp_path, capsys):  # noqa: F811
+    cfg = registered["cfg"]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(_scenes(12, 4) + _scenes(12, 4, shift=True)):
+        (folder / f"{i:02d}_leftImg8bit.png").write_bytes(_png(image))
+    (folder / "00_labelIds.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))  # a label file: not an input
+    log = tmp_path / "requests.jsonl"
+    log.write_text(_images(*(p.read_bytes() for p in sorted(folder.glob("*_leftImg8bit.png"))[:4])).decode() + "\n"
+                   + '{"not": "a request"}\n')
+    sets = ["--profile", "smoke", "--set", "tracking.backend=mlflow", f"output_root={cfg.output_root}",
+            f"data.root={cfg.data.root}", "data.generate=false"]
+    plot = tmp_path / "drift.png"
+    assert main(["monitor", "--model", "models:/segstudy-custom@champion", "--input", str(folder), "--plot", str(plot),
+                 *sets]) == 0
+    out = capsys.readouterr().out
+    assert "Jensen-Shannon distance" in out and "8 images, 4 windows" in out and plot.is_file()
+    assert main(["monitor", "--model", "models:/segstudy-custom@champion", "--input", str(log), "--json", *sets]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 4 and len(result["windows"]) == 2 and result["unreadable"] == ["requests.jsonl:2"]
+
+
+def test_feedback_sample_keeps_its_cap_across_workers(tmp_path):
+    image = _scenes(1, 1)[0]
+    ids = inference.segment(inference.Engine("torch", "x", lambda x: x[:, :1].repeat(1, 19, 1, 1)), image, 64)
+    from segstudy.deploy.serving import answer
+
+    row = answer(ids)
+    first, second = (monitoring.Feedback(tmp_path, cap=3, rate=1.0, seed=0) for _ in range(2))
+    kept = [first.offer(image, row) for _ in range(2)] + [second.offer(image, row) for _ in range(3)]
+    assert sum(k is not None for k in kept) == 3
+    assert len(list(tmp_path.glob("*_image.png"))) == len(list(tmp_path.glob("*_labelIds.png"))) == 3
+    meta = json.loads((tmp_path / "000000.json").read_text())
+    assert meta["height"] == 64 and sum(meta["class_pixels"].values()) == 64 * 128
+    off = monitoring.Feedback(tmp_path / "off", cap=3, rate=0.0)
+    assert off.offer(image, row) is None and not list((tmp_path / "off").iterdir())
