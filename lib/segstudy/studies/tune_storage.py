@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import socket
+import warnings
 from pathlib import Path
 
 import optuna
@@ -91,7 +92,9 @@ def retry_callback(tune: TuneConfig) -> RetryHeartbeatStaleTrialCallback:
 
 def retry_of(trial: FrozenTrial) -> int | None:
     """The number of the trial whose dead worker this one retries (None: a trial of its own)."""
-    return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    with warnings.catch_warnings():  # the accessor is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
 
 
 def this_worker() -> dict:

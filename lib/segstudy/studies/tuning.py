@@ -40,9 +40,6 @@ from segstudy.files import write_text
 from segstudy.studies import figures, results_files, tune_storage
 from segstudy.studies.report_figures import Part
 
-# Optuna's matplotlib plots and the retry accessors are marked experimental: it warns at every call
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
 SIGNATURE = "segstudy"  # the study's user attribute: the space and budget it began with
 FIGURES = {"history": "optimization_history.png", "importances": "param_importances.png",
            "intermediate": "intermediate_values.png"}
@@ -405,7 +402,9 @@ def save_figures(tuning: Tuning) -> dict[str, str]:
     saved = {}
     for kind, plot in draw.items():
         try:
-            axes = plot()
+            with warnings.catch_warnings():  # Optuna's matplotlib plots are marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = plot()
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
             print(f"[segstudy] no {kind} figure yet: {exc}")
             continue
