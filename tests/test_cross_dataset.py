@@ -237,3 +237,21 @@ def test_a_mixed_training_takes_as_many_steps_as_alone(tmp_path, tiny_root):
     mixed = train_mixed(cfg)["custom+bdd100k"]
     assert mixed["steps"] == alone["steps"] == 8 // cfg.data.batch_size  # the tiny set: 8 training images
     assert mixed["settings"]["data.mix_with"] == ["bdd100k"] and "data.mix_with" not in alone["settings"]
+
+
+def test_a_bad_mask_in_a_mixed_dataset_stops_the_training_before_it_starts(tmp_path, tiny_root):
+    from segstudy.config import SynthConfig, load_config
+    from segstudy.data.synthetic_dataset import generate
+    from segstudy.studies.cross_dataset import train_mixed
+
+    bdd = tmp_path / "bdd"
+    generate(bdd, SynthConfig(train=3, val=2, height=72, width=128, seed=1), workers=1, progress=False,
+             layout="bdd100k")
+    bad = sorted((bdd / "labels/sem_seg/masks/train").glob("*.png"))[-1]
+    Image.fromarray(np.full((72, 128), 40, np.uint8)).save(bad)
+    cfg = load_config("smoke", {"data.root": str(tiny_root), "data.generate": False, "output_root": str(tmp_path / "o"),
+                                "tracking.backend": "none", "cross.bdd100k.root": str(bdd),
+                                "cross.bdd100k.generate": False, "cross.nuimages.root": "", "cross.mix": ["bdd100k"]})
+    with pytest.raises(UserError, match=f"{bad.name} is not a BDD100K sem_seg mask"):
+        train_mixed(cfg)
+    assert not list((tmp_path / "o").rglob("checkpoint_*.pt"))

@@ -4,6 +4,7 @@ deterministic DataLoaders."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from segstudy.config import Config, DataConfig, SynthConfig, load_config
 from segstudy.data.bdd100k import BDD100KSegmentation
@@ -19,6 +21,7 @@ from segstudy.data.nuimages import NuImagesSegmentation
 from segstudy.data.synthetic_dataset import ensure_dataset
 from segstudy.data.transforms import eval_preset, train_preset
 from segstudy.errors import UserError
+from segstudy.files import write_text
 
 DATASETS = {"cityscapes": CityscapesSegmentation, "bdd100k": BDD100KSegmentation, "nuimages": NuImagesSegmentation}
 
@@ -167,6 +170,22 @@ def check_files(dataset: SegmentationFolder, split: str) -> None:
             raise UserError(f"size mismatch in the {split} split: image {sample.image} is "
                             f"{sizes['image'][0]}x{sizes['image'][1]} but its label {sample.label} is "
                             f"{sizes['label'][0]}x{sizes['label'][1]}")
+
+
+def check_labels(dataset: SegmentationFolder, split: str, cache_dir: str | Path) -> None:
+    """Decode every label of the split once, so that ids outside the dataset's set (or a broken
+    annotation) stop a training before it starts rather than an epoch in; a split found clean is
+    remembered by its files' names and modification times (`cache_dir`/labels_<hash>.ok)."""
+    digest = hashlib.sha1(type(dataset).__name__.encode())
+    for sample in dataset.samples:
+        digest.update(f"{sample.image}|{sample.stem}|{sample.label.stat().st_mtime_ns}\n".encode())
+    stamp = Path(cache_dir) / f"labels_{digest.hexdigest()[:16]}.ok"
+    if stamp.is_file():
+        return
+    for sample in tqdm(dataset.samples, desc=f"check {split} labels", unit="img", mininterval=2.0,
+                       disable=len(dataset.samples) < 500):
+        dataset.load_train_ids(sample)  # raises the reader's one-line error naming the file
+    write_text(stamp, f"{len(dataset.samples)} labels of {split} checked\n")
 
 
 class _OneLineErrors(DataLoader):

@@ -29,6 +29,7 @@ from segstudy.data.datasets import (
     build_dataset,
     build_loader,
     check_files,
+    check_labels,
     epoch_size,
     parts,
     prepare_data,
@@ -120,9 +121,9 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
         dist.barrier()
     train_ds = training_set(cfg)
     val_ds = build_dataset(cfg.data, cfg.data.val_split)
-    for part in parts(train_ds):
-        check_files(part, cfg.data.train_split)
-    check_files(val_ds, cfg.data.val_split)
+    for part, split in [(p, cfg.data.train_split) for p in parts(train_ds)] + [(val_ds, cfg.data.val_split)]:
+        check_files(part, split)
+        check_labels(part, split, Path(cfg.output_root) / "cache")
     seed_everything(cfg.seed)
     criterion = build_criterion(cfg, parts(train_ds)[0])  # wce's class weights: data.dataset's frequencies
     model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(mcfg)).to(device)
