@@ -77,6 +77,6 @@ def side_by_side(datasets: dict[str, SegmentationFolder], summaries: dict[str, d
         "images (val)": s["images"], "image size": ", ".join(s["image_sizes"]),
         "classes labelled": len(datasets[name].classes), "classes present": s["classes_present"],
         "ignored pixels": f"{s['ignored_fraction']:.1%}",
-        "rarest labelled": ", ".join(c for c in sorted(s["frequency"], key=s["frequency"].get)
-                                     if CLASS_NAMES.index(c) in datasets[name].classes)[:60]}
+        "rarest labelled": ", ".join([c for c in sorted(s["frequency"], key=s["frequency"].get)
+                                      if CLASS_NAMES.index(c) in datasets[name].classes][:5])}
         for name, s in summaries.items()})
