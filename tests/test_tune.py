@@ -301,3 +301,14 @@ def test_wandb_offline_logs_what_mlflow_logs(tiny_root, tmp_path, monkeypatch):
         results["mlflow"]["history"][-1]["val_miou"])
     assert [r.run.run_id for r in records if r.WhichOneof("record_type") == "run"][0] == \
         results["wandb"]["mlflow_run_id"]  # the result names the W&B run (the key is the tracker's run id)
+
+
+def test_notebook_06_on_smoke_and_its_report_section(tiny_root, tmp_path):
+    from segstudy.notebook_runner import run_notebooks
+
+    run_notebooks("smoke", _sets(tiny_root, tmp_path, **{"tune.trials": 2}), only=["06"], progress=False)
+    summary = json.loads((tmp_path / "smoke" / "tune" / "unet" / "study.json").read_text())
+    assert summary["trials"] == 2 and summary["best"] is not None
+    assert set(summary["figures"]) >= {"history", "intermediate"}
+    html = tuning.report(load_config("smoke", _sets(tiny_root, tmp_path)))._repr_html_()
+    assert "optimization_history.png" in html and "best mIoU %" in html
