@@ -4,7 +4,7 @@
 #   docker build -t segstudy:0.1.0 .                              # GPU training image (default target)
 #   docker run --gpus all -v /data/cityscapes:/data/cityscapes -v $PWD/outputs:/opt/segstudy/outputs \
 #       segstudy:0.1.0                                            # = ./run_all.sh full
-#   docker build --target serve -t segstudy-serve:0.1.0 .         # CPU REST server (mlflow models serve)
+#   docker build --target serve -t segstudy-serve:0.1.0 .         # CPU REST server (MLflow's, + /metrics)
 #   docker run -p 8080:8080 -e MLFLOW_TRACKING_URI=http://mlflow:5000 \
 #       -e MODEL_URI=models:/segstudy-custom@champion segstudy-serve:0.1.0
 #
@@ -35,8 +35,10 @@ ENV MODEL_URI=models:/segstudy-custom@champion PORT=8080 WORKERS=1 OMP_NUM_THREA
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"PORT\"]}/ping')"]
-# MLFLOW_TRACKING_URI (the registry holding MODEL_URI) is given at run time
-CMD ["sh", "-c", "exec mlflow models serve -m \"$MODEL_URI\" --env-manager local -h 0.0.0.0 -p \"$PORT\" -w \"$WORKERS\""]
+# MLFLOW_TRACKING_URI (the registry holding MODEL_URI) is given at run time. deploy/server.py does
+# what `mlflow models serve --env-manager local` does, with GET /metrics on the same port (and
+# prometheus_client's multiprocess folder when WORKERS > 1)
+CMD ["sh", "-c", "exec python -m segstudy.deploy.server -m \"$MODEL_URI\" -h 0.0.0.0 -p \"$PORT\" -w \"$WORKERS\""]
 
 # ---- train (default): the whole study on a GPU box -----------------------------------------------
 FROM ${CUDA_BASE} AS train

@@ -108,7 +108,8 @@ def test_dockerfile_pins_and_commands():
     pins = re.findall(r'"(torch|torchvision)==([\d.]+)"', (ROOT / "pyproject.toml").read_text())
     assert dict(pins) == {"torch": "2.14.1", "torchvision": "0.29.1"}
     assert "ARG SEGSTUDY_TORCH=cpu" in serve and "requirements.lock" in serve  # CPU wheels of the locked pins
-    assert re.search(r'mlflow models serve -m \\"\$MODEL_URI\\" --env-manager local -h 0\.0\.0\.0 -p \\"\$PORT', serve)
+    # MLflow's scoring server with /metrics on the same port (deploy/server.py)
+    assert re.search(r'python -m segstudy\.deploy\.server -m \\"\$MODEL_URI\\" -h 0\.0\.0\.0 -p \\"\$PORT', serve)
     for stage in (train, serve):  # dependencies before the code, so a code change reuses that layer
         assert stage.index("requirements.lock") < stage.index("COPY lib/" if "COPY lib/" in stage else "COPY . .")
         assert re.search(r"^USER 10001$", stage, flags=re.M) and "SEGSTUDY_EXTRAS= " in stage  # no root, no dev
@@ -117,7 +118,11 @@ def test_dockerfile_pins_and_commands():
     assert {".git", ".venv", "outputs", "**/*.egg-info"} <= set(ignored)
 
 
-MANIFESTS = sorted((ROOT / "k8s").glob("*.yaml"))
+# kinds of CustomResourceDefinitions (the Prometheus Operator's PrometheusRule): no Kubernetes schema
+# knows them and kubernetes-validate only warns, so they are checked by test_prometheus_rule instead
+CRD_GROUPS = ("monitoring.coreos.com/",)
+MANIFESTS = [p for p in sorted((ROOT / "k8s").glob("*.yaml"))
+             if not yaml.safe_load(p.read_text())["apiVersion"].startswith(CRD_GROUPS)]
 OLDEST_K8S = "1.30"  # the oldest Kubernetes the manifests are checked against
 
 
@@ -143,6 +148,63 @@ def test_strict_validation_rejects_an_unknown_field(tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     result = _kubernetes_validate(OLDEST_K8S, tmp_path / "job.yaml")
     assert result.returncode != 0 and "securityContex" in result.stdout + result.stderr
+
+
+# the rule schema of the Prometheus Operator's PrometheusRule CRD (monitoring.coreos.com/v1, v0.7x),
+# written out here: no CRD schema ships offline
+_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+_RULE = {"type": "object", "required": ["expr"], "additionalProperties": False,
+         "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+         "properties": {"alert": {"type": "string"}, "record": {"type": "string"},
+                        "expr": {"type": "string", "minLength": 1}, "for": {"type": "string", "pattern": _DURATION},
+                        "keep_firing_for": {"type": "string", "pattern": _DURATION},
+                        "labels": _STRINGS, "annotations": _STRINGS}}
+PROMETHEUS_RULE = {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+    "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+    "metadata": {"type": "object", "required": ["name"]},
+    "spec": {"type": "object", "additionalProperties": False, "required": ["groups"], "properties": {"groups": {
+        "type": "array", "minItems": 1, "items": {"type": "object", "required": ["name", "rules"],
+                                                  "additionalProperties": False, "properties": {
+            "name": {"type": "string", "minLength": 1}, "interval": {"type": "string", "pattern": _DURATION},
+            "rules": {"type": "array", "minItems": 1, "items": _RULE}}}}}}}}
+
+
+def _served_series() -> set[str]:
+    """Every series name the server exports (a ServingMetrics with a drift reference, scraped)."""
+    import numpy as np
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from segstudy.deploy import drift, monitoring
+
+    reference = drift.Reference(np.full((4, drift.WIDTH), 0.1), window=2, step=2, false_alarm=0.05)
+    text = monitoring.exposition(monitoring.ServingMetrics(reference)).decode()
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_prometheus_rule_alerts_on_errors_latency_and_drift_from_served_series():
+    import jsonschema
+
+    rule = _load("k8s/serve-alerts.yaml")
+    jsonschema.validate(rule, PROMETHEUS_RULE)
+    rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    exprs = {r["alert"]: r["expr"] for r in rules}
+    assert len(exprs) == len(rules)  # unique names
+    served = _served_series()
+    for name, expr in exprs.items():
+        assert expr.count("(") == expr.count(")") and expr.count("[") == expr.count("]"), name
+        used = set(re.findall(r"\bsegstudy_\w+", expr))
+        assert used and used <= served, (name, used - served)
+        assert all(r.get("labels", {}).get("severity") in ("warning", "critical") for r in rules), name
+    text = " ".join(exprs.values())
+    for needed in ("segstudy_request_errors_total", "segstudy_request_seconds_bucket", "segstudy_drift_alarms_total"):
+        assert needed in text, needed  # error rate, p95 latency, drift
+    assert "histogram_quantile(0.95" in text
+    # every pod is scraped where it serves
+    dep = _load("k8s/serve-deployment.yaml")
+    notes = dep["spec"]["template"]["metadata"]["annotations"]
+    port = _container(dep)["ports"][0]["containerPort"]
+    assert notes == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
 
 
 def _image_uid_gid() -> tuple[int, int]:
