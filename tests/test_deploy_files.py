@@ -136,7 +136,8 @@ def test_manifests_validate_strictly(version):
     from kubernetes_validate.utils import latest_version  # the newest Kubernetes the package knows
 
     version = latest_version() if version == "newest" else version
-    assert len(MANIFESTS) == 3
+    names = {m.name for m in MANIFESTS}
+    assert {"serve-deployment.yaml", "serve-service.yaml", "train-job.yaml", "tune-job.yaml"} <= names
     result = _kubernetes_validate(version, *MANIFESTS)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count(" passed for resource ") == len(MANIFESTS), result.stdout
@@ -218,7 +219,7 @@ def _image_uid_gid() -> tuple[int, int]:
     return uid, gid
 
 
-@pytest.mark.parametrize("name", ["k8s/serve-deployment.yaml", "k8s/train-job.yaml"])
+@pytest.mark.parametrize("name", ["k8s/serve-deployment.yaml", "k8s/train-job.yaml", "k8s/tune-job.yaml"])
 def test_pods_run_unprivileged_as_the_image_user(name):
     uid, gid = _image_uid_gid()
     pod = _load(name)["spec"]["template"]["spec"]
@@ -243,6 +244,21 @@ def test_training_job_outputs_volume_is_writable_by_the_image_user():
     assert not outputs.get("readOnly")
     volume = next(v for v in pod["volumes"] if v["name"] == outputs["name"])
     assert "persistentVolumeClaim" in volume  # survives the pod
+
+
+def test_tuning_job_runs_full_s_study_on_indexed_workers_sharing_a_database_from_a_secret():
+    job = _load("k8s/tune-job.yaml")
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == job["spec"]["completions"]
+    container = _container(job)
+    command = container["command"]
+    assert command[:4] == ["segstudy", "tune", "--profile", "full"] and container["image"] == TRAIN_IMAGE
+    trials = int(command[command.index("--trials") + 1])
+    full = yaml.safe_load((ROOT / "params" / "full.yaml").read_text())
+    assert trials * job["spec"]["completions"] == full["tune"]["trials"]
+    assert command[command.index("--storage") + 1] == "$(TUNE_STORAGE)"
+    storage = next(e for e in container["env"] if e["name"] == "TUNE_STORAGE")
+    assert storage["valueFrom"]["secretKeyRef"] == {"name": "segstudy-tune-db", "key": "url"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
 def _uses_lines() -> list[str]:
