@@ -255,3 +255,23 @@ def test_a_bad_mask_in_a_mixed_dataset_stops_the_training_before_it_starts(tmp_p
     with pytest.raises(UserError, match=f"{bad.name} is not a BDD100K sem_seg mask"):
         train_mixed(cfg)
     assert not list((tmp_path / "o").rglob("checkpoint_*.pt"))
+
+
+def test_the_drop_off_the_training_domain_is_scored_over_the_other_datasets_classes():
+    """A model perfect on its own road and car pixels but not on its buildings, and half right on another
+    dataset that labels only road and car: the drop is measured over road and car (100 -> 50), not 19."""
+    from segstudy.studies.cross_dataset import add_drops
+
+    def image(truth: list[int], pred: list[int]) -> np.ndarray:
+        m = np.zeros((19, 20), np.int64)
+        for t, p in zip(truth, pred):
+            m[t, p] += 1
+        return m
+
+    home = np.stack([image([ROAD, CAR, BUILDING], [ROAD, CAR, ROAD])] * 6)
+    away = np.stack([image([ROAD, ROAD, CAR, CAR], [ROAD, CAR, CAR, ROAD])] * 6)
+    rows = [{"model": "m", "dataset": "cityscapes", "classes": [], "per_image": home},
+            {"model": "m", "dataset": "nuimages", "classes": ["road", "car"], "per_image": away}]
+    add_drops(rows, "cityscapes")
+    assert rows[1]["drop"]["mean"] == pytest.approx(1 / 3 - 1.0)  # IoU 1/3 each away (2 of 6), 1 at home
+    assert "drop" not in rows[0]

@@ -27,10 +27,12 @@ def nanmean(values) -> float:
 def scored_on(confusions: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
     """Confusions ([..., C, C + 1]) as scored on a dataset that labels only `classes` (nuImages: 7 of
     the 19): a prediction of a class it does not label is moved to the void column, a false negative
-    of the pixel's class and a false positive of nothing, so that class's IoU is absent (NaN), not 0."""
+    of the pixel's class and a false positive of nothing, so that class's IoU is absent (NaN), not 0;
+    a pixel of such a class is ignored, as that dataset would leave it unlabelled."""
     out = np.array(confusions, copy=True)
     others = [c for c in range(out.shape[-2]) if c not in classes]
     if others:
+        out[..., others, :] = 0
         out[..., -1] += out[..., others].sum(-1)
         out[..., others] = 0
     return out

@@ -79,6 +79,30 @@ def score(cfg: Config, models: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def add_drops(rows: list[dict], primary: str) -> None:
+    """Each row off the primary dataset gains "drop": its mIoU there minus the same model's on the
+    primary's val split scored over the same classes (nuImages' 7), with an interval from resampling
+    each split's images on its own: how much the model loses off its training domain."""
+    home = {r["model"]: r for r in rows if r["dataset"] == primary}
+    for r in rows:
+        if r["dataset"] != primary and r["model"] in home:
+            same_classes = scored_on(home[r["model"]]["per_image"], tuple(CLASS_NAMES.index(c) for c in r["classes"]))
+            est = verdicts.unpaired_difference(r["per_image"], same_classes)
+            r["drop"] = {"mean": est.mean / 100, "low": est.low / 100, "high": est.high / 100, "how": est.how}
+
+
+def drop_table(rows: list[dict]) -> pd.DataFrame:
+    """model x dataset: mIoU points lost off the primary dataset (over the dataset's classes)."""
+    cells = {}
+    for r in rows:
+        if "drop" in r:
+            d = r["drop"]
+            mark = "" if d["low"] <= 0 <= d["high"] else " *"
+            cells.setdefault(r["model"], {})[r["dataset"]] = \
+                f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{mark}"
+    return pd.DataFrame.from_dict(cells, orient="index").rename_axis("model")
+
+
 def run(cfg: Config) -> tuple[list[dict], pd.DataFrame]:
     """The study: notebooks 01 and 02's models (their saved results) and the mixed ones, scored on
     every dataset; saved to 02_custom_model/cross_dataset.json (+ .csv, per-image confusions)."""
@@ -86,6 +110,7 @@ def run(cfg: Config) -> tuple[list[dict], pd.DataFrame]:
     for note in notes:
         print(f"[segstudy] {note} Its models are not scored across datasets.")
     rows = score(cfg, models | train_mixed(cfg))
+    add_drops(rows, cfg.data.dataset)
     frame = table(rows)
     results_files.write_cross(cfg, rows, frame)
     return rows, frame

@@ -108,11 +108,12 @@ def data(cfg: Config) -> Part:
         return Part(pd.DataFrame(rows).T.rename_axis("split"), [path], caption=caption)
 
 
-def cross_datasets(cfg: Config) -> Part:
-    """Each model (and its training data) on each dataset: notebook 02's cross-dataset table, as saved."""
+def cross_datasets(cfg: Config) -> tuple[Part, Part]:
+    """Each model (and its training data) on each dataset, and how much each loses off its training
+    domain: notebook 02's cross-dataset tables, as saved."""
     d, path, note = results_files.read(cfg, "cross")
     if d is None:
-        return Part(notes=[note])
+        return Part(notes=[note]), Part()
     with results_files.reading(cfg, "cross"):
         table = cross_dataset.table(d["rows"])
         held = [r["dataset"] for r in d["rows"] if r["dataset"] != d["primary"] and r["dataset"] not in d["mix"]]
@@ -121,7 +122,10 @@ def cross_datasets(cfg: Config) -> Part:
                                                            d["mix"] else "")
                    + (f"; held out of every training: {', '.join(dict.fromkeys(held))}." if held else "."))
         figure = path.parent / "cross_dataset.png"
-        return Part(table, [path], caption=caption, images=[figure] if figure.is_file() else [])
+        drops = Part(cross_dataset.drop_table(d["rows"]), [path], caption=(
+            f"mIoU points lost off {d['primary']}: each dataset's mIoU minus the same model's on {d['primary']} "
+            f"over that dataset's classes, 95% interval resampling each split on its own (*: excludes 0)."))
+        return Part(table, [path], caption=caption, images=[figure] if figure.is_file() else []), drops
 
 
 def models(cfg: Config) -> Part:

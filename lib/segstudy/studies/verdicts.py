@@ -174,6 +174,20 @@ def paired_difference(conf_a: np.ndarray, conf_b: np.ndarray, n_boot: int = 2000
     return _percentile(point, samples, len(a), f"paired bootstrap over {len(a)} images, {level:.0%}", level)
 
 
+def unpaired_difference(conf_a: np.ndarray, conf_b: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                        level: float = 0.95) -> Estimate:
+    """mIoU(a) - mIoU(b) in points for one model on two different sets of images (e.g. another
+    dataset's val split against its own), each set resampled on its own."""
+    a, b = _check(conf_a, 3), _check(conf_b, 3)
+    point = miou(a.sum(0)) - miou(b.sum(0))
+    if min(len(a), len(b)) < 2:
+        return _unbounded(point, min(len(a), len(b)), "fewer than 2 images on a side: no spread", level)
+    samples = (_boot_mious(_resample_weights(len(a), n_boot, seed), a)
+               - _boot_mious(_resample_weights(len(b), n_boot, seed + 1), b))
+    return _percentile(point, samples, len(a) + len(b),
+                       f"bootstrap over {len(a)} and {len(b)} images on their own, {level:.0%}", level)
+
+
 def pooled_sd(groups: Mapping[str, Sequence[float]]) -> float:
     """Pooled within-group standard deviation (e.g. of mIoU over seeds, per loss): the seed noise
     of one training. Its degrees of freedom are sum(len(g) - 1), for add_noise(df=...)."""
