@@ -179,4 +179,7 @@ def format_result(result: dict) -> str:
     lines.append(f"category IoU: {cats}")
     lines.append(f"pixel accuracy {pct(result['pixel_acc'])}   category mIoU {pct(result['category_miou'])}"
                  f"   images {result['n_images']}")
+    if len(result.get("classes", labels.CLASS_NAMES)) < labels.NUM_CLASSES:
+        lines.append(f"{result['dataset']} labels {len(result['classes'])} of the {labels.NUM_CLASSES} classes: "
+                     f"the mean is over {', '.join(result['classes'])}")
     return "\n".join(lines)
