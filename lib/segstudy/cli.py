@@ -54,8 +54,12 @@ def _plan(args: argparse.Namespace) -> None:
     from segstudy.studies import plan
 
     cfg = load_config(profile(args), args.set)
-    trainings = plan.trainings(cfg, [nb.stem for nb in list_notebooks(only=args.only)])
+    notebooks = [nb.stem for nb in list_notebooks(only=args.only)]
+    trainings = plan.trainings(cfg, notebooks)
     print(plan.format_plan(cfg, trainings, plan.estimate(cfg, trainings, args.assume_tflops)))
+    if "06_tuning" in notebooks and cfg.tune.space:
+        trial, study = plan.tuning_study(cfg)
+        print(plan.format_tuning(cfg, study, plan.estimate(trial, [study], args.assume_tflops)))
 
 
 def _train(args: argparse.Namespace) -> None:

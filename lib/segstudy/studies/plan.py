@@ -28,7 +28,7 @@ from segstudy.engine.timings import duration, finetune_key
 from segstudy.engine.training import planned_batches, validation_passes
 from segstudy.errors import UserError
 from segstudy.models.networks import build_model
-from segstudy.studies import cross_dataset, loss_comparison, pruning_sweeps, quantization
+from segstudy.studies import cross_dataset, loss_comparison, pruning_sweeps, quantization, tuning
 
 # Effective TFLOPS of one 80 GB A100/H100-class GPU with bf16 AMP, until a GPU measures it: what an
 # A100 80GB reaches training ResNet-50 with AMP in NVIDIA's published benchmark (DeepLearningExamples,
@@ -327,6 +327,26 @@ def format_plan(cfg: Config, plan: list[PlannedTraining], est: Estimate) -> str:
                  f"notebooks 04 and 05 not counted)")
     lines.append(f"estimated from {est.source}")
     return "\n".join(lines)
+
+
+def tuning_study(cfg: Config) -> tuple[Config, PlannedTraining]:
+    """Notebook 06's study at its largest (tune.trials trials of tune.model under the tune budget,
+    none pruned) and the config its trials train with; sized apart from the notebooks' trainings
+    (segstudy tune runs it as often as asked, on as many machines)."""
+    trial = tuning.budget_config(cfg)
+    train_images, val_images, _ = split_sizes(trial)
+    spe = max(1, train_images // trial.data.batch_size)
+    n = cfg.tune.trials
+    return trial, PlannedTraining("06_tuning", f"tune/{cfg.tune.model}", cfg.tune.model, cfg.loss.name, cfg.seed,
+                                  "train", trial.train.epochs, n * planned_batches(trial.train, spe),
+                                  n * validation_passes(trial.train), val_images=val_images)
+
+
+def format_tuning(cfg: Config, row: PlannedTraining, est: Estimate) -> str:
+    return (f"tuning study (notebook 06 / segstudy tune), apart from the total above: {cfg.tune.trials} trials of "
+            f"{row.model}, {row.epochs:g} epochs each ({row.iterations} iterations, {row.val_passes} validations): "
+            f"at most {duration(est.total)} on one device when none is pruned (batch {cfg.data.batch_size}; "
+            f"estimated from {est.source})")
 
 
 def rows(plan: list[PlannedTraining], est: Estimate) -> list[dict]:

@@ -94,6 +94,18 @@ def budget(cfg: Config) -> dict[str, Any]:
             | ({"data.max_images": tune.max_images} if tune.max_images else {}))
 
 
+def budget_config(cfg: Config) -> Config:
+    """cfg as every trial trains it, before its sampled parameters (segstudy plan sizes the study with it)."""
+    for key, value in budget(cfg).items():
+        cfg = _replaced(cfg, key.split("."), value)
+    return cfg
+
+
+def _replaced(node: Any, parts: list[str], value: Any) -> Any:
+    head, *rest = parts
+    return dataclasses.replace(node, **{head: _replaced(getattr(node, head), rest, value) if rest else value})
+
+
 def check(cfg: Config, profile: str, overrides: dict) -> None:
     """A space the profile cannot train: one line naming the key (the shape was checked at load)."""
     where = f"tune.space in {resolve_profile(profile)}"
