@@ -240,3 +240,27 @@ def test_feedback_sample_keeps_its_cap_across_workers(tmp_path):
     assert meta["height"] == 64 and sum(meta["class_pixels"].values()) == 64 * 128
     off = monitoring.Feedback(tmp_path / "off", cap=3, rate=0.0)
     assert off.offer(image, row) is None and not list((tmp_path / "off").iterdir())
+
+
+def test_notebook_07_on_smoke_and_its_report_section(tmp_path, tiny_root, smoke_model):
+    """Notebook 02's model (copied: 07 never trains), the registry off (smoke): the reference is
+    computed from the checkpoint; no cross dataset: the generator's BDD100K domain is the shift."""
+    import shutil
+
+    from segstudy.config import load_config
+    from segstudy.notebook_runner import run_notebooks
+    from segstudy.studies import monitoring as study
+
+    overrides = {"data.root": str(tiny_root), "data.generate": False, "output_root": str(tmp_path / "out"),
+                 "cross.bdd100k.root": "", "cross.nuimages.root": ""}
+    shutil.copytree(smoke_model["run_dir"], tmp_path / "out" / "smoke" / "runs" / "custom")
+    run_notebooks("smoke", overrides, only=["07"], progress=False)
+    out = tmp_path / "out" / "smoke" / "07_monitoring"
+    result = json.loads((out / "results.json").read_text())
+    s = result["summary"]
+    assert s["in_domain_windows"] == s["shifted_windows"] == 2 and len(result["windows"]) == 4
+    assert "held-out val + 4 train" in s["in_domain"] and "bdd100k domain" in s["shifted"]
+    assert s["statistic"].startswith("Jensen-Shannon") and (out / "drift.png").is_file()
+    part = study.part(load_config("smoke", overrides))
+    html = part._repr_html_()
+    assert "False alarms:" in html and "drift.png" in html and not part.notes

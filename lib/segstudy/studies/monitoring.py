@@ -198,10 +198,8 @@ def figure(windows: pd.DataFrame, threshold: float, window: int, title: str = ""
 
 
 def save(study: MonitorStudy) -> Path:
-    """results.json (the summary, every window, the reference's calibration scores), windows.csv, drift.png."""
-    study.out.mkdir(parents=True, exist_ok=True)
-    figures.save(figure(study.windows, study.reference.threshold, study.reference.window), study.out / "drift.png")
-    plt.close("all")
+    """results.json (the summary, every window, the reference's calibration scores) and windows.csv
+    (the notebook saves drift.png, the figure it shows)."""
     results_files.write_csv(study.out / "windows.csv", study.windows.round(4))
     return results_files.write_monitoring(study.cfg, summary(study), study.windows.reset_index().to_dict("records"),
                                           study.reference.summary() | {"calibration": study.reference.calibration})
