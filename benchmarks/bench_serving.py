@@ -16,6 +16,11 @@ function on one request in this process with the network replaced by its result,
 server adds except the HTTP transport, without the forward pass's run-to-run noise (a machine with
 a faster forward keeps the 1.3x when work + HTTP stays under 0.3x its forward). Target for int8:
 <= 1.3x.
+Metrics overhead: each model is also served twice at once, with GET /metrics and its counting
+(deploy/monitoring.py, the default) and without (SEGSTUDY_METRICS=0), and sent --overhead-requests
+requests to each in turn (the order alternating every round, one request at a time), so both see the
+same moments of the machine: the served p50 of each and their ratio (target: at most 1.05x), and
+the median of the per-round ratios.
 The int8 model is notebook 05's (outputs/<profile>/05_quantization/*int8*.onnx) when it exists,
 --onnx PATH to name one, or --make-int8 to export and statically quantize (ONNX Runtime QDQ,
 per-channel int8 weights, uint8 activations, MinMax) the checkpoint in a temporary folder.
@@ -160,9 +165,10 @@ def post(url: str, body: bytes) -> float:
     return time.perf_counter() - t
 
 
-def serve(uri: str, tracking_uri: str, port: int, log: Path) -> subprocess.Popen:
+def serve(uri: str, tracking_uri: str, port: int, log: Path, metrics: bool = True) -> subprocess.Popen:
+    env = serve_env(tracking_uri) | ({} if metrics else {"SEGSTUDY_METRICS": "0"})
     with open(log, "w") as fh:
-        proc = subprocess.Popen(serve_command(uri, port=port), env=serve_env(tracking_uri), stdout=fh,
+        proc = subprocess.Popen(serve_command(uri, port=port), env=env, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -202,6 +208,33 @@ def cpu_ticks(server_session: int) -> dict[int, int]:
     return ticks
 
 
+def metrics_overhead(uri: str, tracking_uri: str, bodies: list[bytes], requests: int, tmp: Path) -> dict:
+    """Served latency (ms) with metrics on and off: two servers of the same model, the requests
+    interleaved (on, off, then off, on, ...) so that both sides share every slow or fast moment."""
+    procs = {}
+    try:
+        for on in (True, False):
+            port = free_port()
+            procs[on] = (serve(uri, tracking_uri, port, tmp / f"overhead-{on}.log", metrics=on),
+                         f"http://127.0.0.1:{port}/invocations")
+        with urllib.request.urlopen(procs[True][1].replace("/invocations", "/metrics"), timeout=30) as r:
+            assert b"segstudy_requests_total" in r.read()  # the metrics side does count
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for i in range(requests + 2):
+            body = bodies[i % len(bodies)]
+            for on in ((True, False) if i % 2 else (False, True)):
+                t = post(procs[on][1], body)
+                if i >= 2:  # two rounds warm both up
+                    times[on].append(1000 * t)
+    finally:
+        for proc, _ in procs.values():
+            stop(proc)
+    p50 = {on: float(np.percentile(v, 50)) for on, v in times.items()}
+    ratios = [a / b for a, b in zip(times[True], times[False])]
+    return {"on": p50[True], "off": p50[False], "ratio": p50[True] / p50[False],
+            "round_ratio": statistics.median(ratios)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -226,6 +259,8 @@ def main() -> None:
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--iters", type=int, default=10, help="repetitions of the bare and in-process measurements")
+    p.add_argument("--overhead-requests", type=int, default=40,
+                   help="requests to each of the two servers (metrics on, off) for the metrics overhead; 0: skip")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the server it started
     cfg = load_config(args.params)
@@ -252,8 +287,10 @@ def main() -> None:
                 print(f"quantized {checkpoint} to int8 ONNX in {time.perf_counter() - t:.0f} s")
             else:
                 print("no int8 ONNX model (notebook 05 not run): give --onnx PATH or --make-int8")
+        # the drift reference each registration stores: 8 val images at the bench size are enough here
         reg_cfg = load_config(args.params, {"output_root": str(tmp), "tracking.backend": "mlflow",
-                                            "tracking.uri": ""})
+                                            "tracking.uri": "", "monitoring.reference_images": 8,
+                                            "monitoring.window": 4})
         print(f"input {args.width}x{args.height} {args.format.upper()} ({len(bodies[0]) / 1e6:.2f} MB as JSON), "
               f"model run at base_size {args.height}; {args.requests} requests per concurrency, 1 server worker")
         print("bare: the network's forward pass alone, measured before and after the served loops (median of both);"
@@ -263,7 +300,7 @@ def main() -> None:
               " meanwhile (% of one core)\n")
         header = (f"{'model':11s} {'bare ms':>8s} {'in-proc ms':>10s} {'work ms':>7s} {'conc':>4s} {'p50 ms':>8s} "
                   f"{'p95 ms':>8s} {'img/s':>6s} {'added ms':>8s} {'p50/bare':>8s} {'others':>7s}")
-        rows = []
+        rows, overhead = [], []
         for label, path in models:
             engine = inference.load_engine(path)
             x = inference.preprocess(inference.decode_base64_image(payloads[0]), args.height)
@@ -297,10 +334,21 @@ def main() -> None:
                 stop(proc)
             after = forward_ms(engine, x, args.iters)  # the machine may have drifted meanwhile
             print(f"{label}: bare forward after the served loops {statistics.median(after):.1f} ms", flush=True)
+            if args.overhead_requests:
+                oh = metrics_overhead(uri, mlflow_uri(reg_cfg.tracking, reg_cfg.output_root), bodies,
+                                      args.overhead_requests, tmp)
+                overhead.append(f"{label:11s} {oh['on']:12.1f} {oh['off']:13.1f} {oh['ratio']:8.3f}x "
+                                f"{oh['round_ratio']:14.3f}x")
+                print(f"{label}: served p50 with metrics {oh['on']:.1f} ms, without {oh['off']:.1f} ms: "
+                      f"{oh['ratio']:.3f}x (target <= 1.05x)", flush=True)
             b = statistics.median(bare + after)
             rows += [f"{label:11s} {b:8.1f} {stages['total']:10.1f} {work:7.1f} {conc:4d} {p50:8.1f} {p95:8.1f} "
                      f"{ips:6.2f} {p50 - b:8.1f} {p50 / b:7.2f}x {oth:6.0f}%" for conc, p50, p95, ips, oth in served]
         print("\n" + header + "\n" + "\n".join(rows))
+        if overhead:
+            print(f"\nmetrics on/off, {args.overhead_requests} requests each, interleaved, concurrency 1\n"
+                  f"{'model':11s} {'p50 on ms':>12s} {'p50 off ms':>13s} {'on/off':>9s} {'median round':>15s}\n"
+                  + "\n".join(overhead))
     print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f}")
 
 
