@@ -143,12 +143,15 @@ def summary(study: MonitorStudy) -> dict:
     inside, shifted = w[w["domain"] == "in-domain"], w[w["domain"] == "shifted"]
     alarms = int(inside["alarm"].sum())
     first = shifted.index[shifted["alarm"].to_numpy()]
+    # a new camera's frame size alone crosses (size, aspect); the content's distances say whether the pixels did too
+    content = shifted[list(drift.HISTOGRAMS)].max(axis=1) > r.threshold
     delay = None if len(first) == 0 else int(first[0] - shifted.index[0])  # windows before the first alarm
     return {"statistic": r.statistic, "window": r.window, "threshold": r.threshold,
             "false_alarm_target": r.false_alarm, "in_domain_windows": len(inside), "false_alarms": alarms,
             "false_alarm_rate": alarms / len(inside) if len(inside) else math.nan,
             "false_alarm_interval": clopper_pearson(alarms, len(inside)),
             "shifted_windows": len(shifted), "detected": int(shifted["alarm"].sum()),
+            "detected_by_content": int(content.sum()),
             "delay_windows": delay, "delay_images": None if delay is None else (delay + 1) * r.window,
             "seconds_scoring": study.seconds, "model": study.model, "reference": r.source,
             "in_domain": study.in_source, "shifted": study.shift_source}
@@ -171,7 +174,9 @@ def statement(s: dict) -> str:
     low, high = s["false_alarm_interval"]
     delay = ("the shift was not detected" if s["delay_windows"] is None else
              f"the first alarm came {s['delay_images']} images after the shift (window {s['delay_windows'] + 1} "
-             f"of the shifted stream); {s['detected']} of {s['shifted_windows']} shifted windows crossed the threshold")
+             f"of the shifted stream); {s['detected']} of {s['shifted_windows']} shifted windows crossed the "
+             f"threshold, {s['detected_by_content']} of them on the pixels and predictions alone (without size "
+             f"and aspect)")
     return (f"False alarms: {s['false_alarms']} of {s['in_domain_windows']} in-domain windows "
             f"({100 * s['false_alarm_rate']:.0f}%, 95% interval {100 * low:.0f}-{100 * high:.0f}%; the threshold "
             f"{s['threshold']:.3f} was set for {100 * s['false_alarm_target']:.0f}%). Detection: {delay}.")
