@@ -18,6 +18,10 @@ or ingress body-size limit) where clients are not trusted.
 
 The logged model carries segstudy's own code (`code_paths`), so it loads wherever its pinned
 requirements install, e.g. with `mlflow models build-docker`, not only beside this checkout.
+
+Monitoring: served by deploy/server.py (`segstudy serve`, the serve image), the model updates the
+metrics of deploy/monitoring.py from every prediction (stage times, sizes, class pixels, errors by
+kind) and scores its drift window against the reference logged with it (deploy/drift.py).
 """
 
 from __future__ import annotations
