@@ -323,7 +323,8 @@ _CONTINUE = {
     "run": "run the same command again: finished trainings are reused (train.reuse), an interrupted one "
            "continues from its last checkpoint, and the notebooks run again",
     "sweep": "run the same command again: finished trainings are reused (train.reuse)",
-    "tune": "the trial in progress is marked failed; run the same command again to continue the study",
+    "tune": "run the same command again: the study continues, the interrupted trial is marked failed and its "
+            "parameters tried again from its last checkpoint",
 }
 
 

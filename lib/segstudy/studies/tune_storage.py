@@ -53,13 +53,19 @@ def open_storage(spec: str | None, folder: Path, tune: TuneConfig) -> tuple[Base
         raise UserError(f"--storage {spec}: not a storage; write journal:PATH (workers on one machine) or a "
                         f"database URL such as postgresql://USER:PASSWORD@HOST:5432/DB (several machines)")
     try:
-        storage = RDBStorage(_with_driver(spec), heartbeat_interval=tune.heartbeat, grace_period=2 * tune.heartbeat,
-                             heartbeat_stale_trial_callback=retry_callback(tune), engine_kwargs=_engine_kwargs(spec))
+        with warnings.catch_warnings():  # the heartbeat and the retry callback are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = _rdb(spec, tune)
     except Exception as exc:  # SQLAlchemy's OperationalError/ArgumentError, a missing driver, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--storage {masked(spec)} cannot be reached ({reason}); check the host, port, database "
                         f"name and password, or leave --storage out for a file under {folder}") from None
     return storage, masked(spec)
+
+
+def _rdb(spec: str, tune: TuneConfig) -> RDBStorage:
+    return RDBStorage(_with_driver(spec), heartbeat_interval=tune.heartbeat, grace_period=2 * tune.heartbeat,
+                      heartbeat_stale_trial_callback=retry_callback(tune), engine_kwargs=_engine_kwargs(spec))
 
 
 def _with_driver(url: str) -> str:
@@ -87,7 +93,9 @@ def _journal(path: Path) -> JournalStorage:
 
 def retry_callback(tune: TuneConfig) -> RetryHeartbeatStaleTrialCallback:
     """A failed trial (dead worker) is queued again with the same parameters, tune.retries times."""
-    return RetryHeartbeatStaleTrialCallback(max_retry=tune.retries)
+    with warnings.catch_warnings():  # marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=tune.retries)
 
 
 def retry_of(trial: FrozenTrial) -> int | None:
