@@ -264,3 +264,15 @@ def test_notebook_07_on_smoke_and_its_report_section(tmp_path, tiny_root, smoke_
     part = study.part(load_config("smoke", overrides))
     html = part._repr_html_()
     assert "False alarms:" in html and "drift.png" in html and not part.notes
+
+
+def test_a_reference_too_small_to_calibrate_sets_no_threshold_and_says_so():
+    """The rehearsal's single val image: no window can be held out, so no alarm, and the study says why."""
+    from segstudy.studies import monitoring as study
+
+    rows = np.full((3, drift.WIDTH), 0.1)
+    reference = drift.build_reference(rows, window=2, step=2, false_alarm=0.05, rounds=10)
+    assert reference.calibration == [] and reference.threshold == float("inf")
+    assert not drift.score_windows(reference, list(rows) * 2)[0]["alarm"]
+    summary = {"threshold": None, "in_domain_windows": 1, "shifted_windows": 1, "delay_windows": None}
+    assert study.statement(summary).startswith("No threshold (too few reference images")

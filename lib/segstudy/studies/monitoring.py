@@ -110,11 +110,19 @@ def start(cfg: Config) -> MonitorStudy:
                         shift_source)
 
 
+def threshold_text(threshold: float | None, false_alarm: float, windows: int) -> str:
+    """The threshold and where it comes from; none when the reference was too small to calibrate
+    (written to JSON, an infinite threshold becomes null)."""
+    if threshold is None or not math.isfinite(threshold):
+        return "no threshold (too few reference images to hold windows out: no alarm)"
+    return f"threshold {threshold:.3f} = the {1 - false_alarm:.0%} quantile of {windows} held-out in-domain windows"
+
+
 def describe(study: MonitorStudy) -> str:
     r = study.reference
-    return (f"model: {study.model}\nreference: {r.source}; {r.statistic}; windows of {r.window} images; threshold "
-            f"{r.threshold:.3f} = the {1 - r.false_alarm:.0%} quantile of {len(r.calibration)} held-out in-domain "
-            f"windows\nin-domain stream: {study.in_source}\nshifted stream: {study.shift_source}")
+    return (f"model: {study.model}\nreference: {r.source}; {r.statistic}; windows of {r.window} images; "
+            f"{threshold_text(r.threshold, r.false_alarm, len(r.calibration))}\nin-domain stream: {study.in_source}"
+            f"\nshifted stream: {study.shift_source}")
 
 
 def _images(items: Sequence) -> Iterator[np.ndarray]:
@@ -175,8 +183,14 @@ def statement(s: dict) -> str:
     delay = ("the shift was not detected" if s["delay_windows"] is None else
              f"the first alarm came {s['delay_images']} images after the shift (window {s['delay_windows'] + 1} "
              f"of the shifted stream); {s['detected']} of {s['shifted_windows']} shifted windows crossed the "
-             f"threshold, {s['detected_by_content']} of them on the pixels and predictions alone (without size "
-             f"and aspect)")
+             f"threshold" + ("" if s.get("detected_by_content") is None else  # files before that field: without
+                             f", {s['detected_by_content']} of them on the pixels and predictions alone (without size "
+                             f"and aspect)"))
+    if s["threshold"] is None or not math.isfinite(s["threshold"]):
+        return (f"{threshold_text(None, 0, 0).capitalize()}. Windows scored: {s['in_domain_windows']} in-domain, "
+                f"{s['shifted_windows']} shifted.")
+    if not s["in_domain_windows"]:
+        return f"No in-domain window (too few held-out images). Detection: {delay}."
     return (f"False alarms: {s['false_alarms']} of {s['in_domain_windows']} in-domain windows "
             f"({100 * s['false_alarm_rate']:.0f}%, 95% interval {100 * low:.0f}-{100 * high:.0f}%; the threshold "
             f"{s['threshold']:.3f} was set for {100 * s['false_alarm_target']:.0f}%). Detection: {delay}.")
@@ -222,7 +236,7 @@ def part(cfg: Config):
         delay = "not detected" if s["delay_images"] is None else s["delay_images"]
         table = pd.DataFrame([{"statistic": s["statistic"], "window (images)": s["window"], "threshold": s["threshold"],
                                "false alarms": f"{s['false_alarms']} of {s['in_domain_windows']}",
-                               "false-alarm rate %": 100 * s["false_alarm_rate"],
+                               "false-alarm rate %": _percent(s["false_alarm_rate"]),
                                "target %": 100 * s["false_alarm_target"],
                                "detection delay (images)": delay,
                                "shifted windows detected": f"{s['detected']} of {s['shifted_windows']}"}])
@@ -230,6 +244,10 @@ def part(cfg: Config):
                    f"shifted: {s['shifted']}.")
     figure_file = path.parent / "drift.png"
     return Part(table, [path], caption=caption, images=[figure_file] if figure_file.is_file() else [])
+
+
+def _percent(share: float | None) -> float:
+    return math.nan if share is None else 100 * share
 
 
 # --- segstudy monitor ----------------------------------------------------------------------------
