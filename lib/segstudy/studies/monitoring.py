@@ -179,18 +179,18 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 
 def statement(s: dict) -> str:
     """The result in one sentence each: the false-alarm rate and the detection delay."""
-    low, high = s["false_alarm_interval"]
+    if s["threshold"] is None or not math.isfinite(s["threshold"]):
+        return (f"{threshold_text(None, 0, 0).capitalize()}. Windows scored: {s['in_domain_windows']} in-domain, "
+                f"{s['shifted_windows']} shifted.")
     delay = ("the shift was not detected" if s["delay_windows"] is None else
              f"the first alarm came {s['delay_images']} images after the shift (window {s['delay_windows'] + 1} "
              f"of the shifted stream); {s['detected']} of {s['shifted_windows']} shifted windows crossed the "
              f"threshold" + ("" if s.get("detected_by_content") is None else  # files before that field: without
                              f", {s['detected_by_content']} of them on the pixels and predictions alone (without size "
                              f"and aspect)"))
-    if s["threshold"] is None or not math.isfinite(s["threshold"]):
-        return (f"{threshold_text(None, 0, 0).capitalize()}. Windows scored: {s['in_domain_windows']} in-domain, "
-                f"{s['shifted_windows']} shifted.")
     if not s["in_domain_windows"]:
         return f"No in-domain window (too few held-out images). Detection: {delay}."
+    low, high = s["false_alarm_interval"]
     return (f"False alarms: {s['false_alarms']} of {s['in_domain_windows']} in-domain windows "
             f"({100 * s['false_alarm_rate']:.0f}%, 95% interval {100 * low:.0f}-{100 * high:.0f}%; the threshold "
             f"{s['threshold']:.3f} was set for {100 * s['false_alarm_target']:.0f}%). Detection: {delay}.")
