@@ -186,6 +186,24 @@ def test_a_killed_worker_s_trial_is_failed_and_its_parameters_run_again(tiny_roo
     assert result["finished"] and len(result["history"]) == 3
 
 
+def test_a_dead_worker_on_another_machine_is_failed_by_the_heartbeat(tiny_root, tmp_path):
+    sets = _sets(tiny_root, tmp_path, **{"tune.heartbeat": 1})  # failed after 2 s without a beat
+    study = tuning.start("smoke", sets)
+    lost = study.study.ask()  # a trial another machine started, beat once, then died
+    params = {"train.lr": lost.suggest_float("train.lr", 0.0001, 0.1, log=True),
+              "train.optimizer": lost.suggest_categorical("train.optimizer", ["sgd", "adamw"])}
+    lost.set_user_attr(tune_storage.WORKER, {"host": "elsewhere", "pid": 1, "started": 0.0})
+    storage, _ = tune_storage.open_storage(None, study.out, study.cfg.tune)
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name("unet"), lost.number))
+    assert tune_storage.fail_dead_local_trials(study.study, study.cfg.tune) == []  # not this host's process
+    time.sleep(3.2)  # SQLite keeps the beat to the second: more than 2 s for sure
+    tuning.optimize(study, 1)  # Optuna fails the silent trial before this one; its retry runs first
+    dead, retry = study.study.get_trials()
+    assert dead.state == optuna.trial.TrialState.FAIL
+    assert retry.params == params and tune_storage.retry_of(retry) == 0 and retry.state in tuning.DONE
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
