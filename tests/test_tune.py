@@ -330,3 +330,14 @@ def test_notebook_06_on_smoke_and_its_report_section(tiny_root, tmp_path):
     assert set(summary["figures"]) >= {"history", "intermediate"}
     html = tuning.report(load_config("smoke", _sets(tiny_root, tmp_path)))._repr_html_()
     assert "optimization_history.png" in html and "best mIoU %" in html
+
+
+def test_plan_sizes_the_study_apart_from_the_notebooks(tiny_root, tmp_path):
+    from segstudy.studies import plan
+
+    cfg = load_config("smoke", _sets(tiny_root, tmp_path))
+    trial, row = plan.tuning_study(cfg)
+    assert (trial.model.name, trial.train.epochs, trial.train.val_every) == ("unet", 2, 1)
+    # 4 trials x 2 epochs x (8 images / batch 2), a validation after every epoch
+    assert (row.notebook, row.iterations, row.val_passes) == ("06_tuning", 4 * 2 * 4, 4 * 2)
+    assert "06_tuning" not in {r.notebook for r in plan.trainings(cfg)}
