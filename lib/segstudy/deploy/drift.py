@@ -237,9 +237,12 @@ def decoded(paths: Iterable[Path]) -> Iterable[np.ndarray]:
 
 
 def reference_for(cfg: Config, model: str | Path, base_size: int) -> Reference:
-    """The reference stored with a registered model: its inputs and predictions on the val split."""
+    """The reference stored with a registered model: its inputs and predictions on the val split
+    (the network on the profile's device: the full profile registers on a GPU box)."""
+    from segstudy.engine.device import resolve_device
+
     chosen, _ = val_images(cfg)
-    engine = inference.load_engine(model)
+    engine = inference.load_engine(model, resolve_device(cfg.device))
     rows = rows_of(decoded(chosen), lambda image: inference.segment(engine, image, base_size))
     m = cfg.monitoring
     source = f"{len(chosen)} {cfg.data.val_split} images of {cfg.data.dataset} at {cfg.data.root}"

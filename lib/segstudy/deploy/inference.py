@@ -81,8 +81,9 @@ class Engine:
     architecture: str | None = None  # unet | deeplabv3_resnet50 | custom, when the file says
 
 
-def load_engine(path: str | Path) -> Engine:
-    """A segstudy checkpoint (fp32 or pruned, via models.checkpoint.load_trained) or an ONNX file (fp32/int8)."""
+def load_engine(path: str | Path, device: str | torch.device = "cpu") -> Engine:
+    """A segstudy checkpoint (fp32 or pruned, via models.checkpoint.load_trained) or an ONNX file (fp32/int8).
+    `device`: where a checkpoint's network runs (the logits come back to the CPU); ONNX runs on the CPU."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file {path} does not exist; give a checkpoint (.pt), an .onnx file or an "
@@ -92,11 +93,11 @@ def load_engine(path: str | Path) -> Engine:
     from segstudy.models.checkpoint import load_checkpoint, load_trained
 
     ckpt = load_checkpoint(path)
-    model = load_trained(path, ckpt).eval()
+    model = load_trained(path, ckpt).eval().to(device)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(x)["out"]
+        with torch.inference_mode():  # .to() and .cpu() return the tensor itself on the CPU: no copy
+            return model(x.to(device))["out"].cpu()
 
     return Engine("torch", str(path), run, architecture=ckpt.get("meta", {}).get("model"))
 
