@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     d.set_defaults(func=_predict)
 
-    v = sub.add_parser("serve", help="check a registered model, then run mlflow models serve on it")
+    v = sub.add_parser("serve", help="check a registered model, then serve it (MLflow's scoring server, with "
+                                     "GET /metrics on the same port)")
     v.add_argument("--model", required=True, help="models:/NAME@ALIAS (or models:/NAME/VERSION)")
     _add_profile(v, "whose MLflow registry holds the model")
     v.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
