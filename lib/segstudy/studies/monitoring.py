@@ -92,7 +92,12 @@ def shifted_images(cfg: Config, count: int, like: Sequence[Path]) -> tuple[list,
     if others:
         data = data_config(cfg, others[0])
         paths = [s.image for s in build_dataset(data, data.val_split, raw=True).samples]
-        return drift.held_out(paths, count)[0], f"{others[0]} {data.val_split} at {data.root}"
+        source = f"{others[0]} {data.val_split} at {data.root}"
+        if len(paths) < count:  # the rehearsal's single val image: its training images too (the same domain)
+            train = [s.image for s in build_dataset(data, data.train_split, raw=True).samples]
+            paths += drift.held_out(train, count - len(paths))[0]
+            source = f"{others[0]} {data.val_split} + {data.train_split} at {data.root}"
+        return drift.held_out(paths, count)[0], source
     from segstudy.data.synthetic_scene import DOMAINS, render
 
     height, width = next(iter(drift.decoded(like[:1]))).shape[:2]
@@ -141,7 +146,8 @@ def run(study: MonitorStudy) -> pd.DataFrame:
     for domain, found in rows.items():
         for w in drift.score_windows(study.reference, found, step=study.reference.window):
             windows.append(w | {"domain": domain, "window": len(windows)})
-    study.windows = pd.DataFrame(windows).set_index("window")
+    columns = ["window", "first", "last", "label", "score", "alarm", *drift.FEATURES, "domain"]
+    study.windows = pd.DataFrame(windows, columns=columns).set_index("window")  # columns: even with no window
     return study.windows
 
 
