@@ -168,8 +168,10 @@ def _leaf_fields(cls: type = Config, prefix: str = ""):
 
 
 FREE_TEXT = {"profile", "output_root", "data.root", "data.train_split", "data.val_split", "tracking.experiment",
-             "tracking.uri", "tracking.sweep", "model.weights_dir"}
-SPECIAL = {"device", "model.pretrained", "overrides"}  # a pattern / the YAML booleans / set by load_config
+             "tracking.uri", "tracking.sweep", "model.weights_dir", "cross.cityscapes.root", "cross.bdd100k.root",
+             "cross.nuimages.root"}
+# a pattern / the YAML booleans / set by load_config / distributions checked by the tune section's Check
+SPECIAL = {"device", "model.pretrained", "overrides", "tune.space"}
 
 
 def test_every_parameter_has_a_rule():

@@ -49,8 +49,10 @@ DISTRIBUTIONS = ("float", "log_float", "int", "categorical")  # studies/tuning.p
 PRUNERS = ("median", "hyperband", "none")  # studies/tuning.py
 
 
-def _path(default: str) -> Any:
-    return field(default=default, metadata={"path": True})
+def _path(default: str, unset_later: bool = False) -> Any:
+    """A path relative to the YAML file; with `unset_later`, a ${VAR} that is not set stays as written
+    and is an error only when the path is used (an optional dataset of a profile: load_config works)."""
+    return field(default=default, metadata={"path": True, "unset_later": unset_later})
 
 
 def _list(*items: Any) -> Any:
@@ -108,7 +110,7 @@ class DataConfig(Section):
 class OtherDataset(Section):
     """One more dataset of the profile (cross.<reader name>): every model is scored on its val split."""
 
-    root: str = _path("")  # empty: not part of this profile
+    root: str = _path("", unset_later=True)  # empty: not part of this profile
     generate: bool = False  # when `root` does not exist, write the generated set of this layout there
     height: Natural = 0  # the generated images' size (0: synth's)
     width: Natural = 0
@@ -541,11 +543,19 @@ def _resolve_paths(obj: Any, base: Path) -> None:
         elif f.metadata.get("path") and isinstance(value, str) and value:  # empty: unused, not the folder
             expanded = os.path.expandvars(value)
             missing = _UNSET_VAR.search(expanded)
+            if missing and f.metadata.get("unset_later"):
+                continue  # said by unset_variable() where the path is used
             if missing:
                 raise UserError(f"'{f.name}' = {value!r} uses the environment variable "
                                 f"{missing.group(1)}, which is not set; export it "
                                 f"(e.g. export {missing.group(1)}=/data/cityscapes)")
             setattr(obj, f.name, str((base / Path(expanded).expanduser()).resolve()))
+
+
+def unset_variable(path: str) -> str | None:
+    """The environment variable a path still names because it was not set at load (_path(unset_later))."""
+    missing = _UNSET_VAR.search(path)
+    return missing.group(1) if missing else None
 
 
 def validate(cfg: Config, where: Where = lambda key: "set in the config") -> None:

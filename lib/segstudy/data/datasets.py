@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from segstudy.config import Config, DataConfig, SynthConfig, load_config
+from segstudy.config import Config, DataConfig, SynthConfig, load_config, unset_variable
 from segstudy.data.bdd100k import BDD100KSegmentation
 from segstudy.data.cityscapes import CityscapesSegmentation, SegmentationFolder
 from segstudy.data.nuimages import NuImagesSegmentation
@@ -37,8 +37,13 @@ def data_config(cfg: Config, name: str) -> DataConfig:
         return cfg.data
     other = getattr(cfg.cross, name, None)
     if other is None or not other.root:
+        named = " (cross.mix names it: remove it there too to leave it out)" if name in cfg.cross.mix else ""
         raise UserError(f"dataset '{name}' is not part of profile {cfg.profile}: set cross.{name}.root to its "
-                        f"folder (or data.dataset: {name})")
+                        f"folder (or data.dataset: {name}){named}")
+    if variable := unset_variable(other.root):
+        raise UserError(f"cross.{name}.root = {other.root!r} uses the environment variable {variable}, which is "
+                        f"not set; export it (export {variable}=/data/{name}), or leave {name} out of the study "
+                        f"with --set cross.{name}.root=''")
     return dataclasses.replace(cfg.data, dataset=name, root=other.root, generate=other.generate, mix_with=[])
 
 

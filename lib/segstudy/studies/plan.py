@@ -80,7 +80,12 @@ def split_sizes(cfg: Config, name: str | None = None) -> tuple[int, int, str]:
     """(train images, val images, where the counts come from) of dataset `name` (data.dataset): the
     dataset when it is on this machine; the generated set's size when the profile generates it; else
     the published sizes."""
-    data = data_config(cfg, name or cfg.data.dataset)
+    name = name or cfg.data.dataset
+    try:
+        data = data_config(cfg, name)
+    except UserError as exc:  # a root naming an unset variable: the published sizes
+        train, val = SPLIT_SIZES[name]
+        return train, val, f"the published {name} split sizes ({str(exc).split(';')[0]})"
     cap = data.max_images or math.inf
     if Path(data.root).is_dir():
         try:
