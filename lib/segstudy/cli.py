@@ -99,7 +99,7 @@ def _tune(args: argparse.Namespace) -> None:
     tuning.optimize(study, args.trials, args.timeout)
     summary = tuning.save(study)
     states = ", ".join(f"{n} {s.lower()}" for s, n in summary["states"].items() if n)
-    print(f"study '{summary['study']}': {summary['trials']} trials ({states}); this process ran {args.trials} "
+    print(f"study '{summary['study']}': {summary['trials']} trials ({states}); this process ran {study.ran} "
           f"in {study.seconds:.1f} s")
     if best := summary["best"]:
         print(f"best: trial {best['trial']}, val mIoU {100 * best['val_miou']:.2f}, --set {' '.join(best['set'])}")

@@ -59,6 +59,7 @@ class Tuning:
     study: optuna.Study
     parent_run: str | None = None  # the study's MLflow run
     seconds: float = 0.0  # spent in `optimize` by this process
+    ran: int = 0  # trials this process finished
 
     def describe(self) -> str:
         tune = self.cfg.tune
@@ -258,6 +259,7 @@ def _suggest(trial: optuna.Trial, key: str, spec: dict) -> Any:
 def _after_trial(tuning: Tuning, trial: FrozenTrial) -> None:
     """One line, the MLflow runs brought up to date, the trials table rewritten (a killed
     study keeps a current one)."""
+    tuning.ran += 1
     value = f", val mIoU {100 * trial.value:.2f}" if trial.value is not None else ""
     last = f" at epoch {max(trial.intermediate_values)}" if trial.state == TrialState.PRUNED and \
         trial.intermediate_values else ""
@@ -411,6 +413,9 @@ def save_figures(tuning: Tuning) -> dict[str, str]:
             # importances read the study's direction (maximize) only without a target
             "importances": lambda: vis.plot_param_importances(tuning.study),
             "intermediate": lambda: vis.plot_intermediate_values(tuning.study)}
+    if len(tuning.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < 2:
+        draw.pop("importances")  # Optuna's estimate compares finished trials (one alone: all equal)
+        print("[segstudy] no importances figure yet: it needs 2 complete trials")
     saved = {}
     for kind, plot in draw.items():
         try:
