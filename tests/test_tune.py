@@ -29,6 +29,19 @@ GOOD = {"train.lr": 0.09, "train.optimizer": "adamw"}  # learns something in 2 e
 BAD = {"train.lr": 0.0001, "train.optimizer": "sgd"}  # learns next to nothing: the pruner stops it
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """One torch thread here, in the workers and in the notebook's kernel: a tiny trial gains nothing
+    from a second, and two workers on 2 shared cores lose a lot to threads spinning for a core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
 def _sets(tiny_root: Path, out: Path, **more: object) -> dict:
     return {"data.root": str(tiny_root), "data.generate": False, "output_root": str(out)} | more
 
@@ -38,8 +51,7 @@ def _cli(tiny_root: Path, out: Path, *args: str, env: dict | None = None, **sets
     pairs = [f"{k}={v}" for k, v in _sets(tiny_root, out, **sets).items()]
     return subprocess.Popen([sys.executable, "-m", "segstudy", "tune", "smoke", *args, "--set", *pairs],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            # one thread: two workers share 2 cores, and a tiny trial gains nothing from a second
-                            env=os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"} | (env or {}))
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {}))
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
