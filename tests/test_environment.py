@@ -92,9 +92,9 @@ def _lock_select(*args: str) -> list[str]:
 
 
 def test_lock_selection_follows_the_extras_and_the_torch_build():
-    everything, bare = _lock_select("--extras", "dev,lab"), _lock_select("--extras", "")
-    assert set(everything) == set(_lock())  # the lock holds the project and both extras, nothing more
-    assert {"pytest", "ruff", "jupyterlab", "zizmor", "kubernetes-validate"} <= set(everything) - set(bare)
+    everything, bare = _lock_select("--extras", "dev,lab,wandb"), _lock_select("--extras", "")
+    assert set(everything) == set(_lock())  # the lock holds the project and its three extras, nothing more
+    assert {"pytest", "ruff", "jupyterlab", "zizmor", "kubernetes-validate", "wandb"} <= set(everything) - set(bare)
     assert {"torch", "torchvision", "mlflow", "numpy", "ipykernel", "jinja2"} <= set(bare)  # needed without extras
     no_torch = set(_lock_select("--extras", "", "--without-torch"))
     assert not {"torch", "torchvision", "triton"} & no_torch and not any(n.startswith("nvidia-") for n in no_torch)

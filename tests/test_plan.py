@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from segstudy.config import load_config
+from segstudy.data.datasets import dataset_names
 from segstudy.engine import timings
 from segstudy.notebook_runner import NOTEBOOKS_DIR
 from segstudy.studies import plan
@@ -23,8 +24,10 @@ def smoke(tmp_path, tiny_root):
 
 
 def test_the_plan_lists_every_training_of_the_smoke_profile(smoke):
-    p, q = smoke.prune, smoke.quant
-    expected = (2 + 1 + len(smoke.loss_study.names) * len(smoke.loss_study.seeds)
+    p, q, c = smoke.prune, smoke.quant, smoke.cross
+    mixed = len(c.models) * bool(c.mix)  # notebook 02's mixed trainings, then every model on each other dataset
+    cross = mixed + (2 + 1 + mixed) * (len(dataset_names(smoke)) - 1)
+    expected = (2 + 1 + cross + len(smoke.loss_study.names) * len(smoke.loss_study.seeds)
                 + sum(s in p.finetune_scopes for s in p.scopes) * (p.unstructured_epochs > 0) + 3  # + dense control
                 + (q.qat != "never"))
     rows = plan.trainings(smoke)
@@ -41,8 +44,8 @@ def test_the_plan_lists_every_training_of_the_smoke_profile(smoke):
 def test_the_plan_counts_the_models_the_config_names(smoke):
     """Notebooks 01/02 train cfg.compare's models (they read it, as the plan does)."""
     fewer = dataclasses.replace(smoke, compare=dataclasses.replace(smoke.compare, baselines=["unet"]))
-    keys = [r.key for r in plan.trainings(fewer, ["01_baselines", "02_custom_model"])]
-    assert keys == ["runs/unet", "runs/custom"]
+    keys = [r.key for r in plan.trainings(fewer, ["01_baselines", "02_custom_model"]) if r.kind == "train"]
+    assert keys == ["runs/unet", "runs/custom", "runs/custom+bdd100k"]  # the last: cross.models on cross.mix too
     for notebook, attr in (("01_baselines", "baselines"), ("02_custom_model", "custom")):
         source = "".join("".join(c["source"]) for c in json.loads((NOTEBOOKS_DIR / f"{notebook}.ipynb").read_text())
                          ["cells"] if c["cell_type"] == "code")

@@ -74,7 +74,7 @@ def _write(path: Path, payload: dict) -> None:
 
 
 def fake(out: Path, *, losses: dict | None = None, pruned_acc: float = 0.6, int8_same: bool = True,
-         skip: tuple[str, ...] = ()) -> None:
+         mixed_acc: float = 0.7, skip: tuple[str, ...] = ()) -> None:
     """outputs/smoke/ with the results of notebooks 01-05 (60 validation images), minus `skip`."""
     n, runs = 60, out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -104,9 +104,23 @@ def fake(out: Path, *, losses: dict | None = None, pruned_acc: float = 0.6, int8
                        "latency_times_ms": _times(60.0), "confusions": "fp32"},
         "int8 ONNX Runtime": {"engine": "onnxruntime", "precision": "int8", "miou": miou(int8.sum(0)) / 100,
                               "latency_ms": 15.0, "latency_times_ms": _times(15.0), "confusions": "int8"}}}
+    files["cross"] = _cross(out, n, mixed_acc)
     for key, payload in files.items():
         if key not in skip:
             _write(out / results_files.FILES[key], payload)
+
+
+def _cross(out: Path, n: int, mixed_acc: float) -> dict:
+    """Notebook 02's cross-dataset rows: custom alone and custom+bdd100k on cityscapes and the held-out nuimages."""
+    mixed = "custom+bdd100k"
+    confs = {("custom", "cityscapes"): _confusions(n, 0.6, 3), (mixed, "cityscapes"): _confusions(n, 0.55, 7),
+             ("custom", "nuimages"): _confusions(n, 0.4, 8), (mixed, "nuimages"): _confusions(n, mixed_acc, 9)}
+    store = {f"{m}_{d}": c for (m, d), c in confs.items()}
+    results_files.write_confusions(out / results_files.CONFUSIONS["cross"], store)
+    return {"profile": "smoke", "primary": "cityscapes", "mix": ["bdd100k"], "rows": [
+        {"model": m, "dataset": d, "trained on": ["cityscapes", *(["bdd100k"] if "+" in m else [])],
+         "miou": miou(c.sum(0)) / 100, "low": 0.0, "high": 1.0, "classes": [], "confusions": f"{m}_{d}"}
+        for (m, d), c in confs.items()]}
 
 
 @pytest.fixture
@@ -133,6 +147,9 @@ def test_every_question_is_answered_and_saved(cfg):
     assert "from notebook 03's 6 runs of unet (df 4)" in v["structured"].evidence  # whose seed noise it is
     assert v["unstructured"].answer == "no"  # zeros in dense tensors: the same timings, below the 1.1x floor
     assert "unstructured lamp 0.55 (55% zeros)" in v["unstructured"].evidence
+    assert v["robust"].answer == "yes"  # 0.7 against 0.4 of the pixels right on the dataset neither saw
+    assert "custom+bdd100k − custom on nuimages (held out: seen by neither)" in v["robust"].evidence
+    assert "in-domain → cross-domain mIoU %: custom: cityscapes" in v["robust"].evidence
     part = report_figures.verdicts(cfg)
     assert list(part.table["answer"]) == [x.answer for x in v.values()]
     saved = json.loads((cfg.output_dir / results_files.FILES["verdicts"]).read_text())
@@ -140,6 +157,11 @@ def test_every_question_is_answered_and_saved(cfg):
     assert saved["provenance"]["profile"] == "smoke"
     assert any(p.endswith("04_pruning_sweeps/confusions.npz") for p in saved["inputs"])
     assert "verdicts.json" not in str(report_figures.sources(cfg).table.index.tolist())  # its own output
+
+
+def test_a_mixed_training_as_good_as_alone_off_its_domain_is_not_distinguishable(cfg):
+    fake(cfg.output_dir, mixed_acc=0.4)
+    assert _by_question(cfg)["robust"].answer == NOT_DISTINGUISHABLE
 
 
 def test_loss_difference_inside_the_spread_is_not_distinguishable(cfg):

@@ -98,9 +98,9 @@ def _check_generation_root(cfg: Config, name: str) -> None:
         return  # a profile file outside params/ (or without this dataset): nothing to compare with
     if root.resolve() != default.resolve():
         key = _root_key(cfg, name)
-        raise UserError(f"{key} = {root} does not exist, and generate would create a new synthetic "
-                        f"dataset there (the profile's own root is {default}); fix the path, or create the empty "
-                        f"folder first (mkdir -p {root}) to generate there on purpose")
+        raise UserError(f"{key} = {root} does not exist, and {key.removesuffix('root')}generate would create a new "
+                        f"synthetic dataset there (the profile's own root is {default}); fix the path, or create the "
+                        f"empty folder first (mkdir -p {root}) to generate there on purpose")
 
 
 class MixedDatasets(ConcatDataset):
