@@ -1,4 +1,4 @@
-"""The results files of notebooks 00-05 under outputs/<profile>/: the one owner of their layout.
+"""The results files of notebooks 00-07 under outputs/<profile>/: the one owner of their layout.
 
 Each notebook writes its files (results.json, its CSV tables, the per-image confusions) through a
 `write_*` function here, `segstudy sweep` its sweep.json, and notebook 08 (report_figures) reads
