@@ -275,3 +275,16 @@ def test_the_drop_off_the_training_domain_is_scored_over_the_other_datasets_clas
     add_drops(rows, "cityscapes")
     assert rows[1]["drop"]["mean"] == pytest.approx(1 / 3 - 1.0)  # IoU 1/3 each away (2 of 6), 1 at home
     assert "drop" not in rows[0]
+
+
+def test_the_tables_of_a_one_image_split_say_no_spread():
+    """The rehearsal's val splits hold one image: its bounds are saved as null (JSON has no infinity)."""
+    from segstudy.studies.cross_dataset import drop_figure, drop_table, table
+
+    rows = [{"model": "custom", "trained on": ["cityscapes"], "dataset": "cityscapes", "miou": 0.1, "low": None,
+             "high": None, "classes": list(range(19))},
+            {"model": "custom", "trained on": ["cityscapes"], "dataset": "nuimages", "miou": 0.2, "low": None,
+             "high": None, "classes": list(range(7)), "drop": {"mean": 0.05, "low": None, "high": None}}]
+    assert table(rows).iloc[0].tolist() == ["10.0 [no spread]", "20.0 [no spread]"]
+    assert drop_table(rows).loc["custom", "nuimages"] == "+5.0 [no spread]"
+    assert drop_figure(rows) is not None

@@ -58,7 +58,9 @@ def _per_image(cfg: Config, name: str, result: dict, dataset: str) -> np.ndarray
         kept = evaluation.from_training(Path(result["checkpoint_best"]).parent, trained)
         if kept is not None:
             return kept["per_image"]
-    return evaluation.validate(load_trained(result["checkpoint_best"]), cfg_d, per_image=True)["per_image"]
+    # the precision and memory layout the training validated with (bf16 on a GPU box, channels_last)
+    return evaluation.validate(load_trained(result["checkpoint_best"]), cfg_d, amp=cfg.train.amp,
+                               channels_last=cfg.train.channels_last, per_image=True)["per_image"]
 
 
 def score(cfg: Config, models: dict[str, dict]) -> list[dict]:
@@ -97,9 +99,9 @@ def drop_table(rows: list[dict]) -> pd.DataFrame:
     for r in rows:
         if "drop" in r:
             d = r["drop"]
-            mark = "" if d["low"] <= 0 <= d["high"] else " *"
-            cells.setdefault(r["model"], {})[r["dataset"]] = \
-                f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{mark}"
+            spread = d["low"] is not None and d["high"] is not None and np.isfinite([d["low"], d["high"]]).all()
+            mark = " *" if spread and not d["low"] <= 0 <= d["high"] else ""
+            cells.setdefault(r["model"], {})[r["dataset"]] = _cell(d["mean"], d["low"], d["high"], "+") + mark
     return pd.DataFrame.from_dict(cells, orient="index").rename_axis("model")
 
 
@@ -116,13 +118,20 @@ def run(cfg: Config) -> tuple[list[dict], pd.DataFrame]:
     return rows, frame
 
 
+def _cell(mean: float, low: float | None, high: float | None, sign: str = "") -> str:
+    """Points with their interval; a bound saved as None (JSON's infinity: one image, no spread) says so."""
+    if low is None or high is None or not np.isfinite([low, high]).all():
+        return f"{100 * mean:{sign}.1f} [no spread]"
+    return f"{100 * mean:{sign}.1f} [{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
+
+
 def table(rows: list[dict]) -> pd.DataFrame:
     """model x training data (rows) by evaluation dataset (columns): "mIoU % [low, high]"."""
     cells = {}
     for r in rows:
         key = (r["model"], " + ".join(r["trained on"]))
-        cells.setdefault(key, {})[f"{r['dataset']} ({len(r['classes'])} classes)"] = \
-            f"{100 * r['miou']:.1f} [{100 * r['low']:.1f}, {100 * r['high']:.1f}]"
+        column = f"{r['dataset']} ({len(r['classes'])} classes)"
+        cells.setdefault(key, {})[column] = _cell(r["miou"], r["low"], r["high"])
     out = pd.DataFrame.from_dict(cells, orient="index")
     out.index = out.index.set_names(["model", "trained on"])
     return out
@@ -139,8 +148,9 @@ def drop_figure(rows: list[dict]):
     for k, model in enumerate(models):
         sub = frame[frame["model"] == model].set_index("dataset").loc[datasets]
         x = np.arange(len(datasets)) + k * width
-        ax.bar(x, 100 * sub["miou"], width, label=model,
-               yerr=[100 * (sub["miou"] - sub["low"]), 100 * (sub["high"] - sub["miou"])], capsize=3)
+        low, high = (pd.to_numeric(sub[k], errors="coerce").replace([np.inf, -np.inf], np.nan) for k in ("low", "high"))
+        ax.bar(x, 100 * sub["miou"], width, label=model,  # no error bar where one image gave no spread
+               yerr=[(100 * (sub["miou"] - low)).fillna(0), (100 * (high - sub["miou"])).fillna(0)], capsize=3)
     ax.set_xticks(np.arange(len(datasets)) + width * (len(models) - 1) / 2, datasets)
     ax.set_ylabel("val mIoU % (labelled classes)")
     ax.legend(fontsize=8)
