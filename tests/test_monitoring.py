@@ -8,10 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -25,7 +22,7 @@ from segstudy.data import labels
 from segstudy.data.synthetic_scene import render
 from segstudy.deploy import drift, inference, monitoring, server
 from segstudy.deploy.serving import example_image
-from tests.test_serving import START_TIMEOUT_S, _free_port, _images, _request, registered  # noqa: F401
+from tests.test_serving import _free_port, _images, _request, registered, running  # noqa: F401
 
 WORKERS = 2
 
@@ -64,27 +61,8 @@ def served(registered, tmp_path_factory):  # noqa: F811
            "smoke", "--set", "tracking.backend=mlflow", f"output_root={cfg.output_root}",
            f"data.root={cfg.data.root}", "data.generate=false", "--port", str(port), "--workers", str(WORKERS)]
     env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(multiproc)}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no /ping answer in {START_TIMEOUT_S} s: {log.read_text()[-3000:]}"
-            try:
-                if _request(url + "/ping")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
+    with running(cmd, env, log, port) as url:
         yield {"url": url, "multiproc": multiproc, "log": log}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group started here: segstudy -> mlflow -> uvicorn workers
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_metrics_count_good_and_bad_requests_across_workers(served, registered, tiny_root):  # noqa: F811

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import json
@@ -76,6 +77,14 @@ def server(registered, tmp_path_factory):
     cmd = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/segstudy-custom@champion",
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     env = os.environ | {"MLFLOW_TRACKING_URI": registered["db"], "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with running(cmd, env, log, port) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], env: dict, log: Path, port: int):
+    """A server started by `cmd` (output in `log`), once it answers /ping on `port`; its whole process
+    group is stopped afterwards (mlflow and segstudy serve exec uvicorn and its workers in children)."""
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -91,7 +100,7 @@ def server(registered, tmp_path_factory):
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # mlflow execs uvicorn in a child: stop the group started here
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
