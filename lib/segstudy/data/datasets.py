@@ -143,7 +143,7 @@ class MixedDatasets(ConcatDataset):
 def training_set(cfg: Config) -> SegmentationFolder | MixedDatasets:
     """data.dataset's training split, mixed with those of data.mix_with (MixedDatasets) when it names any."""
     names = [cfg.data.dataset] + [n for n in cfg.data.mix_with if n != cfg.data.dataset]
-    parts = [build_dataset(data_config(cfg, n), data_config(cfg, n).train_split, train=True) for n in names]
+    parts = [build_dataset(data, data.train_split, train=True) for data in (data_config(cfg, n) for n in names)]
     return parts[0] if len(parts) == 1 else MixedDatasets(parts, cfg.data.sampling)
 
 

@@ -99,8 +99,7 @@ def drop_table(rows: list[dict]) -> pd.DataFrame:
     for r in rows:
         if "drop" in r:
             d = r["drop"]
-            spread = d["low"] is not None and d["high"] is not None and np.isfinite([d["low"], d["high"]]).all()
-            mark = " *" if spread and not d["low"] <= 0 <= d["high"] else ""
+            mark = " *" if _spread(d["low"], d["high"]) and not d["low"] <= 0 <= d["high"] else ""
             cells.setdefault(r["model"], {})[r["dataset"]] = _cell(d["mean"], d["low"], d["high"], "+") + mark
     return pd.DataFrame.from_dict(cells, orient="index").rename_axis("model")
 
@@ -118,9 +117,14 @@ def run(cfg: Config) -> tuple[list[dict], pd.DataFrame]:
     return rows, frame
 
 
+def _spread(low: float | None, high: float | None) -> bool:
+    """Whether an interval was measured: a bound saved as None is JSON's infinity (one image, no spread)."""
+    return low is not None and high is not None and bool(np.isfinite([low, high]).all())
+
+
 def _cell(mean: float, low: float | None, high: float | None, sign: str = "") -> str:
-    """Points with their interval; a bound saved as None (JSON's infinity: one image, no spread) says so."""
-    if low is None or high is None or not np.isfinite([low, high]).all():
+    """Points with their interval, or "[no spread]"."""
+    if not _spread(low, high):
         return f"{100 * mean:{sign}.1f} [no spread]"
     return f"{100 * mean:{sign}.1f} [{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
 

@@ -67,8 +67,8 @@ def val_splits(cfg) -> dict[str, SegmentationFolder]:
     """Each dataset of the profile (data.dataset, then cross.*): its val split, untransformed."""
     from segstudy.data.datasets import build_dataset, data_config, dataset_names
 
-    return {name: build_dataset(data_config(cfg, name), data_config(cfg, name).val_split, raw=True)
-            for name in dataset_names(cfg)}
+    datas = {name: data_config(cfg, name) for name in dataset_names(cfg)}
+    return {name: build_dataset(data, data.val_split, raw=True) for name, data in datas.items()}
 
 
 def side_by_side(datasets: dict[str, SegmentationFolder], summaries: dict[str, dict]) -> pd.DataFrame:
