@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 
 from segstudy.config import load_config
@@ -101,6 +102,9 @@ def test_notebook_06_and_report_on_smoke(tmp_path, tiny_root):
     answers = {v["question"]: v["answer"] for v in verdicts}
     assert answers["Does unstructured pruning buy speed?"] == "not measured"
     assert answers["Which model to deploy?"] == "custom · int8 ONNX Runtime"
+    # the published anchors beside our figures, which come from generated data here
+    assert f"{report_figures.PUBLISHED_MIOU[report_figures.MMSEG_DEEPLABV3]['deeplabv3_resnet50']:.2f}" in page
+    assert "not comparable: generated data" in page
     assert page.count("data:image/png;base64") >= 4  # heatmap, loss spread, trade-off, 2 prediction grids
     assert "report_figures.models(cfg)" not in page and "load_config" not in page  # no code cell input
     assert "hl-ipython3" not in page  # the class nbconvert gives highlighted code input
@@ -176,3 +180,43 @@ def test_classes_no_model_resolves_are_named_with_their_size(tmp_path):
     results_files.write_data_summary(cfg, {"val": val})
     note = report_figures._unresolved(cfg, table)
     assert "pole 10" in note  # 40 px in 128-row images, evaluated at base_size 64: a quarter of the area
+
+
+def test_published_anchors_stand_beside_our_figures(tmp_path):
+    from segstudy.models.networks import MODELS
+
+    ours = {"unet": 20.0, "deeplabv3_resnet50": 25.0, "custom": 27.0}  # fake_outputs' best_miou, in points
+    published = [(name, source, miou) for source, by_model in report_figures.PUBLISHED_MIOU.items()
+                 for name, miou in by_model.items()]
+    assert {name for name, _, _ in published} <= set(MODELS)  # a renamed model would drop its anchor silently
+
+    def row(table, name: str, source: str):
+        return table[(table.index == name) & (table["published by"] == source)].iloc[0]
+
+    cfg = load_config("smoke", {"output_root": str(tmp_path)})
+    fake_outputs(cfg.output_dir)
+    (cfg.output_dir / results_files.FILES["custom"]).unlink()
+    part = report_figures.anchors(cfg)
+    assert len(part.table) == len(published)
+    for name, source, miou in published:  # smoke trains on generated data: no difference is given
+        r = row(part.table, name, source)
+        assert r["published mIoU %"] == miou and pd.isna(r["ours − published, points"])
+        if name == "custom":  # notebook 02's results are missing
+            assert r["comparable"] == "not measured" and pd.isna(r["ours val mIoU %"])
+        else:
+            assert r["comparable"] == "not comparable: generated data"
+            assert r["ours val mIoU %"] == pytest.approx(ours[name])
+    assert any("02_custom_model/results.json does not exist" in n for n in part.notes)
+
+    real = tmp_path / "cityscapes"  # a real dataset's root: no generator's marker in it
+    real.mkdir()
+    cfg = load_config("smoke", {"output_root": str(tmp_path), "data.root": str(real), "data.generate": False})
+    fake_outputs(cfg.output_dir)
+    table = report_figures.anchors(cfg).table
+    assert set(table["comparable"]) == {"not comparable: scored at shorter side 64, the published at 1024"}
+    cfg = load_config("smoke", {"output_root": str(tmp_path), "data.root": str(real), "data.generate": False,
+                                "data.base_size": report_figures.PUBLISHED_SHORTER_SIDE})
+    table = report_figures.anchors(cfg).table
+    for name, source, miou in published:
+        r = row(table, name, source)
+        assert r["comparable"] == "yes" and r["ours − published, points"] == pytest.approx(ours[name] - miou)

@@ -49,11 +49,12 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from segstudy.config import load_config
-    from segstudy.notebook_runner import list_notebooks
+    from segstudy.config import load_config, parse_overrides
+    from segstudy.notebook_runner import list_notebooks, without_unset_datasets
     from segstudy.studies import plan
 
-    cfg = load_config(profile(args), args.set)
+    overrides = parse_overrides(args.set)
+    _, cfg = without_unset_datasets(profile(args), overrides, load_config(profile(args), overrides))
     notebooks = [nb.stem for nb in list_notebooks(only=args.only)]
     trainings = plan.trainings(cfg, notebooks)
     print(plan.format_plan(cfg, trainings, plan.estimate(cfg, trainings, args.assume_tflops)))
@@ -163,6 +164,12 @@ def _add_profile(parser: argparse.ArgumentParser, what: str, positional: bool = 
         parser.add_argument("--params", dest="old_params", help=argparse.SUPPRESS)
 
 
+def _add_timeout(parser: argparse.ArgumentParser) -> None:
+    # none by default: nbclient applies the limit to a whole cell, and full's training cells run for hours
+    parser.add_argument("--timeout", type=int, default=None, metavar="SECONDS",
+                        help="stop a notebook cell that runs longer than this (default: no limit)")
+
+
 def profile(args: argparse.Namespace) -> str:
     """The profile a subcommand was given (demo when none)."""
     old = getattr(args, "old_profile", None) or getattr(args, "old_params", None)
@@ -205,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one model (torchrun-compatible)")
     _add_profile(t, "the training's settings")
     t.add_argument("--model", help="override model.name: unet | deeplabv3_resnet50 | custom")
-    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    t.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
     t.add_argument("--resume", action="store_true",
                    help="insist on continuing from the run's checkpoint_latest.pt (an interrupted run of the "
                         "same settings is continued anyway)")
@@ -219,17 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("-p", nargs="+", action="append", required=True, metavar=("KEY", "VALUE"),
                    help="a config key and its values, e.g. -p loss_study.names ce dice -p loss_study.seeds 0 1")
     w.add_argument("--profile", help="profile name (params/) or YAML file every run starts from (default: demo)")
-    w.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fixed overrides for every run")
+    w.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE",
+                   help="fixed overrides for every run")
     w.add_argument("--name", help="sweep name (folder under outputs/sweeps/); default: notebook-timestamp")
-    w.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    _add_timeout(w)
     w.set_defaults(func=_sweep)
 
     r = sub.add_parser("run", help="execute the numbered notebooks with papermill (run_all.sh)")
     _add_profile(r, "what every notebook runs with", positional=True)
     r.add_argument("--only", nargs="*", help="notebook prefixes, e.g. --only 00 01")
-    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    r.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE",
                    help="override params, e.g. --set data.batch_size=4")
-    r.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    _add_timeout(r)
     r.add_argument("--gpus", type=int, help="train each model with torchrun DDP on N GPUs (train.gpus)")
     r.add_argument("--log-output", action="store_true",
                    help="stream the notebooks' output (epoch lines, progress bars) to the terminal")
@@ -238,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("plan", help="print every training a run would do and its estimated time (trains nothing)")
     _add_profile(n, "the run to plan", positional=True)
     n.add_argument("--only", nargs="*", help="notebook prefixes, e.g. --only 03")
-    n.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    n.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
     n.add_argument("--assume-tflops", type=float, metavar="X",
                    help="estimate from measured FLOPs at X effective TFLOPS instead of a warm-up on the "
                         "profile's device (the default when that device is not on this machine: 60)")
@@ -252,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--study", help="study name (default: tune.model); files in outputs/<profile>/tune/<study>/")
     u.add_argument("--storage", help="journal:PATH (workers on one machine) or a database URL such as "
                                      "postgresql://... (several machines); default: a file in the study's folder")
-    u.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    u.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
     u.set_defaults(func=_tune)
 
     d = sub.add_parser("predict", help="segment new images: labelIds PNGs + colour overlays")
@@ -261,14 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--input", required=True, nargs="+", help="image files and/or folders (searched recursively)")
     d.add_argument("--out", required=True, help="output folder (scorable by segstudy evaluate)")
     _add_profile(d, "data.base_size for files, the registry for URIs")
-    d.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    d.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
     d.set_defaults(func=_predict)
 
     v = sub.add_parser("serve", help="check a registered model, then serve it (MLflow's scoring server, with "
                                      "GET /metrics on the same port)")
     v.add_argument("--model", required=True, help="models:/NAME@ALIAS (or models:/NAME/VERSION)")
     _add_profile(v, "whose MLflow registry holds the model")
-    v.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    v.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=5001)
     v.add_argument("--workers", type=int, default=1)
@@ -285,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image files, folders (searched recursively) and/or request logs (.jsonl: one "
                         "/invocations body per line), read in order")
     _add_profile(m, "whose MLflow registry holds the model")
-    m.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    m.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
     m.add_argument("--step", type=int, help="images between two windows (default: the reference's, = its window)")
     m.add_argument("--plot", help="save the drift score per window against the threshold as this PNG")
     m.add_argument("--json", action="store_true", help="print the windows as JSON")

@@ -504,7 +504,11 @@ def parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, A
 
 
 def parse_value(key: str, text: str) -> Any:
-    """One --set value, read as YAML (`[64, 128]` -> a list); a malformed one names the key and the fix."""
+    """One --set value, read as YAML (`[64, 128]` -> a list); a malformed one names the key and the fix.
+    Nothing after the `=` is the empty text (YAML would read None, which no key takes): `--set
+    cross.bdd100k.root=` is what a shell passes for `--set cross.bdd100k.root=''`."""
+    if not text.strip():
+        return ""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -24,13 +24,14 @@ from typing import Any
 import nbformat
 import papermill as pm
 from jupyter_client.manager import AsyncKernelManager
+from nbclient.exceptions import CellTimeoutError
 from nbconvert import HTMLExporter
 from tqdm import tqdm
 from traitlets import Unicode
 from traitlets.config import Config as TraitletsConfig
 
 from segstudy.config import PROJECT_ROOT, Config, load_config, resolve_profile
-from segstudy.data.datasets import prepare_data
+from segstudy.data.datasets import prepare_data, unset_datasets
 from segstudy.engine import provenance
 from segstudy.engine import timings as timing_records
 from segstudy.errors import UserError
@@ -117,10 +118,12 @@ class SegstudyLines:
         sys.stdout.flush()
 
 
-def execute(notebook: Path, executed: Path, profile: str, overrides: dict[str, Any], timeout: int = 3600,
+def execute(notebook: Path, executed: Path, profile: str, overrides: dict[str, Any], timeout: int | None = None,
             progress: bool = True, log_output: bool = False) -> float:
     """Run one notebook with papermill (explicit kernel, cwd = its folder), export its HTML;
-    returns the seconds it took. A failing cell raises UserError naming the notebook."""
+    returns the seconds it took. A failing cell raises UserError naming the notebook. `timeout`: the
+    seconds a cell may run (None: no limit; nbclient applies it to a whole cell, and a training cell
+    of the full profile runs for hours)."""
     executed.parent.mkdir(parents=True, exist_ok=True)
     print(f"[segstudy] {notebook.name} -> {executed}", flush=True)
     start = time.perf_counter()
@@ -136,7 +139,11 @@ def execute(notebook: Path, executed: Path, profile: str, overrides: dict[str, A
                                 progress_bar=progress, log_output=log_output, execution_timeout=timeout,
                                 stdout_file=None if log_output else SegstudyLines(),
                                 request_save_on_cell_execute=True, config=ipc)
-    except pm.PapermillExecutionError as exc:
+    except (CellTimeoutError, pm.PapermillExecutionError) as exc:
+        if isinstance(exc, CellTimeoutError) or exc.ename == "CellTimeoutError":
+            raise UserError(f"a cell of notebook {notebook.name} ran longer than --timeout {timeout} s and was "
+                            f"stopped; run again with a larger --timeout, or without one (no limit): finished "
+                            f"trainings are reused. The executed copy is {keep_failed(executed)}") from None
         raise UserError(f"notebook {notebook.name} failed in cell {exc.exec_count}: {exc.ename}: "
                         f"{exc.evalue}. The executed copy with the full traceback is {keep_failed(executed)}") from None
     except OSError as exc:  # papermill writing the executed copy
@@ -168,10 +175,10 @@ def keep_failed(executed: Path) -> Path:
 
 def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None,
                   only: list[str] | None = None, notebooks_dir: Path = NOTEBOOKS_DIR,
-                  timeout: int = 3600, progress: bool = True, log_output: bool = False) -> dict[str, float]:
+                  timeout: int | None = None, progress: bool = True, log_output: bool = False) -> dict[str, float]:
     """Execute the notebooks in order; returns {notebook: seconds}. Raises on the first failure."""
-    overrides = overrides or {}
     cfg = load_config(profile, overrides)  # a bad profile or key fails here, before any work
+    overrides, cfg = without_unset_datasets(profile, overrides or {}, cfg)
     notebooks = list_notebooks(notebooks_dir, only)
     for nb in notebooks:
         check_parameters(nb)
@@ -188,6 +195,17 @@ def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None
     write_json(out_dir / "provenance.json", stamp | {"notebooks": [nb.stem for nb in notebooks]})
     write_pages(out_dir, notebooks_dir, timings, ran=[nb.stem for nb in notebooks], stamp=stamp)
     return {nb.stem: timings[nb.stem] for nb in notebooks}
+
+
+def without_unset_datasets(profile: str, overrides: dict[str, Any], cfg: Config) -> tuple[dict[str, Any], Config]:
+    """The overrides and config of a run that leaves out the other datasets whose environment variable
+    is not set (said in one line), so that every notebook sees the same datasets."""
+    extra, line = unset_datasets(cfg)
+    if not extra:
+        return overrides, cfg
+    print(line, flush=True)
+    overrides = overrides | extra
+    return overrides, load_config(profile, overrides)
 
 
 def announce_plan(cfg: Config, notebooks: list[str]) -> None:
@@ -261,7 +279,7 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def sweep(notebook: str | Path, grid: dict[str, list[Any]], profile: str = "demo",
-          fixed: dict[str, Any] | None = None, name: str | None = None, timeout: int = 3600,
+          fixed: dict[str, Any] | None = None, name: str | None = None, timeout: int | None = None,
           progress: bool = True) -> Path:
     """Run `notebook` once per combination of `grid` (config keys -> values) and gather the results.
 

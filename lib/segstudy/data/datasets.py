@@ -6,10 +6,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import shlex
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -31,6 +34,41 @@ def dataset_names(cfg: Config) -> list[str]:
     return [cfg.data.dataset] + [n for n in DATASETS if n != cfg.data.dataset and getattr(cfg.cross, n).root]
 
 
+def training_datasets(cfg: Config) -> list[str]:
+    """The datasets a training of cfg reads: data.dataset, then those of data.mix_with."""
+    return [cfg.data.dataset] + [n for n in cfg.data.mix_with if n != cfg.data.dataset]
+
+
+def leaving_out(cfg: Config, names: list[str]) -> dict[str, Any]:
+    """The overrides that leave datasets `names` out of the profile: their cross roots emptied, and
+    cross.mix without them (a mixed training of a dataset that is not there cannot run)."""
+    overrides: dict[str, Any] = {f"cross.{n}.root": "" for n in names}
+    if any(n in cfg.cross.mix for n in names):
+        overrides["cross.mix"] = [m for m in cfg.cross.mix if m not in names]
+    return overrides
+
+
+def as_set_arguments(overrides: dict[str, Any]) -> str:
+    """`--set k=v ...` as a shell takes it (quoted where the shell would read a character itself)."""
+    values = (yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+              if not isinstance(v, str) else v for v in overrides.values())
+    return "--set " + " ".join(shlex.quote(f"{k}={v}") for k, v in zip(overrides, values))
+
+
+def unset_datasets(cfg: Config) -> tuple[dict[str, Any], str]:
+    """The profile's other datasets whose root names an environment variable that is not set (a GPU
+    box with only CITYSCAPES_ROOT exported): the overrides that leave them out of a run, and the one
+    line that says so and how to include them; ({}, "") when every root resolves."""
+    unset = {n: v for n in DATASETS if n != cfg.data.dataset and (v := unset_variable(getattr(cfg.cross, n).root))}
+    if not unset:
+        return {}, ""
+    overrides = leaving_out(cfg, list(unset))
+    exports = "; ".join(f"export {v}=/data/{n}" for n, v in unset.items())
+    line = (f"[segstudy] {' and '.join(unset.values())} not set: {', '.join(unset)} left out of this run, as with "
+            f"{as_set_arguments(overrides)} (to include {'them' if len(unset) > 1 else 'it'}: {exports})")
+    return overrides, line
+
+
 def data_config(cfg: Config, name: str) -> DataConfig:
     """cfg.data for dataset `name`: its reader and root, the profile's transforms and loader settings."""
     if name == cfg.data.dataset:
@@ -43,7 +81,7 @@ def data_config(cfg: Config, name: str) -> DataConfig:
     if variable := unset_variable(other.root):
         raise UserError(f"cross.{name}.root = {other.root!r} uses the environment variable {variable}, which is "
                         f"not set; export it (export {variable}=/data/{name}), or leave {name} out of the study "
-                        f"with --set cross.{name}.root=''")
+                        f"with {as_set_arguments(leaving_out(cfg, [name]))}")
     return dataclasses.replace(cfg.data, dataset=name, root=other.root, generate=other.generate, mix_with=[])
 
 
@@ -73,9 +111,10 @@ def build_dataset(data: DataConfig, split: str, train: bool = False,
                                   cache_mb=data.cache_mb)
 
 
-def prepare_data(cfg: Config) -> None:
-    """Generate each of the profile's datasets whose `generate` is set and which is missing."""
-    for name in dataset_names(cfg):
+def prepare_data(cfg: Config, names: list[str] | None = None) -> None:
+    """Generate each of datasets `names` (default: all the profile's) whose `generate` is set and which
+    is missing; only these datasets' roots are resolved (a training needs no other dataset's)."""
+    for name in dataset_names(cfg) if names is None else names:
         data = data_config(cfg, name)
         if data.generate:
             _check_generation_root(cfg, name)
@@ -142,8 +181,8 @@ class MixedDatasets(ConcatDataset):
 
 def training_set(cfg: Config) -> SegmentationFolder | MixedDatasets:
     """data.dataset's training split, mixed with those of data.mix_with (MixedDatasets) when it names any."""
-    names = [cfg.data.dataset] + [n for n in cfg.data.mix_with if n != cfg.data.dataset]
-    parts = [build_dataset(data, data.train_split, train=True) for data in (data_config(cfg, n) for n in names)]
+    datas = [data_config(cfg, name) for name in training_datasets(cfg)]
+    parts = [build_dataset(data, data.train_split, train=True) for data in datas]
     return parts[0] if len(parts) == 1 else MixedDatasets(parts, cfg.data.sampling)
 
 
@@ -212,46 +251,49 @@ class _OneLineErrors(DataLoader):
             yield batch
 
 
-class EpochOrder(Sampler[int]):
-    """Epoch `epoch`'s shuffled order of `n` samples (a permutation seeded by seed and epoch), this
-    process's share of it (items rank, rank + world, ...: together, the ranks' batches make the
-    one-process batch), from position `start` on. Written here because DistributedSampler cannot
-    start mid-epoch: a training resumed there would replay the epoch's first batches."""
+class EpochOrder(Sampler[tuple[int, int]]):
+    """A training set's order for one epoch at a time (set_epoch): a permutation seeded by (seed, epoch)
+    (MixedDatasets.order for a mixed set), this process's share of it (items rank, rank + world, ...:
+    together, the ranks' batches make the one-process batch), from position `start` on. It yields
+    (epoch key, index) pairs, the key telling SeededSamples which epoch's augmentation to draw, so one
+    DataLoader and its persistent workers serve every epoch. Written here because DistributedSampler
+    cannot start mid-epoch: a training resumed there would replay the epoch's first batches."""
 
-    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0,
-                 order: list[int] | None = None):
-        if order is None:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = torch.randperm(n, generator=generator).tolist()
+    def __init__(self, dataset: Dataset, seed: int, rank: int = 0, world: int = 1):
+        self.dataset, self.seed, self.rank, self.world = dataset, seed, rank, world
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if isinstance(self.dataset, MixedDatasets):
+            order = self.dataset.order(self.seed, epoch)
+        else:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
         n = len(order)
-        self.indices = order[rank:n - n % world:world][start:]
-
-    @classmethod
-    def of(cls, dataset: Dataset, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0) -> EpochOrder:
-        """The order of a training set, mixed (MixedDatasets.order) or not."""
-        order = dataset.order(seed, epoch) if isinstance(dataset, MixedDatasets) else None
-        return cls(len(dataset), seed, epoch, rank, world, start, order)
+        self.key = self.seed * 1000 + epoch
+        self.indices = order[self.rank:n - n % self.world:self.world][start:]
 
     def __iter__(self):
-        return iter(self.indices)
+        return ((self.key, index) for index in self.indices)
 
     def __len__(self) -> int:
         return len(self.indices)
 
 
 class SeededSamples(Dataset):
-    """Sample i is augmented under its own seed (key, i), so its crop, scale and flip do not depend
-    on the number of loader workers or processes, nor on where a resumed epoch started."""
+    """Item (key, i) is sample i augmented under its own seed (key, i), so its crop, scale and flip do
+    not depend on the number of loader workers or processes, nor on where a resumed epoch started."""
 
-    def __init__(self, dataset: Dataset, key: int):
-        self.dataset, self.key = dataset, key
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: tuple[int, int]):
+        key, index = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.key * 1_000_003 + index)
+            torch.manual_seed(key * 1_000_003 + index)
             return self.dataset[index]
 
 

@@ -77,7 +77,7 @@ class ConfusionMatrix:
     @property
     def per_image(self) -> np.ndarray | None:
         """[N, C, C + 1] int64, one matrix per image in update order; None unless constructed with
-        per_image=True, and None under DDP after the reduction (each rank saw only its share)."""
+        per_image=True, and None under DDP after a reduction without the ranks' indices."""
         if self._images is None:
             return None
         return np.concatenate(self._images) if self._images else np.zeros((0, self.n, self.n + 1), np.int64)
@@ -87,12 +87,23 @@ class ConfusionMatrix:
         if self._images is not None:
             self._images = []
 
-    def reduce_from_all_processes(self) -> None:
-        """Sum the matrices of all DDP ranks (every rank then holds the global matrix)."""
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.mat)
-            if dist.get_world_size() > 1:
-                self._images = None  # this rank's images only: not the validation set
+    def reduce_from_all_processes(self, indices: list[int] | None = None) -> None:
+        """Sum the matrices of all DDP ranks (every rank then holds the global matrix). With per_image,
+        `indices` are the dataset positions of this rank's images, in update order: every rank then
+        holds all images' matrices in dataset order, as one process would; without them, none."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        dist.all_reduce(self.mat)
+        if self._images is None:
+            return
+        if indices is None:
+            self._images = None  # this rank's images only: not the validation set
+            return
+        shares: list = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, (list(indices), self.per_image))
+        positions = np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in shares])
+        matrices = np.concatenate([m for _, m in shares])
+        self._images = [matrices[np.argsort(positions, kind="stable")]]
 
     def compute(self) -> dict:
         m = self.mat.double().cpu().numpy()

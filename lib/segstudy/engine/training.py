@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from segstudy.config import Config
@@ -34,12 +33,13 @@ from segstudy.data.datasets import (
     parts,
     prepare_data,
     seed_everything,
+    training_datasets,
     training_set,
 )
 from segstudy.data.labels import NUM_CLASSES
 from segstudy.engine import launch, measure, provenance, run_folder, timings
 from segstudy.engine.device import autocast_dtype, init_distributed, resolve_device
-from segstudy.engine.evaluation import confusion_over
+from segstudy.engine.evaluation import confusion_over, eval_loader
 from segstudy.engine.optimization import (
     DivergenceGuard,
     build_criterion,
@@ -83,6 +83,7 @@ class TrainingRun:
     world: int
     amp_dtype: torch.dtype | None
     train_ds: object
+    train_loader: object  # one for every epoch (EpochOrder.set_epoch)
     val_loader: object
     criterion: Callable
     model: nn.Module
@@ -115,8 +116,9 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(tcfg.amp, device)
+    fixed_shape_kernels(device)
     if rank == 0:
-        prepare_data(cfg)
+        prepare_data(cfg, training_datasets(cfg))
     if world > 1:
         dist.barrier()
     train_ds = training_set(cfg)
@@ -134,7 +136,6 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
-    val_sampler = DistributedSampler(val_ds, world, rank, shuffle=False) if world > 1 else None
     if cfg.data.batch_size % world:
         raise UserError(f"data.batch_size = {cfg.data.batch_size} is the global batch, shared by {world} processes; "
                         f"make it a multiple of {world}")
@@ -148,10 +149,20 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     meta = {"model": mcfg.name, "num_classes": NUM_CLASSES, "model_config": dataclasses.asdict(mcfg),
             "backbone_init": backbone_init(model)}
-    val_loader = build_loader(val_ds, cfg.data.batch_size, train=False, seed=cfg.seed,
-                              num_workers=cfg.data.num_workers, device=device.type, sampler=val_sampler)
-    return TrainingRun(cfg, mcfg, device, rank, world, amp_dtype, train_ds, val_loader, criterion,
+    val_loader = eval_loader(val_ds, cfg, device, rank, world)
+    # built once: its workers persist across epochs (EpochOrder.set_epoch changes what they load)
+    train_loader = build_loader(SeededSamples(train_ds), rank_batch, train=True, seed=cfg.seed,
+                                num_workers=cfg.data.num_workers, device=device.type,
+                                sampler=EpochOrder(train_ds, cfg.seed, rank, world))
+    return TrainingRun(cfg, mcfg, device, rank, world, amp_dtype, train_ds, train_loader, val_loader, criterion,
                        model, model, optimizer, scheduler, scaler, steps_per_epoch, rank_batch, meta)
+
+
+def fixed_shape_kernels(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape and keep the fastest:
+    training crops and validation sizes are fixed, so the search pays off from the second step."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def _resume(run: TrainingRun, latest: Path) -> None:
@@ -197,10 +208,7 @@ def _run_epoch(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: boo
     done = run.partial.get("batches", 0)
     if not done:
         torch.manual_seed(cfg.seed + epoch)  # each epoch's randomness depends on (seed, epoch) only
-    order = EpochOrder.of(run.train_ds, cfg.seed, epoch, run.rank, run.world, start=done * run.rank_batch)
-    loader = build_loader(SeededSamples(run.train_ds, cfg.seed * 1000 + epoch), run.rank_batch, train=True,
-                          seed=cfg.seed + epoch, num_workers=cfg.data.num_workers, device=run.device.type,
-                          sampler=order)
+    run.train_loader.sampler.set_epoch(epoch, start=done * run.rank_batch)  # before iter(): workers prefetch
     total = run.steps_per_epoch * tcfg.grad_accum
     bar = tqdm(total=run.steps_per_epoch, initial=done // tcfg.grad_accum, mininterval=2.0,
                desc=f"{run.mcfg.name} epoch {epoch + 1}/{tcfg.epochs}", disable=not (progress and run.main))
@@ -226,7 +234,7 @@ def _run_epoch(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: boo
 
     try:
         _, _, capped = train_one_epoch(
-            run.net, run.criterion, run.optimizer, run.scheduler, run.scaler, loader, run.device,
+            run.net, run.criterion, run.optimizer, run.scheduler, run.scaler, run.train_loader, run.device,
             amp_dtype=run.amp_dtype, channels_last=tcfg.channels_last, grad_accum=tcfg.grad_accum,
             max_batches=total - done, on_step=on_step, guard=run.guard)
     except FloatingPointError as exc:

@@ -111,15 +111,21 @@ def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy_key": torch.from_numpy(np_state[1].astype(np.int64)),
              "numpy_pos": int(np_state[2])}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's GPU only: get_rng_state_all holds one state per visible GPU, and restoring
+        # it where fewer are visible (a resume with other train.gpus, or on CPU) fails
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy_key"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is not None and torch.cuda.is_available():
+        if isinstance(saved, (list, tuple)):  # written by an older segstudy: one state per visible GPU
+            saved = saved[min(torch.cuda.current_device(), len(saved) - 1)] if len(saved) else None
+        if saved is not None:
+            torch.cuda.set_rng_state(saved)
 
 
 def load_trained(checkpoint: str | Path, ckpt: dict | None = None) -> nn.Module:

@@ -84,13 +84,28 @@ def start(profile: str, overrides: dict | list[str] | None = None, study: str | 
         print(f"[segstudy] trials {', '.join(map(str, failed))} were left running by a process that is gone: "
               f"marked failed, their parameters queued again", flush=True)
     tuning.parent_run = _parent_run(tuning)
+    if cfg.train.gpus > 1:
+        print(one_gpu_line(tuning), flush=True)
     return tuning
+
+
+def one_gpu_line(tuning: Tuning) -> str:
+    """What a study started with train.gpus = N > 1 (./run_all.sh full --gpus N) does with the GPUs."""
+    n, visible = tuning.cfg.train.gpus, os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f"CUDA_VISIBLE_DEVICES={visible}: the first of them" if visible else "the first visible GPU"
+    journal = tuning.out / "study.journal"
+    return (f"[segstudy] tuning: train.gpus = {n}, but a trial trains in one process on one GPU ({where}), one "
+            f"trial at a time; to use {n} GPUs start {n} workers on one storage: "
+            f"CUDA_VISIBLE_DEVICES=N SEGSTUDY_WORKER=N segstudy tune --profile {tuning.profile} --trials K "
+            f"--storage journal:{journal}, for N = 0 ... {n - 1}")
 
 
 def budget(cfg: Config) -> dict[str, Any]:
     """The overrides every trial trains with: the model, its schedule, a validation per epoch."""
     tune = cfg.tune
-    return ({"model.name": tune.model, "train.epochs": tune.epochs, "train.val_every": 1}
+    # one process, one GPU per trial (train.gpus > 1 is the profile's DDP, not the trials'): several GPUs
+    # run several workers on one storage (one_gpu_line says how)
+    return ({"model.name": tune.model, "train.epochs": tune.epochs, "train.val_every": 1, "train.gpus": 1}
             | ({"train.max_steps": tune.max_steps} if tune.max_steps else {})
             | ({"data.max_images": tune.max_images} if tune.max_images else {}))
 
@@ -113,9 +128,6 @@ def check(cfg: Config, profile: str, overrides: dict) -> None:
     if not cfg.tune.space:
         raise UserError(f"{where} is empty; declare the keys to search, e.g. "
                         f"train.lr: {{type: log_float, low: 0.0001, high: 0.01}}")
-    if cfg.train.gpus > 1:
-        raise UserError("segstudy tune trains each trial in one process: set train.gpus: 1 and start one worker "
-                        "per GPU instead (CUDA_VISIBLE_DEVICES=N segstudy tune ... --storage SHARED)")
     for key, spec in cfg.tune.space.items():
         for value in _extremes(spec):
             try:
