@@ -24,5 +24,5 @@ echo "[run_all] outputs in $out; disk: $(du -sh "$root" | cut -f1) in $root ($(d
 if [ -f "$out/report.html" ]; then
     echo "[run_all] report: $out/report.html (every notebook: $out/index.html)"
 else
-    echo "[run_all] no report yet: it is written when notebook 06 runs (./run_all.sh $profile --only 06)"
+    echo "[run_all] no report yet: it is written when notebook 08 runs (./run_all.sh $profile --only 08)"
 fi
