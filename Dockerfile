@@ -2,16 +2,20 @@
 # is linted and built by CI's docker job, not by the test suite).
 #
 #   docker build -t segstudy:0.1.0 .                              # GPU training image (default target)
-#   docker run --gpus all -v /data/cityscapes:/data/cityscapes -v $PWD/outputs:/opt/segstudy/outputs \
-#       segstudy:0.1.0                                            # = ./run_all.sh full
+#   docker run --gpus all --ipc=host -v /data/cityscapes:/data/cityscapes \
+#       -v $PWD/outputs:/opt/segstudy/outputs segstudy:0.1.0     # = ./run_all.sh full
 #   docker build --target serve -t segstudy-serve:0.1.0 .         # CPU REST server (MLflow's, + /metrics)
 #   docker run -p 8080:8080 -e MLFLOW_TRACKING_URI=http://mlflow:5000 \
 #       -e MODEL_URI=models:/segstudy-custom@champion segstudy-serve:0.1.0
 #
+# --ipc=host: the loader workers pass their batches through /dev/shm, and Docker's default 64 MB
+# holds none of full's (5.3 GiB on one GPU or four: data/shared_memory.py, which stops a
+# run that lacks the room before it trains); --shm-size=<N>g is the alternative.
+#
 # Both install requirements.lock (hash-checked) through scripts/setup_env.sh; SEGSTUDY_TORCH picks
-# the torch build (cpu for the server; for training the PyPI default, whose CUDA 13 libraries match
-# the base below: build with --build-arg CUDA_BASE=... --build-arg SEGSTUDY_TORCH=cu128 for an
-# older driver).
+# the torch build (cpu for the server; for training the PyPI default, whose CUDA 13.0 libraries
+# match the base below and need a driver >= 580: for a driver from 525.60.13 build with
+# --build-arg CUDA_BASE=nvidia/cuda:12.6.3-runtime-ubuntu24.04 --build-arg SEGSTUDY_TORCH=cu126).
 
 # CUDA runtime base. torch's wheel ships its own CUDA libraries (nvidia-* wheels, CUDA 13 for
 # torch 2.14.1 from PyPI); the base brings the NVIDIA container settings for the same major version.

@@ -5,13 +5,14 @@
 #
 # Which environment: $SEGSTUDY_VENV if set, else an active virtualenv ($VIRTUAL_ENV) or conda
 # environment other than base ($CONDA_PREFIX), else .venv in the repository (created here).
-# Which torch build: SEGSTUDY_TORCH=default (PyPI's wheel: CUDA 13 on Linux x86_64), cpu (no
-# CUDA libraries: laptops, CPU CI runners, the serving image) or a CUDA tag such as cu126 / cu128 /
-# cu130, taken from PyTorch's wheel index (SEGSTUDY_TORCH_INDEX_URL, default
-# https://download.pytorch.org/whl). Unset: scripts/torch_variant.py chooses when it creates an
-# environment, cpu on a machine without an NVIDIA GPU if that index answers, else default (one
-# [setup] line says which); that environment keeps its build, through reinstalls too, until
-# SEGSTUDY_TORCH asks for another. The version is the lock's (torch==2.14.1) in every case.
+# Which torch build: SEGSTUDY_TORCH=default (PyPI's wheel: CUDA 13.0 on Linux x86_64), cpu (no
+# CUDA libraries: laptops, CPU CI runners, the serving image) or a CUDA tag that PyTorch publishes
+# torch 2.14 for (cu126, cu130, cu132), taken from PyTorch's wheel index (SEGSTUDY_TORCH_INDEX_URL,
+# default https://download.pytorch.org/whl). Unset: scripts/torch_variant.py chooses when it
+# creates an environment (one [setup] line says which and why): with an NVIDIA GPU the newest build
+# its driver runs; without one cpu if that index answers, else default. That environment keeps its
+# build, through reinstalls too, until SEGSTUDY_TORCH asks for another (which replaces torch and
+# torchvision). The version is the lock's (torch==2.14.1) in every case.
 #
 # How: the lock's entries the project and its extras need (scripts/lock_select.py), hash-checked
 # (pip --require-hashes --no-deps); for a build other than default, torch and torchvision (and the
@@ -38,7 +39,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
-STAMP="$VENV/.segstudy-installed"  # the torch build installed (default, cpu, cu128, ...)
+STAMP="$VENV/.segstudy-installed"  # the torch build installed (default, cpu, cu126, ...)
 INSTALLED="$(cat "$STAMP" 2>/dev/null || true)"
 # pip, its output less this machine's notes on missing local index folders; fails when pip fails
 pip_quiet() {
@@ -55,6 +56,11 @@ if [ -z "$INSTALLED" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$LOCK" -
   start=$(date +%s)
   failed() { echo "[setup] installation failed ($1): see the pip output above" >&2; exit 1; }
   pip_quiet install -q --upgrade pip || failed "upgrading pip"
+  if [ -n "$INSTALLED" ] && [ "$INSTALLED" != "$TORCH_VARIANT" ]; then
+    # another build's torch: every build's metadata says 2.14.1 (or 2.14.1+<build>, which ==2.14.1
+    # matches too), so pip would keep it as "already satisfied"
+    pip_quiet uninstall -y -q torch torchvision || failed "removing the $INSTALLED build of torch"
+  fi
   extras="${SEGSTUDY_EXTRAS-dev,lab,wandb}"  # the images set it empty: no test tools, no JupyterLab
   select=("$ROOT/scripts/lock_select.py" --lock "$LOCK" --pyproject "$ROOT/pyproject.toml" --extras "$extras")
   [ "$TORCH_VARIANT" = "default" ] || select+=(--without-torch)

@@ -266,6 +266,42 @@ def _uses_lines() -> list[str]:
             if re.match(r"^\s*(- )?uses:", line)]
 
 
+# what the manifests' memory comments add up, besides the batches: a loader worker's own memory
+# (peak USS of one worker of full's loaders at 2048x1024, measured on CPU: validation 405-566 MiB,
+# training 147-210 MiB) and a rank process's (Python, torch and its CUDA libraries, the model: an
+# estimate, no GPU here)
+VAL_WORKER, TRAIN_WORKER, RANK_PROCESS = 0.6 * 2**30, 0.25 * 2**30, 3 * 2**30
+
+
+def _bytes(quantity: str) -> float:
+    """A Kubernetes memory quantity ('24Gi', '512Mi', '8G') in bytes."""
+    number, unit = re.fullmatch(r"([\d.]+)([KMGT]i?)?", quantity).groups()
+    return float(number) * ({"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+                             "Ti": 2**40}[unit] if unit else 1)
+
+
+@pytest.mark.parametrize("name", ["k8s/train-job.yaml", "k8s/tune-job.yaml"])
+def test_gpu_jobs_memory_fits_full_s_ranks_and_loader_workers(name, monkeypatch):
+    """/dev/shm holds every batch the ranks' loader workers may have in flight; the memory request
+    holds those batches twice (in /dev/shm, then pinned), every worker and every rank process; the
+    limit is at least the request. The memory-backed emptyDir counts against the limit."""
+    from segstudy.config import load_config
+    from segstudy.data.shared_memory import loader_shm_bytes
+
+    monkeypatch.setenv("CITYSCAPES_ROOT", "/data/cityscapes")
+    job = _load(name)
+    pod, resources = job["spec"]["template"]["spec"], _container(job)["resources"]
+    ranks = int(resources["limits"]["nvidia.com/gpu"])
+    cfg = load_config("full", {"train.gpus": ranks})
+    shm = next(v["emptyDir"] for v in pod["volumes"] if v["name"] == "dshm")
+    batches = loader_shm_bytes(cfg)
+    assert shm["medium"] == "Memory" and batches <= _bytes(shm["sizeLimit"]) <= batches + 4 * 2**30
+    workers = ranks * cfg.data.num_workers * (VAL_WORKER + TRAIN_WORKER)  # both loaders' workers persist
+    need = 2 * batches + workers + ranks * RANK_PROCESS
+    requested, limit = _bytes(resources["requests"]["memory"]), _bytes(resources["limits"]["memory"])
+    assert need <= requested <= limit, f"{name}: {need / 2**30:.1f} GiB needed, {requested / 2**30:.0f} requested"
+
+
 def test_ci_actions_are_pinned_to_commits_and_the_token_is_read_only():
     uses = _uses_lines()
     assert len(uses) == 5

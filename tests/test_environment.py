@@ -101,12 +101,22 @@ def test_lock_selection_follows_the_extras_and_the_torch_build():
     assert {"sympy", "filelock", "networkx"} <= no_torch  # torch's own dependencies stay hash-checked
 
 
-def _torch_variant(index_url: str, tmp_path: Path, gpu: bool = False) -> subprocess.CompletedProcess:
-    smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n" if gpu else "#!/bin/sh\nexit 9\n")
-    smi.chmod(0o755)
-    env = {**os.environ, "SEGSTUDY_TORCH_INDEX_URL": index_url, "SEGSTUDY_NVIDIA_SMI": str(smi),
-           "SEGSTUDY_NVIDIA_PROC": str(tmp_path / "no-driver")}
+def fake_nvidia_smi(folder: Path, driver: str | None) -> Path:
+    """An `nvidia-smi` in `folder`/bin for one H100 with `driver`, or for a machine without a GPU
+    (None: it fails, as nvidia-smi does without a driver); returns the folder to put first on PATH."""
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    answers = (f"case \"$*\" in\n  -L) echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)';;\n"
+               f"  '--query-gpu=driver_version --format=csv,noheader') echo '{driver}';;\n  *) exit 2;;\nesac\n")
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n" + (answers if driver else "exit 9\n"))
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return bin_dir
+
+
+def _torch_variant(index_url: str, tmp_path: Path, driver: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SEGSTUDY_NVIDIA_SMI"}  # the nvidia-smi on PATH
+    env |= {"SEGSTUDY_TORCH_INDEX_URL": index_url, "SEGSTUDY_NVIDIA_PROC": str(tmp_path / "no-driver"),
+            "PATH": f"{fake_nvidia_smi(tmp_path, driver)}:{os.environ['PATH']}"}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "torch_variant.py")], env=env,
                           capture_output=True, text=True, timeout=30, check=True)
 
@@ -143,9 +153,48 @@ def test_no_gpu_and_no_cpu_index_falls_back_to_pypi_in_one_line(tmp_path):
     assert "PyPI's default torch build" in lines[0]
 
 
-def test_a_gpu_keeps_the_default_build_without_asking_the_index(tmp_path, local_torch_index):
-    result = _torch_variant("http://127.0.0.1:9/whl", tmp_path, gpu=True)
-    assert result.stdout.strip() == "default" and "NVIDIA GPU found" in result.stderr
+@pytest.mark.parametrize("driver, variant", [("580.95.05", "default"), ("595.71.05", "default"),
+                                             ("570.86.15", "cu126"), ("535.104.05", "cu126")])
+def test_a_gpu_gets_the_newest_build_its_driver_runs_without_asking_the_index(tmp_path, driver, variant):
+    result = _torch_variant("http://127.0.0.1:9/whl", tmp_path, driver)
+    assert result.stdout.strip() == variant
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"[setup] NVIDIA GPU found, driver {driver}")
+    assert ("CUDA 13.0" if variant == "default" else "torch's CUDA 12.6 build (cu126)") in lines[0]
+
+
+def test_a_driver_too_old_for_every_build_is_named_with_what_to_do(tmp_path):
+    result = _torch_variant("http://127.0.0.1:9/whl", tmp_path, "470.82.01")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[setup] NVIDIA driver 470.82.01 is older than every CUDA build")
+    assert ">= 525.60.13" in lines[0] and "updated to >= 580" in lines[0] and "SEGSTUDY_TORCH=cpu" in lines[0]
+    assert result.stdout.strip() == "default"
+
+
+def fake_venv(tmp_path: Path, build: str) -> tuple[Path, Path]:
+    """An environment whose python only logs its arguments (no pip runs), installed with `build`."""
+    venv, log = tmp_path / "venv", tmp_path / "python.log"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f"#!/bin/sh\necho \"$*\" >> '{log}'\n")
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / ".segstudy-installed").write_text(f"{build}\n")
+    return venv, log
+
+
+def test_asking_for_another_build_replaces_torch_as_the_advice_types_it(tmp_path):
+    """`SEGSTUDY_TORCH=cu126 ./scripts/setup_env.sh` (resolve_device's advice) on an environment with the
+    default build: torch and torchvision are removed first (pip would keep them: 2.14.1 matches either
+    build), then come from the cu126 index."""
+    venv, log = fake_venv(tmp_path, "default")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX")}
+    env |= {"SEGSTUDY_VENV": str(venv), "SEGSTUDY_TORCH_INDEX_URL": "http://127.0.0.1:9/whl"}
+    result = subprocess.run(["bash", "-c", "SEGSTUDY_TORCH=cu126 ./scripts/setup_env.sh"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    removed = calls.index("-m pip uninstall -y -q torch torchvision")
+    added = next(i for i, c in enumerate(calls) if "--index-url http://127.0.0.1:9/whl/cu126 torch==2.14.1" in c)
+    assert removed < added and (venv / ".segstudy-installed").read_text().strip() == "cu126"
 
 
 def test_an_installed_environment_is_reused_without_asking_again(tmp_path):

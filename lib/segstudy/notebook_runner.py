@@ -32,6 +32,7 @@ from traitlets.config import Config as TraitletsConfig
 
 from segstudy.config import PROJECT_ROOT, Config, load_config, resolve_profile
 from segstudy.data.datasets import prepare_data, unset_datasets
+from segstudy.data.shared_memory import check_shared_memory
 from segstudy.engine import provenance
 from segstudy.engine import timings as timing_records
 from segstudy.errors import UserError
@@ -182,6 +183,7 @@ def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None
     notebooks = list_notebooks(notebooks_dir, only)
     for nb in notebooks:
         check_parameters(nb)
+    check_shared_memory(cfg)  # a container's 64 MB /dev/shm stops the first training's workers otherwise
     prepare_data(cfg)
     out_dir = cfg.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ from segstudy.data.datasets import (
     training_set,
 )
 from segstudy.data.labels import NUM_CLASSES
+from segstudy.data.shared_memory import check_shared_memory
 from segstudy.engine import launch, measure, provenance, run_folder, timings
 from segstudy.engine.device import autocast_dtype, init_distributed, resolve_device
 from segstudy.engine.evaluation import confusion_over, eval_loader
@@ -118,6 +119,7 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
     amp_dtype = autocast_dtype(tcfg.amp, device)
     fixed_shape_kernels(device)
     if rank == 0:
+        check_shared_memory(cfg)  # for this machine's train.gpus processes, before any worker starts
         prepare_data(cfg, training_datasets(cfg))
     if world > 1:
         dist.barrier()
