@@ -99,14 +99,45 @@ def test_structured_checkpoint_round_trip(tmp_path):
         load_trained(tmp_path / "unmarked.pt")
 
 
+def _taylor_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(1)
+    return [(torch.randn(2, 3, 32, 32), torch.randint(0, 19, (2, 32, 32))) for _ in range(2)]
+
+
 def test_taylor_needs_batches_and_uses_them():
     model = _model()
+    before = {name: b.clone() for name, b in model.named_buffers()}
     pruner = prune.structured_pruner(model, 0.3, "taylor")
     with pytest.raises(UserError, match="taylor needs training batches"):
         prune.structured_step(pruner, model)
-    batches = [(torch.randn(1, 3, 32, 32), torch.randint(0, 19, (1, 32, 32)))]
-    prune.structured_step(pruner, model, batches)
+    prune.structured_step(pruner, model, _taylor_batches())
     assert prune.classifiers(model)[0].in_channels < 32
+    # the kept channels keep the dense model's running statistics: pruning selects them, scoring moved none
+    for name, stats in model.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            assert torch.isin(stats, before[name]).all(), name
+
+
+def test_taylor_scoring_leaves_every_buffer_as_it_was():
+    model = _model()
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    pruner = prune.structured_pruner(model, 0.0, "taylor")  # removes nothing: every buffer keeps its shape
+    prune.structured_step(pruner, model, _taylor_batches())
+    after = dict(model.named_buffers())
+    assert after.keys() == before.keys()
+    changed = [name for name, b in before.items() if not torch.equal(after[name], b)]
+    assert not changed  # BatchNorm's running_mean / running_var / num_batches_tracked included
+
+
+def test_taylor_batches_follow_the_models_weights():
+    """The batches are moved to the weights' device and dtype: a fine-tune between pruning steps leaves
+    the model on the GPU while the batches come from a CPU loader. This machine has no second device,
+    so the test shows the move through the dtype (float64 weights, float32 batches)."""
+    model = _model().double()
+    pruner = prune.structured_pruner(model, 0.3, "taylor")
+    prune.structured_step(pruner, model, _taylor_batches())
+    assert prune.classifiers(model)[0].in_channels < 32
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import io
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -166,7 +167,7 @@ def structured_pruner(model: nn.Module, ratio: float, importance: str = "group_n
                             f"use module names such as backbone.layer4 or head")
         ratio_dict[modules[name]] = r
     model.eval()
-    example = torch.randn(1, 3, *example_size, device=next(model.parameters()).device)
+    example = torch.randn(1, 3, *example_size, **_parameters_of(model))
     return tp.pruner.MetaPruner(
         model, example, importance=_importance(importance), pruning_ratio=ratio, iterative_steps=steps,
         global_pruning=global_pruning, pruning_ratio_dict=ratio_dict or None, ignored_layers=classifiers(model),
@@ -175,16 +176,33 @@ def structured_pruner(model: nn.Module, ratio: float, importance: str = "group_n
         output_transform=lambda out: sum(out.values()))
 
 
+def _parameters_of(model: nn.Module) -> dict:
+    """The device and dtype of the model's weights: where its inputs must be (a fine-tune between
+    pruning steps may have moved it to the GPU)."""
+    weight = next(model.parameters())
+    return {"device": weight.device, "dtype": weight.dtype}
+
+
+def taylor_gradients(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The loss gradients Taylor importance reads (|weight x gradient|), summed over (image, target)
+    `batches` moved to the model's device and dtype. Eval mode rather than saving and restoring the
+    buffers: BatchNorm uses its running statistics and leaves them as they were (training-mode passes
+    moved them, so the scored model was not the dense one the other criteria prune), dropout is off,
+    and the scores are those of the model as deployed, not of batch statistics that nothing runs."""
+    on = _parameters_of(model)
+    model.eval()
+    model.zero_grad()
+    for image, target in batches:
+        logits = model(image.to(**on))["out"]
+        nn.functional.cross_entropy(logits, target.to(on["device"]), ignore_index=255).backward()
+
+
 def structured_step(pruner: tp.pruner.MetaPruner, model: nn.Module, taylor_batches=None) -> nn.Module:
     """One pruning step. Taylor importance needs gradients: pass a few (image, target) batches."""
     if isinstance(pruner.importance, tp.importance.GroupTaylorImportance):
         if not taylor_batches:
             raise UserError("prune.importance = taylor needs training batches for its gradients")
-        model.train()
-        model.zero_grad()
-        for image, target in taylor_batches:
-            logits = model(image)["out"]
-            nn.functional.cross_entropy(logits, target, ignore_index=255).backward()
+        taylor_gradients(model, taylor_batches)
     pruner.step()
     model.zero_grad(set_to_none=True)
     for conv in classifiers(model):
