@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from segstudy.data.cityscapes import Sample, SegmentationFolder, read_label_array
-from segstudy.data.labels import IGNORE_INDEX, NUM_CLASSES
+from segstudy.data.labels import IGNORE_INDEX, MAX_LABEL_ID, NUM_CLASSES
 from segstudy.errors import UserError
 
 
@@ -40,8 +40,25 @@ class BDD100KSegmentation(SegmentationFolder):
 
     def load_train_ids(self, sample: Sample) -> np.ndarray:
         arr = read_label_array(sample.label)
-        bad = (arr >= NUM_CLASSES) & (arr != IGNORE_INDEX)
-        if arr.ndim != 2 or bad.any():
-            raise UserError(f"{sample.label} is not a BDD100K sem_seg mask: expected one channel "
-                            f"of train ids 0..{NUM_CLASSES - 1} or {IGNORE_INDEX}")
+        expected = (f"{sample.label} is not a BDD100K sem_seg mask: expected one channel of train ids "
+                    f"0..{NUM_CLASSES - 1} or {IGNORE_INDEX}")
+        if arr.ndim != 2:
+            raise UserError(f"{expected}, found {arr.shape[2]} channels (a colour PNG?); use the masks of "
+                            f"BDD100K's labels/sem_seg/masks/")
+        values = np.unique(arr)
+        if bad := [int(v) for v in values if v >= NUM_CLASSES and v != IGNORE_INDEX]:
+            raise UserError(f"{expected}, found {_listed(bad)}; {_what_it_looks_like(values)}")
         return arr.astype(np.uint8)
+
+
+def _listed(values: list[int], most: int = 8) -> str:
+    return ", ".join(map(str, values[:most])) + (f" and {len(values) - most} more" if len(values) > most else "")
+
+
+def _what_it_looks_like(values: np.ndarray) -> str:
+    """The advice for a mask of other ids (255 aside): Cityscapes label ids (0..33) are the usual mix-up."""
+    ids = [int(v) for v in values if v != IGNORE_INDEX]
+    if max(ids) <= MAX_LABEL_ID:
+        return (f"its values {_listed(ids)} look like Cityscapes label ids (0..{MAX_LABEL_ID}): map them to "
+                f"train ids (segstudy.data.labels.to_train_ids) or use BDD100K's own sem_seg masks")
+    return "use the masks of BDD100K's labels/sem_seg/masks/ (not its colour maps or instance masks)"

@@ -59,13 +59,22 @@ def cityscapes_samples(root: str | Path, split: str) -> list[Sample]:
     return samples
 
 
-def read_image(path: Path) -> Image.Image:
+def read_image(path: Path, header_only: bool = False) -> Image.Image:
+    """The image as RGB; with `header_only`, opened and closed without decoding its pixels (its .size)."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return im if header_only else im.convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path} is not a readable image (corrupt or truncated: {exc}); "
                         f"replace the file or regenerate the dataset") from exc
+
+
+def check_label_size(sample: Sample, label_shape: tuple[int, ...], image_size: tuple[int, int]) -> None:
+    """A label (H, W) must have its image's (width, height); the message names the label as the odd one."""
+    if tuple(label_shape) != image_size[::-1]:
+        raise UserError(f"size mismatch: ground truth {sample.label} is {label_shape[1]}x{label_shape[0]} but its "
+                        f"image {sample.image} is {image_size[0]}x{image_size[1]}; labels must have their image's "
+                        f"size: replace the label file, or regenerate the dataset if it was generated")
 
 
 def read_label_array(path: Path) -> np.ndarray:
@@ -141,10 +150,7 @@ class SegmentationFolder(Dataset):
         sample = self.samples[index]
         image = read_image(sample.image)
         target = self.load_train_ids(sample)
-        if target.shape != (image.height, image.width):
-            raise UserError(f"size mismatch: image {sample.image} is {image.width}x{image.height} "
-                            f"but its label {sample.label} is {target.shape[1]}x{target.shape[0]}; "
-                            f"labels must have the image's size")
+        check_label_size(sample, target.shape, image.size)
         return image, target
 
     def decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,13 +16,19 @@ ignored (255), so a barrier standing on the road is not road.
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
+import itertools
 import json
+import sys
+import typing
 import warnings
 from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as coco_mask
+from pydantic import PositiveInt, TypeAdapter, ValidationError
+from typing_extensions import TypedDict  # pydantic reads typing.TypedDict only from Python 3.12
 
 from segstudy.data.cityscapes import Sample, SegmentationFolder
 from segstudy.data.labels import IGNORE_INDEX, name_to_train_id
@@ -58,11 +64,56 @@ UNMAPPED = (
 LABELLED = tuple(sorted({name_to_train_id(name) for name in NUIMAGES_TO_TRAIN.values()}))  # the classes scored
 
 
+class RleMask(TypedDict):
+    size: tuple[PositiveInt, PositiveInt]  # [h, w]
+    counts: str  # base64 of pycocotools' compressed counts
+
+
+class CategoryRecord(TypedDict):
+    token: str
+    name: str
+
+
+class SampleDataRecord(TypedDict):
+    token: str
+    filename: str
+    width: PositiveInt
+    height: PositiveInt
+    is_key_frame: bool
+
+
+class AnnotationRecord(TypedDict):  # object_ann and surface_ann
+    token: str
+    sample_data_token: str
+    category_token: str
+    mask: RleMask | None  # None: an annotation without a mask, which the devkit skips too
+
+
+# The fields segstudy reads of each table's records (the tables hold more; the rest is dropped).
+RECORDS = {"category": CategoryRecord, "sample_data": SampleDataRecord, "object_ann": AnnotationRecord,
+           "surface_ann": AnnotationRecord}
+MASK_FORM = "mask ({'size': [h, w], 'counts': base64 text} or null)"
+
+
 def mask_decode(mask: dict) -> np.ndarray:
-    """An nuImages mask ({'size': [h, w], 'counts': base64 text}) -> uint8 [h, w] of 0/1."""
+    """An nuImages mask ({'size': [h, w], 'counts': base64 text}) -> uint8 [h, w] of 0/1; ValueError
+    saying why for counts that are not base64, not a COCO run-length encoding, or not h x w pixels."""
+    try:
+        counts = base64.b64decode(mask["counts"], validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"its counts are not base64 text ({exc})") from None
+    h, w = mask["size"]
     with warnings.catch_warnings():  # pycocotools 2.0's __array__ predates numpy 2's copy keyword: harmless
         warnings.simplefilter("ignore", DeprecationWarning)
-        return coco_mask.decode({"size": mask["size"], "counts": base64.b64decode(mask["counts"])})
+        try:
+            binary = coco_mask.decode({"size": [h, w], "counts": counts})
+        except ValueError as exc:  # pycocotools refuses runs past h x w, and bytes that are no run length
+            raise ValueError(f"its counts are not a COCO run-length encoding of {w}x{h} pixels ({exc})") from None
+        # runs that stop short of h x w leave the rest of pycocotools' buffer unset (whatever memory held);
+        # its own encoding of what it decoded differs from the counts exactly then
+        if coco_mask.encode(np.asfortranarray(binary))["counts"] != counts:
+            raise ValueError(f"its run lengths do not cover its {w}x{h} pixels exactly")
+    return binary
 
 
 def mask_encode(binary: np.ndarray) -> dict:
@@ -71,42 +122,68 @@ def mask_encode(binary: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": base64.b64encode(rle["counts"]).decode("ascii")}
 
 
+@functools.cache
+def _records(name: str) -> TypeAdapter:
+    return TypeAdapter(list[RECORDS[name]])
+
+
 def _table(folder: Path, name: str) -> list[dict]:
     path = folder / f"{name}.json"
     try:
-        rows = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{folder.parent} is not in nuImages layout: {path} is missing (ROOT/v1.0-<split>/ "
-                        f"holds {', '.join(t + '.json' for t in TABLES)}); point the root at the folder "
-                        f"that holds v1.0-train/ and samples/") from None
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable nuImages table ({exc}); download it again") from None
-    if not isinstance(rows, list):
-        raise UserError(f"{path} must hold a JSON list of records, as nuImages v1.0 tables do")
-    return rows
+        return _records(name).validate_json(path.read_bytes())
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read ({exc}); download the {folder.name} tables again") from None
+    except ValidationError as exc:
+        raise UserError(_table_problem(path, name, exc.errors()[0])) from None
+
+
+def _table_problem(path: Path, name: str, error: dict) -> str:
+    """pydantic's first complaint about a table -> one line naming the record, the field and the form."""
+    fields = ", ".join(MASK_FORM if f == "mask" else f for f in typing.get_type_hints(RECORDS[name]))
+    loc, advice = error["loc"], f"each record must hold {fields}, as in nuImages v1.0"
+    if error["type"] == "json_invalid":
+        return f"{path} is not valid JSON ({error['msg'].removeprefix('Invalid JSON: ')}); download it again"
+    if not loc:
+        return f"{path}: expected a JSON list of records, found {_short(error['input'])}; {advice}"
+    if len(loc) == 1:
+        return f"{path}: record {loc[0]}: expected a record (a JSON object), found {_short(error['input'])}; {advice}"
+    record = json.loads(path.read_bytes())[loc[0]]  # the failing record as written (the error path only)
+    named = list(itertools.takewhile(lambda part: isinstance(part, str), loc[1:]))
+    value = functools.reduce(lambda v, key: v.get(key) if isinstance(v, dict) else None, named, record)
+    inner = ".".join(map(str, loc[1 + len(named):]))
+    why = f"{'item ' + inner + ': ' if inner else ''}{error['msg'][0].lower()}{error['msg'][1:]}"
+    found = "is missing" if value is None and error["type"] == "missing" else f"is {_short(value)} ({why})"
+    return f"{path}: record {loc[0]} (token {record.get('token', '?')}): {'.'.join(named)} {found}; {advice}"
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @functools.lru_cache(maxsize=8)
 def _index(folder: Path, stamp: float) -> dict:
-    """The split's tables, indexed: key-frame sample_data by token, annotations by sample_data token."""
+    """The split's tables, indexed: key-frame sample_data by token, annotations by sample_data token
+    (each as (drawing order, category name, mask, table, annotation token))."""
     del stamp  # part of the cache key only: a table rewritten on disk is read again
     tables = {name: _table(folder, name) for name in TABLES}
     names = {c["token"]: c["name"] for c in tables["category"]}
     _check_mapping(folder / "category.json", set(names.values()))
-    anns: dict[str, list[tuple[int, str, dict]]] = {}
+    anns: dict[str, list[tuple[int, str, dict, str, str]]] = {}
     for order, kind in enumerate(("surface_ann", "object_ann")):
         for ann in sorted(tables[kind], key=lambda a: a["token"]) if kind == "object_ann" else tables[kind]:
             if ann["category_token"] not in names:
                 raise UserError(f"{folder / (kind + '.json')}: annotation {ann['token']} has category token "
                                 f"{ann['category_token']}, which {folder / 'category.json'} does not list; "
                                 f"the tables are from different versions: download the split again")
-            if ann.get("mask") is not None:
-                anns.setdefault(ann["sample_data_token"], []).append((order, names[ann["category_token"]],
-                                                                      ann["mask"]))
-    frames = {sd["token"]: sd for sd in tables["sample_data"] if sd.get("is_key_frame")}
+            if ann["mask"] is not None:
+                anns.setdefault(ann["sample_data_token"], []).append(
+                    (order, names[ann["category_token"]], ann["mask"], kind, ann["token"]))
+    frames = {sd["token"]: sd for sd in tables["sample_data"] if sd["is_key_frame"]}
     # predictions are named after the image file (segstudy predict), so samples are too
     stems = {Path(sd["filename"]).stem: token for token, sd in frames.items()}
-    return {"frames": frames, "anns": anns, "stems": stems}
+    unknown = sorted(set(names.values()) - {*NUIMAGES_TO_TRAIN, *UNMAPPED})
+    return {"frames": frames, "anns": anns, "stems": stems, "unknown": unknown}
 
 
 def _check_mapping(path: Path, present: set[str]) -> None:
@@ -126,11 +203,14 @@ def split_folder(root: str | Path, split: str) -> Path:
 
 def _indexed(root: Path, split: str) -> dict:
     folder = split_folder(root, split)
+    layout = f"{folder.name}/ with {', '.join(t + '.json' for t in TABLES)}, and samples/CAM_*/*.jpg"
     if not folder.is_dir():
-        raise UserError(f"{root} is not in nuImages layout: expected the folder {folder} (v1.0-{split}/ with "
-                        f"{', '.join(t + '.json' for t in TABLES)}, and samples/CAM_*/*.jpg)")
-    stamp = max((folder / f"{t}.json").stat().st_mtime for t in TABLES if (folder / f"{t}.json").is_file())
-    return _index(folder, stamp)
+        raise UserError(f"{root} is not in nuImages layout: expected the folder {folder} ({layout})")
+    missing = [f"{t}.json" for t in TABLES if not (folder / f"{t}.json").is_file()]
+    if missing:
+        raise UserError(f"{root} is not in nuImages layout: {folder} lacks {', '.join(missing)} ({layout}); "
+                        f"point the root at the folder that holds {folder.name}/ and samples/")
+    return _index(folder, max((folder / f"{t}.json").stat().st_mtime for t in TABLES))
 
 
 def nuimages_samples(root: str | Path, split: str) -> list[Sample]:
@@ -157,6 +237,10 @@ class NuImagesSegmentation(SegmentationFolder):
         self.root, self.split = Path(root), split
         samples = nuimages_samples(root, split)
         super().__init__(samples[:max_images] if max_images else samples, transforms, cache_mb)
+        if unknown := _indexed(self.root, split)["unknown"]:  # once per reader, not per image
+            print(f"[segstudy] {split_folder(root, split) / 'category.json'} lists categories segstudy does "
+                  f"not know: {', '.join(unknown)}; their annotations count as ignored (255) (map them in "
+                  f"NUIMAGES_TO_TRAIN or list them in UNMAPPED in {__file__})", file=sys.stderr, flush=True)
 
     def _frame(self, sample: Sample) -> tuple[dict, list]:
         index = _indexed(self.root, self.split)
@@ -167,18 +251,25 @@ class NuImagesSegmentation(SegmentationFolder):
         """(width, height) of every mask of the image, which must all agree with the table's size."""
         frame, anns = self._frame(sample)
         size = (frame["width"], frame["height"])
-        for _, category, mask in anns:
+        for _, category, mask, table, token in anns:
             if tuple(mask["size"][::-1]) != size:
-                raise UserError(f"a {category} mask of {sample.image} in {sample.label.parent} is "
-                                f"{mask['size'][1]}x{mask['size'][0]}, but the image is {size[0]}x{size[1]} "
-                                f"(sample_data.json); the tables do not belong to these images")
+                raise UserError(f"{sample.label.parent / table}.json: annotation {token}: the {category} mask of "
+                                f"{sample.image} (sample_data {frame['token']}) is {mask['size'][1]}x"
+                                f"{mask['size'][0]}, but the image is {size[0]}x{size[1]} (sample_data.json); "
+                                f"the tables do not belong to these images")
         return size
 
     def load_train_ids(self, sample: Sample) -> np.ndarray:
         frame, anns = self._frame(sample)
         self.label_size(sample)
         out = np.full((frame["height"], frame["width"]), IGNORE_INDEX, np.uint8)
-        for _, category, mask in sorted(anns, key=lambda a: a[0]):  # surfaces, then objects
+        for _, category, mask, table, token in sorted(anns, key=lambda a: a[0]):  # surfaces, then objects
+            try:
+                binary = mask_decode(mask)
+            except ValueError as exc:
+                raise UserError(f"{sample.label.parent / table}.json: annotation {token} ({category}) of "
+                                f"{sample.image}: {exc}; expected {MASK_FORM} as nuImages v1.0 writes it: "
+                                f"download the {sample.label.parent.name} tables again") from None
             target = NUIMAGES_TO_TRAIN.get(category)
-            out[mask_decode(mask).astype(bool)] = name_to_train_id(target) if target else IGNORE_INDEX
+            out[binary.astype(bool)] = name_to_train_id(target) if target else IGNORE_INDEX
         return out

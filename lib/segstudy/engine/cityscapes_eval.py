@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from segstudy.data import labels
-from segstudy.data.cityscapes import STEM, read_label_array
+from segstudy.data.cityscapes import STEM, check_label_size, read_image, read_label_array
 from segstudy.data.datasets import DATASETS
 from segstudy.engine.metrics import ConfusionMatrix, nanmean, scored_on
 from segstudy.errors import UserError
@@ -138,6 +138,7 @@ def evaluate_folder(data_root: str | Path, split: str, pred_dir: str | Path,
     have_instances = cityscapes
     for sample in tqdm(samples, desc="evaluate", unit="img", disable=not progress, mininterval=1.0):
         gt = reader.load_train_ids(sample)
+        check_label_size(sample, gt.shape, read_image(sample.image, header_only=True).size)  # before blaming pred
         path = preds[sample.stem]
         pred = read_prediction(path, pred_dir)
         if pred.ndim != 2:
