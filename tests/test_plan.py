@@ -14,7 +14,7 @@ from segstudy.config import load_config
 from segstudy.data.datasets import dataset_names
 from segstudy.engine import timings
 from segstudy.notebook_runner import NOTEBOOKS_DIR
-from segstudy.studies import plan
+from segstudy.studies import plan, quantization
 
 
 @pytest.fixture()
@@ -25,13 +25,15 @@ def smoke(tmp_path, tiny_root):
 
 def test_the_plan_lists_every_training_of_the_smoke_profile(smoke):
     p, q, c = smoke.prune, smoke.quant, smoke.cross
-    mixed = len(c.models) * bool(c.mix)  # notebook 02's mixed trainings, then every model on each other dataset
-    cross = mixed + (2 + 1 + mixed) * (len(dataset_names(smoke)) - 1)
-    expected = (2 + 1 + cross + len(smoke.loss_study.names) * len(smoke.loss_study.seeds)
+    mixed = len(c.models) * bool(c.mix)  # notebook 02's mixed trainings
+    expected = (2 + 1 + mixed + len(smoke.loss_study.names) * len(smoke.loss_study.seeds)
                 + sum(s in p.finetune_scopes for s in p.scopes) * (p.unstructured_epochs > 0) + 3  # + dense control
                 + (q.qat != "never"))
-    rows = plan.trainings(smoke)
+    every = plan.trainings(smoke)
+    rows = [r for r in every if isinstance(r, plan.PlannedTraining)]
     assert len(rows) == expected
+    cross = [r for r in every if isinstance(r, timings.Step) and " on " in r.name]  # every model on each other dataset
+    assert len(cross) == (2 + 1 + mixed) * (len(dataset_names(smoke)) - 1)
     assert [r.key for r in rows[:3]] == ["runs/unet", "runs/deeplabv3_resnet50", "runs/custom"]
     loss_runs = [r for r in rows if r.notebook == "03_loss_comparison"]
     assert {(r.loss, r.seed) for r in loss_runs} == {(n, s) for n in smoke.loss_study.names
@@ -74,9 +76,12 @@ def test_a_device_not_on_this_machine_is_planned_from_flops(tmp_path, tiny_root)
     rows = plan.trainings(cfg)
     est = plan.estimate(cfg, rows)
     assert f"{plan.DEFAULT_TFLOPS:g} effective TFLOPS" in est.source
+    assert f"an assumed {plan.DEFAULT_CPU_TFLOPS:g} fp32 TFLOPS" in est.cpu_source  # not this CPU: not its box
     assert all(s > 0 and math.isfinite(s) for s in est.seconds)
     doubled = plan.estimate(cfg, rows, assume_tflops=2 * plan.DEFAULT_TFLOPS)
-    assert doubled.total == pytest.approx(est.total / 2)
+    on_cpu = [isinstance(r, timings.Step) and r.on_cpu for r in rows]  # the GPU's TFLOPS leave the CPU steps alone
+    for cpu, s, s2 in zip(on_cpu, est.seconds, doubled.seconds):
+        assert s2 == pytest.approx(s if cpu else s / 2)
 
 
 def test_without_the_dataset_the_published_split_sizes_are_used(tmp_path):
@@ -124,8 +129,8 @@ def test_the_eta_scales_what_is_left_by_measured_over_planned(smoke):
     timings.record_finished(smoke, "runs/m0", 2000)  # twice as slow as planned
     # m1: 10 of 100 steps in 200 s (20 s a step: 2000 s for a planned 1000, twice as slow too)
     line = timings.progress_line(smoke, "runs/m1", 10, 100, 200.0)
-    # this training: 90 steps x 20 s = 30 min; the run's trainings: 1800 s + 2 x 2000 s (m2) = 1.6 h; planned 4000 s
-    assert line == "ETA: this training 30 min, the run's trainings 1.6 h (planned 67 min)"
+    # this training: 90 steps x 20 s = 30 min; the run: 1800 s + 2 x 2000 s (m2) = 1.6 h; planned 4000 s
+    assert line == "ETA: this training 30 min, the run 1.6 h (planned 67 min)"
     # a training the plan does not hold (segstudy train alone): this training only
     assert timings.progress_line(smoke, "runs/other", 10, 100, 200.0) == "ETA: this training 30 min"
 
@@ -204,3 +209,85 @@ def test_a_random_init_run_is_not_reused_once_the_imagenet_weights_are_there(smo
     (weights / BACKBONE_WEIGHTS.url.rsplit("/", 1)[1]).write_bytes(b"weights")
     reused, why_not = run_folder.reusable(run_dir, cfg, model)
     assert reused is None and "the ImageNet weights are on this machine now" in why_not
+
+
+def _full(tmp_path, monkeypatch, **overrides):
+    for name in ("CITYSCAPES_ROOT", "BDD100K_ROOT", "NUIMAGES_ROOT"):  # absent: the published split sizes
+        monkeypatch.setenv(name, str(tmp_path / "absent"))
+    return load_config("full", {"output_root": str(tmp_path)} | overrides)
+
+
+def test_the_full_plan_counts_the_cpu_steps_of_notebook_05_with_the_configs_counts(tmp_path, monkeypatch):
+    cfg = _full(tmp_path, monkeypatch, **{"quant.eval_images": 40, "quant.calib_images": 16,
+                                          "quant.calib_sweep": [4, 24], "bench.warmup": 3, "bench.iters": 7})
+    steps = {r.name: r for r in plan.trainings(cfg, ["05_quantization"]) if isinstance(r, timings.Step)}
+    assert all(r.notebook == "05_quantization" for r in steps.values())
+    for name in ("int8 PTQ torch FX", "int8 PTQ torch FX (N=4)", "int8 PTQ torch FX (N=24)", "int8 ONNX Runtime",
+                 "ONNX Runtime fp32", "int8 QAT torch FX", "pruned + int8 torch FX",
+                 "deeplabv3_resnet50 int8 PTQ torch FX"):
+        row = steps[f"evaluate {name}"]
+        assert row.on_cpu and row.passes == 40 and row.size == (1024, 2048)  # of 500 val images, at 2048x1024
+    assert not steps["evaluate fp32 eager"].on_cpu and steps["evaluate fp32 eager"].passes == 40  # paired
+    assert steps["calibrate torch FX custom"].passes == 24  # the largest of quant.calib_images and calib_sweep
+    assert steps["calibrate ONNX Runtime custom"].passes == 16
+    latency = steps["latency"]
+    assert latency.on_cpu and latency.size == (1024, 2048)
+    assert latency.passes == 9 * 2 * (3 + 7) + 2 * (3 + 7)  # 9 variants alone then in turn; DeepLabV3's pair
+
+    rows = plan.trainings(cfg)
+    est = plan.estimate(cfg, rows)
+    seconds = dict(zip([r.key for r in rows], est.seconds))
+    assert seconds["05_quantization/evaluate int8 ONNX Runtime"] > 0
+    assert est.total == pytest.approx(sum(est.seconds))
+    cpu = sum(s for r, s in zip(rows, est.seconds) if isinstance(r, timings.Step) and r.on_cpu)
+    assert 0 < cpu < est.total
+    text = plan.format_plan(cfg, rows, est)
+    assert "05_quantization/evaluate int8 ONNX Runtime" in text and "40 x int8 ONNX Runtime" in text
+    assert f"{timings.duration(cpu)} of CPU steps" in text and "04_pruning_sweeps/latency" in text
+
+
+def test_full_scores_notebook_05_on_an_evenly_spread_subset(tmp_path, monkeypatch):
+    full = _full(tmp_path, monkeypatch)
+    assert 0 < full.quant.eval_images < 500
+    chosen = quantization.eval_subset(500, full.quant.eval_images)
+    assert len(set(chosen)) == full.quant.eval_images == len(chosen) and chosen == sorted(chosen)
+    gaps = {b - a for a, b in zip(chosen, chosen[1:])}
+    assert max(gaps) - min(gaps) <= 1 and chosen[0] <= 500 // full.quant.eval_images  # even, from the start
+    assert quantization.eval_subset(500, 0) == list(range(500)) == quantization.eval_subset(500, 600)
+    assert load_config("demo").quant.eval_images == 0  # the demo scores its whole val split, as before
+
+
+def test_every_variant_is_scored_on_the_same_subset(smoke):
+    """Paired: a model scored on the subset gets the rows of its whole-split per-image confusions at
+    eval_subset's indices, which is also what a reference read from its training keeps (on_subset)."""
+    from segstudy.data.labels import NUM_CLASSES
+    from segstudy.models.networks import build_model
+
+    torch.manual_seed(0)
+    model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(dataclasses.replace(smoke.model,
+                                                                                          pretrained=False)))
+    whole = quantization.validate_variant(model, smoke)
+    three = dataclasses.replace(smoke, quant=dataclasses.replace(smoke.quant, eval_images=3))
+    subset = quantization.validate_variant(model, three)
+    assert len(whole["per_image"]) == 6 and len(subset["per_image"]) == 3
+    assert (subset["per_image"] == whole["per_image"][[1, 3, 5]]).all()
+    kept = quantization.on_subset(whole, three)
+    assert (kept["per_image"] == subset["per_image"]).all() and kept["miou"] == pytest.approx(subset["miou"])
+
+
+def test_a_step_records_its_actual_seconds_next_to_the_plans(smoke):
+    """The plan's rows for notebook 05 go to timings.json's "steps" with their estimate, and the study
+    records each scoring's seconds under the same key."""
+    from segstudy.data.labels import NUM_CLASSES
+    from segstudy.models.networks import build_model
+
+    rows = plan.trainings(smoke, ["05_quantization"])
+    fake = plan.Estimate([10.0] * len(rows), "test", (8, 6), "test")
+    timings.write_plan(smoke, plan.rows(rows, fake), "test")
+    key = timings.step_key("05_quantization", quantization.evaluate_step("fp32 eager"))
+    assert key in {r.key for r in rows} and timings.read(smoke)["steps"][key] == {"planned_s": 10.0}
+    model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(dataclasses.replace(smoke.model,
+                                                                                          pretrained=False)))
+    quantization.validate_variant(model, smoke, step=quantization.evaluate_step("fp32 eager"))
+    entry = timings.read(smoke)["steps"][key]
+    assert entry["planned_s"] == 10.0 and entry["actual_s"] > 0 and entry["finished_at"]

@@ -11,6 +11,7 @@ them (config_schema.py).
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import functools
 import os
 import re
@@ -277,6 +278,9 @@ class QuantConfig(Section):
     qat_lr: Annotated[Float, Range(0, note="0: train.lr / 10")] = 0.0
     threads: Annotated[int, Range(0, note="0: torch's default")] = 2  # torch and ONNX Runtime, every measurement
     compare_images: Count = 4  # validation images for the logits / argmax agreement checks
+    # val images every variant is scored on (studies.quantization.eval_subset): N evenly spread, the
+    # same N for every row so the paired intervals hold; int8 and ONNX Runtime are scored on the CPU
+    eval_images: Annotated[int, Range(0, note="0: the whole val split")] = 0
     other_models: Annotated[list[str], Choice(MODELS)] = _list("deeplabv3_resnet50")  # also PTQ'd (notebook 01's)
 
 
@@ -325,10 +329,35 @@ def _space_problem(key: str, spec: dict) -> str | None:
     low, high = (schema._yaml_float(spec.get(end)) for end in ("low", "high"))
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
         return f" needs numbers low and high, e.g. {{type: {kind}, low: 1, high: 8}}"
+    for end, value in (("low", low), ("high", high)):
+        if kind == "int" and not isinstance(value, int):
+            return f".{end} = {spec[end]} is not a whole number; an int distribution takes whole low, high and step"
     if low > high or (low == high and kind != "int"):
         return f": [{low}, {high}] is an empty range; make low < high"
     if kind == "log_float" and low <= 0:
         return f": low = {low} cannot be on a log scale; make it > 0 or use type: float"
+    return _step_problem(kind, low, high, schema._yaml_float(spec.get("step")))
+
+
+def _step_problem(kind: str, low: float, high: float, step: Any) -> str | None:
+    """A distribution's step, checked here because Optuna refuses a bad one only when a trial samples it
+    (after the study began), and moves `high` down to the last whole step with a mere warning."""
+    if step is None:
+        return None
+    if kind == "log_float":
+        return ": a log_float takes no step; remove step, or use type: float"
+    whole = kind == "int"
+    if isinstance(step, bool) or not isinstance(step, int if whole else (int, float)) or step <= 0:
+        return f".step = {step!r} must be a {'whole ' if whole else ''}number > 0"
+    # in decimal, as written in the YAML (binary floats would find a remainder in 0.3 / 0.1)
+    span, size = decimal.Decimal(str(high)) - decimal.Decimal(str(low)), decimal.Decimal(str(step))
+    if span and size > span:
+        return f".step = {step} is wider than the range [{low}, {high}] (every trial would take {low}); " \
+               f"make it at most {span}"
+    if rest := span % size:
+        last = decimal.Decimal(str(high)) - rest
+        return f": [{low}, {high}] is not a whole number of steps of {step} ({high} is never sampled); " \
+               f"make high {last.normalize():f} or {(last + size).normalize():f}"
     return None
 
 
@@ -479,11 +508,18 @@ def _read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _merge(_read_profile(parent_path, (*seen, path.resolve())), raw)
 
 
-def _merge(base: dict, top: dict) -> dict:
+# the mappings a child profile's value replaces whole, as `--set KEY=...` does, instead of merging key by key:
+# a search space's entries only mean something together (a child's space is the space searched)
+REPLACED_WHOLE = ("tune.space",)
+
+
+def _merge(base: dict, top: dict, at: str = "") -> dict:
+    """`top`'s keys over `base`'s: sections merge key by key, except those in REPLACED_WHOLE."""
     merged = dict(base)
     for key, value in top.items():
-        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merge(merged[key], value) if both_sections else value
+        dotted = f"{at}{key}"
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict) and dotted not in REPLACED_WHOLE
+        merged[key] = _merge(merged[key], value, f"{dotted}.") if both_sections else value
     return merged
 
 

@@ -1,12 +1,15 @@
 """The run's budget before it starts: every training and fine-tune the notebooks will run for a
-profile, and how long each should take (`segstudy plan`, and the top of `segstudy run`).
+profile, every step that trains nothing but takes time (scoring models on a val split, int8
+calibration, latency timings: engine.timings.Step), and how long each should take (`segstudy plan`,
+and the top of `segstudy run`).
 
-The estimate comes from a short timed warm-up on the profile's device when it is there (each
-distinct model built once, random weights: 1 warm-up and 2 timed training steps at the crop size
-and batch, a forward at the evaluation size), else from measured FLOPs and a stated throughput:
-x3 for forward + backward, x batch, at `assume_tflops` effective TFLOPS. Evaluation-only work
-(notebook 04's and 05's validation of every variant, CPU latencies) is not counted, except notebook
-02's scoring of every model on each other dataset's val split (a row each, kind "evaluate").
+Trainings, and steps on the profile's device: a short timed warm-up on the device when it is there
+(each distinct model built once, random weights: 1 warm-up and 2 timed training steps at the crop
+size and batch, a forward at the evaluation size), else measured FLOPs and a stated throughput:
+x3 for forward + backward, x batch, at `assume_tflops` effective TFLOPS. Steps on the CPU (notebook
+05's int8 and ONNX Runtime variants, its calibration, every latency): measured FLOPs x CPU_COST of
+their engine, at the fp32 eager rate of one timed forward on this CPU when the profile's device is
+on this machine, else at DEFAULT_CPU_TFLOPS.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from segstudy.compress import quantize
 from segstudy.config import Config
 from segstudy.data.datasets import build_dataset, data_config, dataset_names, synth_config
 from segstudy.data.labels import NUM_CLASSES
 from segstudy.engine import measure, run_folder
 from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.engine.finetuning import iterations as finetune_iterations
-from segstudy.engine.timings import duration, finetune_key
+from segstudy.engine.timings import Passes, Step, duration, finetune_key
 from segstudy.engine.training import planned_batches, validation_passes
 from segstudy.errors import UserError
 from segstudy.models.networks import build_model
@@ -40,6 +44,18 @@ FAKE_QUANT_SLOWDOWN = 2.0  # ... with fake-quant observers on every layer (assum
 # training at full size) is skipped for the FLOPs estimate.
 WARMUP_SHARE = 0.05
 CPU_EFFICIENCY = 0.3  # convolution training's share of a CPU's matrix-multiply rate (assumed)
+# The fp32 eager rate (batch 1, 2048x1024) of the CPU of a typical 1-GPU box, until the plan runs on
+# that box and times its own CPU (cpu_tflops): 16 cores (the H100 machines lent to this project have
+# 16; 1-GPU cloud VMs 12-26 vCPUs) at 62 GFLOPS each, the low end of the 60-100 GFLOPS per core that
+# 12-20 s per 2048x1024 image on 2 Zen 4 cores gives (2.37 TFLOPs an image; evaluation.from_training).
+DEFAULT_CPU_TFLOPS = 1.0
+# Seconds per image of each CPU engine as a multiple of one fp32 eager forward of the same model at the
+# same size and thread count: timed side by side in one process for the full profile's custom model on
+# a Zen 5 EPYC (int8 torch FX 5.04x faster at 2048x1024, ONNX Runtime int8 5.7x at 512x256, ...; ONNX
+# Runtime's calibration: the rehearsal's 40 s per image), each figure's size and threads in
+# docs/results.md ("How long will the full profile take").
+CPU_COST = {"fp32": 1.0, "bf16": 1.1, "int8 torch FX": 0.2, "ONNX Runtime fp32": 1.3, "int8 ONNX Runtime": 0.17,
+            "calibrate histogram": 1.5, "calibrate minmax": 1.4, "calibrate ONNX Runtime": 2.5}
 # The published split sizes, used when the dataset is not on this machine.
 # nuImages v1.0: its key frames (67,279 train, 16,445 val), the 2D annotated part of NuScenes.
 SPLIT_SIZES = {"cityscapes": (2975, 500), "bdd100k": (7000, 1000), "nuimages": (67279, 16445)}
@@ -61,15 +77,19 @@ class PlannedTraining:
     val_passes: int
     reused: bool = False  # a finished run train.reuse will return instead of training
     note: str = ""
-    val_images: int = 0  # images of one validation pass when not data.dataset's val split (kind "evaluate")
+    val_images: int = 0  # images of one validation pass when not data.dataset's val split (the tuning study)
+
+
+Row = PlannedTraining | Step  # a row of the plan: a training, or a step that trains nothing
 
 
 @dataclasses.dataclass
 class Estimate:
-    seconds: list[float]  # one per planned training (0 for a reused one)
-    source: str  # how the seconds were obtained, in words
+    seconds: list[float]  # one per planned row (0 for a reused one)
+    source: str  # how the seconds were obtained, in words (the CPU steps' too)
     images: tuple[int, int]  # (train, val)
     images_source: str
+    cpu_source: str = ""  # how the CPU steps' seconds were obtained (the end of `source`)
 
     @property
     def total(self) -> float:
@@ -137,37 +157,76 @@ def _pruning(cfg: Config, spe: int) -> list[PlannedTraining]:
             for name, kind, epochs, calls, note in pruning_sweeps.finetunes(cfg)]
 
 
-def _cross(cfg: Config, spe: int) -> list[PlannedTraining]:
+def _eval_size(cfg: Config) -> tuple[int, int]:
+    return cfg.data.base_size, 2 * cfg.data.base_size
+
+
+def _cross(cfg: Config, spe: int) -> list[Row]:
     """Notebook 02's mixed trainings (as many iterations as alone), then one pass of every model over each
-    other dataset's val split."""
+    other dataset's val split (on the device, in the training's precision)."""
     nb, mixed = "02_custom_model", cross_dataset.mixed_config(cfg)
-    rows = [_train_row(dataclasses.replace(mixed, model=dataclasses.replace(cfg.model, name=m)), nb,
-                       f"runs/{cross_dataset.mixed_name(cfg, m)}", spe) for m in cfg.cross.models if cfg.cross.mix]
+    rows: list[Row] = [_train_row(dataclasses.replace(mixed, model=dataclasses.replace(cfg.model, name=m)), nb,
+                                  f"runs/{cross_dataset.mixed_name(cfg, m)}", spe)
+                       for m in cfg.cross.models if cfg.cross.mix]
     models = [(m, m) for m in cfg.compare.baselines + cfg.compare.custom]
     models += [(cross_dataset.mixed_name(cfg, m), m) for m in cfg.cross.models if cfg.cross.mix]
     for name in dataset_names(cfg)[1:]:
         val = split_sizes(cfg, name)[1]
-        rows += [PlannedTraining(nb, f"{key} on {name} val", model, "-", cfg.seed, "evaluate", 0, 0, 1,
-                                 val_images=val) for key, model in models]
+        rows += [Step(nb, f"evaluate {key} on {name} val", "evaluate", False, _eval_size(cfg),
+                      (Passes(model, "amp", val),)) for key, model in models]
     return rows
 
 
-def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[PlannedTraining]:
-    """Every training and fine-tune notebooks 01-05 run with `cfg`, in the order they run (only
-    those of `notebooks`, stems such as 01_baselines, when given)."""
-    train_images, _, _ = split_sizes(cfg)
+def _latency_steps(cfg: Config, notebook: str, models: list[str]) -> list[Step]:
+    """Notebooks 01/02's model profiles (model_comparison.profile_models): batch-1 fp32 latency of each
+    trained model at the bench size on the CPU, contiguous then channels_last."""
+    b = cfg.bench
+    return [Step(notebook, f"latency {m}", "latency", True, (b.height, b.width),
+                 (Passes(m, "fp32", 2 * (b.warmup + b.iters)),)) for m in models]
+
+
+def _pruning_steps(cfg: Config, val_images: int) -> list[Step]:
+    """Notebook 04's scoring of every model it describes (pruning_sweeps.describe: on the device, in the
+    training's precision) and its CPU latencies (fp32, the bench size), counted as its sweeps run them:
+    the dense row; every scope x sparsity, and the fine-tuned scopes; every structured ratio, and the
+    other importances at prune.ratio; each recovery; the dense control. Latency: the dense row and each
+    ratio alone (bench.iters), the unstructured level beside the dense model and the recoveries beside
+    it (bench.speedup_iters)."""
+    p, b, nb = cfg.prune, cfg.bench, pruning_sweeps.NOTEBOOK
+    others = [i for i in p.importances if not (i == p.importance and p.ratio in p.ratios)]
+    described = (1 + len(p.scopes) * len(p.sparsities) + len(pruning_sweeps.unstructured_finetune_scopes(cfg))
+                 + len(p.ratios) + len(others) + len(pruning_sweeps.RECOVERIES) + 1)
+    alone = (1 + len(p.ratios)) * (b.warmup + b.iters)
+    side_by_side = (2 * (p.finetune_sparsity in p.sparsities) + 1 + len(pruning_sweeps.RECOVERIES)) * (
+        b.warmup + b.speedup_iters)
+    upper = "pruned models at the dense model's cost, an upper bound"
+    return [Step(nb, "evaluate", "evaluate", False, _eval_size(cfg), (Passes("custom", "amp", described * val_images),),
+                 f"{described} models x {val_images} images; {upper}"),
+            Step(nb, "latency", "latency", True, (cfg.bench.height, cfg.bench.width),
+                 (Passes("custom", "fp32", alone + side_by_side),), upper)]
+
+
+def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[Row]:
+    """Every training and fine-tune notebooks 01-05 run with `cfg`, and every step of theirs that trains
+    nothing (Step rows), in the order they run (only those of `notebooks`, stems such as
+    01_baselines, when given)."""
+    train_images, val_images, _ = split_sizes(cfg)
     spe = max(1, train_images // cfg.data.batch_size)
     notebook_models = {"01_baselines": cfg.compare.baselines, "02_custom_model": cfg.compare.custom}
-    rows = [_train_row(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=m)), nb, f"runs/{m}", spe)
-            for nb, models in notebook_models.items() for m in models]
+    rows: list[Row] = []
+    for nb, models in notebook_models.items():
+        rows += [_train_row(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=m)), nb, f"runs/{m}",
+                            spe) for m in models]
+        rows += _latency_steps(cfg, nb, models)
     rows += _cross(cfg, spe)
     rows += [_loss_row(cfg, name, seed, spe)
              for name in cfg.loss_study.names for seed in loss_comparison.run_seeds(cfg)]
-    rows += _pruning(cfg, spe)
+    rows += _pruning(cfg, spe) + _pruning_steps(cfg, val_images)
     if cfg.quant.qat != "never":
         note = "only if PTQ loses more than quant.max_loss" if cfg.quant.qat == "auto" else ""
         rows.append(_finetune_row(cfg, quantization.NOTEBOOK, quantization.QAT, "QAT", cfg.quant.qat_epochs, spe,
                                   note=note))
+    rows += quantization.steps(cfg, val_images)
     return [r for r in rows if notebooks is None or r.notebook in notebooks]
 
 
@@ -267,21 +326,77 @@ def _cpu_tflops(cfg: Config) -> float:
     return CPU_EFFICIENCY * 5 * 2 * 1024**3 / (time.perf_counter() - start) / 1e12
 
 
-def _warmup_worth_it(cfg: Config, plan: list[PlannedTraining], models: list[str], val_images: int) -> bool:
+def _device_step_seconds(step: Step, costs: dict[str, Costs], gpu: bool) -> float:
+    """Passes at the evaluation size on the profile's device, at its seconds per validation image;
+    an fp32 pass on a GPU x FP32_SLOWDOWN (the warm-up and the assumed TFLOPS are the AMP rate)."""
+    return sum(p.count * costs[p.model].val_image * (FP32_SLOWDOWN if gpu and p.engine == "fp32" else 1.0)
+               for p in step.work)
+
+
+def _cpu_step_seconds(cfg: Config, step: Step, tflops: float, flops: dict) -> float:
+    """Measured FLOPs of each pass at the step's size x CPU_COST of its engine, at `tflops` (fp32 eager);
+    `flops` caches the counts by (model, size)."""
+    total = 0.0
+    for p in step.work:
+        if (p.model, step.size) not in flops:
+            flops[p.model, step.size] = measure.flops(_meta_model(cfg, p.model), *step.size)
+        total += p.count * CPU_COST[p.engine] * flops[p.model, step.size]
+    return total / (tflops * 1e12)
+
+
+def cpu_tflops(cfg: Config) -> float:
+    """This CPU's fp32 eager rate: the custom model (random weights) timed once after one warm-up
+    pass, batch 1 at half the bench height and width, with quant.threads threads (notebook 05's)."""
+    h, w = (max(32, side // 64 * 32) for side in (cfg.bench.height, cfg.bench.width))
+    mcfg = dataclasses.replace(cfg.model, name="custom", pretrained=False)
+    model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(mcfg))
+    before = torch.get_num_threads()
+    try:
+        quantize.set_threads(cfg.quant.threads)
+        seconds = measure.latency(model, h, w, warmup=1, iters=1)["median_ms"] / 1000
+    finally:
+        torch.set_num_threads(before)
+    return measure.flops(model, h, w) / seconds / 1e12
+
+
+def _cpu_rate(cfg: Config, on_machine: bool) -> tuple[float, str]:
+    """The CPU steps' fp32 eager TFLOPS, timed here when the profile runs on this machine, and in words."""
+    costs = ", ".join(f"{k} {v:g}" for k, v in CPU_COST.items() if k != "fp32")
+    how = f"CPU steps: measured FLOPs x each engine's cost per pass against fp32 eager ({costs}) at "
+    if not on_machine:
+        return DEFAULT_CPU_TFLOPS, how + (f"an assumed {DEFAULT_CPU_TFLOPS:g} fp32 TFLOPS (a 1-GPU box's CPU, 16 "
+                                          f"cores: plan.DEFAULT_CPU_TFLOPS)")
+    tflops = cpu_tflops(cfg)
+    return tflops, how + (f"{tflops:.2g} fp32 TFLOPS timed on this CPU ({measure.cpu_info()['cpu']}, quant.threads "
+                          f"{cfg.quant.threads or 'all'}: one forward of the custom model at half the bench size)")
+
+
+def _device_models(plan: list[Row]) -> list[str]:
+    """The models whose training or scoring on the device the plan prices."""
+    names = [p.model for r in plan if isinstance(r, Step) and not r.on_cpu for p in r.work]
+    return list(dict.fromkeys([r.model for r in plan if isinstance(r, PlannedTraining) and not r.reused] + names))
+
+
+def _warmup_worth_it(cfg: Config, plan: list[Row], models: list[str], val_images: int) -> bool:
     """Whether the warm-up (3 steps and 3 validation images per model) costs at most WARMUP_SHARE of
-    the run, both counted in FLOPs."""
+    the trainings and device steps, both counted in FLOPs."""
     costs = {m: flops_costs(cfg, m, 1.0) for m in models}
     warmup = sum(3 * c.step + 3 * c.val_image for c in costs.values())
-    run = sum(_seconds(r, costs[r.model], val_images, 1) for r in plan if not r.reused)
+    run = sum(_seconds(r, costs[r.model], val_images, 1) for r in plan
+              if isinstance(r, PlannedTraining) and not r.reused)
+    run += sum(_device_step_seconds(r, costs, False) for r in plan if isinstance(r, Step) and not r.on_cpu)
     return warmup <= WARMUP_SHARE * run
 
 
-def estimate(cfg: Config, plan: list[PlannedTraining], assume_tflops: float | None = None) -> Estimate:
-    """Seconds per planned training: a warm-up on cfg.device when it is available and no
-    `assume_tflops` is given, else measured FLOPs at `assume_tflops` (default DEFAULT_TFLOPS)."""
+def estimate(cfg: Config, plan: list[Row], assume_tflops: float | None = None) -> Estimate:
+    """Seconds per planned row. Trainings and device steps: a warm-up on cfg.device when it is available
+    and no `assume_tflops` is given, else measured FLOPs at `assume_tflops` (default DEFAULT_TFLOPS).
+    CPU steps: measured FLOPs x CPU_COST at this CPU's timed rate when cfg.device is on this machine,
+    else at DEFAULT_CPU_TFLOPS."""
     train_images, val_images, images_source = split_sizes(cfg)
-    device = _device(cfg) if assume_tflops is None else None
-    models = list(dict.fromkeys(r.model for r in plan if not r.reused))
+    here = _device(cfg)
+    device = here if assume_tflops is None else None
+    models = _device_models(plan)
     costs, source = {}, ""
     if device is not None and models and _warmup_worth_it(cfg, plan, models, val_images):
         costs, source = _from_warmup(cfg, models, device, any(r.kind == "QAT" for r in plan))
@@ -295,8 +410,18 @@ def estimate(cfg: Config, plan: list[PlannedTraining], assume_tflops: float | No
         source += flops_source
     if cfg.train.gpus > 1:
         source += f"; trainings on {cfg.train.gpus} GPUs (DDP), assumed {cfg.train.gpus}x faster"
-    seconds = [0.0 if r.reused else _seconds(r, costs[r.model], val_images, cfg.train.gpus) for r in plan]
-    return Estimate(seconds, source, (train_images, val_images), images_source)
+    on_cpu = any(isinstance(r, Step) and r.on_cpu for r in plan)
+    cpu, cpu_source = _cpu_rate(cfg, here is not None) if on_cpu else (DEFAULT_CPU_TFLOPS, "")
+    gpu, flops = (here.type if here is not None else "cuda") == "cuda", {}
+
+    def row_seconds(r: Row) -> float:
+        if isinstance(r, Step):
+            return _cpu_step_seconds(cfg, r, cpu, flops) if r.on_cpu else _device_step_seconds(r, costs, gpu)
+        return 0.0 if r.reused else _seconds(r, costs[r.model], val_images, cfg.train.gpus)
+
+    seconds = [row_seconds(r) for r in plan]
+    source += f"; {cpu_source}" if cpu_source else ""
+    return Estimate(seconds, source, (train_images, val_images), images_source, cpu_source)
 
 
 def _device_name(device: torch.device) -> str:
@@ -307,29 +432,48 @@ def _device_name(device: torch.device) -> str:
 
 # --- printing and recording -----------------------------------------------------------------------
 
-def per_notebook(plan: list[PlannedTraining], est: Estimate) -> dict[str, float]:
+def per_notebook(plan: list[Row], est: Estimate) -> dict[str, float]:
     out: dict[str, float] = {}
     for row, s in zip(plan, est.seconds):
         out[row.notebook] = out.get(row.notebook, 0.0) + s
     return out
 
 
-def format_plan(cfg: Config, plan: list[PlannedTraining], est: Estimate) -> str:
-    """The plan as a table: each training, its iterations and estimated time; per notebook and in all."""
+def _work(step: Step) -> str:
+    """A step's passes in words: "100 x int8 ONNX Runtime", or "150 passes" when they are of several kinds."""
+    if len(step.work) == 1:
+        return f"{step.work[0].count} x {step.work[0].engine}"
+    return f"{step.passes} passes"
+
+
+def format_plan(cfg: Config, plan: list[Row], est: Estimate) -> str:
+    """The plan as two tables: each training (its iterations) and each step that trains nothing (its
+    passes, where it runs), with their estimated time; per notebook and in all."""
     train, val = est.images
-    lines = [f"Plan for profile {cfg.profile}: {len(plan)} trainings and fine-tunes; {train} train / {val} val images "
-             f"({est.images_source}), batch {cfg.data.batch_size}, crops {cfg.data.crop_size[0]}x"
-             f"{cfg.data.crop_size[1]}",
+    rows = list(zip(plan, est.seconds))
+    trained = [(r, s) for r, s in rows if isinstance(r, PlannedTraining)]
+    steps = [(r, s) for r, s in rows if isinstance(r, Step)]
+    lines = [f"Plan for profile {cfg.profile}: {len(trained)} trainings and fine-tunes, {len(steps)} steps that train "
+             f"nothing; {train} train / {val} val images ({est.images_source}), batch {cfg.data.batch_size}, crops "
+             f"{cfg.data.crop_size[0]}x{cfg.data.crop_size[1]}",
              f"{'nb':2} {'training (run key)':40} {'model':18} {'loss':7} {'seed':>4} {'epochs':>6} "
              f"{'iterations':>10} {'val':>4} {'estimate':>8}"]
-    for r, s in zip(plan, est.seconds):
+    for r, s in trained:
         when = "reused" if r.reused else duration(s)
         lines.append(f"{r.notebook[:2]:2} {r.key:40} {r.model:18} {r.loss:7} {r.seed:>4} "
                      f"{r.epochs:>6g} {r.iterations:>10} {r.val_passes:>4} {when:>8}"
                      + (f"  ({r.note})" if r.note else ""))
+    if steps:
+        lines.append(f"{'nb':2} {'step (key)':64} {'on':6} {'passes (batch 1)':30} {'size':>9} {'estimate':>8}")
+    for r, s in steps:
+        lines.append(f"{r.notebook[:2]:2} {r.key:64} {'cpu' if r.on_cpu else 'device':6} {_work(r):30} "
+                     f"{r.size[1]:>4}x{r.size[0]:<4} {duration(s):>8}" + (f"  ({r.note})" if r.note else ""))
     lines.append("per notebook: " + ", ".join(f"{nb} {duration(s)}" for nb, s in per_notebook(plan, est).items()))
-    lines.append(f"total: {duration(est.total)} of training ({est.total:.0f} s; evaluation-only work in "
-                 f"notebooks 04 and 05 not counted)")
+    parts = {"training": sum(s for _, s in trained),
+             f"scoring on {cfg.device}": sum(s for r, s in steps if not r.on_cpu),
+             "CPU steps (int8 and ONNX Runtime scoring, calibration, latencies)": sum(s for r, s in steps if r.on_cpu)}
+    lines.append(f"total: {duration(est.total)} ({est.total:.0f} s): "
+                 + ", ".join(f"{duration(s)} of {what}" for what, s in parts.items()))
     lines.append(f"estimated from {est.source}")
     return "\n".join(lines)
 
@@ -354,6 +498,6 @@ def format_tuning(cfg: Config, row: PlannedTraining, est: Estimate) -> str:
             f"estimated from {est.source})")
 
 
-def rows(plan: list[PlannedTraining], est: Estimate) -> list[dict]:
-    """The plan as timings.json holds it."""
-    return [dataclasses.asdict(r) | {"planned_s": round(s, 1)} for r, s in zip(plan, est.seconds)]
+def rows(plan: list[Row], est: Estimate) -> list[dict]:
+    """The plan as timings.json holds it (a step's actual seconds go to its "steps" section)."""
+    return [dataclasses.asdict(r) | {"key": r.key, "planned_s": round(s, 1)} for r, s in zip(plan, est.seconds)]

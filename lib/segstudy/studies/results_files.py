@@ -425,15 +425,18 @@ def pruning_targets(rows: list[dict], dense: dict, cfg: Config) -> pd.DataFrame:
 
 
 def quantization_table(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:
-    """Notebook 05's variants: mIoU, its change vs the reference, latency, speed-up (`speedup`),
-    size; one row per variant (the notebook, and the report from its saved rows)."""
+    """Notebook 05's variants: mIoU, the val images it was scored on (quant.eval_images: a subset on a
+    profile that scores fewer), its change vs the reference, latency, speed-up (`speedup`), size; one
+    row per variant (the notebook, and the report from its saved rows)."""
     ref = rows[reference]
     out = pd.DataFrame({name: {
         "engine": r.get("engine"), "precision": r.get("precision"), "val mIoU %": 100 * r["miou"],
+        "val images": r.get("val_images"),  # absent from files written before notebook 05 kept it
         "Δ mIoU points": 100 * (r["miou"] - ref["miou"]), "latency ms": r["latency_ms"],
         f"speed-up vs {reference}": speedup_ratio(r, ref),
         "size MB": r["size_bytes"] / 2**20 if r.get("size_bytes") else None} for name, r in rows.items()}).T
-    return out.astype({c: float for c in out.columns if c not in ("engine", "precision")}).round(2)
+    out = out.astype({c: float for c in out.columns if c not in ("engine", "precision", "val images")}).round(2)
+    return out.astype({"val images": "Int64"})
 
 
 def quantization_rows(d: dict) -> dict[str, dict]:
