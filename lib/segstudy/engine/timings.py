@@ -39,6 +39,12 @@ def finetune_key(notebook: str, name: str) -> str:
     return step_key(notebook, name)
 
 
+def eval_size(cfg: Config) -> tuple[int, int]:
+    """(height, width) of a validation image as the plan prices it: the shorter side data.base_size,
+    at Cityscapes' 2:1 aspect."""
+    return cfg.data.base_size, 2 * cfg.data.base_size
+
+
 @dataclasses.dataclass(frozen=True)
 class Passes:
     """`count` batch-1 forward passes of `model` (a model name) through `engine` (how the plan prices

@@ -19,9 +19,12 @@ from segstudy.data.datasets import build_dataset, check_files, data_config, data
 from segstudy.data.labels import CLASS_NAMES
 from segstudy.engine import evaluation
 from segstudy.engine.metrics import ConfusionMatrix, scored_on
+from segstudy.engine.timings import Passes, Step, eval_size, timed
 from segstudy.engine.training import train
 from segstudy.models.checkpoint import load_trained
 from segstudy.studies import results_files, verdicts
+
+NOTEBOOK = "02_custom_model"  # its steps' keys in the plan and timings.json
 
 
 def mixed_config(cfg: Config) -> Config:
@@ -48,6 +51,13 @@ def training_data(cfg: Config, name: str) -> list[str]:
     return [cfg.data.dataset, *cfg.cross.mix] if "+" in name else [cfg.data.dataset]
 
 
+def scoring_step(cfg: Config, name: str, model: str, dataset: str, val_images: int) -> Step:
+    """Model `name` (a `model` network) scored on `dataset`'s val split, for the plan and timings.json:
+    on the device, in the training's precision."""
+    return Step(NOTEBOOK, f"evaluate {name} on {dataset} val", "evaluate", False, eval_size(cfg),
+                (Passes(model, "amp", val_images),))
+
+
 def _per_image(cfg: Config, name: str, result: dict, dataset: str) -> np.ndarray:
     """[N, C, C + 1] confusions of the model on `dataset`'s val split; data.dataset's are the ones its
     training kept (evaluation.from_training) when they are the same."""
@@ -59,8 +69,9 @@ def _per_image(cfg: Config, name: str, result: dict, dataset: str) -> np.ndarray
         if kept is not None:
             return kept["per_image"]
     # the precision and memory layout the training validated with (bf16 on a GPU box, channels_last)
-    return evaluation.validate(load_trained(result["checkpoint_best"]), cfg_d, amp=cfg.train.amp,
-                               channels_last=cfg.train.channels_last, per_image=True)["per_image"]
+    with timed(cfg, scoring_step(cfg, name, result["model"], dataset, 0).key):
+        return evaluation.validate(load_trained(result["checkpoint_best"]), cfg_d, amp=cfg.train.amp,
+                                   channels_last=cfg.train.channels_last, per_image=True)["per_image"]
 
 
 def score(cfg: Config, models: dict[str, dict]) -> list[dict]:

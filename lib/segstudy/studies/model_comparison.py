@@ -14,6 +14,7 @@ from segstudy.deploy import registry
 from segstudy.engine import measure, run_folder
 from segstudy.engine.device import resolve_device
 from segstudy.engine.evaluation import PREVIEW_IMAGES
+from segstudy.engine.timings import Passes, Step, timed
 from segstudy.engine.training import train
 from segstudy.models.checkpoint import load_trained
 from segstudy.studies import figures
@@ -24,20 +25,33 @@ def train_models(cfg: Config, names: list[str]) -> dict[str, dict]:
     return {name: train(cfg, model_name=name) for name in names}
 
 
+def latency_steps(cfg: Config, notebook: str, models: list[str]) -> list[Step]:
+    """profile_models' latencies, for the plan and timings.json: batch-1 fp32 latency of each trained
+    model at the bench size on the CPU, contiguous then channels_last."""
+    b = cfg.bench
+    return [Step(notebook, f"latency {m}", "latency", True, (b.height, b.width),
+                 (Passes(m, "fp32", 2 * (b.warmup + b.iters)),)) for m in models]
+
+
+def notebook_models(cfg: Config) -> dict[str, list[str]]:
+    """The models notebooks 01 and 02 train, by notebook."""
+    return {"01_baselines": cfg.compare.baselines, "02_custom_model": cfg.compare.custom}
+
+
 def profile_models(cfg: Config, results: dict[str, dict]) -> dict[str, dict]:
-    """Parameters, FLOPs, size and batch-1 latency (fp32 eager and channels_last) at bench size."""
+    """Parameters, FLOPs, size and batch-1 latency (fp32 eager and channels_last) at bench size; the
+    latencies' seconds go to timings.json under latency_steps' keys."""
     b = cfg.bench
     rows = {}
     for name, result in results.items():
         model = load_trained(result["checkpoint_best"])
-        rows[name] = {
-            "parameters": measure.parameters(model),
-            "gflops": measure.flops(model, b.height, b.width) / 1e9,
-            "size_mb": measure.size_on_disk(model) / 2**20,
-            "latency_ms": measure.latency(model, b.height, b.width, warmup=b.warmup, iters=b.iters)["median_ms"],
-            "latency_cl_ms": measure.latency(model, b.height, b.width, warmup=b.warmup, iters=b.iters,
-                                             channels_last=True)["median_ms"],
-        }
+        rows[name] = {"parameters": measure.parameters(model), "gflops": measure.flops(model, b.height, b.width) / 1e9,
+                      "size_mb": measure.size_on_disk(model) / 2**20}
+        notebook = next((nb for nb, names in notebook_models(cfg).items() if name in names), "02_custom_model")
+        with timed(cfg, latency_steps(cfg, notebook, [name])[0].key):
+            for key, channels_last in (("latency_ms", False), ("latency_cl_ms", True)):
+                rows[name][key] = measure.latency(model, b.height, b.width, warmup=b.warmup, iters=b.iters,
+                                                  channels_last=channels_last)["median_ms"]
     return rows
 
 

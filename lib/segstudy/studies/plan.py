@@ -28,11 +28,11 @@ from segstudy.data.labels import NUM_CLASSES
 from segstudy.engine import measure, run_folder
 from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.engine.finetuning import iterations as finetune_iterations
-from segstudy.engine.timings import Passes, Step, duration, finetune_key
+from segstudy.engine.timings import Step, duration, eval_size, finetune_key
 from segstudy.engine.training import planned_batches, validation_passes
 from segstudy.errors import UserError
 from segstudy.models.networks import build_model
-from segstudy.studies import cross_dataset, loss_comparison, pruning_sweeps, quantization, tuning
+from segstudy.studies import cross_dataset, loss_comparison, model_comparison, pruning_sweeps, quantization, tuning
 
 # Effective TFLOPS of one 80 GB A100/H100-class GPU with bf16 AMP, until a GPU measures it: what an
 # A100 80GB reaches training ResNet-50 with AMP in NVIDIA's published benchmark (DeepLearningExamples,
@@ -157,14 +157,10 @@ def _pruning(cfg: Config, spe: int) -> list[PlannedTraining]:
             for name, kind, epochs, calls, note in pruning_sweeps.finetunes(cfg)]
 
 
-def _eval_size(cfg: Config) -> tuple[int, int]:
-    return cfg.data.base_size, 2 * cfg.data.base_size
-
-
 def _cross(cfg: Config, spe: int) -> list[Row]:
     """Notebook 02's mixed trainings (as many iterations as alone), then one pass of every model over each
     other dataset's val split (on the device, in the training's precision)."""
-    nb, mixed = "02_custom_model", cross_dataset.mixed_config(cfg)
+    nb, mixed = cross_dataset.NOTEBOOK, cross_dataset.mixed_config(cfg)
     rows: list[Row] = [_train_row(dataclasses.replace(mixed, model=dataclasses.replace(cfg.model, name=m)), nb,
                                   f"runs/{cross_dataset.mixed_name(cfg, m)}", spe)
                        for m in cfg.cross.models if cfg.cross.mix]
@@ -172,38 +168,8 @@ def _cross(cfg: Config, spe: int) -> list[Row]:
     models += [(cross_dataset.mixed_name(cfg, m), m) for m in cfg.cross.models if cfg.cross.mix]
     for name in dataset_names(cfg)[1:]:
         val = split_sizes(cfg, name)[1]
-        rows += [Step(nb, f"evaluate {key} on {name} val", "evaluate", False, _eval_size(cfg),
-                      (Passes(model, "amp", val),)) for key, model in models]
+        rows += [cross_dataset.scoring_step(cfg, key, model, name, val) for key, model in models]
     return rows
-
-
-def _latency_steps(cfg: Config, notebook: str, models: list[str]) -> list[Step]:
-    """Notebooks 01/02's model profiles (model_comparison.profile_models): batch-1 fp32 latency of each
-    trained model at the bench size on the CPU, contiguous then channels_last."""
-    b = cfg.bench
-    return [Step(notebook, f"latency {m}", "latency", True, (b.height, b.width),
-                 (Passes(m, "fp32", 2 * (b.warmup + b.iters)),)) for m in models]
-
-
-def _pruning_steps(cfg: Config, val_images: int) -> list[Step]:
-    """Notebook 04's scoring of every model it describes (pruning_sweeps.describe: on the device, in the
-    training's precision) and its CPU latencies (fp32, the bench size), counted as its sweeps run them:
-    the dense row; every scope x sparsity, and the fine-tuned scopes; every structured ratio, and the
-    other importances at prune.ratio; each recovery; the dense control. Latency: the dense row and each
-    ratio alone (bench.iters), the unstructured level beside the dense model and the recoveries beside
-    it (bench.speedup_iters)."""
-    p, b, nb = cfg.prune, cfg.bench, pruning_sweeps.NOTEBOOK
-    others = [i for i in p.importances if not (i == p.importance and p.ratio in p.ratios)]
-    described = (1 + len(p.scopes) * len(p.sparsities) + len(pruning_sweeps.unstructured_finetune_scopes(cfg))
-                 + len(p.ratios) + len(others) + len(pruning_sweeps.RECOVERIES) + 1)
-    alone = (1 + len(p.ratios)) * (b.warmup + b.iters)
-    side_by_side = (2 * (p.finetune_sparsity in p.sparsities) + 1 + len(pruning_sweeps.RECOVERIES)) * (
-        b.warmup + b.speedup_iters)
-    upper = "pruned models at the dense model's cost, an upper bound"
-    return [Step(nb, "evaluate", "evaluate", False, _eval_size(cfg), (Passes("custom", "amp", described * val_images),),
-                 f"{described} models x {val_images} images; {upper}"),
-            Step(nb, "latency", "latency", True, (cfg.bench.height, cfg.bench.width),
-                 (Passes("custom", "fp32", alone + side_by_side),), upper)]
 
 
 def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[Row]:
@@ -212,16 +178,15 @@ def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[Row]:
     01_baselines, when given)."""
     train_images, val_images, _ = split_sizes(cfg)
     spe = max(1, train_images // cfg.data.batch_size)
-    notebook_models = {"01_baselines": cfg.compare.baselines, "02_custom_model": cfg.compare.custom}
     rows: list[Row] = []
-    for nb, models in notebook_models.items():
+    for nb, models in model_comparison.notebook_models(cfg).items():
         rows += [_train_row(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=m)), nb, f"runs/{m}",
                             spe) for m in models]
-        rows += _latency_steps(cfg, nb, models)
+        rows += model_comparison.latency_steps(cfg, nb, models)
     rows += _cross(cfg, spe)
     rows += [_loss_row(cfg, name, seed, spe)
              for name in cfg.loss_study.names for seed in loss_comparison.run_seeds(cfg)]
-    rows += _pruning(cfg, spe) + _pruning_steps(cfg, val_images)
+    rows += _pruning(cfg, spe) + pruning_sweeps.steps(cfg, val_images)
     if cfg.quant.qat != "never":
         note = "only if PTQ loses more than quant.max_loss" if cfg.quant.qat == "auto" else ""
         rows.append(_finetune_row(cfg, quantization.NOTEBOOK, quantization.QAT, "QAT", cfg.quant.qat_epochs, spe,
@@ -254,7 +219,7 @@ def flops_costs(cfg: Config, name: str, tflops: float) -> Costs:
     model, (h, w), batch = _meta_model(cfg, name), cfg.data.crop_size, cfg.data.batch_size
     forward = measure.flops(model, h, w) * batch / (tflops * 1e12)
     step = 3 * forward  # backward costs about twice the forward
-    val = measure.flops(model, cfg.data.base_size, 2 * cfg.data.base_size) / (tflops * 1e12)
+    val = measure.flops(model, *eval_size(cfg)) / (tflops * 1e12)
     return Costs(step, step * FP32_SLOWDOWN, forward, val)
 
 
@@ -271,7 +236,7 @@ def warmup_costs(cfg: Config, name: str, device: torch.device, fp32: bool = Fals
     fp32_step = step * (FP32_SLOWDOWN if amp is not None else 1.0)
     if fp32 and device.type == "cuda":  # on a CPU, 3 more slow steps for a short QAT: not worth it
         fp32_step = batch / measure.train_throughput(model, batch, h, w, steps=2, device=device)
-    val = measure.latency(model, cfg.data.base_size, 2 * cfg.data.base_size, device, warmup=1, iters=2,
+    val = measure.latency(model, *eval_size(cfg), device, warmup=1, iters=2,
                           channels_last=cl, dtype=amp)["median_ms"] / 1000
     del model
     if device.type == "cuda":

@@ -20,12 +20,14 @@ from segstudy.data.datasets import build_dataset, build_loader
 from segstudy.engine import measure, run_folder
 from segstudy.engine.evaluation import from_training, validate
 from segstudy.engine.finetuning import finetune
-from segstudy.engine.timings import finetune_key
+from segstudy.engine.timings import Passes, Step, eval_size, finetune_key, step_key
+from segstudy.engine.timings import timed as timed_step
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_checkpoint, load_trained, save_model
 
 SAVED = "pruned_structured.pt"  # notebook 05 quantizes this one
-NOTEBOOK = "04_pruning_sweeps"  # its fine-tunes' keys in the plan and timings.json
+NOTEBOOK = "04_pruning_sweeps"  # its fine-tunes' and steps' keys in the plan and timings.json
+EVALUATE, LATENCY = "evaluate", "latency"  # its steps (steps())
 
 
 RECOVERIES = ("fine-tune", "KD")  # how recover() fine-tunes the structured model: plain, then distilled
@@ -51,6 +53,26 @@ def finetunes(cfg: Config) -> list[tuple[str, str, float, int, str]]:
               "dense cost: an upper bound for the pruned model") for r in RECOVERIES]
     return rows + [(DENSE_CONTROL, "fine-tune", p.epochs, p.steps,
                     "the dense model, trained as long: what recovery is judged against")]
+
+
+def steps(cfg: Config, val_images: int) -> list[Step]:
+    """This notebook's scoring of every model it describes (describe: on the device, in the training's
+    precision) and its CPU latencies (fp32, the bench size), for the plan and timings.json, counted as
+    its sweeps run them: the dense row; every scope x sparsity, and the fine-tuned scopes; every
+    structured ratio, and the other importances at prune.ratio; each recovery; the dense control.
+    Latency: the dense row and each ratio alone (bench.iters), the unstructured level beside the dense
+    model and the recoveries beside it (bench.speedup_iters)."""
+    p, b = cfg.prune, cfg.bench
+    others = [i for i in p.importances if not (i == p.importance and p.ratio in p.ratios)]
+    described = (1 + len(p.scopes) * len(p.sparsities) + len(unstructured_finetune_scopes(cfg))
+                 + len(p.ratios) + len(others) + len(RECOVERIES) + 1)
+    alone = (1 + len(p.ratios)) * (b.warmup + b.iters)
+    side_by_side = (2 * (p.finetune_sparsity in p.sparsities) + 1 + len(RECOVERIES)) * (b.warmup + b.speedup_iters)
+    upper = "pruned models at the dense model's cost, an upper bound"
+    scoring, timing = Passes("custom", "amp", described * val_images), Passes("custom", "fp32", alone + side_by_side)
+    return [Step(NOTEBOOK, EVALUATE, "evaluate", False, eval_size(cfg), (scoring,),
+                 f"{described} models x {val_images} images; {upper}"),
+            Step(NOTEBOOK, LATENCY, "latency", True, (b.height, b.width), (timing,), upper)]
 
 
 def dense_checkpoint(cfg: Config) -> Path:
@@ -80,7 +102,9 @@ def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool
     `metrics`: validate()'s answer when it is known already (dense_row); `timed`: the timings when
     taken already, {"model": ..., "reference": ...} from measure.latencies (recover)."""
     model = model.eval()
-    metrics = metrics or validate(copy.deepcopy(model), cfg, **_eval_args(cfg), per_image=True)
+    if metrics is None:
+        with timed_step(cfg, step_key(NOTEBOOK, EVALUATE)):
+            metrics = validate(copy.deepcopy(model), cfg, **_eval_args(cfg), per_image=True)
     b = cfg.bench
     out = row | {
         "sparsity": prune.sparsity(model)["overall"], "miou": metrics["miou"], "iou": metrics["iou"],
@@ -89,8 +113,9 @@ def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool
     if latency:
         if timed is None:
             models = {"model": copy.deepcopy(model)} | ({"reference": copy.deepcopy(reference)} if reference else {})
-            timed = measure.latencies(models, b.height, b.width, "cpu", warmup=b.warmup,
-                                      iters=b.speedup_iters if reference is not None else b.iters)
+            with timed_step(cfg, step_key(NOTEBOOK, LATENCY)):
+                timed = measure.latencies(models, b.height, b.width, "cpu", warmup=b.warmup,
+                                          iters=b.speedup_iters if reference is not None else b.iters)
         out |= {"latency_ms": timed["model"]["median_ms"], "latency_times_ms": timed["model"]["times_ms"]}
         if "reference" in timed:
             out["reference_times_ms"] = timed["reference"]["times_ms"]
@@ -205,9 +230,10 @@ def recover(cfg: Config, dense: nn.Module, out_dir: Path) -> list[dict]:
                 pruner, model, _taylor_batches(cfg) if p.importance == "taylor" else None),
             teacher=dense, kd_weight=kd_weight, kd_temperature=p.kd_temperature)
         recovered[recovery] = (model, history, time.perf_counter() - t0)
-    timed = measure.latencies({"reference": copy.deepcopy(dense)} | {k: copy.deepcopy(m) for k, (m, *_) in
-                                                                     recovered.items()},
-                              b.height, b.width, "cpu", warmup=b.warmup, iters=b.speedup_iters)
+    with timed_step(cfg, step_key(NOTEBOOK, LATENCY)):
+        timed = measure.latencies({"reference": copy.deepcopy(dense)} | {k: copy.deepcopy(m) for k, (m, *_) in
+                                                                         recovered.items()},
+                                  b.height, b.width, "cpu", warmup=b.warmup, iters=b.speedup_iters)
     rows, best = [], None
     for recovery, (model, history, seconds) in recovered.items():
         row = describe(model, cfg, flops=True, timed={"model": timed[recovery], "reference": timed["reference"]},
