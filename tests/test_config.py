@@ -215,3 +215,24 @@ def test_choices_agree_with_the_modules_that_use_them():
                             ("studies/quantization.py", config.QAT_MODES),
                             ("models/networks.py", config.PRETRAINED)]:
         assert set(choices) <= _string_literals(module), (module, choices)
+
+
+def test_a_child_profile_s_tune_space_replaces_the_parent_s_whole(tmp_path):
+    """One rule for tune.space (config.REPLACED_WHOLE): a child profile's space is the space searched,
+    as `--set tune.space=...` makes it; every other section still merges key by key."""
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {PROJECT_ROOT / 'params' / 'smoke.yaml'}\n"
+                     "train: {epochs: 3}\n"
+                     "tune:\n  epochs: 1\n  space:\n"
+                     "    data.batch_size: {type: int, low: 2, high: 4, step: 2}\n"
+                     "    train.lr: {type: categorical, choices: [0.01, 0.1]}\n")
+    cfg = load_config(child)
+    assert cfg.tune.space == {"data.batch_size": {"type": "int", "low": 2, "high": 4, "step": 2},
+                              "train.lr": {"type": "categorical", "choices": [0.01, 0.1]}}
+    assert (cfg.tune.epochs, cfg.tune.model, cfg.train.epochs, cfg.train.lr) == (1, "unet", 3, 0.01)  # merged
+
+
+def test_set_tune_space_replaces_the_whole_space():
+    space = {"data.batch_size": {"type": "int", "low": 2, "high": 4}}
+    assert load_config("smoke", {"tune.space": space}).tune.space == space
+    assert load_config("smoke", ["tune.space={data.batch_size: {type: int, low: 2, high: 4}}"]).tune.space == space

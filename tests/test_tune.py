@@ -1,6 +1,7 @@
 """Tuning (segstudy tune, notebook 06): pruning, shared storages (journal, PostgreSQL), a killed
-worker's trial failed and re-run, bad input refused in one line, MLflow parent/child runs, and the
-W&B backend against MLflow's (offline)."""
+worker's trial failed and re-run, Ctrl-C, a failure every trial shares, bad input and unreadable
+storages refused in one line, best.yaml trained again, MLflow parent/child runs, and the W&B backend
+against MLflow's (offline)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import pytest
 from segstudy import cli, tracking
 from segstudy.config import load_config
 from segstudy.engine import run_folder
+from segstudy.engine.training import train
 from segstudy.studies import tune_storage, tuning
 
 GOOD = {"train.lr": 0.09, "train.optimizer": "adamw"}  # learns something in 2 epochs on the tiny data
@@ -101,6 +104,16 @@ def test_a_bad_trial_is_pruned_and_the_results_feed_back(tiny_root, tmp_path):
     tuned = load_config(fragment)  # a profile that extends smoke with the best parameters
     assert tuned.train.lr == pytest.approx(best["params"]["train.lr"])
     assert tuned.train.optimizer == best["params"]["train.optimizer"] and tuned.profile == "smoke-tuned"
+    # the tuned model (smoke's model.name is custom) and the study's dataset roots, not ones beside best.yaml
+    assert tuned.model.name == study.cfg.tune.model == "unet"
+    assert (tuned.data.root, tuned.cross.bdd100k.root, tuned.cross.nuimages.root) == \
+        (study.cfg.data.root, study.cfg.cross.bdd100k.root, study.cfg.cross.nuimages.root)
+    # trained from it under the study's budget (one step: train.max_steps is no setting), it trains what
+    # the best trial trained
+    budget = {k: v for k, v in tuning.budget(study.cfg).items() if k != "model.name"} | {"train.max_steps": 1}
+    again = train(load_config(fragment, budget), progress=False, keep_weights=False)
+    trial_settings = json.loads((tuning.trial_dir(study, best["trial"]) / "settings.json").read_text())
+    assert json.loads((Path(again["run_dir"]) / "settings.json").read_text()) == trial_settings
     assert load_config("smoke", overrides | dict(s.split("=", 1) for s in best["set"])).train.lr == tuned.train.lr
     part = tuning.report(study.cfg)
     assert len(part.images) == 3 and "best mIoU %" in part.table.columns
@@ -122,6 +135,14 @@ def _one_line_error(capsys, argv: list[str]) -> str:
     (["tune.space={train.optimizer: {type: float, low: 0, high: 1}}"],
      "tune.space.train.optimizer is not a number (str): use type: categorical"),
     (["tune.space={train.lr: {type: float, low: 0, high: 0.1}}"], "train.lr can take 0.0, which the profile refuses"),
+    (["tune.space={train.lr: {type: float, low: 0.001, high: 0.1, step: -1}}"],
+     "tune.space.train.lr.step = -1 must be a number > 0"),
+    (["tune.space={train.lr: {type: log_float, low: 0.001, high: 0.1, step: 0.01}}"], "a log_float takes no step"),
+    (["tune.space={data.batch_size: {type: int, low: 1.5, high: 4}}"], "data.batch_size.low = 1.5 is not a whole"),
+    (["tune.space={data.batch_size: {type: int, low: 2, high: 4, step: 8}}"], "step = 8 is wider than the range"),
+    (["tune.space={data.batch_size: {type: int, low: 2, high: 7, step: 2}}"],
+     "[2, 7] is not a whole number of steps of 2 (7 is never sampled); make high 6 or 8"),
+    (["data.root=/nonexistent"], "data.root = /nonexistent does not exist"),  # what every trial shares
 ])
 def test_a_bad_search_space_is_one_line(capsys, tmp_path, sets, message):
     err = _one_line_error(capsys, ["tune", "smoke", "--trials", "1", "--set", f"output_root={tmp_path}", *sets])
@@ -147,6 +168,112 @@ def test_an_unreachable_storage_or_a_changed_space_is_one_line_and_the_study_sta
                                    "tune.space={train.lr: {type: log_float, low: 0.001, high: 0.1}}"])
     assert "began with tune.space.train.lr = {'type': 'log_float', 'low': 0.0001" in err
     assert db.read_bytes() == before and len(tuning.start("smoke", _sets(tiny_root, tmp_path)).study.trials) == 1
+
+
+@pytest.mark.parametrize("sets, reason", [
+    ({"tune.space": {"data.batch_size": {"type": "categorical", "choices": [16, 32]}}},  # more than the 8 images
+     "trial 1: fail: data.batch_size x train.grad_accum = "),
+    ({"train.lr": 1e6, "tune.space": {"train.optimizer": {"type": "categorical", "choices": ["sgd"]}}},
+     "trial 1: fail: the loss diverged"),  # the message names no sampled key: it is the trial's numbers
+])
+def test_a_failure_of_the_trial_s_own_values_fails_it_and_the_study_goes_on(tiny_root, tmp_path, capsys, sets,
+                                                                             reason):
+    study = tuning.start("smoke", _sets(tiny_root, tmp_path, **sets))
+    tuning.optimize(study, 2)
+    assert [t.state for t in study.study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    out, err = capsys.readouterr()
+    assert reason in out.splitlines()[-1] and "Traceback" not in out + err
+
+
+def test_a_failure_every_trial_shares_stops_the_study_in_one_line(tiny_root, tmp_path, capsys):
+    folder = tmp_path / "smoke" / "tune" / "unet" / "trials" / "0000"
+    with run_folder.lock(folder):  # another process trains in trial 0's folder: any trial would meet it
+        err = _one_line_error(capsys, _argv(tiny_root, tmp_path, "--trials", "2"))
+    assert err.startswith("segstudy tune: error: trial 0 failed for a reason every trial shares, so the study "
+                          "stopped") and f"the run folder {folder} is in use by PID {os.getpid()}" in err
+    failed, queued = tuning.start("smoke", _sets(tiny_root, tmp_path)).study.trials
+    assert failed.state == optuna.trial.TrialState.FAIL and queued.state == optuna.trial.TrialState.WAITING
+    assert queued.params == failed.params and tune_storage.retry_of(queued) == 0
+    assert "0,FAIL" in (folder.parent.parent / "trials.csv").read_text()
+
+
+def _study_files(tiny_root: Path, out: Path) -> Path:
+    """A default study.db holding one finished trial (no training), and a trials.csv beside it."""
+    study = tuning.start("smoke", _sets(tiny_root, out))
+    study.study.add_trial(optuna.trial.create_trial(
+        params={"train.optimizer": "sgd"}, value=0.5,
+        distributions={"train.optimizer": optuna.distributions.CategoricalDistribution(["sgd", "adamw"])}))
+    (study.out / "trials.csv").write_text("trial,state\n0,COMPLETE\n")
+    return study.out
+
+
+def test_an_unreadable_storage_is_one_line_naming_it_and_is_left_as_it_was(tiny_root, tmp_path, capsys):
+    folder = _study_files(tiny_root, tmp_path)
+    db, table = folder / "study.db", (folder / "trials.csv").read_bytes()
+    whole = db.read_bytes()
+    argv = _argv(tiny_root, tmp_path, "--trials", "1")
+    default = f"the study's default storage {db} (no --storage given)"
+    other = tmp_path / "other.db"  # another program's database, e.g. mlflow.db
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE experiments (id INTEGER)")
+    unreadable = "is not a readable SQLite database"
+    for content, says in [(whole[:len(whole) // 2], f"{unreadable} (database disk image is malformed"),
+                          (b"", "is an empty file (0 bytes)"),
+                          (other.read_bytes(), "is another program's database (tables experiments), not an Optuna"),
+                          (b"not sqlite\n" * 50, f"{unreadable} (file is not a")]:
+        db.write_bytes(content)
+        err = _one_line_error(capsys, argv)
+        assert f"{default} {says}" in err and "cannot be reached" not in err, err
+        assert db.read_bytes() == content and (folder / "trials.csv").read_bytes() == table
+    subprocess.run(_advice(err, "(mv "), shell=True, check=True)  # as typed: the study begins anew
+    assert (folder / "study.db.broken").read_bytes() == content and not tuning.start("smoke", _sets(
+        tiny_root, tmp_path)).study.trials
+
+    journal = tmp_path / "study.journal"
+    with_journal = [*argv, "--storage", f"journal:{journal}"]
+    tuning.start("smoke", _sets(tiny_root, tmp_path), storage=f"journal:{journal}")
+    records = journal.read_bytes()
+    assert records.count(b"\n") >= 2
+    for content, says in [(records[:-3], "ends in a record cut short"),
+                          (b"{broken\n" + records, "is not a readable Optuna journal")]:
+        journal.write_bytes(content)
+        err = _one_line_error(capsys, with_journal)
+        assert f"--storage journal:{journal} {says}" in err, err
+        assert journal.read_bytes() == content
+    journal.write_bytes(records[:-3])
+    subprocess.run(_advice(_one_line_error(capsys, with_journal), "(sed "), shell=True, check=True)  # as typed
+    assert journal.read_bytes() == records[:records.rindex(b"\n", 0, -1) + 1]  # the records before it
+    assert tuning.start("smoke", _sets(tiny_root, tmp_path), storage=f"journal:{journal}").study
+
+
+def _advice(message: str, opening: str) -> str:
+    """The command a message advises in "... (COMMAND) ...", as a user would paste it."""
+    return opening[1:] + message.split(opening, 1)[1].split(") ", 1)[0]
+
+
+def test_ctrl_c_fails_the_trial_and_the_same_command_runs_its_parameters_again(tiny_root, tmp_path, capsys):
+    epochs = {"tune.epochs": 3}  # interrupted after its first checkpoint, it has two epochs to go
+    worker = _cli(tiny_root, tmp_path, "--trials", "2", **epochs, **{"tracking.backend": "mlflow"})
+    checkpoint = tmp_path / "smoke" / "tune" / "unet" / "trials" / "0000" / "checkpoint_latest.pt"
+    deadline = time.monotonic() + 90
+    while not checkpoint.is_file():
+        assert worker.poll() is None and time.monotonic() < deadline, "the worker ended before a checkpoint"
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGINT)
+    out, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 130 and "Traceback" not in out, out
+    assert out.splitlines()[-2:] == ["", f"segstudy tune: interrupted; {cli._CONTINUE['tune']}"]
+    cfg = load_config("smoke", _sets(tiny_root, tmp_path, **{"tracking.backend": "mlflow"}))
+    mlflow = tracking.use_mlflow(cfg.tracking, cfg.output_root)
+    (run,) = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list",
+                                filter_string="tags.`segstudy.trial` = '0'")
+    assert run.data.tags["segstudy.trial_state"] == "FAIL"
+
+    assert cli.main(_argv(tiny_root, tmp_path, "--trials", "1", **epochs)) == 0  # what the line says
+    assert f"[segstudy] resumed unet from {checkpoint}" in capsys.readouterr().out
+    interrupted, retry = tuning.start("smoke", _sets(tiny_root, tmp_path, **epochs)).study.trials
+    assert interrupted.state == optuna.trial.TrialState.FAIL and retry.state in tuning.DONE
+    assert retry.params == interrupted.params and tune_storage.retry_of(retry) == 0
 
 
 def test_two_workers_share_a_journal_and_one_mlflow_parent(tiny_root, tmp_path):

@@ -19,9 +19,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from segstudy.config import Config
+from segstudy.data.cityscapes import SegmentationFolder
 from segstudy.data.datasets import (
     EpochOrder,
     SeededSamples,
@@ -123,11 +125,7 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
         prepare_data(cfg, training_datasets(cfg))
     if world > 1:
         dist.barrier()
-    train_ds = training_set(cfg)
-    val_ds = build_dataset(cfg.data, cfg.data.val_split)
-    for part, split in [(p, cfg.data.train_split) for p in parts(train_ds)] + [(val_ds, cfg.data.val_split)]:
-        check_files(part, split)
-        check_labels(part, split, Path(cfg.output_root) / "cache")
+    train_ds, val_ds = checked_data(cfg)
     seed_everything(cfg.seed)
     criterion = build_criterion(cfg, parts(train_ds)[0])  # wce's class weights: data.dataset's frequencies
     model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(mcfg)).to(device)
@@ -158,6 +156,17 @@ def _build_run(cfg: Config, mcfg, device: torch.device) -> TrainingRun:
                                 sampler=EpochOrder(train_ds, cfg.seed, rank, world))
     return TrainingRun(cfg, mcfg, device, rank, world, amp_dtype, train_ds, train_loader, val_loader, criterion,
                        model, model, optimizer, scheduler, scaler, steps_per_epoch, rank_batch, meta)
+
+
+def checked_data(cfg: Config) -> tuple[Dataset, SegmentationFolder]:
+    """cfg's training set and validation split, every file's header read and every label decoded once
+    (remembered per file list), so a bad file stops a training before it starts, not an epoch in."""
+    train_ds = training_set(cfg)
+    val_ds = build_dataset(cfg.data, cfg.data.val_split)
+    for part, split in [(p, cfg.data.train_split) for p in parts(train_ds)] + [(val_ds, cfg.data.val_split)]:
+        check_files(part, split)
+        check_labels(part, split, Path(cfg.output_root) / "cache")
+    return train_ds, val_ds
 
 
 def fixed_shape_kernels(device: torch.device) -> None:

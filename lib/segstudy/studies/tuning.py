@@ -6,8 +6,11 @@ The objective is `tune.model`'s best validation mIoU under a fixed budget (`tune
 validations feed the pruner (median or Hyperband), which stops a poor trial after any of them. The
 sampler is TPE, seeded from the profile's seed. The study lives in a storage (tune_storage): a file
 beside its results by default, a journal file for several processes on one machine, a database for
-several machines; running the same command again continues it, and a trial whose worker died is
-failed and its parameters tried again, from its run folder's last checkpoint.
+several machines; running the same command again continues it, and a trial whose worker died (or
+that Ctrl-C stopped) is failed and its parameters tried again first, from its run folder's last
+checkpoint. What every trial shares (the datasets, the device) is checked before the storage is
+touched; a trial failing for its own values (a loss that diverged, a batch larger than the data) is
+failed and the study goes on, one failing for anything else stops the study with that one line.
 
 MLflow gets one parent run per study and one child run per trial (the training's own run, nested
 with mlflow.parentRunId, tagged with the trial's final state). `save` writes trials.csv, the best
@@ -34,7 +37,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from segstudy import tracking
 from segstudy.config import Config, load_config, parse_overrides, resolve_profile
-from segstudy.engine.training import train
+from segstudy.data.datasets import prepare_data, training_datasets
+from segstudy.engine.device import resolve_device
+from segstudy.engine.training import checked_data, train
 from segstudy.errors import UserError
 from segstudy.files import write_text
 from segstudy.studies import figures, results_files, tune_storage
@@ -60,6 +65,8 @@ class Tuning:
     parent_run: str | None = None  # the study's MLflow run
     seconds: float = 0.0  # spent in `optimize` by this process
     ran: int = 0  # trials this process finished
+    current: int | None = None  # the number of the trial this process runs now
+    failures: dict[int, str] = dataclasses.field(default_factory=dict)  # trial number -> why it failed
 
     def describe(self) -> str:
         tune = self.cfg.tune
@@ -76,9 +83,11 @@ def start(profile: str, overrides: dict | list[str] | None = None, study: str | 
     name = study or cfg.tune.model
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"--study {name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
+    check_shared(cfg)
     out = results_files.tune_dir(cfg, name)
     store, shown = tune_storage.open_storage(storage, out, cfg.tune)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # segstudy prints one line per trial instead
+    # segstudy prints one line per trial, a failed one's reason in it; Optuna's warning adds a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     tuning = Tuning(cfg, profile, overrides, name, out, shown, _open_study(cfg, name, store, shown))
     if failed := tune_storage.fail_dead_local_trials(tuning.study, cfg.tune):
         print(f"[segstudy] trials {', '.join(map(str, failed))} were left running by a process that is gone: "
@@ -134,6 +143,15 @@ def check(cfg: Config, profile: str, overrides: dict) -> None:
                 load_config(profile, overrides | budget(cfg) | {key: value})
             except UserError as exc:
                 raise UserError(f"{where}: {key} can take {value!r}, which the profile refuses ({exc})") from None
+
+
+def check_shared(cfg: Config) -> None:
+    """What every trial shares, before the storage is touched: the device, the training and validation
+    datasets (generated where the profile generates them), their files' headers and labels."""
+    trial = budget_config(cfg)
+    resolve_device(trial.device)
+    prepare_data(trial, training_datasets(trial))
+    checked_data(trial)
 
 
 def _extremes(spec: dict) -> list:
@@ -204,19 +222,49 @@ def _pruner(cfg: Config) -> optuna.pruners.BasePruner:
 
 # --- running trials --------------------------------------------------------------------------
 
+class _OwnFailure(Exception):
+    """A trial's UserError that its sampled values caused: the trial is failed, the study goes on."""
+
+
 def optimize(tuning: Tuning, trials: int, timeout: float | None = None) -> None:
     """Run `trials` trials in this process (Optuna's n_trials; queued retries first), or stop
-    starting new ones after `timeout` seconds. A trial whose training raises a UserError (the loss
-    diverged, a batch larger than the data) is failed and the study goes on."""
-    started = time.perf_counter()
+    starting new ones after `timeout` seconds. A trial whose own values fail its training (the loss
+    diverged, a batch larger than the data) is failed and the study goes on; a UserError every trial
+    would meet, or Ctrl-C, fails the trial, queues its parameters again and stops the study."""
+    started, status = time.perf_counter(), "FAILED"
     _parent_status(tuning, "RUNNING")
     try:
         tuning.study.optimize(lambda trial: _objective(tuning, trial), n_trials=trials, timeout=timeout or None,
-                              callbacks=[lambda study, trial: _after_trial(tuning, trial)], catch=(UserError,),
+                              callbacks=[lambda study, trial: _after_trial(tuning, trial)], catch=(_OwnFailure,),
                               gc_after_trial=True)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        _after_stop(tuning)
+        raise
+    except UserError as exc:
+        number = _after_stop(tuning)
+        if number is None:
+            raise
+        raise UserError(f"trial {number} failed for a reason every trial shares, so the study stopped (its "
+                        f"parameters run first when it continues): {exc}") from None
     finally:
         tuning.seconds += time.perf_counter() - started
-        _parent_status(tuning, "FINISHED")
+        _parent_status(tuning, status)
+
+
+def _after_stop(tuning: Tuning) -> int | None:
+    """After Ctrl-C or a failure every trial shares: the trial this process ran (failed by Optuna) is
+    queued again with its parameters, its MLflow run and the trials table brought up to date; returns
+    its number (None when no trial was running)."""
+    number, tuning.current = tuning.current, None
+    trial = next((t for t in tuning.study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state != TrialState.FAIL:
+        return None
+    tune_storage.requeue(tuning.study, trial)
+    _track_trial(tuning, trial)
+    results_files.write_csv(tuning.out / "trials.csv", trials_table(tuning.study), index=False)
+    return number
 
 
 def optimize_until(tuning: Tuning, total: int, timeout: float | None = None) -> int:
@@ -233,6 +281,7 @@ def trial_dir(tuning: Tuning, number: int) -> Path:
 
 
 def _objective(tuning: Tuning, trial: optuna.Trial) -> float:
+    tuning.current = trial.number
     trial.set_user_attr(tune_storage.WORKER, tune_storage.this_worker())
     params = {key: _suggest(trial, key, spec) for key, spec in tuning.cfg.tune.space.items()}
     # a retry of a trial whose worker died continues that trial's run folder from its last checkpoint
@@ -254,7 +303,20 @@ def _objective(tuning: Tuning, trial: optuna.Trial) -> float:
             for name in ("checkpoint_latest.pt", "checkpoint_best.pt"):
                 (run_dir / name).unlink(missing_ok=True)
             raise
+        except UserError as exc:
+            if not _own_failure(exc, params):
+                raise
+            tuning.failures[trial.number] = str(exc)
+            raise _OwnFailure(str(exc)) from None
     return result["best_miou"]
+
+
+def _own_failure(exc: UserError, params: dict) -> bool:
+    """Whether a trial's error comes from its sampled values: a loss that diverged (training raises
+    its UserError while handling the FloatingPointError), or a message naming a key the trial sampled
+    (data.batch_size larger than the images). Anything else (the data, a file, a folder in use) is
+    what every trial would meet."""
+    return isinstance(exc.__context__, FloatingPointError) or any(key in str(exc) for key in params)
 
 
 def _suggest(trial: optuna.Trial, key: str, spec: dict) -> Any:
@@ -272,10 +334,12 @@ def _after_trial(tuning: Tuning, trial: FrozenTrial) -> None:
     """One line, the MLflow runs brought up to date, the trials table rewritten (a killed
     study keeps a current one)."""
     tuning.ran += 1
+    tuning.current = None
     value = f", val mIoU {100 * trial.value:.2f}" if trial.value is not None else ""
     last = f" at epoch {max(trial.intermediate_values)}" if trial.state == TrialState.PRUNED and \
         trial.intermediate_values else ""
-    print(f"[segstudy] trial {trial.number}: {trial.state.name.lower()}{last}{value} "
+    why = f": {tuning.failures[trial.number]}" if trial.number in tuning.failures else ""
+    print(f"[segstudy] trial {trial.number}: {trial.state.name.lower()}{last}{value}{why} "
           f"({', '.join(f'{k}={_shown(v)}' for k, v in trial.params.items())})", flush=True)
     _track_trial(tuning, trial)
     results_files.write_csv(tuning.out / "trials.csv", trials_table(tuning.study), index=False)
@@ -395,15 +459,16 @@ def set_args(params: dict) -> list[str]:
 
 
 def write_best(tuning: Tuning, best: FrozenTrial) -> Path:
-    """best.yaml: the profile the study ran, plus the best parameters; `segstudy run --profile
-    best.yaml` trains with them, `extends: <it>` starts another profile from it. Paths are written
-    absolute, as the file lives elsewhere than the profile it extends."""
+    """best.yaml: the profile the study ran with its --set values, the tuned model (tune.model) and the
+    best parameters: `segstudy train --profile best.yaml` trains what the best trial trained, at the
+    profile's own length (the study's budget is left out), `segstudy run` runs the notebooks with it,
+    `extends: <it>` starts another profile from it. Every path is written as the study resolved it
+    (absolute), as the file lives elsewhere than the profile it extends."""
     cfg = tuning.cfg
-    fragment: dict = {"extends": str(resolve_profile(tuning.profile).resolve()), "profile": f"{cfg.profile}-tuned",
-                      "output_root": cfg.output_root, "data": {"root": cfg.data.root}}
-    if cfg.model.weights_dir:
-        fragment["model"] = {"weights_dir": cfg.model.weights_dir}
-    for key, value in ({k: v for k, v in tuning.overrides.items() if not k.startswith("tune.")} | best.params).items():
+    keys = ({k: v for k, v in tuning.overrides.items() if not k.startswith("tune.")} | _paths(cfg)
+            | {"model.name": cfg.tune.model} | best.params)
+    fragment: dict = {"extends": str(resolve_profile(tuning.profile).resolve()), "profile": f"{cfg.profile}-tuned"}
+    for key, value in keys.items():
         node = fragment
         *parents, leaf = key.split(".")
         for part in parents:
@@ -411,8 +476,20 @@ def write_best(tuning: Tuning, best: FrozenTrial) -> Path:
         node[leaf] = value
     head = (f"# study '{tuning.name}' ({tuning.storage}), trial {best.number}: val mIoU {100 * best.value:.2f} "
             f"({cfg.tune.model}, {cfg.tune.epochs} epochs per trial)\n"
-            f"# or: --set {' '.join(set_args(best.params))}\n")
+            f"# or: --profile {tuning.profile} --set model.name={cfg.tune.model} {' '.join(set_args(best.params))}\n")
     return write_text(tuning.out / "best.yaml", head + yaml.safe_dump(fragment, sort_keys=False))
+
+
+def _paths(node: Any, prefix: str = "") -> dict[str, str]:
+    """Every path key of the config (declared with `path` in config.py) that holds one, as loaded."""
+    found = {}
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            found |= _paths(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("path") and value:
+            found[f"{prefix}{f.name}"] = value
+    return found
 
 
 def save_figures(tuning: Tuning) -> dict[str, str]:
