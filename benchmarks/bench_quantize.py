@@ -65,7 +65,6 @@ def main() -> None:
         mc = dataclasses.asdict(cfg.model) | {"name": args.model, "pretrained": False}
         model, source = build_model(num_classes=NUM_CLASSES, **mc).eval(), "random weights (no checkpoint)"
     calib = quantize.calibration_images(cfg, n_calib)
-    batches = quantize.batched(calib, cfg.data.batch_size)
     print(f"model: {args.model} from {source}; calibration: {n_calib} training images")
 
     rows: dict[str, dict] = {}
@@ -85,21 +84,21 @@ def main() -> None:
         torch_row("bf16 autocast + channels_last", copy.deepcopy(model), channels_last=True, dtype=torch.bfloat16)
         fp32_onnx = onnx_export.export(model, tmp / "fp32.onnx", calib[0][None])
         ort_row("ONNX Runtime fp32", fp32_onnx)
-        torch_row("int8 torch FX (x86)", quantize.fx_ptq(model, calib, [n_calib], cfg.data.batch_size,
-                                                         cfg.quant.observer)["models"][n_calib])
+        int8_fx = quantize.fx_ptq(model, calib, [n_calib], cfg.quant.observer)["models"][n_calib]
+        torch_row("int8 torch FX (x86)", int8_fx)
         for act in onnx_export.ACTIVATIONS:
             ort_row(f"int8 ONNX Runtime ({act} act.)",
-                    onnx_export.quantize_int8(fp32_onnx, tmp / f"int8_{act}.onnx", batches, act))
+                    onnx_export.quantize_int8(fp32_onnx, tmp / f"int8_{act}.onnx", calib, act))
         pruned_path = quantization.pruned_checkpoint(cfg)
         if args.model != "custom":
             print("pruned rows: only for the custom model")
         elif pruned_path.is_file():
             pruned = load_trained(pruned_path)
             torch_row("pruned fp32", pruned)
-            torch_row("pruned + int8 torch FX", quantize.fx_ptq(pruned, calib, [n_calib], cfg.data.batch_size,
-                                                                cfg.quant.observer)["models"][n_calib])
+            pruned_fx = quantize.fx_ptq(pruned, calib, [n_calib], cfg.quant.observer)["models"][n_calib]
+            torch_row("pruned + int8 torch FX", pruned_fx)
             ort_row("pruned + int8 ONNX Runtime (uint8 act.)", onnx_export.quantize_int8(
-                onnx_export.export(pruned, tmp / "pruned.onnx", calib[0][None]), tmp / "pruned_int8.onnx", batches))
+                onnx_export.export(pruned, tmp / "pruned.onnx", calib[0][None]), tmp / "pruned_int8.onnx", calib))
         else:
             print(f"pruned rows skipped: no pruned model at {pruned_path} (notebook 04 writes it)")
 

@@ -9,6 +9,8 @@ difference is below 5% of the mean absolute fp32 logit; ORT fp32 matches torch t
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,7 +71,7 @@ def _scale(model, images) -> float:
 
 def test_fx_ptq_agrees_with_fp32_and_saves_smaller(cfg, trained, calib, tmp_path):
     val = quantize.validation_images(cfg, 4)
-    ptq = quantize.fx_ptq(trained, calib, [2, 4], batch_size=2, observer="minmax")
+    ptq = quantize.fx_ptq(trained, calib, [2, 4], observer="minmax")
     assert set(ptq["models"]) == {2, 4} and ptq["notes"] == []
     int8 = ptq["models"][4]
     gm = int8.net
@@ -81,7 +83,7 @@ def test_fx_ptq_agrees_with_fp32_and_saves_smaller(cfg, trained, calib, tmp_path
     # mIoU on the tiny val split within 2 points of fp32 (tiny data: a few pixels swing it)
     assert abs(validate(trained, cfg)["miou"] - validate(int8, cfg)["miou"]) < 0.02
     # histogram observer (the x86 default) too, and TorchScript round trip: same outputs, smaller file
-    hist = quantize.fx_ptq(trained, calib, [4], batch_size=4)["models"][4]
+    hist = quantize.fx_ptq(trained, calib, [4])["models"][4]
     _assert_close_to_fp32(quantize.agreement(trained, {"hist": hist}, val)["hist"], _scale(trained, val))
     path = quantize.save_torchscript(int8, tmp_path / "int8.pt")
     loaded = torch.jit.load(str(path))
@@ -116,24 +118,27 @@ def test_onnx_round_trip_and_ort_int8(cfg, trained, calib, tmp_path, monkeypatch
 
 def test_bad_calibration_data(cfg, trained, calib, tmp_path):
     with pytest.raises(UserError, match="calibration set is empty"):
-        quantize.fx_ptq(trained, [], [4], batch_size=2)
+        quantize.fx_ptq(trained, [], [4])
     with pytest.raises(UserError, match="calibration set is empty"):
-        quantize.check_calibration([])
-    with pytest.raises(UserError, match=r"calibration batch 0 has shape \(3, 64, 128\).*expected float images"):
-        quantize.check_calibration([calib[0]])  # no batch dimension
+        quantize.calibration_batches([])
+    with pytest.raises(UserError, match=r"calibration batch 0 has shape \(64, 128\).*expected float images"):
+        quantize.calibration_batches([calib[0][0]])  # no channel dimension
     with pytest.raises(UserError, match=r"shape \(1, 1, 64, 128\)"):
-        quantize.check_calibration([calib[0][None, :1]])  # one channel
+        quantize.calibration_batches([calib[0][None, :1]])  # one channel
     with pytest.raises(UserError, match="torch.uint8"):
-        quantize.check_calibration([(calib[0][None] * 50).to(torch.uint8)])
+        quantize.calibration_batches([(calib[0][None] * 50).to(torch.uint8)])
+    later = quantize.calibration_batches([calib[0], "image.png"])  # a later bad item fails when it comes
+    with pytest.raises(UserError, match="calibration batch 1 is a str"):
+        list(later)
     with pytest.raises(UserError, match="asks for more than the 4 images"):
-        quantize.fx_ptq(trained, calib, [8], batch_size=2)
+        quantize.fx_ptq(trained, calib, [8])
     with pytest.raises(UserError, match="100 calibration images asked for .* has 8 training images"):
         quantize.calibration_images(cfg, 100)
     fp32_path = onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
     with pytest.raises(UserError, match="calibration set is empty"):
         onnx_export.quantize_int8(fp32_path, tmp_path / "int8.onnx", [])
-    with pytest.raises(UserError, match=r"calibration batch 0 has shape \(3, 64, 128\)"):
-        onnx_export.quantize_int8(fp32_path, tmp_path / "int8.onnx", [calib[0]])
+    with pytest.raises(UserError, match=r"calibration batch 0 has shape \(64, 128\)"):
+        onnx_export.quantize_int8(fp32_path, tmp_path / "int8.onnx", [calib[0][0]])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # nothing half-written
 
 
@@ -166,13 +171,13 @@ def test_ops_the_quantizer_cannot_handle(calib, tmp_path, capsys):
     torch.manual_seed(0)
     # in a submodule: that submodule stays in float, the rest is int8, and it is said
     model = WithGate().eval()
-    ptq = quantize.fx_ptq(model, calib, [2], batch_size=2, observer="minmax")
+    ptq = quantize.fx_ptq(model, calib, [2], observer="minmax")
     assert len(ptq["notes"]) == 1 and ptq["notes"][0].startswith("gate (Gate) kept in float")
     assert "if x.mean() > 0" in ptq["notes"][0] and "kept in float" in capsys.readouterr().out
     assert quantize.agreement(model, {"int8": ptq["models"][2]}, calib[:2])["int8"]["pixel_agreement"] >= 0.9
     # in the model's own forward: a UserError naming the line
     with pytest.raises(UserError, match=r"BranchingRoot.forward cannot be quantized.*`if x.sum\(\) > 0:`"):
-        quantize.fx_ptq(BranchingRoot().eval(), calib, [2], batch_size=2)
+        quantize.fx_ptq(BranchingRoot().eval(), calib, [2])
 
     # an operator the ONNX exporter does not know: named, nothing written, an earlier file kept intact
     class Bessel(TinySeg):
@@ -221,3 +226,63 @@ def test_notebook_05_asks_for_notebook_02s_model_instead_of_training_it(tmp_path
     cfg = load_config("smoke", {"output_root": str(tmp_path)})
     with pytest.raises(UserError, match=r"02_custom_model trains; run it first \(./run_all.sh smoke --only 02\)"):
         quantization.trained_model(cfg)
+
+
+def _initializers(path) -> dict:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def test_ort_calibration_holds_one_image_and_matches_quantize_static(trained, calib, tmp_path, monkeypatch):
+    """ORT calibration runs one image at a time (the calibrator holds one image's outputs whatever
+    the number of images) and gives the model quantize_static's own calibration gives."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    monkeypatch.setattr(quantize, "EXAMPLE_SIZE", (32, 64))
+    fp32_path = onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
+    batches = quantize.batched(calib, 2)  # as notebook 05 passes them: 2 batches of 2
+    # the reference: ORT's quantize_static calibrating the same pre-processed model on the same batches
+    pre = tmp_path / "pre.onnx"
+    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+    reference = tmp_path / "reference.onnx"
+    quantize_static(str(pre), str(reference), onnx_export._Reader(batches, "image"), quant_format=QuantFormat.QDQ,
+                    per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8, op_types_to_quantize=onnx_export.INT8_OPS,
+                    calibrate_method=CalibrationMethod.MinMax)
+    held = []  # outputs the calibrator holds each time it computes ranges (ORT's own compute_data)
+    compute_data = MinMaxCalibrater.compute_data
+
+    def counting(self):
+        held.append(len(self.intermediate_outputs))
+        return compute_data(self)
+
+    monkeypatch.setattr(MinMaxCalibrater, "compute_data", counting)
+    ours = onnx_export.quantize_int8(fp32_path, tmp_path / "ours.onnx", batches)
+    assert [n for n in held if n] == [1] * len(calib)  # each image alone (batch 1), one held at a time
+    expected, got = _initializers(reference), _initializers(ours)
+    assert got.keys() == expected.keys() and any(name.endswith("_scale") for name in got)
+    assert all(np.array_equal(got[name], expected[name]) for name in expected)  # same ranges, same int8 model
+
+
+def test_fx_calibration_runs_one_image_at_a_time(trained, calib, monkeypatch):
+    seen = []  # the input shape of every pass through the observed (prepared) model
+    prepare = quantize.fx_prepare
+
+    def recording(*args, **kwargs):
+        prepared, notes = prepare(*args, **kwargs)
+        prepared.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape)))
+        return prepared, notes
+
+    monkeypatch.setattr(quantize, "fx_prepare", recording)
+    quantize.fx_ptq(trained, calib, [1, 4], observer="minmax")
+    assert seen == [(1, *calib[0].shape)] * len(calib)  # each image alone, batch 1
+
+
+def test_calibration_images_are_read_when_used(cfg, calib):
+    assert isinstance(calib, quantize.CalibrationImages) and len(calib) == 4
+    assert not any(isinstance(v, torch.Tensor) for v in vars(calib).values())  # indices, not images
+    assert torch.equal(calib[:3][2], calib[2]) and torch.equal(calib[2], quantize.calibration_images(cfg, 4)[2])
+    assert [tuple(b.shape) for b in quantize.calibration_batches(calib)] == [(1, *calib[0].shape)] * 4
+    mixed = [calib[0], torch.stack([calib[1], calib[2]])]  # images and batches: every image, one at a time
+    assert [torch.equal(b[0], calib[i]) for i, b in enumerate(quantize.calibration_batches(mixed))] == [True] * 3

@@ -19,7 +19,7 @@ import copy
 import time
 import traceback
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -76,25 +76,59 @@ class AsDict(nn.Module):
 
 # --- calibration data -----------------------------------------------------------------------------
 
-def check_calibration(batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Calibration batches must be non-empty float tensors shaped (N, 3, H, W), as the eval preset
-    makes them: anything else is a UserError saying what was found."""
-    batches = list(batches)
-    if not batches:
+class CalibrationImages(Sequence[torch.Tensor]):
+    """Calibration images read from their dataset when asked for, so a set of 128 full-resolution
+    images (25 MB each at 2048x1024) is never held at once; a slice is another such view."""
+
+    def __init__(self, dataset: Sequence, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return CalibrationImages(self.dataset, self.indices[i])
+        return self.dataset[self.indices[i]][0]
+
+
+def _as_batch(i: int, item: object) -> torch.Tensor:
+    """Calibration item i as an (N, 3, H, W) float batch: a (3, H, W) image gains a batch dimension;
+    anything else is a UserError saying what was found."""
+    if not isinstance(item, torch.Tensor):
+        raise UserError(f"calibration batch {i} is a {type(item).__name__}; expected a float tensor (N, 3, H, W)")
+    batch = item[None] if item.ndim == 3 else item
+    if batch.ndim != 4 or batch.shape[1] != 3 or batch.shape[0] == 0 or not batch.is_floating_point():
+        raise UserError(f"calibration batch {i} has shape {tuple(item.shape)} and dtype {item.dtype}; expected "
+                        f"float images (3, H, W) or batches (N, 3, H, W), normalised like the eval preset")
+    return batch
+
+
+def calibration_batches(items: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The calibration loader of both engines: every image of `items` ((3, H, W) images or
+    (N, 3, H, W) batches, read as they come) as a batch of one. Batch 1 because a calibration pass
+    holds its batch's activations (GBs per image at 2048x1024 with output stride 8), and MinMax
+    ranges do not depend on the batching. The first item is checked now, so an empty or malformed
+    set fails before any calibration work; a later bad item fails when it comes."""
+    items = iter(items)
+    first = next(items, None)
+    if first is None:
         raise UserError("the calibration set is empty: int8 ranges need at least one image; "
                         "set quant.calib_images >= 1 and check the training split has images")
-    for i, b in enumerate(batches):
-        if not isinstance(b, torch.Tensor):
-            raise UserError(f"calibration batch {i} is a {type(b).__name__}; expected a float tensor (N, 3, H, W)")
-        if b.ndim != 4 or b.shape[1] != 3 or b.shape[0] == 0 or not b.is_floating_point():
-            raise UserError(f"calibration batch {i} has shape {tuple(b.shape)} and dtype {b.dtype}; expected "
-                            f"float images (N, 3, H, W), normalised like the eval preset")
-    return batches
+    first = _as_batch(0, first)
+
+    def one_by_one() -> Iterator[torch.Tensor]:
+        yield from first.split(1)
+        for i, item in enumerate(items, start=1):
+            yield from _as_batch(i, item).split(1)
+
+    return one_by_one()
 
 
-def calibration_images(cfg: Config, n: int) -> list[torch.Tensor]:
+def calibration_images(cfg: Config, n: int) -> CalibrationImages:
     """n training images with the eval transforms (no augmentation), a seeded random subset, so that
-    the first k of them are also the k-image calibration set (nested subsets for the N sweep)."""
+    the first k of them are also the k-image calibration set (nested subsets for the N sweep); read
+    from the dataset each time one is used (CalibrationImages)."""
     from segstudy.data.datasets import build_dataset
 
     ds = build_dataset(cfg.data, cfg.data.train_split, train=False)
@@ -105,7 +139,7 @@ def calibration_images(cfg: Config, n: int) -> list[torch.Tensor]:
         raise UserError(f"{n} calibration images asked for (quant.calib_images / quant.calib_sweep), but "
                         f"{cfg.data.root} has {len(ds)} training images; lower those settings")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:n]
-    return [ds[int(i)][0] for i in order]
+    return CalibrationImages(ds, order.tolist())
 
 
 def validation_images(cfg: Config, n: int) -> list[torch.Tensor]:
@@ -232,10 +266,11 @@ def fx_prepare(model: nn.Module, example: torch.Tensor, observer: str = "histogr
 
 
 @torch.inference_mode()
-def calibrate(prepared: torch.fx.GraphModule, batches: Sequence[torch.Tensor]) -> None:
-    """Run calibration batches through the observers (eval mode: BN uses its running stats)."""
+def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[torch.Tensor]) -> None:
+    """Run calibration images through the observers one at a time (calibration_batches; eval mode:
+    BN uses its running stats). The observers keep running statistics, not the activations."""
     prepared.eval()
-    for b in check_calibration(batches):
+    for b in calibration_batches(batches):
         prepared(b)
 
 
@@ -256,11 +291,12 @@ def fx_convert(prepared: torch.fx.GraphModule, example: torch.Tensor) -> torch.f
     return q
 
 
-def fx_ptq(model: nn.Module, images: Sequence[torch.Tensor], sizes: Sequence[int], batch_size: int,
+def fx_ptq(model: nn.Module, images: Sequence[torch.Tensor], sizes: Sequence[int],
            observer: str = "histogram") -> dict:
     """Post-training static int8 for every calibration size in `sizes` in one pass: the observers
-    accumulate over images[:n] and a converted copy is taken at each n (nested subsets).
-    Returns {"models": {n: int8 model returning {"out": logits}}, "notes": [...],
+    accumulate over images[:n], one image at a time (calibration_batches: a batch of full-resolution
+    images would hold all their activations at once), and a converted copy is taken at each n (nested
+    subsets). Returns {"models": {n: int8 model returning {"out": logits}}, "notes": [...],
     "calibrate_s": {n: cumulative calibration seconds}}."""
     sizes = sorted(set(sizes))
     if not images or not sizes or sizes[0] < 1:
@@ -268,12 +304,11 @@ def fx_ptq(model: nn.Module, images: Sequence[torch.Tensor], sizes: Sequence[int
                         f"int8 ranges need at least one image")
     if sizes[-1] > len(images):
         raise UserError(f"calibration size {sizes[-1]} asks for more than the {len(images)} images given")
-    check_calibration(batched(images, batch_size))
-    example = images[0][None]
+    example = next(calibration_batches(images[:1]))
     prepared, notes = fx_prepare(model, example, observer)
     models, seconds, done, start = {}, {}, 0, time.perf_counter()
     for n in sizes:
-        calibrate(prepared, batched(images[done:n], batch_size))
+        calibrate(prepared, images[done:n])
         done = n
         seconds[n] = time.perf_counter() - start
         models[n] = AsDict(fx_convert(prepared, example))

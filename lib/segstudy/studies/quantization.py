@@ -221,7 +221,7 @@ class QuantStudy:
     cpu: dict
     threads: int
     fp32: nn.Module
-    calib: list[torch.Tensor]
+    calib: quantize.CalibrationImages  # read one at a time
     rows: dict[str, dict] = dataclasses.field(default_factory=dict)
     models: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     # name -> (model, channels_last, amp): how each row's model runs, for time_in_turn
@@ -330,8 +330,7 @@ def calibrate_step(engine: str, model: str = "custom") -> str:
 def _fx_int8(study: QuantStudy, model: nn.Module, name: str) -> nn.Module:
     q = study.cfg.quant
     with _timed(study.cfg, calibrate_step("torch FX", name)):
-        return quantize.fx_ptq(model, study.calib, [q.calib_images], study.cfg.data.batch_size,
-                               q.observer)["models"][q.calib_images]
+        return quantize.fx_ptq(model, study.calib, [q.calib_images], q.observer)["models"][q.calib_images]
 
 
 def sweep_name(n: int) -> str:
@@ -344,7 +343,7 @@ def fx_ptq(study: QuantStudy) -> pd.DataFrame:
     quant.calib_sweep. Returns validation mIoU vs N (and cumulative calibration time)."""
     cfg, q = study.cfg, study.cfg.quant
     with _timed(cfg, calibrate_step("torch FX")):
-        ptq = quantize.fx_ptq(study.fp32, study.calib, sweep_sizes(cfg), cfg.data.batch_size, q.observer)
+        ptq = quantize.fx_ptq(study.fp32, study.calib, sweep_sizes(cfg), q.observer)
     sweep = {n: validate_variant(m, cfg, step=evaluate_step(FX_INT8 if n == q.calib_images else sweep_name(n)))
              for n, m in ptq["models"].items()}
     int8 = study.models[FX_INT8] = ptq["models"][q.calib_images]
@@ -365,7 +364,7 @@ def onnx_runtime(study: QuantStudy) -> pd.DataFrame:
     with _timed(cfg, calibrate_step("ONNX Runtime")):  # the export too: seconds beside the calibration
         onnx_fp32 = onnx_export.export(study.fp32, study.out / "custom_fp32.onnx", study.calib[0][None])
         onnx_int8 = onnx_export.quantize_int8(onnx_fp32, study.out / "custom_int8.onnx",
-                                              quantize.batched(study.calib[:q.calib_images], cfg.data.batch_size),
+                                              study.calib[:q.calib_images],
                                               q.ort_activation)
     study.artefacts |= {"fp32_onnx": str(onnx_fp32), "int8_onnx": str(onnx_int8)}
     for name, path, precision in [(ORT_FP32, onnx_fp32, "fp32"),
