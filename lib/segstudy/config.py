@@ -28,8 +28,8 @@ from segstudy.errors import UserError
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PARAMS_DIR = Path(os.environ.get("SEGSTUDY_PARAMS_DIR", PROJECT_ROOT / "params"))
 
-# The valid choices. config is the lowest layer and imports none of the modules that act on them;
-# where such a module keeps its own tuple, tests/test_config.py checks that the two agree.
+# The valid choices, defined here only: config is the lowest layer, and the modules that act on them
+# import them from here (the comment names the module).
 DATASETS = ("cityscapes", "bdd100k", "nuimages")  # data/datasets.py
 SAMPLINGS = ("equal", "proportional")  # data/datasets.py (a training on several datasets)
 MODELS = ("unet", "deeplabv3_resnet50", "custom")  # models/networks.py

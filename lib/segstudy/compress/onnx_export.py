@@ -30,13 +30,13 @@ from onnxruntime.quantization.calibrate import MinMaxCalibrater, TensorsData, sa
 from torch import nn
 
 from segstudy.compress.quantize import LogitsOnly, calibration_batches, example_crop
+from segstudy.config import ORT_ACTIVATIONS as ACTIVATIONS
 from segstudy.errors import UserError
 from segstudy.files import atomic_path
 
 OPSET = 17
 # ops ORT quantizes; Resize (the final upsampling) is left out on purpose, see above
 INT8_OPS = ["Conv", "Add", "Relu", "MaxPool", "GlobalAveragePool", "Concat", "ConvTranspose"]
-ACTIVATIONS = ("uint8", "int8")
 
 
 def export(model: nn.Module, path: str | Path, example: torch.Tensor) -> Path:

@@ -25,10 +25,9 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as nn_prune
 
+from segstudy.config import IMPORTANCES
 from segstudy.data.labels import NUM_CLASSES
 from segstudy.errors import UserError
-
-IMPORTANCE = ("l1", "group_norm", "taylor", "random")
 
 
 def _check_amount(amount: float, key: str) -> None:
@@ -147,7 +146,7 @@ def _importance(name: str):
         return tp.importance.GroupTaylorImportance()
     if name == "random":
         return tp.importance.RandomImportance()
-    raise UserError(f"prune.importance = '{name}'; choose one of {', '.join(IMPORTANCE)}")
+    raise UserError(f"prune.importance = '{name}'; choose one of {', '.join(IMPORTANCES)}")
 
 
 def structured_pruner(model: nn.Module, ratio: float, importance: str = "group_norm", steps: int = 1,

@@ -31,11 +31,10 @@ from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
-from segstudy.config import Config
+from segstudy.config import OBSERVERS, Config
 from segstudy.errors import UserError
 from segstudy.files import atomic_path
 
-OBSERVERS = ("histogram", "minmax")
 BACKEND = "x86"  # oneDNN or FBGEMM per op, chosen by torch for this CPU
 _TORCH_DIR = str(Path(torch.__file__).parent)
 

@@ -30,8 +30,27 @@ from segstudy.errors import UserError
 from segstudy.files import remove_stale_temporaries, write_json
 from segstudy.models.networks import weights_on_disk
 
+# the layout, spelled here only: outputs/<profile>/runs/<name>/ holding these files
+RUNS = "runs"
+BEST = "checkpoint_best.pt"  # the best validation's weights: what predict, serving and the later notebooks load
+LATEST = "checkpoint_latest.pt"  # the whole state to continue from (until the run finishes)
 CONFUSIONS = "val_confusions.npy"  # [images, 19, 20]: each validation image's confusion matrix, best epoch
 PREVIEWS = "val_previews.npz"  # the best epoch's predictions of the first validation images (uint8 train ids)
+
+
+def key(name: str) -> str:
+    """A training's run key, its folder relative to outputs/<profile>/: runs/<name>."""
+    return f"{RUNS}/{name}"
+
+
+def run_dir(cfg: Config, name: str) -> Path:
+    """outputs/<profile>/runs/<name>/: the folder of training `name` (a model, custom+bdd100k, ...)."""
+    return cfg.output_dir / key(name)
+
+
+def best(cfg: Config, name: str) -> Path:
+    """The best weights of training `name`."""
+    return run_dir(cfg, name) / BEST
 
 
 def _read_json(path: Path) -> dict | None:

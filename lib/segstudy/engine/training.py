@@ -249,7 +249,7 @@ def _run_epoch(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: boo
             amp_dtype=run.amp_dtype, channels_last=tcfg.channels_last, grad_accum=tcfg.grad_accum,
             max_batches=total - done, on_step=on_step, guard=run.guard)
     except FloatingPointError as exc:
-        latest = work_dir / "checkpoint_latest.pt"
+        latest = work_dir / run_folder.LATEST
         raise UserError(f"the loss diverged ({exc}) at step {run.step + 1} (epoch {epoch + 1}) of {run.mcfg.name}; "
                         f"training stopped, the last good checkpoint is kept "
                         f"({latest if latest.is_file() else 'none yet'}); lower train.lr or "
@@ -291,14 +291,14 @@ def _save_state(run: TrainingRun, run_dir: Path, record: dict | None = None) -> 
         run.best_miou = state["best_miou"] = record["val_miou"]
         # weights only: what predict, serving and the later notebooks load (a third of the full state)
         save_checkpoint({k: state[k] for k in ("model", "meta", "epoch", "step", "best_miou", "history")},
-                        run_dir / "checkpoint_best.pt")
+                        run_dir / run_folder.BEST)
         if run.per_image is not None:
             with atomic_path(run_dir / run_folder.CONFUSIONS) as tmp, tmp.open("wb") as f:
                 np.save(f, run.per_image)
         if run.previews:
             with atomic_path(run_dir / run_folder.PREVIEWS) as tmp, tmp.open("wb") as f:
                 np.savez_compressed(f, *run.previews)
-    save_checkpoint(state, run_dir / "checkpoint_latest.pt")
+    save_checkpoint(state, run_dir / run_folder.LATEST)
 
 
 def _report(run: TrainingRun, record: dict) -> None:
@@ -331,7 +331,7 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
     the training and leaves an unfinished run folder that the same settings would continue.
     """
     mcfg = dataclasses.replace(cfg.model, name=model_name or cfg.model.name)
-    run_dir = Path(run_dir) if run_dir else cfg.output_dir / "runs" / mcfg.name
+    run_dir = Path(run_dir) if run_dir else run_folder.run_dir(cfg, mcfg.name)
     settings = run_folder.settings(cfg, mcfg)
     if not resume and (saved := _reused_result(run_dir, cfg, mcfg)):
         return saved
@@ -345,7 +345,7 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
         if run.main:
             run_folder.write_settings(work_dir, settings)
         if continued:
-            _resume(run, continued / "checkpoint_latest.pt")
+            _resume(run, continued / run_folder.LATEST)
         _wrap(run)
         tracker = _tracker(run)
         run.clock = (timings.run_key(cfg, run_dir), time.perf_counter(), run.step)
@@ -363,9 +363,9 @@ def train(cfg: Config, model_name: str | None = None, resume: bool = False, run_
 
 def _drop_training_state(work_dir: Path, keep_weights: bool, result: dict) -> None:
     """A finished run needs no optimizer state; without keep_weights, no weights either."""
-    (work_dir / "checkpoint_latest.pt").unlink(missing_ok=True)
+    (work_dir / run_folder.LATEST).unlink(missing_ok=True)
     if not keep_weights:
-        (work_dir / "checkpoint_best.pt").unlink(missing_ok=True)
+        (work_dir / run_folder.BEST).unlink(missing_ok=True)
         result["checkpoint_best"] = None
 
 
@@ -437,7 +437,7 @@ def _finish(run: TrainingRun, tracker: Tracker, run_dir: Path, finished: bool) -
               "final": history[-1] if history else {}, "train_seconds": train_seconds,
               "train_img_per_s": images_seen / train_seconds if train_seconds else float("nan"),
               "parameters": measure.parameters(run.model), "run_dir": str(run_dir),
-              "checkpoint_best": str(run_dir / "checkpoint_best.pt"), "mlflow_run_id": tracker.run_id,
+              "checkpoint_best": str(run_dir / run_folder.BEST), "mlflow_run_id": tracker.run_id,
               "val_confusions": str(confusions) if confusions.is_file() else None,
               "backbone_init": run.meta["backbone_init"]}
     tracker.finish()

@@ -27,13 +27,11 @@ from segmentation_models_pytorch.losses import DiceLoss, FocalLoss, LovaszLoss
 from torch import nn
 from tqdm import tqdm
 
-from segstudy.config import LossConfig
+from segstudy.config import LOSSES, WEIGHTINGS, LossConfig
 from segstudy.data.cityscapes import SegmentationFolder
 from segstudy.data.labels import IGNORE_INDEX, NUM_CLASSES
 from segstudy.errors import UserError
 
-LOSSES = ("ce", "wce", "dice", "ce_dice", "focal", "lovasz")
-WEIGHTINGS = ("inverse", "median", "enet")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -23,9 +23,9 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCNHead
 
+from segstudy.config import MODELS
 from segstudy.errors import UserError
 
-MODELS = ("unet", "deeplabv3_resnet50", "custom")
 BACKBONE_WEIGHTS = ResNet50_Weights.IMAGENET1K_V1
 
 # ResNet's replace_stride_with_dilation for layer2..layer4 per output stride

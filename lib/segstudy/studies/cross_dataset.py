@@ -17,7 +17,7 @@ import pandas as pd
 from segstudy.config import Config
 from segstudy.data.datasets import build_dataset, check_files, data_config, dataset_names
 from segstudy.data.labels import CLASS_NAMES
-from segstudy.engine import evaluation
+from segstudy.engine import evaluation, run_folder
 from segstudy.engine.metrics import ConfusionMatrix, scored_on
 from segstudy.engine.timings import Passes, Step, eval_size, timed
 from segstudy.engine.training import train
@@ -42,7 +42,7 @@ def train_mixed(cfg: Config) -> dict[str, dict]:
     if not cfg.cross.mix:
         return {}
     mixed = mixed_config(cfg)
-    return {mixed_name(cfg, m): train(mixed, m, run_dir=cfg.output_dir / "runs" / mixed_name(cfg, m))
+    return {mixed_name(cfg, m): train(mixed, m, run_dir=run_folder.run_dir(cfg, mixed_name(cfg, m)))
             for m in cfg.cross.models}
 
 

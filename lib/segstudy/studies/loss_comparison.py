@@ -35,7 +35,7 @@ def twin_key(cfg: Config, name: str, seed: int) -> str | None:
     own = run_config(cfg, name, seed)
     base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=cfg.loss_study.model))
     same = all(getattr(own, k) == getattr(base, k) for k in ("seed", "data", "model", "train", "loss"))
-    return f"runs/{cfg.loss_study.model}" if same else None
+    return run_folder.key(cfg.loss_study.model) if same else None
 
 
 def _twin_result(cfg: Config, name: str, seed: int) -> dict | None:
@@ -70,7 +70,7 @@ def run_config(cfg: Config, name: str, seed: int) -> Config:
 
 def run_key(cfg: Config, name: str, seed: int) -> str:
     """The run folder under outputs/<profile>/."""
-    return f"runs/{cfg.loss_study.model}-{name}-seed{seed}"
+    return run_folder.key(f"{cfg.loss_study.model}-{name}-seed{seed}")
 
 
 def _best(run: dict) -> dict:

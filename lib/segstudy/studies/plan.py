@@ -162,7 +162,7 @@ def _cross(cfg: Config, spe: int) -> list[Row]:
     other dataset's val split (on the device, in the training's precision)."""
     nb, mixed = cross_dataset.NOTEBOOK, cross_dataset.mixed_config(cfg)
     rows: list[Row] = [_train_row(dataclasses.replace(mixed, model=dataclasses.replace(cfg.model, name=m)), nb,
-                                  f"runs/{cross_dataset.mixed_name(cfg, m)}", spe)
+                                  run_folder.key(cross_dataset.mixed_name(cfg, m)), spe)
                        for m in cfg.cross.models if cfg.cross.mix]
     models = [(m, m) for m in cfg.compare.baselines + cfg.compare.custom]
     models += [(cross_dataset.mixed_name(cfg, m), m) for m in cfg.cross.models if cfg.cross.mix]
@@ -180,8 +180,8 @@ def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[Row]:
     spe = max(1, train_images // cfg.data.batch_size)
     rows: list[Row] = []
     for nb, models in model_comparison.notebook_models(cfg).items():
-        rows += [_train_row(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=m)), nb, f"runs/{m}",
-                            spe) for m in models]
+        rows += [_train_row(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=m)), nb,
+                            run_folder.key(m), spe) for m in models]
         rows += model_comparison.latency_steps(cfg, nb, models)
     rows += _cross(cfg, spe)
     rows += [_loss_row(cfg, name, seed, spe)

@@ -76,7 +76,7 @@ def steps(cfg: Config, val_images: int) -> list[Step]:
 
 
 def dense_checkpoint(cfg: Config) -> Path:
-    return cfg.output_dir / "runs" / "custom" / "checkpoint_best.pt"
+    return run_folder.best(cfg, "custom")
 
 
 def load_dense(cfg: Config) -> nn.Module:

@@ -29,7 +29,7 @@ from segstudy.compress.onnx_export import OrtModule
 from segstudy.config import Config
 from segstudy.data.datasets import build_dataset
 from segstudy.deploy import registry
-from segstudy.engine import measure, timings
+from segstudy.engine import measure, run_folder, timings
 from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.engine.evaluation import confusion_over, eval_loader, from_training
 from segstudy.engine.metrics import ConfusionMatrix
@@ -198,7 +198,7 @@ def qat_decision(mode: str, ptq_loss_points: float, max_loss: float) -> tuple[bo
 
 def trained_model(cfg: Config, name: str = "custom") -> nn.Module:
     """The trained model of notebooks 01/02 (outputs/<profile>/runs/<name>/checkpoint_best.pt)."""
-    ckpt = cfg.output_dir / "runs" / name / "checkpoint_best.pt"
+    ckpt = run_folder.best(cfg, name)
     if not ckpt.is_file():
         notebook = "02_custom_model" if name == "custom" else "01_baselines"
         raise UserError(f"{ckpt} does not exist: notebook 05 quantizes the model notebook {notebook} trains; "
@@ -313,7 +313,7 @@ def references(study: QuantStudy) -> pd.DataFrame:
     notebook 02's training did reads its accuracy from there (evaluation.from_training)."""
     fp32, cfg = study.fp32, study.cfg
     for name, (amp, channels_last) in REFERENCES.items():
-        known = from_training(cfg.output_dir / "runs" / "custom", cfg, amp=amp, channels_last=channels_last)
+        known = from_training(run_folder.run_dir(cfg, "custom"), cfg, amp=amp, channels_last=channels_last)
         if known:
             study.notes["accuracy_from_training"] = name
             known = on_subset(known, cfg)
@@ -422,7 +422,7 @@ def other_models(study: QuantStudy) -> list[pd.DataFrame]:
     cfg, tables = study.cfg, []
     other = study.notes.setdefault("other_models", {})
     for name in cfg.quant.other_models:
-        ckpt = cfg.output_dir / "runs" / name / "checkpoint_best.pt"
+        ckpt = run_folder.best(cfg, name)
         if not ckpt.is_file():
             print(f"no trained {name} at {ckpt}: run notebook 01 first; skipped")
             continue

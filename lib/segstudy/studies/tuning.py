@@ -38,6 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from segstudy import tracking
 from segstudy.config import Config, load_config, parse_overrides, resolve_profile
 from segstudy.data.datasets import prepare_data, training_datasets
+from segstudy.engine import run_folder
 from segstudy.engine.device import resolve_device
 from segstudy.engine.training import checked_data, train
 from segstudy.errors import UserError
@@ -300,7 +301,7 @@ def _objective(tuning: Tuning, trial: optuna.Trial) -> float:
             result = train(cfg, run_dir=run_dir, progress=False, keep_weights=False, on_validation=report)
         except optuna.TrialPruned:
             # a pruned trial is never continued nor used: its checkpoints are only weight on the disk
-            for name in ("checkpoint_latest.pt", "checkpoint_best.pt"):
+            for name in (run_folder.LATEST, run_folder.BEST):
                 (run_dir / name).unlink(missing_ok=True)
             raise
         except UserError as exc:

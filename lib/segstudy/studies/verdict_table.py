@@ -24,6 +24,7 @@ import pandas as pd
 
 from segstudy.config import PROJECT_ROOT, Config
 from segstudy.data.labels import SMALL_CLASSES
+from segstudy.engine import run_folder
 from segstudy.errors import UserError
 from segstudy.studies import results_files, verdicts
 from segstudy.studies.verdicts import NOT_DISTINGUISHABLE, Estimate, Verdict
@@ -337,7 +338,7 @@ class Pool:
 def _load_npy(m: dict) -> np.ndarray | None:
     """A trained model's best-epoch per-image confusions (result["val_confusions"], else the run
     folder's val_confusions.npy); None for results without them."""
-    for p in (m.get("val_confusions"), m.get("run_dir") and Path(m["run_dir"]) / "val_confusions.npy"):
+    for p in (m.get("val_confusions"), m.get("run_dir") and Path(m["run_dir"]) / run_folder.CONFUSIONS):
         if p:
             path = Path(p) if Path(p).is_absolute() else PROJECT_ROOT / p
             if path.is_file():
