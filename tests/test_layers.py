@@ -65,3 +65,31 @@ def test_every_subpackage_has_a_layer():
             assert path.name in LAYERS, path
         elif path.suffix == ".py":
             assert path.stem in LAYERS, path
+
+
+def module_cycles(package: Path = PACKAGE) -> list[list[str]]:
+    """Import cycles between the package's modules (function bodies included: a lazy import that
+    breaks a cycle at import time is still one), each as the modules that go round."""
+    modules = {".".join(p.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in package.rglob("*.py")}
+    graph = {m: {t for _, target in imports(p) for t in (target, target.rsplit(".", 1)[0]) if t in modules and t != m}
+             for m, p in modules.items()}
+    cycles, done = [], set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycles.append(path[path.index(module):])
+            return
+        if module in done:
+            return
+        for target in sorted(graph[module]):
+            visit(target, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    return cycles
+
+
+def test_no_two_modules_import_each_other():
+    assert module_cycles() == []

@@ -1,5 +1,5 @@
 """Several GPUs from the notebooks' flow: with train.gpus = N > 1, `train` hands a training to
-`torchrun --nproc_per_node N -m segstudy.engine.launch`, this module's own worker entry point, with
+`torchrun --nproc_per_node N -m segstudy.engine.torchrun_worker`, the engine's own worker entry point, with
 the same settings (the whole config as one YAML file) and reads back its result. The worker calls
 the same `engine.training.train`, so a notebook, `./run_all.sh full --gpus N` and the Kubernetes
 Job (`segstudy train ... --set train.gpus=4`) train alike; the engine does not depend on the CLI's flags.
@@ -7,7 +7,6 @@ Job (`segstudy train ... --set train.gpus=4`) train alike; the engine does not d
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import subprocess
@@ -21,6 +20,8 @@ from segstudy.config import Config, load_config
 from segstudy.engine import run_folder
 from segstudy.errors import UserError
 
+WORKER = "segstudy.engine.torchrun_worker"  # the module torchrun runs in each process
+
 
 def wanted(cfg: Config) -> bool:
     """More than one process asked for, and this is not already one of torchrun's processes."""
@@ -32,8 +33,11 @@ def torchrun(cfg: Config, model_name: str, run_dir: Path, keep_weights: bool) ->
     with tempfile.TemporaryDirectory(prefix="segstudy-launch-") as tmp:
         params = Path(tmp) / f"{cfg.profile}.yaml"
         params.write_text(yaml.safe_dump(cfg.to_dict() | {"overrides": {}}, sort_keys=False))
+        if (written := load_config(params)).to_dict() | {"overrides": {}} != cfg.to_dict() | {"overrides": {}}:
+            raise UserError(f"the config written for torchrun ({params}) reads back as another: "
+                            f"{run_folder.changed_settings(cfg.to_dict(), written.to_dict())}")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(cfg.train.gpus), "-m", __name__, str(params), model_name, str(run_dir),
+               "--nproc_per_node", str(cfg.train.gpus), "-m", WORKER, str(params), model_name, str(run_dir),
                *([] if keep_weights else ["--no-keep-weights"])]
         print(f"[segstudy] {model_name}: torchrun on {cfg.train.gpus} processes, global batch "
               f"{cfg.data.batch_size}", flush=True)
@@ -62,27 +66,3 @@ def _result(run_dir: Path) -> dict:
     if result is None:
         raise UserError(f"the distributed training wrote no readable result.json in {run_dir}")
     return result
-
-
-def worker(argv: list[str] | None = None) -> int:
-    """One of torchrun's processes: train() with the config file torchrun() wrote. Its result is
-    read back from the run folder, and the caller logs the model, so the worker logs none."""
-    from segstudy.engine.training import train  # training imports this module
-
-    p = argparse.ArgumentParser(prog=f"python -m {__name__}", description="a worker of engine.launch.torchrun")
-    p.add_argument("config", help="the YAML file torchrun() wrote (the whole config)")
-    p.add_argument("model")
-    p.add_argument("run_dir")
-    p.add_argument("--no-keep-weights", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        train(load_config(args.config), model_name=args.model, run_dir=args.run_dir,
-              keep_weights=not args.no_keep_weights)
-    except UserError as exc:
-        print(f"{p.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker())
