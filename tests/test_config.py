@@ -223,3 +223,17 @@ def test_set_tune_space_replaces_the_whole_space():
     space = {"data.batch_size": {"type": "int", "low": 2, "high": 4}}
     assert load_config("smoke", {"tune.space": space}).tune.space == space
     assert load_config("smoke", ["tune.space={data.batch_size: {type: int, low: 2, high: 4}}"]).tune.space == space
+
+
+def test_a_derived_config_is_checked_like_a_loaded_one():
+    """config.derive: the one way a study changes a loaded config (a loss-study run, a tuning trial)."""
+    from segstudy.config import derive
+
+    cfg = load_config("smoke", {"train.lr": 0.05})
+    run = derive(cfg, {"train.epochs": 3, "loss.name": "dice"})
+    assert (run.train.epochs, run.loss.name, run.train.lr, run.data.root) == (3, "dice", 0.05, cfg.data.root)
+    assert run.overrides == cfg.overrides and cfg.train.epochs == 2  # cfg itself unchanged
+    with pytest.raises(UserError, match=r"train.epochs = 0 must be >= 1; derived \(train.epochs\)"):
+        derive(cfg, {"train.epochs": 0})
+    with pytest.raises(UserError, match="loss.name"):
+        derive(cfg, {"loss.name": "hinge"})

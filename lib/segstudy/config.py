@@ -592,6 +592,20 @@ def _resolve_paths(obj: Any, base: Path) -> None:
             setattr(obj, f.name, str((base / Path(expanded).expanduser()).resolve()))
 
 
+def derive(cfg: Config, changes: dict[str, Any]) -> Config:
+    """cfg with dotted keys changed (`{"train.epochs": 2, "loss.name": "dice"}`), checked by the same
+    rules as a loaded profile: the one way a study derives a config (a loss-study run, a tuning trial,
+    a mixed training). The result keeps cfg's profile and overrides; its paths stay as cfg resolved them."""
+    raw = cfg.to_dict()
+    for key, value in changes.items():
+        _set_dotted(raw, key, value, Path(f"a config derived from profile {cfg.profile}"))
+    derived = schema.check(Config, raw, f"a config derived from profile {cfg.profile}",
+                           lambda key: f"derived ({', '.join(changes)})")
+    _resolve_paths(derived, base=Path.cwd())  # every path is absolute already: unchanged
+    derived.overrides = dict(cfg.overrides)
+    return derived
+
+
 def unset_variable(path: str) -> str | None:
     """The environment variable a path still names because it was not set at load (_path(unset_later))."""
     missing = _UNSET_VAR.search(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segstudy.config import Config
+from segstudy.config import Config, derive
 from segstudy.data.datasets import build_dataset, check_files, data_config, dataset_names
 from segstudy.data.labels import CLASS_NAMES
 from segstudy.engine import evaluation, run_folder
@@ -29,7 +29,7 @@ NOTEBOOK = "02_custom_model"  # its steps' keys in the plan and timings.json
 
 def mixed_config(cfg: Config) -> Config:
     """cfg for a training on data.dataset and cross.mix together."""
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mix_with=list(cfg.cross.mix)))
+    return derive(cfg, {"data.mix_with": list(cfg.cross.mix)})
 
 
 def mixed_name(cfg: Config, model: str) -> str:
@@ -62,7 +62,7 @@ def _per_image(cfg: Config, name: str, result: dict, dataset: str) -> np.ndarray
     """[N, C, C + 1] confusions of the model on `dataset`'s val split; data.dataset's are the ones its
     training kept (evaluation.from_training) when they are the same."""
     data = data_config(cfg, dataset)
-    cfg_d = dataclasses.replace(cfg, data=data)
+    cfg_d = derive(cfg, {"data": dataclasses.asdict(data)})
     if dataset == cfg.data.dataset:
         trained = mixed_config(cfg) if "+" in name else cfg
         kept = evaluation.from_training(Path(result["checkpoint_best"]).parent, trained)

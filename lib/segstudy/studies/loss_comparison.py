@@ -3,13 +3,12 @@ several seeds."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from segstudy.config import Config
+from segstudy.config import Config, derive
 from segstudy.data.labels import CLASS_NAMES, SMALL_CLASSES
 from segstudy.engine import run_folder
 from segstudy.engine.training import train
@@ -33,7 +32,7 @@ def twin_key(cfg: Config, name: str, seed: int) -> str | None:
     (loss, seed) run would be trained with the same settings (same loss, seed and schedule): the
     grid then reads that run instead of repeating it."""
     own = run_config(cfg, name, seed)
-    base = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=cfg.loss_study.model))
+    base = derive(cfg, {"model.name": cfg.loss_study.model})
     same = all(getattr(own, k) == getattr(base, k) for k in ("seed", "data", "model", "train", "loss"))
     return run_folder.key(cfg.loss_study.model) if same else None
 
@@ -61,11 +60,9 @@ def run_seeds(cfg: Config) -> list[int]:
 def run_config(cfg: Config, name: str, seed: int) -> Config:
     """The config of the (loss, seed) run: loss_study's model and schedule."""
     study = cfg.loss_study
-    return dataclasses.replace(cfg, seed=seed, loss=dataclasses.replace(cfg.loss, name=name),
-                               train=dataclasses.replace(cfg.train, epochs=study.epochs or cfg.train.epochs),
-                               model=dataclasses.replace(cfg.model, name=study.model),
-                               # metrics are tracked; the grid's models are not worth registering
-                               tracking=dataclasses.replace(cfg.tracking, log_model=False))
+    # metrics are tracked; the grid's models are not worth registering
+    return derive(cfg, {"seed": seed, "loss.name": name, "train.epochs": study.epochs or cfg.train.epochs,
+                        "model.name": study.model, "tracking.log_model": False})
 
 
 def run_key(cfg: Config, name: str, seed: int) -> str:

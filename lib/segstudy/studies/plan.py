@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from segstudy.compress import quantize
-from segstudy.config import Config
+from segstudy.config import Config, derive
 from segstudy.data.datasets import build_dataset, data_config, dataset_names, synth_config
 from segstudy.data.labels import NUM_CLASSES
 from segstudy.engine import measure, run_folder
@@ -161,7 +161,7 @@ def _cross(cfg: Config, spe: int) -> list[Row]:
     """Notebook 02's mixed trainings (as many iterations as alone), then one pass of every model over each
     other dataset's val split (on the device, in the training's precision)."""
     nb, mixed = cross_dataset.NOTEBOOK, cross_dataset.mixed_config(cfg)
-    rows: list[Row] = [_train_row(dataclasses.replace(mixed, model=dataclasses.replace(cfg.model, name=m)), nb,
+    rows: list[Row] = [_train_row(derive(mixed, {"model.name": m}), nb,
                                   run_folder.key(cross_dataset.mixed_name(cfg, m)), spe)
                        for m in cfg.cross.models if cfg.cross.mix]
     models = [(m, m) for m in cfg.compare.baselines + cfg.compare.custom]
@@ -180,7 +180,7 @@ def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[Row]:
     spe = max(1, train_images // cfg.data.batch_size)
     rows: list[Row] = []
     for nb, models in model_comparison.notebook_models(cfg).items():
-        rows += [_train_row(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=m)), nb,
+        rows += [_train_row(derive(cfg, {"model.name": m}), nb,
                             run_folder.key(m), spe) for m in models]
         rows += model_comparison.latency_steps(cfg, nb, models)
     rows += _cross(cfg, spe)

@@ -26,7 +26,7 @@ from torch.utils.data import Subset
 
 from segstudy.compress import onnx_export, quantize
 from segstudy.compress.onnx_export import OrtModule
-from segstudy.config import Config
+from segstudy.config import Config, derive
 from segstudy.data.datasets import build_dataset
 from segstudy.deploy import registry
 from segstudy.engine import measure, run_folder, timings
@@ -93,7 +93,7 @@ def validate_variant(model: nn.Module, cfg: Config, *, amp: str = "none", channe
     Runtime models (a GPU profile still scores them); with each image's confusion matrix
     ("per_image"), which the verdicts pair. `step`: its name in timings.json."""
     if cpu_only(model) and cfg.device != "cpu":
-        cfg = dataclasses.replace(cfg, device="cpu")
+        cfg = derive(cfg, {"device": "cpu"})
     device = resolve_device(cfg.device)
     val = build_dataset(cfg.data, cfg.data.val_split)
     images = Subset(val, eval_subset(len(val), cfg.quant.eval_images))

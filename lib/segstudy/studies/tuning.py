@@ -36,7 +36,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from segstudy import tracking
-from segstudy.config import Config, load_config, parse_overrides, resolve_profile
+from segstudy.config import Config, derive, load_config, parse_overrides, resolve_profile
 from segstudy.data.datasets import prepare_data, training_datasets
 from segstudy.engine import run_folder
 from segstudy.engine.device import resolve_device
@@ -122,14 +122,7 @@ def budget(cfg: Config) -> dict[str, Any]:
 
 def budget_config(cfg: Config) -> Config:
     """cfg as every trial trains it, before its sampled parameters (segstudy plan sizes the study with it)."""
-    for key, value in budget(cfg).items():
-        cfg = _replaced(cfg, key.split("."), value)
-    return cfg
-
-
-def _replaced(node: Any, parts: list[str], value: Any) -> Any:
-    head, *rest = parts
-    return dataclasses.replace(node, **{head: _replaced(getattr(node, head), rest, value) if rest else value})
+    return derive(cfg, budget(cfg))
 
 
 def check(cfg: Config, profile: str, overrides: dict) -> None:
