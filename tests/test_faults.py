@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -210,7 +211,6 @@ def test_a_failed_notebook_keeps_its_own_executed_copy(tmp_path):
 
 
 def test_ctrl_c_during_a_notebook_prints_only_the_clean_line(tmp_path, tiny_root):
-    import os
     import signal
 
     cmd = [sys.executable, "-m", "segstudy", "run", "--profile", "smoke", "--only", "01", "--set",
@@ -228,3 +228,39 @@ def test_ctrl_c_during_a_notebook_prints_only_the_clean_line(tmp_path, tiny_root
                      "(train.reuse), an interrupted one continues from its last checkpoint, and the notebooks "
                      "run again"], err[-3000:]
     assert (tmp_path / "smoke" / "01_baselines.kernel.log").is_file()  # the kernel's own noise went there
+
+
+def _together(code: str, n: int, timeout: float = 300) -> list[tuple[int, str, str]]:
+    """`code` in `n` processes started together: each imports, prints "ready", then waits for one
+    line on stdin, so all of them reach the code under test at the same moment."""
+    prelude = "import sys\nprint('ready', flush=True); sys.stdin.readline()\n"
+    # mlflow.set_tracking_uri in an earlier test wrote MLFLOW_TRACKING_URI, which would win over output_root
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [subprocess.Popen([sys.executable, "-c", code.replace("#GO\n", prelude)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(n)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.communicate(timeout=timeout)
+    for p in procs:
+        p.stdin.write("\n")
+        p.stdin.flush()
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def test_processes_starting_together_create_the_mlflow_database_once(tmp_path):
+    # what two `segstudy train` (or tune workers) do first on a fresh output root; both ran MLflow's
+    # schema migration, and one failed with "duplicate column name" or "table ... already exists"
+    code = ("import mlflow.store.tracking.sqlalchemy_store\nfrom segstudy.config import load_config\n"
+            "from segstudy import tracking\n"
+            f"cfg = load_config('smoke', {{'tracking.backend': 'mlflow', 'output_root': {str(tmp_path)!r}}})\n"
+            "#GO\n"
+            "tracker = tracking.Tracker(cfg.tracking, cfg.output_root, 'together', {'a': 1})\n"
+            "tracker.finish()\n")
+    results = _together(code, 2)
+    procs = [(rc, err[-2000:]) for rc, _, err in results]
+    assert [rc for rc, _ in procs] == [0, 0], procs
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name(load_config("smoke").tracking.experiment)
+    assert len(client.search_runs([experiment.experiment_id])) == 2  # one experiment, both runs in it

@@ -5,9 +5,13 @@ request; the drift score stays under its threshold in-domain and crosses it on a
 
 from __future__ import annotations
 
+import base64
+import http.client
 import io
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,13 +54,23 @@ def _one(samples: dict[str, list], name: str, **labels) -> float:
     return found[0]
 
 
+def _stale_metrics(folder: Path, requests: int) -> None:
+    """What a server stopped earlier leaves in its metrics folder: `requests` counted by a process that is gone."""
+    code = ("from prometheus_client import Counter\n"
+            f"Counter('segstudy_requests', 'POST /invocations requests answered').inc({requests})")
+    subprocess.run([sys.executable, "-c", code], env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(folder)},
+                   check=True)
+
+
 @pytest.fixture(scope="module")
 def served(registered, tmp_path_factory):  # noqa: F811
-    """`segstudy serve` with two workers on a free loopback port, their metrics in one folder."""
+    """`segstudy serve` with two workers on a free loopback port, their metrics in one folder, given to it
+    holding the counts of a server that is gone (which must not be counted)."""
     cfg, port = registered["cfg"], _free_port()
     tmp = tmp_path_factory.mktemp("monitored")
     log, multiproc = tmp / "server.log", tmp / "prometheus"
     multiproc.mkdir()
+    _stale_metrics(multiproc, 5)
     cmd = [sys.executable, "-m", "segstudy", "serve", "--model", "models:/segstudy-custom@champion", "--profile",
            "smoke", "--set", "tracking.backend=mlflow", f"output_root={cfg.output_root}",
            f"data.root={cfg.data.root}", "data.generate=false", "--port", str(port), "--workers", str(WORKERS)]
@@ -106,6 +120,85 @@ def test_metrics_count_good_and_bad_requests_across_workers(served, registered, 
     # two workers, one set of counts: both wrote to the multiprocess folder
     pids = {p.stem.rsplit("_", 1)[-1] for p in served["multiproc"].glob("*.db")}
     assert len(pids) == WORKERS, sorted(served["multiproc"].iterdir())
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    """POST with exactly these headers (urllib would add a Content-Type)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("POST", "/invocations", body=body, headers=headers)
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode()
+    finally:
+        conn.close()
+
+
+def test_client_mistakes_are_4xx_and_not_counted_as_internal(served):
+    """A request without a Content-Type and bodies MLflow's parser raises other errors on were bare
+    500s, counted kind="internal" (what the server-error alert fires on)."""
+    url, before = served["url"], _scrape(served["url"])
+    mistakes = [(b"{}", {}, "the request has no Content-Type header; send Content-Type: application/json"),
+                (b"[" * 100_000 + b"]" * 100_000, {"Content-Type": "application/json"}, "RecursionError"),
+                (b'{"inputs": [' + b"9" * 5000 + b"]}", {"Content-Type": "application/json"}, "4300 digits")]
+    for body, headers, reason in mistakes:
+        status, text = _post(url, body, headers)
+        assert 400 <= status < 500 and reason in text, (headers, status, text[:500])
+        assert _request(url + "/ping")[0] == 200
+    after = _scrape(url)
+    for kind, added in (("internal", 0), ("bad_request", len(mistakes))):
+        assert (_one(after, "segstudy_request_errors_total", kind=kind)
+                - _one(before, "segstudy_request_errors_total", kind=kind)) == added, kind
+
+
+def test_a_metrics_folder_another_server_uses_is_refused(registered, tmp_path, monkeypatch, capsys):  # noqa: F811
+    cfg = registered["cfg"]
+    argv = ["serve", "--model", "models:/segstudy-custom@champion", "--profile", "smoke", "--set",
+            "tracking.backend=mlflow", f"output_root={cfg.output_root}", "--workers", "2"]
+    folder = tmp_path / "prometheus"
+    folder.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
+
+    def started(*args):  # were the check to let it through, `serve` would replace pytest with the server
+        raise AssertionError(f"the server was started: {args[1]}")
+
+    monkeypatch.setattr(os, "execve", started)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (folder / f"counter_{alive.pid}.db").write_bytes(b"")
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"holds the metrics of running process {alive.pid} (counter_{alive.pid}.db)" in err
+        assert "give this server an empty folder of its own, or unset PROMETHEUS_MULTIPROC_DIR" in err
+    finally:
+        alive.kill()
+        alive.wait()
+    (folder / f"counter_{alive.pid}.db").unlink()
+    (folder / "notes.txt").write_text("mine")
+    assert main(argv) == 2
+    assert "holds notes.txt, which is not a prometheus_client metrics file" in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_the_metrics_folder_is_cleaned_when_the_server_stops(tmp_path, private):
+    """The server's supervisor (what `python -m segstudy.deploy.server` runs uvicorn under when it has a
+    metrics folder) with a stand-in for uvicorn that writes a worker's metrics and waits to be stopped."""
+    folder = tmp_path / ("segstudy-metrics-1-x" if private else "given")
+    folder.mkdir()
+    worker = ("import signal, sys, time\nfrom prometheus_client import Counter\n"
+              "Counter('segstudy_requests', 'requests').inc()\n"
+              "def stop(*args):\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    sys.exit(0)\n"
+              "signal.signal(signal.SIGTERM, stop)\nprint('serving', flush=True)\ntime.sleep(60)")
+    cmd = [sys.executable, "-m", server.MODULE, server.SUPERVISE, str(folder), "private" if private else "given",
+           "--", sys.executable, "-c", worker]
+    proc = subprocess.Popen(cmd, env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(folder)}, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "serving"
+    assert len(list(folder.glob("counter_*.db"))) == 1
+    os.killpg(proc.pid, signal.SIGTERM)  # what the tests' running() and a container's stop send
+    assert proc.wait(timeout=30) == 0
+    assert not folder.exists() if private else list(folder.iterdir()) == []
 
 
 def test_several_workers_get_a_fresh_metrics_folder(registered, monkeypatch):  # noqa: F811
@@ -189,9 +282,13 @@ def test_monitor_scores_a_folder_and_a_request_log(registered, tiny_root, tmp_pa
     for i, image in enumerate(_scenes(12, 2) + _scenes(12, 2, shift=True)):
         (folder / f"{i:02d}_leftImg8bit.png").write_bytes(_png(image))
     (folder / "00_labelIds.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))  # a label file: not an input
-    log = tmp_path / "requests.jsonl"
-    log.write_text(_images(*(p.read_bytes() for p in sorted(folder.glob("*_leftImg8bit.png")))).decode() + "\n"
-                   + '{"not": "a request"}\n')
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in sorted(folder.glob("*_leftImg8bit.png"))]
+    log = tmp_path / "requests.jsonl"  # every form the server answers 200, then three it refuses
+    log.write_text("\n".join([json.dumps({"dataframe_split": {"columns": ["image"], "data": [[encoded[0]]]}}),
+                              json.dumps({"dataframe_records": [{"image": encoded[1]}]}),
+                              json.dumps({"instances": [encoded[2]]}), json.dumps({"inputs": {"image": [encoded[3]]}}),
+                              '{"not": "a request"}', json.dumps({"inputs": ["%%% not base64"]}), "[" * 100_000])
+                   + "\n")
     sets = ["--profile", "smoke", "--set", "tracking.backend=mlflow", f"output_root={cfg.output_root}",
             f"data.root={cfg.data.root}", "data.generate=false"]
     plot = tmp_path / "drift.png"
@@ -201,7 +298,21 @@ def test_monitor_scores_a_folder_and_a_request_log(registered, tiny_root, tmp_pa
     assert "Jensen-Shannon distance" in out and "4 images, 2 windows" in out and plot.is_file()
     assert main(["monitor", "--model", "models:/segstudy-custom@champion", "--input", str(log), "--json", *sets]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["images"] == 4 and len(result["windows"]) == 2 and result["unreadable"] == ["requests.jsonl:2"]
+    assert result["images"] == 4 and len(result["windows"]) == 2
+    assert [u["input"] for u in result["unreadable"]] == ["requests.jsonl:5", "requests.jsonl:6:0", "requests.jsonl:7"]
+    assert "(RecursionError: maximum recursion depth exceeded" in result["unreadable"][2]["reason"]
+    assert result["unreadable"][0]["reason"].startswith("not a request the server reads: The input must be a JSON "
+                                                        "dictionary with exactly one of the input fields")
+    assert result["unreadable"][1]["reason"].startswith("line 6 image 0 is not valid base64")
+    # nothing readable: every input named with its reason, up to ten, then how many more; exit 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(['{"inputs": ["not base64!"]}'] * 12) + "\n")
+    assert main(["monitor", "--model", "models:/segstudy-custom@champion", "--input", str(bad), *sets]) == 2
+    err = capsys.readouterr().err
+    assert "12 inputs unreadable, skipped:\n  bad.jsonl:1:0: line 1 image 0 is not valid base64" in err
+    assert "  bad.jsonl:10:0: " in err and "bad.jsonl:11:0" not in err
+    assert "  ... and 2 more (--json lists them all)" in err
+    assert f"none of the 12 inputs in {bad} could be read (each named above with its reason)" in err
 
 
 def test_feedback_sample_keeps_its_cap_across_workers(tmp_path):

@@ -217,6 +217,13 @@ def test_bad_requests_get_400_with_a_reason_and_the_server_keeps_answering(serve
         "not JSON": (b'{"dataframe_split": ' + b"x" * 1_000_000, "Ensure that input is a valid JSON formatted string"),
         "wrong column": (json.dumps({"dataframe_split": {"columns": ["img"], "data": [["x"]]}}).encode(),
                          "missing inputs ['image']"),
+        # MLflow's parser raised RecursionError / ValueError on these: a bare 500
+        "nested too deeply": (b"[" * 100_000 + b"]" * 100_000,
+                              "the request body could not be read as application/json (RecursionError: maximum "
+                              "recursion depth exceeded"),
+        "a 5000-digit integer": (b'{"dataframe_split": {"columns": ["image"], "data": [[' + b"1" * 5000 + b"]]}}",
+                                 "(ValueError: Exceeds the limit (4300 digits) for integer string conversion: value "
+                                 "has 5000 digits); send {\"dataframe_split\""),
     }
     for what, (body, reason) in cases.items():
         status, answer = _request(server + "/invocations", body)
@@ -248,3 +255,20 @@ def test_an_internal_error_is_one_line_without_a_stack_trace(registered, caplog)
     assert "internal error while segmenting (RuntimeError); the server's log has the details" in body
     assert "stack_trace" not in body and "Traceback" not in body and "the network broke" not in body
     assert "RuntimeError: the network broke" in caplog.text  # the traceback goes to the server's log
+
+
+def test_a_failure_after_the_model_answered_is_the_servers_500(registered, monkeypatch, caplog):
+    """The guard that makes a body MLflow cannot parse a 400 leaves the server's own failures 500."""
+    mlflow.set_tracking_uri(registered["db"])
+    pyfunc = mlflow.pyfunc.load_model("models:/segstudy-custom@champion")  # installs the guard
+
+    def broken(*args, **kwargs):
+        raise TypeError("cannot serialize")
+
+    monkeypatch.setattr(scoring_server, "predictions_to_json", broken)
+    with pytest.raises(MlflowException) as info:
+        scoring_server.invocations(_images(example_image()), "application/json", pyfunc,
+                                   pyfunc.metadata.get_input_schema())
+    assert info.value.get_http_status_code() == 500
+    assert "internal error while answering (TypeError); the server's log has the details" in info.value.message
+    assert "TypeError: cannot serialize" in caplog.text

@@ -9,11 +9,11 @@ import os
 import sys
 import time
 
+from segstudy.config import DATASETS, SynthConfig
 from segstudy.errors import UserError
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from segstudy.config import SynthConfig
     from segstudy.data.synthetic_dataset import generate
 
     cfg = SynthConfig(train=args.train, val=args.val, height=args.height, width=args.width,
@@ -103,7 +103,8 @@ def _tune(args: argparse.Namespace) -> None:
     print(f"study '{summary['study']}': {summary['trials']} trials ({states}); this process ran {study.ran} "
           f"in {study.seconds:.1f} s")
     if best := summary["best"]:
-        print(f"best: trial {best['trial']}, val mIoU {100 * best['val_miou']:.2f}, --set {' '.join(best['set'])}")
+        print(f"best: trial {best['trial']}, val mIoU {100 * best['val_miou']:.2f}, "
+              f"--set model.name={study.cfg.tune.model} {' '.join(best['set'])} (or --profile {best['fragment']})")
     print(f"files: {study.out}")
 
 
@@ -119,8 +120,10 @@ def _predict(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     import os
+    from pathlib import Path
 
     from segstudy.config import load_config
+    from segstudy.deploy import server
     from segstudy.deploy.registry import resolve
     from segstudy.deploy.serving import serve_command, serve_env
     from segstudy.tracking import mlflow_uri
@@ -129,6 +132,8 @@ def _serve(args: argparse.Namespace) -> None:
     resolve(cfg, args.model)  # a missing model or alias fails here, listing the registered ones
     cmd = serve_command(args.model, args.host, args.port, args.workers)
     env = serve_env(mlflow_uri(cfg.tracking, cfg.output_root)) | _monitoring_env(args)
+    if env.get(server.MULTIPROC):  # a folder another server uses fails here, with this command's name
+        server.check_metrics_folder(Path(env[server.MULTIPROC]))
     print(" ".join(cmd), flush=True)
     os.execve(cmd[0], cmd, env)
 
@@ -189,20 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a generated dataset in the Cityscapes, BDD100K or nuImages layout")
     s.add_argument("--out", required=True)
-    s.add_argument("--layout", default="cityscapes", choices=("cityscapes", "bdd100k", "nuimages"),
+    s.add_argument("--layout", default="cityscapes", choices=DATASETS,
                    help="the dataset's layout, and its domain: bdd100k and nuimages are other cameras and light "
                         "(docs/study.md, 'Across datasets')")
-    s.add_argument("--train", type=int, default=120)
-    s.add_argument("--val", type=int, default=30)
-    s.add_argument("--height", type=int, default=256)
-    s.add_argument("--width", type=int, default=512)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train", type=int, default=SynthConfig.train)
+    s.add_argument("--val", type=int, default=SynthConfig.val)
+    s.add_argument("--height", type=int, default=SynthConfig.height)
+    s.add_argument("--width", type=int, default=SynthConfig.width)
+    s.add_argument("--seed", type=int, default=SynthConfig.seed)
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=_synth)
 
     e = sub.add_parser("evaluate", help="score a folder of labelIds PNGs (official definitions)")
     e.add_argument("--data-root", required=True)
-    e.add_argument("--dataset", default="cityscapes", choices=("cityscapes", "bdd100k", "nuimages"),
+    e.add_argument("--dataset", default="cityscapes", choices=DATASETS,
                    help="the ground truth's reader (mIoU over the classes it labels: nuimages 7)")
     e.add_argument("--split", default="val")
     e.add_argument("--pred-dir", required=True)
@@ -332,8 +337,8 @@ _CONTINUE = {
     "run": "run the same command again: finished trainings are reused (train.reuse), an interrupted one "
            "continues from its last checkpoint, and the notebooks run again",
     "sweep": "run the same command again: finished trainings are reused (train.reuse)",
-    "tune": "run the same command again: the study continues, the interrupted trial is marked failed and its "
-            "parameters tried again from its last checkpoint",
+    "tune": "run the same command again: the study continues; the interrupted trial is marked failed and its "
+            "parameters run first, from its last checkpoint (from the start if it saved none)",
 }
 
 

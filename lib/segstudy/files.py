@@ -105,7 +105,7 @@ def exclusive_lock(path: Path, waiting: str = "") -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -123,5 +123,5 @@ def remove_stale_temporaries(folder: str | Path, name: str | None = None) -> Non
         match = _TEMPORARY.match(tmp.name)
         if not match or (want and (match["stem"], match["suffix"] or "") != want):
             continue
-        if not _alive(int(match["pid"])):
+        if not process_alive(int(match["pid"])):
             tmp.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from segstudy.config import TrackingConfig
 from segstudy.errors import UserError
+from segstudy.files import exclusive_lock
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -84,6 +85,39 @@ def retry_locked(call: Callable[[], T], uri: str, what: str, attempts: int | Non
         return call()  # the last attempt: a locked database now becomes mlflow_database's line
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:// URI (SQLAlchemy's reading of it); None for any other store."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(uri)
+    except Exception:  # not a database URL: a databricks URI, a bare path
+        return None
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return None  # a tracking server (http://), PostgreSQL, an in-memory database
+    return Path(url.database)
+
+
+_PREPARED: set[str] = set()  # the databases this process has already seen created
+
+
+def prepare_database(uri: str) -> None:
+    """Create MLflow's tables in a local sqlite database (its schema migrations) once, under the lock
+    `<database>.lock`, before any client of this process uses it. MLflow creates them on first use
+    without a lock, so two processes starting together on a fresh output root both migrate and one fails
+    ("table ... already exists"); here the others wait, then find the schema made. Other stores (a
+    tracking server, PostgreSQL) are created by their own server or administrator."""
+    database = sqlite_file(uri)
+    if database is None or uri in _PREPARED:
+        return
+    from mlflow import MlflowClient
+
+    lock = database.with_name(database.name + ".lock")
+    with exclusive_lock(lock), mlflow_database(uri, "creating its tables"):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)  # opening the store migrates it
+    _PREPARED.add(uri)
+
+
 def use_mlflow(cfg: TrackingConfig, output_root: str | Path):
     """Point MLflow at the profile's database and experiment (artifacts in output_root/mlartifacts)."""
     import mlflow
@@ -93,16 +127,29 @@ def use_mlflow(cfg: TrackingConfig, output_root: str | Path):
     # MLflow draws a "Downloading artifacts" bar for every model it logs and reads back: noise in a notebook
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = mlflow_uri(cfg, output_root)
+    prepare_database(uri)
     mlflow.set_tracking_uri(uri)
     with mlflow_database(uri, f"opening experiment {cfg.experiment}"):
         if mlflow.get_experiment_by_name(cfg.experiment) is None:
-            # a local database keeps artefacts beside it; a tracking server (http://...) stores them
-            # where it is configured to (e.g. --serve-artifacts), so other pods can load the models
-            local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
-            artifacts = (Path(output_root).resolve() / "mlartifacts").as_uri() if local else None
-            mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+            _create_experiment(mlflow, cfg.experiment, uri, output_root)
         mlflow.set_experiment(cfg.experiment)
     return mlflow
+
+
+def _create_experiment(mlflow, name: str, uri: str, output_root: str | Path) -> None:
+    """The experiment, unless a process started beside this one has just created it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    # a local database keeps artefacts beside it; a tracking server (http://...) stores them
+    # where it is configured to (e.g. --serve-artifacts), so other pods can load the models
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    artifacts = (Path(output_root).resolve() / "mlartifacts").as_uri() if local else None
+    try:
+        mlflow.create_experiment(name, artifact_location=artifacts)
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
 
 
 # tags every run started inside `extra_tags` carries besides its own

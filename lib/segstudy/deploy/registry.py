@@ -21,7 +21,7 @@ from pathlib import Path
 from segstudy.config import Config
 from segstudy.engine import provenance
 from segstudy.errors import UserError
-from segstudy.tracking import mlflow_database, mlflow_uri, use_mlflow
+from segstudy.tracking import mlflow_database, mlflow_uri, prepare_database, use_mlflow
 
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
 
@@ -30,8 +30,9 @@ def client(cfg: Config):
     """An MlflowClient on the profile's registry."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=mlflow_uri(cfg.tracking, cfg.output_root),
-                        registry_uri=mlflow_uri(cfg.tracking, cfg.output_root))
+    uri = mlflow_uri(cfg.tracking, cfg.output_root)
+    prepare_database(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def register(cfg: Config, model: str | Path, name: str, metrics: dict[str, float] | None = None,

@@ -13,8 +13,11 @@ an unexpected failure 500 with a one-line message, its traceback going to the se
 MLflow's scoring server puts a `stack_trace` in the answer for any other exception type. What
 MLflow parses the JSON body before the model runs and answers a body that is not valid JSON with
 a 400 quoting the whole body: `bound_json_errors` (applied when the model loads) shortens that
-quote. MLflow still reads any body in full, so cap request bodies in front of the server (a proxy
-or ingress body-size limit) where clients are not trusted.
+quote. A request without a Content-Type and a body its parsers fail on in other ways (JSON nested
+deeper than Python's recursion limit, an integer of more than 4300 digits) would be MLflow's bare
+500: `refuse_unreadable_bodies` (applied with it) answers them 415 and 400, naming the mistake.
+MLflow still reads any body in full, so cap request bodies in front of the server (a proxy or
+ingress body-size limit) where clients are not trusted.
 
 The logged model carries segstudy's own code (`code_paths`), so it loads wherever its pinned
 requirements install, e.g. with `mlflow models build-docker`, not only beside this checkout.
@@ -27,6 +30,7 @@ kind) and scores its drift window against the reference logged with it (deploy/d
 from __future__ import annotations
 
 import base64
+import contextvars
 import io
 import logging
 import os
@@ -57,6 +61,8 @@ MAX_IMAGES_PER_REQUEST = 16
 # Training-only parts of a checkpoint: dropped from the served copy (a third of its size).
 TRAINING_STATE = ("optimizer", "lr_scheduler", "scaler", "rng", "history")
 _log = logging.getLogger(__name__)
+# set by SegmentationModel.predict: a failure after it (answering) is the server's, one before it the body's
+_REACHED_MODEL: contextvars.ContextVar[bool] = contextvars.ContextVar("segstudy_reached_model", default=False)
 
 
 def _invalid(message: str, kind: str = "bad_request") -> MlflowException:
@@ -89,6 +95,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         return inference.segment(self.engine, image, self.base_size)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        _REACHED_MODEL.set(True)
         try:
             return self._predict(model_input)
         except MlflowException:
@@ -214,6 +221,73 @@ def bound_json_errors(limit: int = 2000) -> None:
             raise type(exc)(exc.message[:limit] + f"... ({len(exc.message):,} characters in all)") from None
     bounded.segstudy_bounded = True
     scoring_server._decode_json_input = bounded
+
+
+CONTENT_TYPES = "application/json (or text/csv, application/vnd.apache.parquet)"
+REQUEST_FORM = f'{{"dataframe_split": {{"columns": ["{IMAGE_COLUMN}"], "data": [["<base64 PNG/JPEG>"]]}}}}'
+
+
+def refuse_unreadable_bodies() -> None:
+    """Answer the client mistakes MLflow's scoring server lets fall through as a bare 500 (counted
+    `internal` by the metrics, what the server-error alert fires on) with a 4xx naming them: no
+    Content-Type header (415), and a body its parsers raise anything but MlflowException on (400:
+    JSON nested too deeply, an over-long integer, ...). A failure after the model answered stays a
+    500, logged. It wraps the server's module-level `invocations` (mlflow is locked in
+    requirements.lock; tests/test_serving.py and tests/test_monitoring.py check the answers)."""
+    from mlflow.pyfunc import scoring_server
+
+    invocations = scoring_server.invocations
+    if getattr(invocations, "segstudy_guarded", False):
+        return
+
+    def guarded(data, content_type, model, input_schema):
+        if not (content_type or "").strip():  # MLflow calls content_type.split(";")
+            return scoring_server.InvocationsResponse(
+                response=f"the request has no Content-Type header; send Content-Type: {CONTENT_TYPES}",
+                status=415, mimetype="text/plain")
+        reached = _REACHED_MODEL.set(False)
+        try:
+            return invocations(data, content_type, model, input_schema)
+        except MlflowException:
+            raise
+        except Exception as exc:
+            if _REACHED_MODEL.get():
+                _log.exception("segstudy model: unexpected error while answering")
+                monitoring.note_error("internal")
+                raise MlflowException(f"internal error while answering ({type(exc).__name__}); the server's log "
+                                      f"has the details", error_code=INTERNAL_ERROR) from None
+            raise _unreadable(content_type, exc) from None
+        finally:
+            _REACHED_MODEL.reset(reached)
+    guarded.segstudy_guarded = True
+    scoring_server.invocations = guarded
+
+
+def _unreadable(content_type: str, exc: Exception) -> MlflowException:
+    # Python's own advice after "; " (sys.set_int_max_str_digits) is for the server, not the client
+    reason = str(exc).split("; ")[0][:300]
+    mime = content_type.split(";")[0].strip()
+    return _invalid(f"the request body could not be read as {mime} ({type(exc).__name__}: {reason}); send "
+                    f"{REQUEST_FORM}")
+
+
+def request_images(body: str) -> list:
+    """The image column of one /invocations JSON body, parsed as the scoring server parses it: every
+    form it accepts (dataframe_split, dataframe_records, instances, inputs), through MLflow's own
+    parsing and schema enforcement with the input schema segstudy logs. An MlflowException names
+    what is wrong with the body. (What `segstudy monitor` reads a request log with.)"""
+    from mlflow.models.utils import _enforce_schema
+    from mlflow.pyfunc import scoring_server
+
+    schema = _signature()[1].inputs
+    try:
+        data, _ = scoring_server._split_data_and_params(body)
+        frame = _enforce_schema(scoring_server.infer_and_parse_data(data, schema), schema)
+    except MlflowException:
+        raise
+    except Exception as exc:  # what refuse_unreadable_bodies answers 400 in the server
+        raise _unreadable("application/json", exc) from None
+    return frame[IMAGE_COLUMN].tolist()
 
 
 def servable_copy(model_path: str | Path, out_dir: str | Path) -> Path:

@@ -12,6 +12,7 @@ the end of the first window over it). The report (notebook 08) shows the saved r
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -258,8 +259,20 @@ def _percent(share: float | None) -> float:
 
 # --- segstudy monitor ----------------------------------------------------------------------------
 
-def read_inputs(inputs: Sequence[str | Path]) -> Iterator[tuple[str, np.ndarray | None]]:
-    """(name, image or None when unreadable) for every image of the folders and files given; a
+UNREADABLE_SHOWN = 10  # unreadable inputs named in the text summary (--json lists them all)
+
+
+@dataclass
+class Input:
+    """One input of `segstudy monitor`: an image, or the reason it could not be read."""
+
+    name: str
+    image: np.ndarray | None = None
+    reason: str = ""
+
+
+def read_inputs(inputs: Sequence[str | Path]) -> Iterator[Input]:
+    """Every image of the folders and files given, in order, each unreadable one with its reason; a
     .jsonl/.json file is a request log: one /invocations body per line."""
     for item in map(Path, inputs):
         if not item.exists():
@@ -270,54 +283,84 @@ def read_inputs(inputs: Sequence[str | Path]) -> Iterator[tuple[str, np.ndarray 
         files = sorted(p for p in item.rglob("*") if _is_input(p)) if item.is_dir() else [item]
         for path in files:
             try:
-                yield str(path), next(iter(drift.decoded([path])))
-            except UserError:
-                yield str(path), None
+                yield Input(str(path), next(iter(drift.decoded([path]))))
+            except UserError as exc:
+                yield Input(str(path), reason=str(exc))
 
 
 def _is_input(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.stem.endswith(NOT_INPUTS)
 
 
-def _request_log(path: Path) -> Iterator[tuple[str, np.ndarray | None]]:
-    import json
+def _request_log(path: Path) -> Iterator[Input]:
+    """The images of each body in the log, read as the server reads them (serving.request_images)."""
+    from mlflow.exceptions import MlflowException
+
+    from segstudy.deploy.serving import request_images
 
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            split = json.loads(line)["dataframe_split"]
-            values = [row[split["columns"].index("image")] for row in split["data"]]
-        except (ValueError, KeyError, TypeError, IndexError):
-            yield f"{path.name}:{n}", None
+            values = request_images(line)
+        except MlflowException as exc:
+            yield Input(f"{path.name}:{n}", reason=f"not a request the server reads: {_first_line(exc.message)}")
             continue
         for i, value in enumerate(values):
             try:
-                yield f"{path.name}:{n}:{i}", inference.decode_base64_image(value, f"line {n} image {i}")
-            except UserError:
-                yield f"{path.name}:{n}:{i}", None
+                yield Input(f"{path.name}:{n}:{i}", inference.decode_base64_image(value, f"line {n} image {i}"))
+            except UserError as exc:
+                yield Input(f"{path.name}:{n}:{i}", reason=str(exc))
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    """MLflow's message up to its first line break (it quotes the body after one), at most `limit` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def monitor(cfg: Config, model: str, inputs: Sequence[str | Path], step: int | None = None,
             plot: str | Path | None = None) -> dict:
-    """`segstudy monitor`: the registered model's drift score over windows of the inputs, in order."""
+    """`segstudy monitor`: the registered model's drift score over windows of the inputs, in order.
+    Nothing readable among them is a UserError naming the first reasons."""
     loaded = registry.load(cfg, model)
     if loaded.reference is None:
         raise UserError(f"{model} was registered without a drift reference (before segstudy stored one); "
                         f"register it again (e.g. ./run_all.sh {cfg.profile} --only 02)")
     names, rows, unreadable = [], [], []
-    for name, image in read_inputs(inputs):
-        if image is None:
-            unreadable.append(name)
+    for found in read_inputs(inputs):
+        if found.image is None:
+            unreadable.append({"input": found.name, "reason": found.reason})
             continue
-        names.append(name)
-        rows += drift.rows_of([image], loaded.segment)
+        names.append(found.name)
+        rows += drift.rows_of([found.image], loaded.segment)
+    if not rows:
+        print("\n".join(unreadable_text(unreadable)), file=sys.stderr)
+        raise UserError(_nothing_readable(inputs, unreadable))
     ref = loaded.reference
     windows = drift.score_windows(ref, rows, names, step)
     if plot and windows:
         figures.save(figure(pd.DataFrame(windows), ref.threshold, ref.window, f"{model}: drift per window"), plot)
     return {"model": model, "reference": ref.summary(), "images": len(rows), "unreadable": unreadable,
             "windows": windows}
+
+
+def _nothing_readable(inputs: Sequence[str | Path], unreadable: list[dict]) -> str:
+    given = ", ".join(map(str, inputs))
+    if not unreadable:
+        return (f"no image found in {given}; give PNG/JPEG files, folders holding them, or a request log (.jsonl: "
+                f"one /invocations body per line)")
+    return (f"none of the {len(unreadable)} inputs in {given} could be read (each named above with its reason); "
+            f"give PNG/JPEG images, or a request log of bodies the server answers")
+
+
+def unreadable_text(unreadable: list[dict], shown: int = UNREADABLE_SHOWN) -> list[str]:
+    """One line per unreadable input with its reason, the first `shown` of them, then how many more."""
+    lines = [f"{len(unreadable)} inputs unreadable, skipped:"] if unreadable else []
+    lines += [f"  {u['input']}: {u['reason']}" for u in unreadable[:shown]]
+    if len(unreadable) > shown:
+        lines.append(f"  ... and {len(unreadable) - shown} more (--json lists them all)")
+    return lines
 
 
 def format_windows(result: dict) -> str:
@@ -328,7 +371,5 @@ def format_windows(result: dict) -> str:
         table = pd.DataFrame(windows).set_index("window")[["first", "last", "score", "alarm", *drift.FEATURES]]
         lines.append(table.round(3).to_string())
     alarms = sum(w["alarm"] for w in windows)
-    lines.append(f"{result['images']} images, {len(windows)} windows, {alarms} over the threshold"
-                 + (f"; {len(result['unreadable'])} unreadable, skipped: {', '.join(result['unreadable'][:5])}"
-                    if result["unreadable"] else ""))
-    return "\n".join(lines)
+    lines.append(f"{result['images']} images, {len(windows)} windows, {alarms} over the threshold")
+    return "\n".join(lines + unreadable_text(result["unreadable"]))
