@@ -33,3 +33,16 @@ def smoke_model(tmp_path_factory, tiny_root) -> dict:
     cfg = load_config("smoke", {"data.root": str(tiny_root), "data.generate": False, "output_root": str(out),
                                 "train.epochs": 1})
     return train(cfg, progress=False) | {"cfg": cfg}
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_tracking_uri():
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which every later subprocess of the
+    test session would inherit (and segstudy honours: tracking.mlflow_uri): each test starts without
+    another test's database."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -125,6 +125,8 @@ loader = eval_loader(build_dataset(cfg.data, cfg.data.val_split), cfg, device, r
 cm = confusion_over(model, loader, device, per_image=True)
 if rank == 0:
     np.savez(sys.argv[2], total=cm.mat.numpy(), per_image=cm.per_image, batch=loader.batch_size)
+if world > 1:
+    torch.distributed.destroy_process_group()
 """
 
 

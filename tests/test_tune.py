@@ -279,7 +279,7 @@ def test_ctrl_c_fails_the_trial_and_the_same_command_runs_its_parameters_again(t
 def test_two_workers_share_a_journal_and_one_mlflow_parent(tiny_root, tmp_path):
     journal = tmp_path / "study.journal"
     cfg = load_config("smoke", _sets(tiny_root, tmp_path, **{"tracking.backend": "mlflow"}))
-    tracking.use_mlflow(cfg.tracking, cfg.output_root)  # the database exists before two processes open it
+    assert not (tmp_path / "mlflow.db").exists()  # the two workers create it together (tracking.prepare_database)
     _two_workers(tiny_root, tmp_path, "--trials", "2", "--storage", f"journal:{journal}",
                  **{"tracking.backend": "mlflow"})
     study = optuna.load_study(study_name="unet", storage=tune_storage.open_storage(

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch.distributed as dist
+
 from segstudy.config import load_config
 from segstudy.engine.training import train
 from segstudy.errors import UserError
@@ -26,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        # the process group's threads must stop before the interpreter does: exiting with them still
+        # running aborts the rank ("terminate called without an active exception", SIGABRT)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
