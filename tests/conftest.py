@@ -38,11 +38,8 @@ def smoke_model(tmp_path_factory, tiny_root) -> dict:
 @pytest.fixture(autouse=True)
 def _own_mlflow_tracking_uri():
     """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which every later subprocess of the
-    test session would inherit (and segstudy honours: tracking.mlflow_uri): each test starts without
-    another test's database."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    test session would inherit (and segstudy honours: tracking.mlflow_uri), whichever fixture or test
+    called it: each test starts without another's database."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
