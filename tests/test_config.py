@@ -78,7 +78,7 @@ def test_malformed_set_value_names_the_key_and_the_fix():
                                         r"write it like train.epochs=10, close any \["):
         load_config("smoke", ["train.epochs=[1"])
     with pytest.raises(UserError, match=r"write it like data.crop_size=\[128, 256\]"):
-        config._parse_overrides(["data.crop_size=[64, 128"])  # what `segstudy run` parses before anything runs
+        config.parse_overrides(["data.crop_size=[64, 128"])  # what `segstudy run` parses before anything runs
 
 
 def test_scientific_notation_is_a_float(tmp_path):
@@ -125,7 +125,7 @@ def test_valid_edge_values_load():
     cfg = load_config("smoke", ["device=cuda:1", "model.pretrained=auto", "prune.ratio=0", "data.hflip=1",
                                 "loss_study.epochs=0", "quant.threads=0", "model.head_layers=0"])
     assert cfg.device == "cuda:1" and cfg.prune.ratio == 0.0
-    config.validate(Config())  # the defaults are valid
+    config.derive(Config(), {})  # the defaults are valid
 
 
 def _outside(valid: config.Range) -> float:

@@ -159,14 +159,9 @@ def _monitor(args: argparse.Namespace) -> None:
         print(f"plot: {args.plot}")
 
 
-def _add_profile(parser: argparse.ArgumentParser, what: str, positional: bool = False) -> None:
-    """--profile, the one way every subcommand takes a profile; the older spellings (a positional
-    profile for run and plan, --params elsewhere) are still read, with a deprecation line."""
+def _add_profile(parser: argparse.ArgumentParser, what: str) -> None:
+    """--profile, the one way every subcommand takes a profile (docs/changes.md: the older spellings went)."""
     parser.add_argument("--profile", help=f"profile name (params/) or YAML file: {what} (default: demo)")
-    if positional:
-        parser.add_argument("old_profile", nargs="?", help=argparse.SUPPRESS)
-    else:
-        parser.add_argument("--params", dest="old_params", help=argparse.SUPPRESS)
 
 
 def _add_timeout(parser: argparse.ArgumentParser) -> None:
@@ -177,14 +172,7 @@ def _add_timeout(parser: argparse.ArgumentParser) -> None:
 
 def profile(args: argparse.Namespace) -> str:
     """The profile a subcommand was given (demo when none)."""
-    old = getattr(args, "old_profile", None) or getattr(args, "old_params", None)
-    if old is None:
-        return args.profile or "demo"
-    spelling = f"--params {old}" if getattr(args, "old_params", None) else f"the positional profile '{old}'"
-    if args.profile and args.profile != old:
-        raise UserError(f"two profiles given: --profile {args.profile} and {spelling}; keep --profile")
-    print(f"segstudy {args.command}: {spelling} is deprecated; write --profile {old}", file=sys.stderr)
-    return old
+    return args.profile or "demo"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=_sweep)
 
     r = sub.add_parser("run", help="execute the numbered notebooks with papermill (run_all.sh)")
-    _add_profile(r, "what every notebook runs with", positional=True)
+    _add_profile(r, "what every notebook runs with")
     r.add_argument("--only", nargs="*", help="notebook prefixes, e.g. --only 00 01")
     r.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE",
                    help="override params, e.g. --set data.batch_size=4")
@@ -249,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_run)
 
     n = sub.add_parser("plan", help="print every training a run would do and its estimated time (trains nothing)")
-    _add_profile(n, "the run to plan", positional=True)
+    _add_profile(n, "the run to plan")
     n.add_argument("--only", nargs="*", help="notebook prefixes, e.g. --only 03")
     n.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
     n.add_argument("--assume-tflops", type=float, metavar="X",

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import yaml
 
 from segstudy import config_schema as schema
-from segstudy.config_schema import Check, Choice, Float, Length, MinMax, Range, Section, Spelled, Where
+from segstudy.config_schema import Check, Choice, Float, Length, MinMax, Range, Section, Spelled
 from segstudy.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -610,12 +610,3 @@ def unset_variable(path: str) -> str | None:
     """The environment variable a path still names because it was not set at load (_path(unset_later))."""
     missing = _UNSET_VAR.search(path)
     return missing.group(1) if missing else None
-
-
-def validate(cfg: Config, where: Where = lambda key: "set in the config") -> None:
-    """Every type, choice, range and list length, so a bad value fails at load and not minutes into a run."""
-    schema.check(Config, dataclasses.asdict(cfg), "the config", where)
-
-
-_parse_overrides = parse_overrides  # the names before the CLI imported them
-_parse_value = parse_value
