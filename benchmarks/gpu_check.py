@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from segstudy.config import MODELS, Config, SynthConfig, load_config, parse_overrides
+from segstudy.config import MODELS, Config, SynthConfig, derive, load_config, parse_overrides
 from segstudy.data.datasets import EpochOrder, SeededSamples, build_dataset, build_loader, training_set
 from segstudy.data.labels import NUM_CLASSES
 from segstudy.data.synthetic_dataset import generate
@@ -354,7 +354,7 @@ def ddp_wanted(choice: str, device: torch.device) -> bool:
 def phase_ddp(cfg: Config, preset: dict, run_dir: Path) -> dict:
     """engine.training.train with train.gpus=2: engine.launch starts torchrun, whose two ranks train with
     NCCL on CUDA (gloo on CPU), SyncBatchNorm (CUDA only) and DDP, for a few steps and their validation."""
-    two = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gpus=2, max_steps=preset["ddp_steps"]))
+    two = derive(cfg, {"train.gpus": 2, "train.max_steps": preset["ddp_steps"]})
     result = train(two, run_dir=run_dir, progress=False, keep_weights=False)
     losses = [r["train_loss"] for r in result["history"]]
     return {"ranks": 2, "backend": "nccl" if cfg.device.startswith("cuda") else "gloo",

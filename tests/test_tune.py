@@ -251,14 +251,20 @@ def _advice(message: str, opening: str) -> str:
     return opening[1:] + message.split(opening, 1)[1].split(") ", 1)[0]
 
 
-def test_ctrl_c_fails_the_trial_and_the_same_command_runs_its_parameters_again(tiny_root, tmp_path, capsys):
-    epochs = {"tune.epochs": 3}  # interrupted after its first checkpoint, it has two epochs to go
-    worker = _cli(tiny_root, tmp_path, "--trials", "2", **epochs, **{"tracking.backend": "mlflow"})
-    checkpoint = tmp_path / "smoke" / "tune" / "unet" / "trials" / "0000" / "checkpoint_latest.pt"
+def _at_first_checkpoint(tiny_root: Path, out: Path, **sets: object) -> tuple[subprocess.Popen, Path]:
+    """A worker running 2 trials, once trial 0 has saved its first checkpoint (that checkpoint's path)."""
+    worker = _cli(tiny_root, out, "--trials", "2", **sets)
+    checkpoint = out / "smoke" / "tune" / "unet" / "trials" / "0000" / "checkpoint_latest.pt"
     deadline = time.monotonic() + 90
     while not checkpoint.is_file():
         assert worker.poll() is None and time.monotonic() < deadline, "the worker ended before a checkpoint"
         time.sleep(0.02)
+    return worker, checkpoint
+
+
+def test_ctrl_c_fails_the_trial_and_the_same_command_runs_its_parameters_again(tiny_root, tmp_path, capsys):
+    epochs = {"tune.epochs": 3}  # interrupted after its first checkpoint, it has two epochs to go
+    worker, checkpoint = _at_first_checkpoint(tiny_root, tmp_path, **epochs, **{"tracking.backend": "mlflow"})
     worker.send_signal(signal.SIGINT)
     out, _ = worker.communicate(timeout=60)
     assert worker.returncode == 130 and "Traceback" not in out, out
@@ -305,12 +311,7 @@ def test_two_workers_share_a_journal_and_one_mlflow_parent(tiny_root, tmp_path):
 
 def test_a_killed_worker_s_trial_is_failed_and_its_parameters_run_again(tiny_root, tmp_path, capsys):
     epochs = {"tune.epochs": 3}  # killed after its first checkpoint, it has two epochs to go
-    worker = _cli(tiny_root, tmp_path, "--trials", "2", **epochs)
-    checkpoint = tmp_path / "smoke" / "tune" / "unet" / "trials" / "0000" / "checkpoint_latest.pt"
-    deadline = time.monotonic() + 90
-    while not checkpoint.is_file():
-        assert worker.poll() is None and time.monotonic() < deadline, "the worker ended before a checkpoint"
-        time.sleep(0.02)
+    worker, checkpoint = _at_first_checkpoint(tiny_root, tmp_path, **epochs)
     worker.send_signal(signal.SIGKILL)
     worker.communicate()
 

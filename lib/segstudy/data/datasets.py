@@ -21,6 +21,7 @@ from segstudy.config import Config, DataConfig, SynthConfig, load_config, unset_
 from segstudy.data.bdd100k import BDD100KSegmentation
 from segstudy.data.cityscapes import CityscapesSegmentation, SegmentationFolder
 from segstudy.data.nuimages import NuImagesSegmentation
+from segstudy.data.shared_memory import PREFETCH_FACTOR
 from segstudy.data.synthetic_dataset import ensure_dataset
 from segstudy.data.transforms import eval_preset, train_preset
 from segstudy.errors import UserError
@@ -325,4 +326,5 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, num_
         worker_init_fn=_seed_worker,
         generator=generator,
         persistent_workers=num_workers > 0,
+        prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,  # what check_shared_memory counts
     )

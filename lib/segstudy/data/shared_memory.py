@@ -14,7 +14,7 @@ from pathlib import Path
 from segstudy.config import Config
 from segstudy.errors import UserError
 
-PREFETCH_FACTOR = 2  # batches each worker keeps ready: torch's DataLoader default, which build_loader keeps
+PREFETCH_FACTOR = 2  # batches each worker keeps ready (torch's DataLoader default): build_loader passes it
 BYTES_PER_PIXEL = 3 * 4 + 8  # one sample's pixel: a float32 RGB image and its int64 label map
 WIDEST_ASPECT = 2.0  # width / height of Cityscapes (2048x1024), the widest dataset (BDD100K, nuImages: 16:9)
 GIB = 2**30

@@ -101,10 +101,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         except MlflowException:
             raise
         except Exception as exc:
-            _log.exception("segstudy model: unexpected error while predicting")
-            monitoring.note_error("internal")
-            raise MlflowException(f"internal error while segmenting ({type(exc).__name__}); the server's log has "
-                                  f"the details", error_code=INTERNAL_ERROR) from None
+            raise _internal("segmenting", exc) from None
 
     def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
         images = self._decode(model_input)
@@ -227,6 +224,15 @@ CONTENT_TYPES = "application/json (or text/csv, application/vnd.apache.parquet)"
 REQUEST_FORM = f'{{"dataframe_split": {{"columns": ["{IMAGE_COLUMN}"], "data": [["<base64 PNG/JPEG>"]]}}}}'
 
 
+def _internal(doing: str, exc: Exception) -> MlflowException:
+    """The server's own failure while `doing` (segmenting, answering): logged with its traceback,
+    counted as kind="internal", answered 500 without the details."""
+    _log.exception(f"segstudy model: unexpected error while {doing}")
+    monitoring.note_error("internal")
+    return MlflowException(f"internal error while {doing} ({type(exc).__name__}); the server's log has the details",
+                           error_code=INTERNAL_ERROR)
+
+
 def refuse_unreadable_bodies() -> None:
     """Answer the client mistakes MLflow's scoring server lets fall through as a bare 500 (counted
     `internal` by the metrics, what the server-error alert fires on) with a 4xx naming them: no
@@ -252,10 +258,7 @@ def refuse_unreadable_bodies() -> None:
             raise
         except Exception as exc:
             if _REACHED_MODEL.get():
-                _log.exception("segstudy model: unexpected error while answering")
-                monitoring.note_error("internal")
-                raise MlflowException(f"internal error while answering ({type(exc).__name__}); the server's log "
-                                      f"has the details", error_code=INTERNAL_ERROR) from None
+                raise _internal("answering", exc) from None
             raise _unreadable(content_type, exc) from None
         finally:
             _REACHED_MODEL.reset(reached)

@@ -33,7 +33,7 @@ def finetune(model: nn.Module, cfg: Config, epochs: float, *, lr: float | None =
     validate (unless `validate_after` is False: "miou" and "iou" are then None, for a caller that
     scores the model itself). With a teacher, the loss is (1 - kd_weight) x task + kd_weight x
     pixel-wise KD. Returns {"miou", "iou", "history", "train_seconds", "img_per_s"}. `timing_key`:
-    the plan's key for it (engine.timings.finetune_key), under which timings.json adds its seconds."""
+    the plan's key for it (engine.timings.step_key), under which timings.json adds its seconds."""
     from segstudy.models.losses import Distiller, with_kd
 
     if epochs <= 0:

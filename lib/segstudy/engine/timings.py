@@ -34,11 +34,6 @@ def step_key(notebook: str, name: str) -> str:
     return f"{notebook}/{name}"
 
 
-def finetune_key(notebook: str, name: str) -> str:
-    """The key of a fine-tune in the plan and in timings.json."""
-    return step_key(notebook, name)
-
-
 def eval_size(cfg: Config) -> tuple[int, int]:
     """(height, width) of a validation image as the plan prices it: the shorter side data.base_size,
     at Cityscapes' 2:1 aspect."""

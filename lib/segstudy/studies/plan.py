@@ -28,7 +28,7 @@ from segstudy.data.labels import NUM_CLASSES
 from segstudy.engine import measure, run_folder
 from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.engine.finetuning import iterations as finetune_iterations
-from segstudy.engine.timings import Step, duration, eval_size, finetune_key
+from segstudy.engine.timings import Step, duration, eval_size, step_key
 from segstudy.engine.training import planned_batches, validation_passes
 from segstudy.errors import UserError
 from segstudy.models.networks import build_model
@@ -148,7 +148,7 @@ def _finetune_row(cfg: Config, notebook: str, name: str, kind: str, epochs: floa
                   calls: int = 1, note: str = "") -> PlannedTraining:
     """engine.finetuning.finetune, `calls` times for `epochs` in all (one validation after each)."""
     iterations = calls * finetune_iterations(epochs / calls, steps_per_epoch)
-    return PlannedTraining(notebook, finetune_key(notebook, name), "custom", cfg.loss.name, cfg.seed, kind, epochs,
+    return PlannedTraining(notebook, step_key(notebook, name), "custom", cfg.loss.name, cfg.seed, kind, epochs,
                            iterations, calls, note=note)
 
 

@@ -20,7 +20,7 @@ from segstudy.data.datasets import build_dataset, build_loader
 from segstudy.engine import measure, run_folder
 from segstudy.engine.evaluation import from_training, validate
 from segstudy.engine.finetuning import finetune
-from segstudy.engine.timings import Passes, Step, eval_size, finetune_key, step_key
+from segstudy.engine.timings import Passes, Step, eval_size, step_key
 from segstudy.engine.timings import timed as timed_step
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_checkpoint, load_trained, save_model
@@ -155,7 +155,7 @@ def unstructured_sweep(cfg: Config, dense: nn.Module) -> tuple[list[dict], dict[
                                        scores=lamp)
             ft = finetune(model, cfg, p.unstructured_epochs, lr=p.unstructured_lr,
                           desc=f"{scope} {p.finetune_sparsity}", validate_after=False,  # describe() scores it
-                          timing_key=finetune_key(NOTEBOOK, f"unstructured-{scope}"))
+                          timing_key=step_key(NOTEBOOK, f"unstructured-{scope}"))
             prune.make_permanent(model)  # the zeros survived the fine-tune: the masks were kept
             rows.append(describe(model, cfg, latency=False, method=f"unstructured {scope}",
                                  level=p.finetune_sparsity, recovery="fine-tune",
@@ -208,7 +208,7 @@ def _finetune_in_steps(model: nn.Module, cfg: Config, desc: str, name: str, befo
             before_step()
         last = step == p.steps - 1
         ft = finetune(model, cfg, p.epochs / p.steps, lr=p.lr, desc=f"{desc} step {step + 1}/{p.steps}",
-                      validate_after=not last, timing_key=finetune_key(NOTEBOOK, name), **kd)
+                      validate_after=not last, timing_key=step_key(NOTEBOOK, name), **kd)
         history += [] if last else [ft["miou"]]
     return history
 

@@ -391,7 +391,7 @@ def qat(study: QuantStudy) -> str:
     info = study.notes["qat"] = {"ran": run, "reason": reason}
     if run:
         result = quantize.qat(study.fp32, cfg, q.qat_epochs, lr=q.qat_lr or None,
-                              timing_key=timings.finetune_key(NOTEBOOK, QAT))
+                              timing_key=timings.step_key(NOTEBOOK, QAT))
         path = quantize.save_torchscript(result["model"], study.out / "custom_int8_qat.pt")
         add(study, QAT_INT8, result["model"], engine="torch FX (x86)", precision="int8", path=path)
         info |= {"epochs": q.qat_epochs, "train_seconds": result["train_seconds"],
