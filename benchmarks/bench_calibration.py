@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from segstudy.compress import onnx_export, quantize
-from segstudy.config import Config, load_config
+from segstudy.config import Config
+from segstudy.config_profiles import load_config
 from segstudy.data.labels import NUM_CLASSES
 from segstudy.engine import measure
 from segstudy.models.networks import build_model

@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 import torch
 
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.engine import measure
 from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.models.networks import MODELS, build_model

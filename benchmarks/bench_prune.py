@@ -27,7 +27,7 @@ import time
 import torch
 
 from segstudy.compress import prune
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.engine import measure
 from segstudy.engine.evaluation import validate
 from segstudy.engine.finetuning import finetune

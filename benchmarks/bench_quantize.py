@@ -24,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from segstudy.compress import onnx_export, quantize
-from segstudy.config import load_config
+from segstudy.compress import onnx_export, openvino_int8, quantize
+from segstudy.config_profiles import load_config
 from segstudy.data.datasets import prepare_data
 from segstudy.data.labels import NUM_CLASSES
 from segstudy.engine import measure
 from segstudy.models.checkpoint import load_trained
 from segstudy.models.networks import build_model
-from segstudy.studies import quantization, results_files
+from segstudy.studies import int8_choice, quantization, results_files, verdicts
 
 
 def main() -> None:
@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, help="default: bench.iters")
     p.add_argument("--threads", type=int, help="default: quant.threads")
     p.add_argument("--calib", type=int, help="calibration images, default: quant.calib_images")
+    p.add_argument("--rounds", type=int, default=15,
+                   help="rounds of fp32 eager and every int8 form timed in turn, for the paired ratios (default 15)")
     args = p.parse_args()
     cfg = load_config(args.params)
     h, w = args.height or cfg.bench.height, args.width or cfg.bench.width
@@ -77,7 +79,24 @@ def main() -> None:
         rows[name] = onnx_export.latency(onnx_export.session(path, threads), h, w, warmup, iters)
         print(f"  measured {name:34s} {rows[name]['median_ms']:9.1f} ms", flush=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    x = torch.randn(1, 3, h, w)
+    feed = x.numpy()
+
+    def ov_row(name: str, path: Path) -> None:
+        module = openvino_int8.OvModule(openvino_int8.compiled(path, threads))
+        rows[name] = openvino_int8.latency(module, h, w, warmup, iters)
+        print(f"  measured {name:34s} {rows[name]['median_ms']:9.1f} ms", flush=True)
+
+    def ort_runner(path: Path):
+        sess = onnx_export.session(path, threads)
+        name = sess.get_inputs()[0].name
+        return lambda: sess.run(None, {name: feed})
+
+    def ov_runner(path: Path):
+        module = openvino_int8.OvModule(openvino_int8.compiled(path, threads))
+        return lambda: module.run(feed)
+
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         tmp = Path(tmp)
         torch_row("fp32 eager", model)
         torch_row("fp32 channels_last", copy.deepcopy(model), channels_last=True)
@@ -89,6 +108,14 @@ def main() -> None:
         for act in onnx_export.ACTIVATIONS:
             ort_row(f"int8 ONNX Runtime ({act} act.)",
                     onnx_export.quantize_int8(fp32_onnx, tmp / f"int8_{act}.onnx", calib, act))
+        in_turn = {"fp32 eager": lambda: model(x), quantization.FX_INT8: lambda: int8_fx(x),
+                   quantization.ORT_INT8: ort_runner(tmp / f"int8_{cfg.quant.ort_activation}.onnx")}
+        ov_why = openvino_int8.unavailable()
+        if ov_why:
+            print(f"OpenVINO rows skipped: {ov_why}")
+        else:
+            ov_row(quantization.OV_INT8, openvino_int8.quantize_int8(fp32_onnx, tmp / "int8_ov.xml", calib))
+            in_turn[quantization.OV_INT8] = ov_runner(tmp / "int8_ov.xml")
         pruned_path = quantization.pruned_checkpoint(cfg)
         if args.model != "custom":
             print("pruned rows: only for the custom model")
@@ -97,13 +124,21 @@ def main() -> None:
             torch_row("pruned fp32", pruned)
             pruned_fx = quantize.fx_ptq(pruned, calib, [n_calib], cfg.quant.observer)["models"][n_calib]
             torch_row("pruned + int8 torch FX", pruned_fx)
-            ort_row("pruned + int8 ONNX Runtime (uint8 act.)", onnx_export.quantize_int8(
-                onnx_export.export(pruned, tmp / "pruned.onnx", calib[0][None]), tmp / "pruned_int8.onnx", calib))
+            pruned_onnx = onnx_export.export(pruned, tmp / "pruned.onnx", calib[0][None])
+            ort_row(quantization.PRUNED_ORT_INT8, onnx_export.quantize_int8(
+                pruned_onnx, tmp / "pruned_int8.onnx", calib, cfg.quant.ort_activation))
+            in_turn |= {quantization.PRUNED_INT8: lambda: pruned_fx(x),
+                        quantization.PRUNED_ORT_INT8: ort_runner(tmp / "pruned_int8.onnx")}
+            if not ov_why:
+                ov_row(quantization.PRUNED_OV_INT8,
+                       openvino_int8.quantize_int8(pruned_onnx, tmp / "pruned_int8_ov.xml", calib))
+                in_turn[quantization.PRUNED_OV_INT8] = ov_runner(tmp / "pruned_int8_ov.xml")
         else:
             print(f"pruned rows skipped: no pruned model at {pruned_path} (notebook 04 writes it)")
+        paired = paired_rounds(in_turn, warmup, args.rounds, f"{w}x{h}")
 
     dense_int8 = [k for k in rows if k.startswith("int8")]
-    targets = quantization.check_targets(info, {k: {"latency_ms": r["median_ms"]} for k, r in rows.items()}, dense_int8)
+    targets = int8_choice.check_targets(info, {k: {"latency_ms": r["median_ms"]} for k, r in rows.items()}, dense_int8)
     fp32_ms = rows["fp32 eager"]["median_ms"]
     fastest_int8 = min(rows[k]["median_ms"] for k in dense_int8)
     print(f"\n{'variant':42s} {'median ms':>10s} {'min ms':>9s} {'vs fp32 eager':>14s} {'/ fastest int8':>15s}  target")
@@ -119,13 +154,35 @@ def main() -> None:
     fastest = min(rows, key=lambda k: rows[k]["median_ms"])
     print(f"fastest variant: {fastest}")
     gpu = gpu_rows(model, h, w, warmup, iters)
+    deployed = int8_choice.deployed_int8(paired, quantization.SERVABLE_INT8, openvino=quantization.OV_INT8)
+    if deployed and "time_vs_openvino" in deployed:
+        low, high = deployed["time_vs_openvino_interval"]
+        print(f"deployed int8 (the fastest servable one): {deployed['variant']}, {deployed['time_vs_openvino']:.2f}x "
+              f"OpenVINO int8's time [{low:.2f}, {high:.2f}] over {args.rounds} rounds in turn: "
+              f"{'PASS' if deployed['time_vs_openvino'] <= 1.0 else 'FAIL'} (<= 1.0x)")
 
     out = cfg.output_dir / "benchmarks" / f"quantize_{args.model}.json"
     results_files.write_json(out, {"cpu": info, "threads": threads, "size": f"{w}x{h}", "warmup": warmup,
                                    "iters": iters, "model": args.model, "weights": source,
                                    "calibration_images": n_calib, "latency": rows, "targets": targets,
-                                   "fastest": fastest, "gpu": gpu})
+                                   "fastest": fastest, "gpu": gpu, "in_turn": paired, "deployed_int8": deployed})
     print("wrote", out)
+
+
+def paired_rounds(runners: dict, warmup: int, rounds: int, size: str) -> dict[str, dict]:
+    """fp32 eager and every int8 form timed in turn (one pass each per round); prints each one's speed-up
+    over fp32 eager and its time against OpenVINO int8's, both the median of the per-round ratios with
+    a bootstrap interval (verdicts.speedup, paired). Returns rows with "latency_times_ms" of the rounds."""
+    timed = measure.timed_in_turn(runners, warmup, rounds, size=size)
+    rows = {k: {"latency_ms": t["median_ms"], "latency_times_ms": t["times_ms"]} for k, t in timed.items()}
+    ref, ov = rows["fp32 eager"]["latency_times_ms"], rows.get(quantization.OV_INT8, {}).get("latency_times_ms")
+    print(f"\n{rounds} rounds in turn ({size}): median ms, speed-up vs fp32 eager, time / OpenVINO int8's [95%]")
+    for name, r in rows.items():
+        fast = verdicts.speedup(r["latency_times_ms"], ref, paired=True)
+        vs = verdicts.speedup(ov, r["latency_times_ms"], paired=True) if ov else None
+        against = f"{vs.mean:6.2f}x [{vs.low:.2f}, {vs.high:.2f}]" if vs else ""
+        print(f"  {name:34s} {r['latency_ms']:9.1f} {fast.mean:7.2f}x [{fast.low:.2f}, {fast.high:.2f}]  {against}")
+    return rows
 
 
 def gpu_rows(model: torch.nn.Module, h: int, w: int, warmup: int, iters: int) -> dict:

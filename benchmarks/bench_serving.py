@@ -2,7 +2,7 @@
 loopback, for the fp32 checkpoint and an int8 ONNX model, with the bare model latency measured in
 the same run.
 
-    python benchmarks/bench_serving.py [--profile demo] [--checkpoint PATH.pt] [--onnx PATH.onnx | --make-int8]
+    python benchmarks/bench_serving.py [--profile demo] [--checkpoint PATH.pt] [--int8 PATH | --make-int8]
                                        [--models fp32 int8] [--format png|jpeg] [--requests 50]
                                        [--concurrency 1 4] [--height 512 --width 1024]
 
@@ -17,12 +17,12 @@ server adds except the HTTP transport, without the forward pass's run-to-run noi
 a faster forward keeps the 1.3x when work + HTTP stays under 0.3x its forward). Target for int8:
 <= 1.3x.
 Metrics overhead: each model is also served twice at once, with GET /metrics and its counting
-(deploy/monitoring.py, the default) and without (SEGSTUDY_METRICS=0), and sent --overhead-requests
+(deploy/serving_metrics.py, the default) and without (SEGSTUDY_METRICS=0), and sent --overhead-requests
 requests to each in turn (the order alternating every round, one request at a time), so both see the
 same moments of the machine: the served p50 of each and their ratio (target: at most 1.05x), and
 the median of the per-round ratios.
 The int8 model is notebook 05's (outputs/<profile>/05_quantization/*int8*.onnx) when it exists,
---onnx PATH to name one, or --make-int8 to export and statically quantize (ONNX Runtime QDQ,
+--int8 PATH to name one (.onnx or OpenVINO .xml), or --make-int8 to export and statically quantize (ONNX Runtime QDQ,
 per-channel int8 weights, uint8 activations, MinMax) the checkpoint in a temporary folder.
 """
 
@@ -48,12 +48,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segstudy.config import load_config
-from segstudy.data.synthetic_scene import render
+from segstudy.config_profiles import load_config
+from segstudy.data.synthetic.scene import render
 from segstudy.deploy import inference, registry
 from segstudy.deploy.serving import answer, serve_command, serve_env
 from segstudy.engine import measure
+from segstudy.errors import UserError
+from segstudy.models.checkpoint import model_format
+from segstudy.studies import results_files
 from segstudy.tracking import mlflow_uri
+
+
+def deployed_int8(cfg) -> Path | None:
+    """Notebook 05's deployed int8 form (results.json "deployed_int8": ONNX Runtime's or OpenVINO's), if written."""
+    try:
+        d, _, _ = results_files.read(cfg, "quantization")
+    except UserError:
+        return None
+    name = ((d or {}).get("deployed_int8") or {}).get("variant")
+    path = d.get("variants", {}).get(name, {}).get("path") if name else None
+    return Path(path) if path and Path(path).is_file() else None
 
 
 def scenes(height: int, width: int, n: int = 4) -> list[Image.Image]:
@@ -250,8 +264,8 @@ def main() -> None:
     p.add_argument("--profile", "--params", dest="params", default="demo",
                    metavar="NAME", help="profile (params/) or YAML file whose models are served (default: demo)")
     p.add_argument("--checkpoint", help="fp32 checkpoint (default outputs/<profile>/runs/custom/checkpoint_best.pt)")
-    p.add_argument("--onnx", help="int8 ONNX model (default: notebook 05's, if written)")
-    p.add_argument("--make-int8", action="store_true", help="quantize the checkpoint here when no --onnx is given")
+    p.add_argument("--int8", help="int8 model, .onnx or OpenVINO .xml (default: notebook 05's deployed int8 form)")
+    p.add_argument("--make-int8", action="store_true", help="quantize the checkpoint here when no --int8 is given")
     p.add_argument("--models", nargs="+", choices=["fp32", "int8"], default=["fp32", "int8"])
     p.add_argument("--format", choices=["png", "jpeg"], default="png", help="request image format (JPEG quality 90)")
     p.add_argument("--requests", type=int, default=50)
@@ -277,16 +291,17 @@ def main() -> None:
     models = [("fp32 torch", checkpoint)] if "fp32" in args.models else []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        found = sorted((cfg.output_dir / "05_quantization").glob("*int8*.onnx"))
+        found = deployed_int8(cfg)
         if "int8" in args.models:
-            if args.onnx or found:
-                models.append(("int8 onnx", Path(args.onnx) if args.onnx else found[0]))
+            if args.int8 or found:
+                path = Path(args.int8) if args.int8 else found
+                models.append((f"int8 {model_format(path)}", path))
             elif args.make_int8:
                 t = time.perf_counter()
                 models.append(("int8 onnx", make_int8(checkpoint, images, args.height, tmp)))
                 print(f"quantized {checkpoint} to int8 ONNX in {time.perf_counter() - t:.0f} s")
             else:
-                print("no int8 ONNX model (notebook 05 not run): give --onnx PATH or --make-int8")
+                print("no int8 model (notebook 05 not run): give --int8 PATH or --make-int8")
         # the drift reference each registration stores: 8 val images at the bench size are enough here
         reg_cfg = load_config(args.params, {"output_root": str(tmp), "tracking.backend": "mlflow",
                                             "tracking.uri": "", "monitoring.reference_images": 8,

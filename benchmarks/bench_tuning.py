@@ -16,10 +16,10 @@ import os
 import tempfile
 import time
 
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.engine import measure
 from segstudy.engine.training import train
-from segstudy.studies import tuning
+from segstudy.studies import tune_space, tuning
 
 
 def _timed(call) -> tuple[object, dict]:
@@ -36,7 +36,7 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="bench-tuning-")
     cfg = load_config(args.profile, {"output_root": out})
     print(f"{measure.cpu_info()['cpu']}, load average {os.getloadavg()[0]:.1f} (1 min)", flush=True)
-    result, plain = _timed(lambda: train(tuning.budget_config(cfg), run_dir=f"{out}/plain", progress=False,
+    result, plain = _timed(lambda: train(tune_space.budget_config(cfg), run_dir=f"{out}/plain", progress=False,
                                          keep_weights=False))
     print("PLAIN", json.dumps(plain | {"best_miou": result["best_miou"]}), flush=True)
 

@@ -56,10 +56,11 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from segstudy.config import MODELS, Config, SynthConfig, derive, load_config, parse_overrides
+from segstudy.config import MODELS, Config, SynthConfig
+from segstudy.config_profiles import derive, load_config, parse_overrides
 from segstudy.data.datasets import EpochOrder, SeededSamples, build_dataset, build_loader, training_set
 from segstudy.data.labels import NUM_CLASSES
-from segstudy.data.synthetic_dataset import generate
+from segstudy.data.synthetic.dataset import generate
 from segstudy.engine import measure, provenance
 from segstudy.engine.device import autocast_dtype, resolve_device
 from segstudy.engine.evaluation import confusion_over, eval_loader

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from segstudy.config import SynthConfig
-from segstudy.data.synthetic_dataset import generate
+from segstudy.data.synthetic.dataset import generate
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 TINY = SynthConfig(train=8, val=6, height=64, width=128, seed=3)
@@ -26,7 +26,7 @@ def smoke_model(tmp_path_factory, tiny_root) -> dict:
     """One custom model trained for an epoch on the tiny data (predict and serving tests).
 
     Returns train()'s result with "cfg", the smoke config it was trained with."""
-    from segstudy.config import load_config
+    from segstudy.config_profiles import load_config
     from segstudy.engine.training import train
 
     out = tmp_path_factory.mktemp("smoke-model")

@@ -62,6 +62,12 @@ def test_notebook_00_on_smoke(tmp_path):
     assert injected and "smoke" in injected[0].source
     html = (out / "00_data_exploration.html").read_text()
     assert "Class statistics" in html and "data:image/png;base64" in html
+    # where the time went: every code cell's seconds (papermill's), slowest first, in timings.json
+    cells = json.loads((out / "timings.json").read_text())["cells"]["00_data_exploration"]
+    assert len(cells) == sum(c.cell_type == "code" for c in nb.cells)
+    assert [c["seconds"] for c in cells] == sorted((c["seconds"] for c in cells), reverse=True)
+    assert sum(c["seconds"] for c in cells) <= timings["00_data_exploration"]
+    assert any("load_config(profile, overrides)" in c["code"] for c in cells)
 
 
 def test_failing_notebook_is_named_and_kept(tmp_path):
@@ -149,7 +155,8 @@ def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     result = json.loads((out / "results.json").read_text())
     variants = result["variants"]
     assert set(variants) == {"fp32 eager", "fp32 channels_last", "bf16 autocast + channels_last", "int8 PTQ torch FX",
-                             "ONNX Runtime fp32", "int8 ONNX Runtime", "int8 QAT torch FX"}  # smoke: quant.qat always
+                             "ONNX Runtime fp32", "int8 ONNX Runtime", "int8 OpenVINO",
+                             "int8 QAT torch FX"}  # smoke: quant.qat always
     confusions = np.load(out / "confusions.npz")  # each variant's per-image confusions, keyed by its row
     for r in variants.values():
         assert 0 <= r["miou"] <= 1 and r["latency_ms"] > 0 and r["size_bytes"] > 0 and len(r["iou"]) == 19
@@ -165,9 +172,15 @@ def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     assert set(result["calibration_sweep"]) == {"2", "4"} and result["qat"]["ran"]
     assert result["pruned"]["available"] is False  # notebook 04 did not run: said, not failed
     assert result["provenance"]["profile"] == "smoke" and result["provenance"]["torch"].startswith("2.14.1")
-    assert set(result["targets"]) == {"int8 PTQ torch FX", "int8 ONNX Runtime", "int8 QAT torch FX"}
+    assert set(result["targets"]) == {"int8 PTQ torch FX", "int8 ONNX Runtime", "int8 OpenVINO", "int8 QAT torch FX"}
+    deployed = result["deployed_int8"]  # the fastest servable int8 form, timed in turn with OpenVINO's
+    servable = {"int8 ONNX Runtime", "int8 OpenVINO"}
+    assert deployed["variant"] in servable and deployed["latency_ms"] == variants[deployed["variant"]]["latency_ms"]
+    assert deployed["latency_ms"] == min(variants[k]["latency_ms"] for k in servable)  # both within the bar here
+    assert deployed["time_vs_openvino"] <= 1.0
     for name in ("variants.png", "per_class_iou_delta.png", "miou_vs_calibration_images.png", "custom_fp32.onnx",
-                 "custom_int8.onnx", "custom_int8_fx.pt", "custom_int8_qat.pt"):
+                 "custom_int8.onnx", "custom_int8_openvino.xml", "custom_int8_openvino.bin", "custom_int8_fx.pt",
+                 "custom_int8_qat.pt"):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.tmp*"))  # no temporaries of the atomic writes left
     html = (tmp_path / "out" / "smoke" / "05_quantization.html").read_text()

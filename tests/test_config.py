@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from segstudy import config
-from segstudy.config import CHOICES, PROJECT_ROOT, RANGES, Config, available_profiles, load_config
+from segstudy.config import CHOICES, RANGES, Config
+from segstudy.config_paths import PROJECT_ROOT
+from segstudy.config_profiles import available_profiles, derive, load_config, parse_overrides
 from segstudy.errors import UserError
 
 PACKAGE = PROJECT_ROOT / "lib" / "segstudy"
@@ -78,7 +80,7 @@ def test_malformed_set_value_names_the_key_and_the_fix():
                                         r"write it like train.epochs=10, close any \["):
         load_config("smoke", ["train.epochs=[1"])
     with pytest.raises(UserError, match=r"write it like data.crop_size=\[128, 256\]"):
-        config.parse_overrides(["data.crop_size=[64, 128"])  # what `segstudy run` parses before anything runs
+        parse_overrides(["data.crop_size=[64, 128"])  # what `segstudy run` parses before anything runs
 
 
 def test_scientific_notation_is_a_float(tmp_path):
@@ -125,7 +127,7 @@ def test_valid_edge_values_load():
     cfg = load_config("smoke", ["device=cuda:1", "model.pretrained=auto", "prune.ratio=0", "data.hflip=1",
                                 "loss_study.epochs=0", "quant.threads=0", "model.head_layers=0"])
     assert cfg.device == "cuda:1" and cfg.prune.ratio == 0.0
-    config.derive(Config(), {})  # the defaults are valid
+    derive(Config(), {})  # the defaults are valid
 
 
 def _outside(valid: config.Range) -> float:
@@ -171,7 +173,7 @@ FREE_TEXT = {"profile", "output_root", "data.root", "data.train_split", "data.va
              "tracking.uri", "tracking.sweep", "model.weights_dir", "cross.cityscapes.root", "cross.bdd100k.root",
              "cross.nuimages.root"}
 # a pattern / the YAML booleans / set by load_config / distributions checked by the tune section's Check
-SPECIAL = {"device", "model.pretrained", "overrides", "tune.space"}
+SPECIAL = {"device", "model.pretrained", "overrides", "profile_roots", "tune.space"}
 
 
 def test_every_parameter_has_a_rule():
@@ -199,13 +201,13 @@ def test_every_choice_has_its_implementation():
     # choices a module spells out in its code rather than in a tuple: each must be handled there
     for module, choices in [("engine/optimization.py", config.OPTIMIZERS), ("engine/device.py", config.AMP_MODES),
                             ("compress/prune.py", config.PRUNE_SCOPES), ("tracking.py", config.TRACKING_BACKENDS),
-                            ("studies/quantization.py", config.QAT_MODES),
+                            ("studies/int8_choice.py", config.QAT_MODES),
                             ("models/networks.py", config.PRETRAINED)]:
         assert set(choices) <= _string_literals(module), (module, choices)
 
 
 def test_a_child_profile_s_tune_space_replaces_the_parent_s_whole(tmp_path):
-    """One rule for tune.space (config.REPLACED_WHOLE): a child profile's space is the space searched,
+    """One rule for tune.space (config_profiles.REPLACED_WHOLE): a child profile's space is the space searched,
     as `--set tune.space=...` makes it; every other section still merges key by key."""
     child = tmp_path / "child.yaml"
     child.write_text(f"extends: {PROJECT_ROOT / 'params' / 'smoke.yaml'}\n"
@@ -226,9 +228,7 @@ def test_set_tune_space_replaces_the_whole_space():
 
 
 def test_a_derived_config_is_checked_like_a_loaded_one():
-    """config.derive: the one way a study changes a loaded config (a loss-study run, a tuning trial)."""
-    from segstudy.config import derive
-
+    """config_profiles.derive: the one way a study changes a loaded config (a loss-study run, a tuning trial)."""
     cfg = load_config("smoke", {"train.lr": 0.05})
     run = derive(cfg, {"train.epochs": 3, "loss.name": "dice"})
     assert (run.train.epochs, run.loss.name, run.train.lr, run.data.root) == (3, "dice", 0.05, cfg.data.root)

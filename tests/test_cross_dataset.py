@@ -221,8 +221,9 @@ def test_mixed_epoch_draws_the_documented_shares(sampling, sizes, shares):
 
 
 def test_a_mixed_training_takes_as_many_steps_as_alone(tmp_path, tiny_root):
-    from segstudy.config import SynthConfig, load_config
-    from segstudy.data.synthetic_dataset import generate
+    from segstudy.config import SynthConfig
+    from segstudy.config_profiles import load_config
+    from segstudy.data.synthetic.dataset import generate
     from segstudy.engine.training import train
     from segstudy.studies.cross_dataset import train_mixed
 
@@ -240,8 +241,9 @@ def test_a_mixed_training_takes_as_many_steps_as_alone(tmp_path, tiny_root):
 
 
 def test_a_bad_mask_in_a_mixed_dataset_stops_the_training_before_it_starts(tmp_path, tiny_root):
-    from segstudy.config import SynthConfig, load_config
-    from segstudy.data.synthetic_dataset import generate
+    from segstudy.config import SynthConfig
+    from segstudy.config_profiles import load_config
+    from segstudy.data.synthetic.dataset import generate
     from segstudy.studies.cross_dataset import train_mixed
 
     bdd = tmp_path / "bdd"

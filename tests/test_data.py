@@ -15,8 +15,8 @@ from segstudy.data import labels
 from segstudy.data.bdd100k import BDD100KSegmentation
 from segstudy.data.cityscapes import CityscapesSegmentation, cityscapes_samples, label_ids_to_train_ids
 from segstudy.data.datasets import build_loader
-from segstudy.data.synthetic_dataset import MARKER, ensure_dataset, generate
-from segstudy.data.synthetic_scene import render
+from segstudy.data.synthetic.dataset import MARKER, ensure_dataset, generate
+from segstudy.data.synthetic.scene import render
 from segstudy.data.transforms import eval_preset, train_preset
 from segstudy.errors import UserError
 
@@ -241,13 +241,52 @@ def test_worker_errors_are_one_line():
 
 
 def test_no_dataset_is_generated_at_a_mistyped_root(tmp_path):
-    from segstudy.config import load_config
+    from segstudy.config_profiles import load_config
     from segstudy.data.datasets import prepare_data
 
     cfg = load_config("smoke", {"data.root": str(tmp_path / "synht-smoke"), "output_root": str(tmp_path)})
     with pytest.raises(UserError, match="does not exist, and data.generate would create a new synthetic dataset"):
         prepare_data(cfg)
     assert not (tmp_path / "synht-smoke").exists()
+
+
+def test_a_profile_outside_params_is_held_to_its_own_root(tmp_path):
+    """The root a profile file gives is recorded when it is loaded (Config.profile_roots), not read again
+    from params/: a file of another name has its own, and a mistyped --set root is refused there too."""
+    from segstudy.config_profiles import load_config
+    from segstudy.data.datasets import prepare_data
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: smoke\ndata:\n  root: synth-mine\n")
+    cfg = load_config(mine, {"data.root": str(tmp_path / "synht-mine"), "output_root": str(tmp_path)})
+    assert cfg.profile_roots["data.root"] == str(tmp_path / "synth-mine")
+    with pytest.raises(UserError, match=f"the profile's own root is {tmp_path / 'synth-mine'}"):
+        prepare_data(cfg, ["cityscapes"])
+    assert not (tmp_path / "synht-mine").exists()
+
+
+def test_prepare_data_checks_a_dataset_once_per_process(tmp_path, tiny_root):
+    """The runner's, a notebook's and each training's call: the second finds the dataset ready and reads
+    nothing; one whose folder went away since is checked again."""
+    import dataclasses
+    import json
+
+    from segstudy.config_profiles import load_config
+    from segstudy.data.datasets import prepare_data
+
+    root = tmp_path / "synth-tiny"
+    shutil.copytree(tiny_root, root)
+    made = json.loads((root / MARKER).read_text())  # the tiny set's generation settings, as the profile's
+    overrides = {"data.root": str(root), "output_root": str(tmp_path)} | {
+        f"synth.{f.name}": made[f.name] for f in dataclasses.fields(SynthConfig)}
+    assert prepare_data(load_config("smoke", overrides), ["cityscapes"]) == ["cityscapes"]  # its marker read
+    (root / MARKER).write_text("{}")  # a check now would find settings that differ: none is made
+    assert prepare_data(load_config("smoke", overrides), ["cityscapes"]) == []
+    with pytest.raises(UserError, match="was generated with"):  # other settings: checked
+        prepare_data(load_config("smoke", overrides | {"synth.seed": 4}), ["cityscapes"])
+    shutil.rmtree(root)
+    with pytest.raises(UserError, match="does not exist, and data.generate would create"):
+        prepare_data(load_config("smoke", overrides), ["cityscapes"])
 
 
 def test_mlflow_tracking_uri_from_the_environment(monkeypatch, tmp_path):

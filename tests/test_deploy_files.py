@@ -176,10 +176,10 @@ def _served_series() -> set[str]:
     import numpy as np
     from prometheus_client.parser import text_string_to_metric_families
 
-    from segstudy.deploy import drift, monitoring
+    from segstudy.deploy import drift, serving_metrics
 
     reference = drift.Reference(np.full((4, drift.WIDTH), 0.1), window=2, step=2, false_alarm=0.05)
-    text = monitoring.exposition(monitoring.ServingMetrics(reference)).decode()
+    text = serving_metrics.exposition(serving_metrics.ServingMetrics(reference)).decode()
     return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
 
 
@@ -285,7 +285,7 @@ def test_gpu_jobs_memory_fits_full_s_ranks_and_loader_workers(name, monkeypatch)
     """/dev/shm holds every batch the ranks' loader workers may have in flight; the memory request
     holds those batches twice (in /dev/shm, then pinned), every worker and every rank process; the
     limit is at least the request. The memory-backed emptyDir counts against the limit."""
-    from segstudy.config import load_config
+    from segstudy.config_profiles import load_config
     from segstudy.data.shared_memory import loader_shm_bytes
 
     monkeypatch.setenv("CITYSCAPES_ROOT", "/data/cityscapes")

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from segstudy.cli import main
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.deploy import inference
 from segstudy.errors import UserError
 
@@ -181,7 +181,7 @@ def test_a_full_disk_under_papermill_is_one_line(tmp_path, monkeypatch):
 def test_two_first_runs_generate_the_dataset_once(tmp_path):
     root = tmp_path / "synth"
     code = ("import sys; from segstudy.config import SynthConfig; "
-            "from segstudy.data.synthetic_dataset import ensure_dataset; "
+            "from segstudy.data.synthetic.dataset import ensure_dataset; "
             f"print(ensure_dataset({str(root)!r}, SynthConfig(train=6, val=2, height=64, width=128), workers=1))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -250,7 +250,7 @@ def _together(code: str, n: int, timeout: float = 300) -> list[tuple[int, str, s
 def test_processes_starting_together_create_the_mlflow_database_once(tmp_path):
     # what two `segstudy train` (or tune workers) do first on a fresh output root; both ran MLflow's
     # schema migration, and one failed with "duplicate column name" or "table ... already exists"
-    code = ("import mlflow.store.tracking.sqlalchemy_store\nfrom segstudy.config import load_config\n"
+    code = ("import mlflow.store.tracking.sqlalchemy_store\nfrom segstudy.config_profiles import load_config\n"
             "from segstudy import tracking\n"
             f"cfg = load_config('smoke', {{'tracking.backend': 'mlflow', 'output_root': {str(tmp_path)!r}}})\n"
             "#GO\n"

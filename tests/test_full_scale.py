@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from segstudy import cli
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_only_cityscapes_root_tunes_under_gpus_n(tiny_root, tmp_path):
 WORKER = """
 import sys
 import numpy as np, torch
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.data.datasets import build_dataset
 from segstudy.engine.device import init_distributed
 from segstudy.engine.evaluation import confusion_over, eval_loader

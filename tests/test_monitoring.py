@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from segstudy.cli import main
 from segstudy.data import labels
-from segstudy.data.synthetic_scene import render
-from segstudy.deploy import drift, inference, monitoring, server
+from segstudy.data.synthetic.scene import render
+from segstudy.deploy import drift, inference, server, serving_metrics
 from segstudy.deploy.serving import example_image
 from tests.test_serving import _free_port, _images, _request, registered, running  # noqa: F401
 
@@ -96,13 +96,13 @@ def test_metrics_count_good_and_bad_requests_across_workers(served, registered, 
     n_good, n_bad, n_images = len(good), sum(map(len, bad.values())), 5 + 3
     m = _scrape(url)
     assert _one(m, "segstudy_requests_total") == n_good + n_bad
-    for kind in monitoring.ERROR_KINDS:
+    for kind in serving_metrics.ERROR_KINDS:
         assert _one(m, "segstudy_request_errors_total", kind=kind) == len(bad.get(kind, [])), kind
     assert _one(m, "segstudy_images_total") == n_images
     # histograms: the counts add up, the buckets grow to +Inf = count
     for name, labels_, count in [("segstudy_request_seconds", {}, n_good + n_bad),
                                  ("segstudy_image_megapixels", {}, n_images)] + [
-                                    ("segstudy_stage_seconds", {"stage": s}, n_images) for s in monitoring.STAGES]:
+                                    ("segstudy_stage_seconds", {"stage": s}, n_images) for s in serving_metrics.STAGES]:
         assert _one(m, f"{name}_count", **labels_) == count, name
         buckets = sorted((float(lab["le"]), v) for lab, v in m[f"{name}_bucket"] if labels_.items() <= lab.items())
         values = [v for _, v in buckets]
@@ -224,7 +224,7 @@ def test_a_failing_metric_is_logged_and_the_request_answered(registered, caplog,
     monkeypatch.setenv(scoring_server._SERVER_MODEL_PATH, local)
     app = server.build_app()
     client = TestClient(app)
-    metrics = next(m for m in app.user_middleware if m.cls is monitoring._CountRequests).kwargs["metrics"]
+    metrics = next(m for m in app.user_middleware if m.cls is serving_metrics._CountRequests).kwargs["metrics"]
 
     def broken(*args, **kwargs):
         raise RuntimeError("the metrics store broke")
@@ -321,13 +321,13 @@ def test_feedback_sample_keeps_its_cap_across_workers(tmp_path):
     from segstudy.deploy.serving import answer
 
     row = answer(ids)
-    first, second = (monitoring.Feedback(tmp_path, cap=3, rate=1.0, seed=0) for _ in range(2))
+    first, second = (serving_metrics.Feedback(tmp_path, cap=3, rate=1.0, seed=0) for _ in range(2))
     kept = [first.offer(image, row) for _ in range(2)] + [second.offer(image, row) for _ in range(3)]
     assert sum(k is not None for k in kept) == 3
     assert len(list(tmp_path.glob("*_image.png"))) == len(list(tmp_path.glob("*_labelIds.png"))) == 3
     meta = json.loads((tmp_path / "000000.json").read_text())
     assert meta["height"] == 64 and sum(meta["class_pixels"].values()) == 64 * 128
-    off = monitoring.Feedback(tmp_path / "off", cap=3, rate=0.0)
+    off = serving_metrics.Feedback(tmp_path / "off", cap=3, rate=0.0)
     assert off.offer(image, row) is None and not list((tmp_path / "off").iterdir())
 
 
@@ -336,7 +336,7 @@ def test_notebook_07_on_smoke_and_its_report_section(tmp_path, tiny_root, smoke_
     computed from the checkpoint; no cross dataset: the generator's BDD100K domain is the shift."""
     import shutil
 
-    from segstudy.config import load_config
+    from segstudy.config_profiles import load_config
     from segstudy.notebook_runner import run_notebooks
     from segstudy.studies import monitoring as study
 

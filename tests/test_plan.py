@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.data.datasets import dataset_names
 from segstudy.engine import timings
 from segstudy.notebook_runner import NOTEBOOKS_DIR
@@ -223,16 +223,17 @@ def test_the_full_plan_counts_the_cpu_steps_of_notebook_05_with_the_configs_coun
     steps = {r.name: r for r in plan.trainings(cfg, ["05_quantization"]) if isinstance(r, timings.Step)}
     assert all(r.notebook == "05_quantization" for r in steps.values())
     for name in ("int8 PTQ torch FX", "int8 PTQ torch FX (N=4)", "int8 PTQ torch FX (N=24)", "int8 ONNX Runtime",
-                 "ONNX Runtime fp32", "int8 QAT torch FX", "pruned + int8 torch FX",
-                 "deeplabv3_resnet50 int8 PTQ torch FX"):
+                 "ONNX Runtime fp32", "int8 OpenVINO", "int8 QAT torch FX", "pruned + int8 torch FX",
+                 "pruned + int8 ONNX Runtime", "pruned + int8 OpenVINO", "deeplabv3_resnet50 int8 PTQ torch FX"):
         row = steps[f"evaluate {name}"]
         assert row.on_cpu and row.passes == 40 and row.size == (1024, 2048)  # of 500 val images, at 2048x1024
     assert not steps["evaluate fp32 eager"].on_cpu and steps["evaluate fp32 eager"].passes == 40  # paired
     assert steps["calibrate torch FX custom"].passes == 24  # the largest of quant.calib_images and calib_sweep
-    assert steps["calibrate ONNX Runtime custom"].passes == 16
+    assert steps["calibrate ONNX Runtime custom"].passes == steps["calibrate OpenVINO custom"].passes == 16
+    assert steps["calibrate ONNX Runtime pruned"].passes == steps["calibrate OpenVINO pruned"].passes == 16
     latency = steps["latency"]
     assert latency.on_cpu and latency.size == (1024, 2048)
-    assert latency.passes == 9 * 2 * (3 + 7) + 2 * (3 + 7)  # 9 variants alone then in turn; DeepLabV3's pair
+    assert latency.passes == 12 * (3 + 7) + 2 * (3 + 7)  # 12 variants timed in turn (only); DeepLabV3's pair
 
     rows = plan.trainings(cfg)
     est = plan.estimate(cfg, rows)
@@ -282,7 +283,7 @@ def test_a_step_records_its_actual_seconds_next_to_the_plans(smoke):
     from segstudy.models.networks import build_model
 
     rows = plan.trainings(smoke, ["05_quantization"])
-    fake = plan.Estimate([10.0] * len(rows), "test", (8, 6), "test")
+    fake = plan.SecondsEstimate([10.0] * len(rows), "test", (8, 6), "test")
     timings.write_plan(smoke, plan.rows(rows, fake), "test")
     key = timings.step_key("05_quantization", quantization.evaluate_step("fp32 eager"))
     assert key in {r.key for r in rows} and timings.read(smoke)["steps"][key] == {"planned_s": 10.0}

@@ -11,7 +11,7 @@ import torch
 from torchvision.models import resnet50
 from torchvision.models._api import Weights, WeightsEnum
 
-from segstudy.config import PARAMS_DIR, load_config
+from segstudy.config_profiles import PARAMS_DIR, load_config
 from segstudy.errors import UserError
 from segstudy.models import networks
 from segstudy.models.networks import backbone_init, build_model

@@ -14,14 +14,15 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from segstudy.compress import onnx_export, quantize
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.engine.evaluation import validate
 from segstudy.engine.finetuning import finetune
 from segstudy.errors import UserError
-from segstudy.studies import quantization
+from segstudy.studies import int8_choice, quantization, quantization_rows
 
 
 class TinySeg(nn.Module):
@@ -78,7 +79,7 @@ def test_fx_ptq_agrees_with_fp32_and_saves_smaller(cfg, trained, calib, tmp_path
     assert any("quantized" in str(type(m)) for m in gm.modules())  # real int8 modules, not fake-quant
     upsample = next(n for n in gm.graph.nodes if n.target is F.interpolate)
     assert upsample.args[0].target == "dequantize"  # the final upsampling runs in float
-    assert quantization.cpu_only(int8) and not quantization.cpu_only(trained)  # int8 is scored on the CPU
+    assert quantization_rows.cpu_only(int8) and not quantization_rows.cpu_only(trained)  # int8 is scored on the CPU
     _assert_close_to_fp32(quantize.agreement(trained, {"int8": int8}, val)["int8"], _scale(trained, val))
     # mIoU on the tiny val split within 2 points of fp32 (tiny data: a few pixels swing it)
     assert abs(validate(trained, cfg)["miou"] - validate(int8, cfg)["miou"]) < 0.02
@@ -100,7 +101,7 @@ def test_onnx_round_trip_and_ort_int8(cfg, trained, calib, tmp_path, monkeypatch
     assert val[0].shape[-2:] != (32, 64)
     fp32_path = onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
     ort_fp32 = onnx_export.OrtModule(onnx_export.session(fp32_path, 2))
-    assert quantization.cpu_only(ort_fp32)
+    assert quantization_rows.cpu_only(ort_fp32)
     agree = quantize.agreement(trained, {"ort": ort_fp32}, val)["ort"]
     assert agree["max_abs"] < 1e-4 and agree["pixel_agreement"] == 1.0
     other = torch.randn(2, 3, 48, 96)  # dynamic batch, height and width
@@ -208,16 +209,16 @@ def test_targets_and_qat_decision():
     avx2 = {"avx512_vnni": False, "amx_int8": False}
     rows = {"fp32 eager": {"latency_ms": 600, "miou": 0.30}, "fx": {"latency_ms": 100, "miou": 0.295},
             "ort": {"latency_ms": 130, "miou": 0.299}}
-    t = quantization.check_targets(vnni, rows, ["fx", "ort"])
+    t = int8_choice.check_targets(vnni, rows, ["fx", "ort"])
     assert t["fx"]["passed"] and round(t["fx"]["speedup"], 2) == 6.0
     assert not t["ort"]["passed"] and round(t["ort"]["ratio_to_fastest_int8"], 2) == 1.3  # 4.6x, 1.3x slower
-    assert quantization.check_targets(avx2, rows, ["ort"])["ort"]["passed"]  # 3x bar on AVX2-only
+    assert int8_choice.check_targets(avx2, rows, ["ort"])["ort"]["passed"]  # 3x bar on AVX2-only
     rows["fx"]["miou"] = 0.28  # 2 points lost
-    assert not quantization.check_targets(vnni, rows, ["fx"])["fx"]["passed"]
-    assert quantization.qat_decision("auto", 1.5, 1.0)[0] and not quantization.qat_decision("auto", 0.5, 1.0)[0]
-    assert quantization.qat_decision("always", 0.0, 1.0)[0] and not quantization.qat_decision("never", 9.0, 1.0)[0]
+    assert not int8_choice.check_targets(vnni, rows, ["fx"])["fx"]["passed"]
+    assert int8_choice.qat_decision("auto", 1.5, 1.0)[0] and not int8_choice.qat_decision("auto", 0.5, 1.0)[0]
+    assert int8_choice.qat_decision("always", 0.0, 1.0)[0] and not int8_choice.qat_decision("never", 9.0, 1.0)[0]
     with pytest.raises(UserError, match="quant.qat = 'sometimes'"):
-        quantization.qat_decision("sometimes", 0.0, 1.0)
+        int8_choice.qat_decision("sometimes", 0.0, 1.0)
     with pytest.raises(UserError, match="quant.observer = 'percentile'"):
         quantize.qconfig_mapping("percentile")
 
@@ -286,3 +287,80 @@ def test_calibration_images_are_read_when_used(cfg, calib):
     assert [tuple(b.shape) for b in quantize.calibration_batches(calib)] == [(1, *calib[0].shape)] * 4
     mixed = [calib[0], torch.stack([calib[1], calib[2]])]  # images and batches: every image, one at a time
     assert [torch.equal(b[0], calib[i]) for i, b in enumerate(quantize.calibration_batches(mixed))] == [True] * 3
+
+
+def test_openvino_int8_agrees_with_fp32_is_deterministic_and_served(cfg, trained, calib, tmp_path, monkeypatch):
+    """NNCF's int8 IR of the exported model: close to fp32, the same bytes from the same images, and
+    what load_engine and predict run (the deployed form when it is the fastest)."""
+    from segstudy.cli import main
+    from segstudy.compress import openvino_int8
+    from segstudy.deploy import inference
+
+    assert openvino_int8.unavailable() is None  # installed from the lock on every x86 machine of the project
+    val = quantize.validation_images(cfg, 3)
+    monkeypatch.setattr(quantize, "EXAMPLE_SIZE", (32, 64))
+    fp32_path = onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
+    first = openvino_int8.quantize_int8(fp32_path, tmp_path / "a" / "int8.xml", calib)
+    again = openvino_int8.quantize_int8(fp32_path, tmp_path / "b" / "int8.xml", calib)
+    # the same weights and ranges (the graph's auto-generated node names count up in the process)
+    assert openvino_int8.weights_file(first).read_bytes() == openvino_int8.weights_file(again).read_bytes()
+    assert sorted(p.name for p in first.parent.iterdir()) == ["int8.bin", "int8.xml"]  # no temporary left
+    module = openvino_int8.OvModule(openvino_int8.compiled(first, 2))
+    torch.testing.assert_close(module(val[0][None])["out"], openvino_int8.OvModule(
+        openvino_int8.compiled(again, 2))(val[0][None])["out"], rtol=0, atol=0)
+    assert quantization_rows.cpu_only(module)
+    _assert_close_to_fp32(quantize.agreement(trained, {"ov": module}, val)["ov"], _scale(trained, val))
+    assert module(torch.randn(2, 3, 48, 96))["out"].shape == (2, 19, 48, 96)  # dynamic batch and size
+    lat = openvino_int8.latency(module, 32, 64, warmup=1, iters=2)
+    assert lat["threads"] == 2 and len(lat["times_ms"]) == 2 and lat["device"] == "cpu (openvino)"
+    engine = inference.load_engine(first)
+    assert engine.kind == "openvino"
+    x = val[0][None]
+    torch.testing.assert_close(engine.run(x), module(x)["out"])
+    Image.fromarray((np.random.default_rng(0).random((64, 128, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    rc = main(["predict", "--model", str(first), "--input", str(tmp_path / "in.png"), "--out",
+               str(tmp_path / "p"), "--profile", "smoke"])
+    assert rc == 0 and len(list((tmp_path / "p").glob("*_labelIds.png"))) == 1
+
+
+def test_openvino_ir_without_its_weights_is_one_line(cfg, trained, calib, tmp_path, monkeypatch):
+    from segstudy.compress import openvino_int8
+    from segstudy.deploy import inference
+
+    monkeypatch.setattr(quantize, "EXAMPLE_SIZE", (32, 64))
+    fp32_path = onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
+    xml = openvino_int8.quantize_int8(fp32_path, tmp_path / "int8.xml", calib[:1])
+    openvino_int8.weights_file(xml).unlink()
+    with pytest.raises(UserError, match=r"int8\.xml is not a loadable OpenVINO model .*keep its int8\.bin beside it"):
+        inference.load_engine(xml)
+
+
+def test_deployed_int8_is_the_fastest_within_the_loss_bar():
+    from segstudy.studies import int8_choice
+
+    rows = {"fp32 eager": {"miou": 0.50, "latency_ms": 100.0},
+            "ort": {"miou": 0.50, "latency_ms": 20.0, "latency_times_ms": [20.0, 21.0, 19.0]},
+            "ov": {"miou": 0.495, "latency_ms": 22.0, "latency_times_ms": [22.0, 22.0, 21.0]},
+            "lossy": {"miou": 0.40, "latency_ms": 5.0}}
+    pick = int8_choice.deployed_int8(rows, ["ort", "ov", "lossy"], openvino="ov", max_loss=1.0)
+    assert pick["variant"] == "ort" and pick["time_vs_openvino"] == pytest.approx(20 / 22)
+    assert pick["time_vs_openvino_interval"][0] <= pick["time_vs_openvino"] <= pick["time_vs_openvino_interval"][1]
+    rows["ort"]["miou"] = 0.45  # 5 points lost: the OpenVINO row is deployed, at 1.0x its own time
+    pick = int8_choice.deployed_int8(rows, ["ort", "ov", "lossy"], openvino="ov", max_loss=1.0)
+    assert pick["variant"] == "ov" and pick["time_vs_openvino"] == 1.0
+    assert int8_choice.deployed_int8(rows, ["missing"], openvino="ov") is None
+
+
+def test_without_openvino_its_rows_are_left_out_with_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from segstudy.compress import openvino_int8
+    from segstudy.deploy import inference
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what a machine without the wheel sees at import
+    why = openvino_int8.unavailable()
+    assert why.startswith("OpenVINO is not installed") and "requirements.lock" in why and "\n" not in why
+    xml = tmp_path / "int8.xml"
+    xml.write_text("<net/>")
+    with pytest.raises(UserError, match=r"int8\.xml is an OpenVINO model; OpenVINO is not installed"):
+        inference.load_engine(xml)

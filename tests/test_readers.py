@@ -16,7 +16,7 @@ from PIL import Image
 from segstudy.cli import main
 from segstudy.data.bdd100k import BDD100KSegmentation
 from segstudy.data.cityscapes import cityscapes_samples
-from segstudy.data.datasets import check_labels
+from segstudy.data.datasets import check_files, check_labels
 from segstudy.data.labels import IGNORE_INDEX
 from segstudy.data.nuimages import NuImagesSegmentation, mask_encode
 from segstudy.errors import UserError
@@ -66,6 +66,18 @@ def test_a_corrupt_nuimages_mask_is_one_line_naming_the_table_and_annotation(tmp
     _predict_zeros(tmp_path / "pred", ["frame_a"], (12, 8))
     code, err = _evaluate("nuimages", tmp_path / "nu", tmp_path / "pred", capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "annotation o1" in err
+
+
+def test_the_run_length_check_is_the_labels_check_not_every_load(tmp_path):
+    """Re-encoding every mask to check its runs is paid once (datasets.check_labels, segstudy evaluate:
+    check_label), not in every load of a training."""
+    write_nuimages(tmp_path)
+    short = base64.b64encode(base64.b64decode(_valid_counts())[:-2]).decode()
+    _edit_table(tmp_path, "object_ann", lambda rows: rows[0]["mask"].update(counts=short))
+    ds = NuImagesSegmentation(tmp_path, "val")
+    assert ds.load_train_ids(ds.samples[0]).shape == (8, 12)
+    with pytest.raises(UserError, match=r"annotation o1 \(vehicle.car\) .*do not cover its 12x8 pixels exactly"):
+        ds.check_label(ds.samples[0])
 
 
 def test_a_nuimages_mask_of_another_size_names_its_table_and_annotation(tmp_path):
@@ -148,6 +160,14 @@ def test_a_bdd100k_mask_that_is_not_train_ids_says_what_it_holds(tmp_path, mask,
     expected = "is not a BDD100K sem_seg mask: expected one channel of train ids 0..18 or 255"
     with pytest.raises(UserError, match=rf"{ds.samples[0].label} {expected}, {found}"):
         ds.load_train_ids(ds.samples[0])
+
+
+def test_the_split_check_names_the_fix_of_the_one_label_size_rule(tmp_path):
+    names = write_bdd(tmp_path, [np.zeros((4, 6))])
+    Image.new("RGB", (5, 4)).save(tmp_path / "images/10k/val" / f"{names[0]}.jpg")
+    with pytest.raises(UserError, match=r"size mismatch in the val split: image .*jpg is 5x4 but its label .*png is "
+                                        r"6x4; labels must have their image's size: replace the label file"):
+        check_files(BDD100KSegmentation(tmp_path, "val"), "val")
 
 
 def test_a_bdd100k_ground_truth_of_the_wrong_size_is_blamed_on_the_mask(tmp_path, capsys):

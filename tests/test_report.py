@@ -14,11 +14,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.data.labels import CLASS_NAMES
 from segstudy.errors import UserError
 from segstudy.notebook_runner import run_notebooks
-from segstudy.studies import report_figures, results_files
+from segstudy.studies import report_figures, results_files, verdict_table
 
 BENCH = {"height": 64, "width": 128, "cpu": "Test CPU", "threads": 2, "avx2": True, "avx512_vnni": True}
 
@@ -131,7 +131,8 @@ def test_notebook_06_and_report_on_smoke(tmp_path, tiny_root):
 def test_recommendation_rule_and_pool(tmp_path):
     cfg = load_config("smoke", {"output_root": str(tmp_path)})
     fake_outputs(cfg.output_dir, skip=("quantization",))
-    part, pick = report_figures.recommend(cfg)
+    recommended = report_figures.recommendation(cfg, verdict_table.evaluate(cfg))
+    part, pick = recommended.part, recommended.pick
     # best: custom at 27.0. Notebook 03's two seeds per loss put the seed sd of a training at 1.1 points
     # (2 df): every interval is ~ +-5 points wide, so the 0.5-ratio model (25.0, 12 ms), 2 points
     # down by its mean, is not distinguishable from being within a point, and it is the fastest
@@ -144,11 +145,12 @@ def test_recommendation_rule_and_pool(tmp_path):
     _write(cfg.output_dir / results_files.FILES["losses"], {"profile": "smoke", "epochs": 1, "runs": [
         {"loss": loss, "seed": seed, "best_miou": m + 0.001 * seed, "history": []}
         for loss, m in (("ce", 0.10), ("dice", 0.14)) for seed in range(3)]})
-    part, pick = report_figures.recommend(cfg)
+    recommended = report_figures.recommendation(cfg, verdict_table.evaluate(cfg))
+    part, pick = recommended.part, recommended.pick
     assert pick["model"] == "custom · structured group_norm 0.3 + KD"
     assert part.table.loc["custom · structured group_norm 0.3 + KD", "recommended"] == "★"
     assert part.table.loc["custom · structured group_norm 0.5", "eligible"] == ""
-    assert report_figures.tradeoff_figure(cfg) is not None
+    assert report_figures.tradeoff_figure(recommended) is not None
     table, targets = report_figures.pruning(cfg)
     assert list(table.table["method"])[0] == "dense"
     assert table.sources == [cfg.output_dir / results_files.FILES["pruning"]]
@@ -169,7 +171,7 @@ def test_bad_upstream_file_is_a_user_error(tmp_path):
 def test_classes_no_model_resolves_are_named_with_their_size(tmp_path):
     import pandas as pd
 
-    from segstudy.config import load_config
+    from segstudy.config_profiles import load_config
     from segstudy.studies import report_figures, results_files
 
     cfg = load_config("smoke", {"output_root": str(tmp_path)})

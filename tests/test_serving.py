@@ -26,7 +26,7 @@ from mlflow.pyfunc import scoring_server
 from PIL import Image
 
 from segstudy.cli import main
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.deploy import registry
 from segstudy.deploy.serving import example_image
 from segstudy.errors import UserError

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.data.shared_memory import check_shared_memory, loader_shm_bytes
 from segstudy.errors import UserError
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.engine.measure import parameters
 from segstudy.engine.training import train
 from segstudy.errors import UserError

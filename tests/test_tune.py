@@ -23,10 +23,10 @@ import optuna
 import pytest
 
 from segstudy import cli, tracking
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.engine import run_folder
 from segstudy.engine.training import train
-from segstudy.studies import tune_storage, tuning
+from segstudy.studies import tune_space, tune_storage, tuning
 
 GOOD = {"train.lr": 0.09, "train.optimizer": "adamw"}  # learns something in 2 epochs on the tiny data
 BAD = {"train.lr": 0.0001, "train.optimizer": "sgd"}  # learns next to nothing: the pruner stops it
@@ -110,7 +110,7 @@ def test_a_bad_trial_is_pruned_and_the_results_feed_back(tiny_root, tmp_path):
         (study.cfg.data.root, study.cfg.cross.bdd100k.root, study.cfg.cross.nuimages.root)
     # trained from it under the study's budget (one step: train.max_steps is no setting), it trains what
     # the best trial trained
-    budget = {k: v for k, v in tuning.budget(study.cfg).items() if k != "model.name"} | {"train.max_steps": 1}
+    budget = {k: v for k, v in tune_space.budget(study.cfg).items() if k != "model.name"} | {"train.max_steps": 1}
     again = train(load_config(fragment, budget), progress=False, keep_weights=False)
     trial_settings = json.loads((tuning.trial_dir(study, best["trial"]) / "settings.json").read_text())
     assert json.loads((Path(again["run_dir"]) / "settings.json").read_text()) == trial_settings

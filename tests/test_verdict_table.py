@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.data.labels import CLASS_NAMES, SMALL_CLASSES
 from segstudy.studies import report_figures, results_files, verdict_table
 from segstudy.studies.verdict_table import NOT_MEASURED, QUESTIONS
@@ -95,10 +95,10 @@ def fake(out: Path, *, losses: dict | None = None, pruned_acc: float = 0.6, int8
         _row("structured group_norm", 0.35, "KD", "s_kd", store, _confusions(n, pruned_acc, 5), 25.0,
              checkpoint="pruned_structured.pt"),
         _row("dense control", 0.0, "fine-tune", "control", store, _confusions(n, 0.6, 5), 60.0)]}
-    results_files.write_confusions(out / results_files.CONFUSIONS["pruning"], store)
+    results_files.write_confusions(out / results_files.CONFUSION_FILES["pruning"], store)
     fp32 = confs["custom"]
     int8 = fp32 if int8_same else _confusions(n, 0.3, 6)
-    results_files.write_confusions(out / results_files.CONFUSIONS["quantization"], {"fp32": fp32, "int8": int8})
+    results_files.write_confusions(out / results_files.CONFUSION_FILES["quantization"], {"fp32": fp32, "int8": int8})
     files["quantization"] = {"profile": "smoke", "reference": "fp32 eager", "variants": {
         "fp32 eager": {"engine": "torch", "precision": "fp32", "miou": miou(fp32.sum(0)) / 100, "latency_ms": 60.0,
                        "latency_times_ms": _times(60.0), "confusions": "fp32"},
@@ -116,7 +116,7 @@ def _cross(out: Path, n: int, mixed_acc: float) -> dict:
     confs = {("custom", "cityscapes"): _confusions(n, 0.6, 3), (mixed, "cityscapes"): _confusions(n, 0.55, 7),
              ("custom", "nuimages"): _confusions(n, 0.4, 8), (mixed, "nuimages"): _confusions(n, mixed_acc, 9)}
     store = {f"{m}_{d}": c for (m, d), c in confs.items()}
-    results_files.write_confusions(out / results_files.CONFUSIONS["cross"], store)
+    results_files.write_confusions(out / results_files.CONFUSION_FILES["cross"], store)
     return {"profile": "smoke", "primary": "cityscapes", "mix": ["bdd100k"], "rows": [
         {"model": m, "dataset": d, "trained on": ["cityscapes", *(["bdd100k"] if "+" in m else [])],
          "miou": miou(c.sum(0)) / 100, "low": 0.0, "high": 1.0, "classes": [], "confusions": f"{m}_{d}"}
@@ -129,7 +129,7 @@ def cfg(tmp_path):
 
 
 def _by_question(cfg) -> dict[str, verdict_table.Verdict]:
-    table = verdict_table.build(cfg)
+    table = verdict_table.evaluate(cfg).verdicts
     assert [v.question for v in table] == list(QUESTIONS.values())
     return {key: v for key, v in zip(QUESTIONS, table)}
 
@@ -150,7 +150,7 @@ def test_every_question_is_answered_and_saved(cfg):
     assert v["robust"].answer == "yes"  # 0.7 against 0.4 of the pixels right on the dataset neither saw
     assert "custom+bdd100k − custom on nuimages (held out: seen by neither)" in v["robust"].evidence
     assert "in-domain → cross-domain mIoU %: custom: cityscapes" in v["robust"].evidence
-    part = report_figures.verdicts(cfg)
+    part = report_figures.verdict_part(cfg, verdict_table.evaluate(cfg))
     assert list(part.table["answer"]) == [x.answer for x in v.values()]
     saved = json.loads((cfg.output_dir / results_files.FILES["verdicts"]).read_text())
     assert [x["question"] for x in saved["verdicts"]] == list(QUESTIONS.values())
@@ -220,7 +220,7 @@ def test_a_missing_notebook_is_not_measured(cfg):
 
 def test_an_older_results_file_is_not_measured(cfg):
     fake(cfg.output_dir)
-    (cfg.output_dir / results_files.CONFUSIONS["quantization"]).unlink()
+    (cfg.output_dir / results_files.CONFUSION_FILES["quantization"]).unlink()
     path = cfg.output_dir / results_files.FILES["pruning"]
     old = json.loads(path.read_text())
     old["rows"] = [r for r in old["rows"] if r["method"] != "dense control"]
@@ -230,7 +230,7 @@ def test_an_older_results_file_is_not_measured(cfg):
     assert v["int8"].answer == NOT_MEASURED and "no per-image confusions of 'int8 ONNX Runtime'" in v["int8"].evidence
     assert "--only 05" in v["int8"].evidence
     empty = load_config("smoke", {"output_root": str(cfg.output_root) + "-none"})
-    assert {x.answer for x in verdict_table.build(empty)} == {NOT_MEASURED}
+    assert {x.answer for x in verdict_table.evaluate(empty).verdicts} == {NOT_MEASURED}
 
 
 def test_recommend_picks_the_faster_of_indistinguishable_models(cfg):
@@ -239,7 +239,8 @@ def test_recommend_picks_the_faster_of_indistinguishable_models(cfg):
     # custom (60 ms) and deeplabv3 (90 ms): the same accuracy up to the noise; unet is faster but far below
     assert v.answer == "custom · fp32"
     assert "the fastest of 2 of 3 models" in v.evidence
-    part, pick = report_figures.recommend(cfg)
+    recommended = report_figures.recommendation(cfg, verdict_table.evaluate(cfg))
+    part, pick = recommended.part, recommended.pick
     assert pick["model"] == v.answer  # the report's recommendation is the verdict's
     assert part.table.loc["unet · fp32", "eligible"] == "" and part.table.loc["deeplabv3_resnet50 · fp32",
                                                                                "eligible"] == "yes"

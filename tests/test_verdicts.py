@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pytest
 
+from segstudy.engine.metrics import ConfusionMatrix
 from segstudy.studies.verdicts import (
     NOT_DISTINGUISHABLE,
-    Estimate,
+    Interval,
     add_noise,
     compare,
     miou,
@@ -19,7 +20,7 @@ from segstudy.studies.verdicts import (
     paired_difference,
     pooled_sd,
     rank,
-    recommend,
+    recommend_deployment,
     speedup,
     table,
     threshold,
@@ -80,6 +81,17 @@ def test_miou_ignores_classes_absent_from_truth_and_prediction():
         miou(np.zeros((3, 5)))
 
 
+def test_miou_in_points_is_the_engines_to_the_last_bit():
+    # one definition (engine.metrics.miou): a model's mIoU in the verdicts is exactly 100 x the one its
+    # training logged and saved, not a second formula a last bit off (np.sum adds 19 IoUs pairwise)
+    per_image = _per_image(40, 19, 0.6, seed=3).astype(np.int64)
+    per_image = np.concatenate([per_image, np.zeros((40, 19, 1), np.int64)], axis=2)  # the void column
+    per_image[:, :, -1] = np.random.default_rng(4).integers(0, 30, (40, 19))
+    for m in per_image:
+        assert miou(m) == 100 * ConfusionMatrix.from_per_image(m[None]).compute()["miou"]
+    assert miou_bootstrap(per_image).mean == 100 * ConfusionMatrix.from_per_image(per_image).compute()["miou"]
+
+
 def test_miou_bootstrap_interval_contains_the_full_set_value():
     conf = _per_image(60, 6, 0.7, seed=1)
     e = miou_bootstrap(conf, n_boot=500, seed=0)
@@ -115,7 +127,7 @@ def test_paired_bootstrap_names_a_clearly_better_model():
 def test_pooled_sd_and_add_noise_widen_by_seed_noise():
     groups = {"ce": [1.0, 2.0, 3.0], "dice": [10.0, 12.0], "one": [5.0]}  # "one" has no df
     assert pooled_sd(groups) == pytest.approx(math.sqrt((2.0 + 2.0) / 3))
-    diff = Estimate(-0.5, -0.8, -0.1, 60, "paired bootstrap over 60 images, 95%")
+    diff = Interval(-0.5, -0.8, -0.1, 60, "paired bootstrap over 60 images, 95%")
     wide = add_noise(diff, seed_sd=1.0)
     extra = 1.959963984540054 * math.sqrt(2) * 1.0
     assert (wide.low, wide.high) == pytest.approx((-0.5 - math.hypot(0.3, extra), -0.5 + math.hypot(0.4, extra)))
@@ -179,51 +191,51 @@ def test_difference_well_outside_the_spread_is_a_ranking():
 
 
 def test_only_ties_with_the_best_are_named():
-    est = {"a": Estimate(10, 9, 11, 3, "m"), "b": Estimate(8.5, 7.5, 9.5, 3, "m"),
-           "c": Estimate(7, 6, 8, 3, "m")}  # c overlaps b but not a
+    est = {"a": Interval(10, 9, 11, 3, "m"), "b": Interval(8.5, 7.5, 9.5, 3, "m"),
+           "c": Interval(7, 6, 8, 3, "m")}  # c overlaps b but not a
     assert rank("q", est).answer == f"{NOT_DISTINGUISHABLE}: a, b"
 
 
 def test_order_of_the_items_does_not_change_the_answer():
-    est = {"a": Estimate(10, 9, 11, 3, "m"), "b": Estimate(10, 8, 12, 3, "m"), "c": Estimate(3, 2, 4, 3, "m")}
+    est = {"a": Interval(10, 9, 11, 3, "m"), "b": Interval(10, 8, 12, 3, "m"), "c": Interval(3, 2, 4, 3, "m")}
     forward = rank("q", est)
     backward = rank("q", dict(reversed(list(est.items()))))
     assert forward == backward and forward.answer == f"{NOT_DISTINGUISHABLE}: a, b"
-    cands = {"x": (Estimate(30, 29, 31, 60, "m"), 50.0), "y": (Estimate(29.8, 28, 31, 60, "m"), 20.0),
-             "z": (Estimate(29.8, 28, 31, 60, "m"), 20.0)}  # y, z tie on everything: the name decides
-    assert recommend(cands, 1.0) == recommend(dict(reversed(list(cands.items()))), 1.0)
-    assert recommend(cands, 1.0).answer == "y"
+    cands = {"x": (Interval(30, 29, 31, 60, "m"), 50.0), "y": (Interval(29.8, 28, 31, 60, "m"), 20.0),
+             "z": (Interval(29.8, 28, 31, 60, "m"), 20.0)}  # y, z tie on everything: the name decides
+    assert recommend_deployment(cands, 1.0) == recommend_deployment(dict(reversed(list(cands.items()))), 1.0)
+    assert recommend_deployment(cands, 1.0).pick == "y"
 
 
 @pytest.mark.parametrize("low, high, answer",
                          [(-0.6, -0.2, "yes"), (-2.5, -1.4, "no"), (-1.5, 0.1, NOT_DISTINGUISHABLE)])
 def test_threshold_keeps_accuracy(low, high, answer):
-    drop = Estimate((low + high) / 2, low, high, 60, "paired bootstrap over 60 images, 95%")
+    drop = Interval((low + high) / 2, low, high, 60, "paired bootstrap over 60 images, 95%")
     v = threshold("Does int8 keep accuracy within 1 point?", drop, -1.0, context="at 2.1x [1.9, 2.3] speed-up")
     assert v.answer == answer
     assert v.evidence.endswith("-1.00; at 2.1x [1.9, 2.3] speed-up")
 
 
 def test_recommend_picks_the_faster_of_indistinguishable_models():
-    cands = {"big": (Estimate(30.0, 29.0, 31.0, 3, "3 seeds"), 80.0),
-             "small": (Estimate(28.5, 27.0, 30.0, 3, "3 seeds"), 15.0)}  # 1.5 below, but reaches 29.0
-    v = recommend(cands, 1.0)
+    cands = {"big": (Interval(30.0, 29.0, 31.0, 3, "3 seeds"), 80.0),
+             "small": (Interval(28.5, 27.0, 30.0, 3, "3 seeds"), 15.0)}  # 1.5 below, but reaches 29.0
+    v = recommend_deployment(cands, 1.0).verdict
     assert v.answer == "small"
     assert "eligible (interval reaches 28.0, 1 point below the best's interval)" in v.evidence
-    assert "small is the fastest eligible" in v.evidence
+    assert v.evidence.startswith("small 28.5 [27.0, 30.0] at 15 ms, the fastest of 2 of 2 models eligible")
 
 
 def test_recommend_refuses_a_fast_model_clearly_worse():
-    cands = {"big": (Estimate(30.0, 29.5, 30.5, 3, "3 seeds"), 80.0),
-             "mid": (Estimate(29.6, 29.0, 30.2, 3, "3 seeds"), 40.0),
-             "tiny": (Estimate(25.0, 24.0, 26.0, 3, "3 seeds"), 5.0)}
-    v = recommend(cands, 1.0)
+    cands = {"big": (Interval(30.0, 29.5, 30.5, 3, "3 seeds"), 80.0),
+             "mid": (Interval(29.6, 29.0, 30.2, 3, "3 seeds"), 40.0),
+             "tiny": (Interval(25.0, 24.0, 26.0, 3, "3 seeds"), 5.0)}
+    v = recommend_deployment(cands, 1.0).verdict
     assert v.answer == "mid"
     assert "excluded (whole interval below 28.5): tiny" in v.evidence  # the best's low 29.5, less 1
 
 
 def test_table_has_one_row_per_verdict():
-    vs = [threshold("q1", Estimate(0, -1, 1, 3, "m"), 0.5), rank("q2", {"a": Estimate(1, 0, 2, 3, "m")})]
+    vs = [threshold("q1", Interval(0, -1, 1, 3, "m"), 0.5), rank("q2", {"a": Interval(1, 0, 2, 3, "m")})]
     df = table(vs)
     assert list(df.columns) == ["question", "answer", "evidence"]
     assert df["answer"].tolist() == [NOT_DISTINGUISHABLE, "a"]

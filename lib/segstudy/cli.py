@@ -14,7 +14,7 @@ from segstudy.errors import UserError
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from segstudy.data.synthetic_dataset import generate
+    from segstudy.data.synthetic.dataset import generate
 
     cfg = SynthConfig(train=args.train, val=args.val, height=args.height, width=args.width,
                       seed=args.seed)
@@ -35,7 +35,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from segstudy.config import parse_overrides
+    from segstudy.config_profiles import parse_overrides
     from segstudy.notebook_runner import run_notebooks
 
     start = time.perf_counter()
@@ -49,7 +49,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from segstudy.config import load_config, parse_overrides
+    from segstudy.config_profiles import load_config, parse_overrides
     from segstudy.notebook_runner import list_notebooks, without_unset_datasets
     from segstudy.studies import plan
 
@@ -64,7 +64,7 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from segstudy.config import load_config
+    from segstudy.config_profiles import load_config
     from segstudy.deploy.registry import log_trained
     from segstudy.engine.training import train
 
@@ -79,7 +79,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from segstudy.config import parse_overrides, parse_value
+    from segstudy.config_profiles import parse_overrides, parse_value
     from segstudy.notebook_runner import sweep
 
     grid = {key: [parse_value(key, v) for v in values] for key, *values in args.p}
@@ -109,7 +109,7 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from segstudy.config import load_config
+    from segstudy.config_profiles import load_config
     from segstudy.deploy.predict import predict
 
     cfg = load_config(profile(args), args.set)
@@ -122,7 +122,7 @@ def _serve(args: argparse.Namespace) -> None:
     import os
     from pathlib import Path
 
-    from segstudy.config import load_config
+    from segstudy.config_profiles import load_config
     from segstudy.deploy import server
     from segstudy.deploy.registry import resolve
     from segstudy.deploy.serving import serve_command, serve_env
@@ -139,18 +139,19 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _monitoring_env(args: argparse.Namespace) -> dict[str, str]:
-    """serve's metrics and feedback sample settings, for the server's processes (deploy/monitoring.py)."""
-    from segstudy.deploy import monitoring
+    """serve's metrics and feedback sample settings, for the server's processes (deploy/serving_metrics.py)."""
+    from segstudy.deploy import serving_metrics
 
-    env = {monitoring.ENABLED: "0"} if args.no_metrics else {}
+    env = {serving_metrics.ENABLED: "0"} if args.no_metrics else {}
     if args.feedback_dir:
-        env |= {monitoring.FEEDBACK_DIR: os.path.abspath(args.feedback_dir),
-                monitoring.FEEDBACK_MAX: str(args.feedback_max), monitoring.FEEDBACK_RATE: str(args.feedback_rate)}
+        env |= {serving_metrics.FEEDBACK_DIR: os.path.abspath(args.feedback_dir),
+                serving_metrics.FEEDBACK_MAX: str(args.feedback_max),
+                serving_metrics.FEEDBACK_RATE: str(args.feedback_rate)}
     return env
 
 
 def _monitor(args: argparse.Namespace) -> None:
-    from segstudy.config import load_config
+    from segstudy.config_profiles import load_config
     from segstudy.studies import monitoring
 
     result = monitoring.monitor(load_config(profile(args), args.set), args.model, args.input, args.step, args.plot)
@@ -175,11 +176,8 @@ def profile(args: argparse.Namespace) -> str:
     return args.profile or "demo"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="segstudy", description=__doc__)
-    p.add_argument("--version", action=_PrintVersion, nargs=0, help="print the version, commit and torch's, and exit")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _synth_parser(sub: argparse._SubParsersAction) -> None:
+    """The `synth` sub-command's arguments."""
     s = sub.add_parser("synth", help="write a generated dataset in the Cityscapes, BDD100K or nuImages layout")
     s.add_argument("--out", required=True)
     s.add_argument("--layout", default="cityscapes", choices=DATASETS,
@@ -193,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(func=_synth)
 
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """The `evaluate` sub-command's arguments."""
     e = sub.add_parser("evaluate", help="score a folder of labelIds PNGs (official definitions)")
     e.add_argument("--data-root", required=True)
     e.add_argument("--dataset", default="cityscapes", choices=DATASETS,
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_evaluate)
 
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    """The `train` sub-command's arguments."""
     t = sub.add_parser("train", help="train one model (torchrun-compatible)")
     _add_profile(t, "the training's settings")
     t.add_argument("--model", help="override model.name: unet | deeplabv3_resnet50 | custom")
@@ -214,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-log-model", action="store_true", help="do not log the model to MLflow")
     t.set_defaults(func=_train)
 
+
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    """The `sweep` sub-command's arguments."""
     w = sub.add_parser("sweep", help="run one notebook over a grid of parameters (papermill)")
     w.add_argument("notebook", help="e.g. notebooks/03_loss_comparison.ipynb")
     w.add_argument("-p", nargs="+", action="append", required=True, metavar=("KEY", "VALUE"),
@@ -225,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_timeout(w)
     w.set_defaults(func=_sweep)
 
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    """The `run` sub-command's arguments."""
     r = sub.add_parser("run", help="execute the numbered notebooks with papermill (run_all.sh)")
     _add_profile(r, "what every notebook runs with")
     r.add_argument("--only", nargs="*", help="notebook prefixes, e.g. --only 00 01")
@@ -236,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream the notebooks' output (epoch lines, progress bars) to the terminal")
     r.set_defaults(func=_run)
 
+
+def _plan_parser(sub: argparse._SubParsersAction) -> None:
+    """The `plan` sub-command's arguments."""
     n = sub.add_parser("plan", help="print every training a run would do and its estimated time (trains nothing)")
     _add_profile(n, "the run to plan")
     n.add_argument("--only", nargs="*", help="notebook prefixes, e.g. --only 03")
@@ -245,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "profile's device (the default when that device is not on this machine: 60)")
     n.set_defaults(func=_plan)
 
+
+def _tune_parser(sub: argparse._SubParsersAction) -> None:
+    """The `tune` sub-command's arguments."""
     u = sub.add_parser("tune", help="search tune.space with Optuna: pruned trials, resumable, one box or many")
     u.add_argument("tune_profile", nargs="?", metavar="PROFILE", help="profile name or YAML file (or --profile)")
     _add_profile(u, "its tune: section is the search space")
@@ -256,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
     u.set_defaults(func=_tune)
 
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
+    """The `predict` sub-command's arguments."""
     d = sub.add_parser("predict", help="segment new images: labelIds PNGs + colour overlays")
     d.add_argument("--model", required=True,
                    help="checkpoint .pt, .onnx file, or MLflow URI (models:/segstudy-custom@champion, runs:/ID/model)")
@@ -265,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE")
     d.set_defaults(func=_predict)
 
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    """The `serve` sub-command's arguments."""
     v = sub.add_parser("serve", help="check a registered model, then serve it (MLflow's scoring server, with "
                                      "GET /metrics on the same port)")
     v.add_argument("--model", required=True, help="models:/NAME@ALIAS (or models:/NAME/VERSION)")
@@ -280,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--feedback-rate", type=float, default=0.01, help="share of the images served that are kept")
     v.set_defaults(func=_serve)
 
+
+def _monitor_parser(sub: argparse._SubParsersAction) -> None:
+    """The `monitor` sub-command's arguments."""
     m = sub.add_parser("monitor", help="drift score of a registered model over windows of images or a request log")
     m.add_argument("--model", required=True, help="models:/NAME@ALIAS (registered with its drift reference)")
     m.add_argument("--input", required=True, nargs="+",
@@ -291,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--plot", help="save the drift score per window against the threshold as this PNG")
     m.add_argument("--json", action="store_true", help="print the windows as JSON")
     m.set_defaults(func=_monitor)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segstudy", description=__doc__)
+    p.add_argument("--version", action=_PrintVersion, nargs=0, help="print the version, commit and torch's, and exit")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add_command in (_synth_parser, _evaluate_parser, _train_parser, _sweep_parser, _run_parser, _plan_parser,
+                        _tune_parser, _predict_parser, _serve_parser, _monitor_parser):  # the order of --help
+        add_command(sub)
     return p
 
 

@@ -1,32 +1,22 @@
-"""Parameters flow one way: a YAML profile in params/ -> one typed `Config` -> functions.
+"""The typed `Config` a profile becomes (config_profiles.load_config): its sections, each field with its
+default and its rules, and the valid choices.
 
-A profile is `params/<name>.yaml` (or any YAML path); `extends: <profile>` starts from another
-profile's keys. Relative paths inside it are relative to the YAML file's own folder. `${VAR}` is
-expanded from the environment. Everything is checked at load, before any work: an unknown key, a
-wrong type, a value outside its choices (CHOICES) or range (RANGES) is an error naming the key, the
-value, what is valid and where it was set. Each field declares its rules with its type; pydantic checks
-them (config_schema.py).
+Each field declares its rules with its type; pydantic checks them at load (config_schema.py): a value
+outside its choices (CHOICES) or range (RANGES) is an error naming the key, the value and what is valid.
+A path field (config_paths.path_field) is resolved against the profile file's folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import decimal
-import functools
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
-
 from segstudy import config_schema as schema
+from segstudy.config_paths import path_field
 from segstudy.config_schema import Check, Choice, Float, Length, MinMax, Range, Section, Spelled
-from segstudy.errors import UserError
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-PARAMS_DIR = Path(os.environ.get("SEGSTUDY_PARAMS_DIR", PROJECT_ROOT / "params"))
 
 # The valid choices, defined here only: config is the lowest layer, and the modules that act on them
 # import them from here (the comment names the module).
@@ -48,12 +38,6 @@ QAT_MODES = ("auto", "always", "never")  # studies/quantization.py
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # engine/device.py
 DISTRIBUTIONS = ("float", "log_float", "int", "categorical")  # studies/tuning.py
 PRUNERS = ("median", "hyperband", "none")  # studies/tuning.py
-
-
-def _path(default: str, unset_later: bool = False) -> Any:
-    """A path relative to the YAML file; with `unset_later`, a ${VAR} that is not set stays as written
-    and is an error only when the path is used (an optional dataset of a profile: load_config works)."""
-    return field(default=default, metadata={"path": True, "unset_later": unset_later})
 
 
 def _list(*items: Any) -> Any:
@@ -89,7 +73,7 @@ class SynthConfig(Section):
 @dataclass
 class DataConfig(Section):
     dataset: Annotated[str, Choice(DATASETS)] = "cityscapes"
-    root: str = _path("../outputs/data/synth-demo")
+    root: str = path_field("../outputs/data/synth-demo")
     generate: bool = True  # when `root` does not exist, write the synthetic dataset there
     train_split: str = "train"
     val_split: str = "val"
@@ -111,7 +95,7 @@ class DataConfig(Section):
 class OtherDataset(Section):
     """One more dataset of the profile (cross.<reader name>): every model is scored on its val split."""
 
-    root: str = _path("", unset_later=True)  # empty: not part of this profile
+    root: str = path_field("", unset_later=True)  # empty: not part of this profile
     generate: bool = False  # when `root` does not exist, write the generated set of this layout there
     height: Natural = 0  # the generated images' size (0: synth's)
     width: Natural = 0
@@ -156,7 +140,7 @@ class ModelConfig(Section):
     head_layers: Natural = 2  # custom: number of conv-BN-ReLU layers
     # a folder holding torchvision's resnet50-0676ba61.pth, for boxes without network; empty: the
     # torch hub cache, else a download
-    weights_dir: str = _path("")
+    weights_dir: str = path_field("")
 
 
 @dataclass
@@ -302,7 +286,7 @@ def _leaf_type(key: str) -> type | None:
     cls: Any = Config
     for part in key.split("."):
         hints = schema._hints(cls) if dataclasses.is_dataclass(cls) else {}
-        if part not in hints or part == "overrides":
+        if part not in hints or part in ("overrides", "profile_roots"):
             return None
         cls = hints[part]
     return None if dataclasses.is_dataclass(cls) else cls
@@ -407,7 +391,7 @@ class Config(Section):
     profile: str = "demo"
     seed: Annotated[int, SEED] = 0
     device: Annotated[str, Spelled(r"auto|cpu|cuda(:\d+)?", DEVICES)] = "auto"
-    output_root: str = _path("../outputs")
+    output_root: str = path_field("../outputs")
     data: DataConfig = field(default_factory=DataConfig)
     cross: CrossConfig = field(default_factory=CrossConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -425,6 +409,9 @@ class Config(Section):
     tune: Annotated[TuneConfig, Check(_space_fits, "space")] = field(default_factory=TuneConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     overrides: dict[str, Any] = field(default_factory=dict)  # set by load_config: what --set changed
+    # set by load_config: each dataset root key (data.root, cross.<name>.root) -> its folder as the profile
+    # file gives it, before --set (data/datasets.py generates a missing dataset only there)
+    profile_roots: dict[str, str] = field(default_factory=dict)
 
     @property
     def output_dir(self) -> Path:
@@ -440,173 +427,3 @@ CHOICES: dict[str, tuple] = {key: rule.values for key, rule in schema.rules(Conf
 RANGES: dict[str, Range] = schema.rules(Config, Range)
 # list keys -> (how many items, what they are); None: any number but at least one
 LENGTHS: dict[str, tuple[int | None, str]] = {key: (r.count, r.what) for key, r in schema.rules(Config, Length).items()}
-
-
-def available_profiles() -> list[str]:
-    return sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
-
-
-def resolve_profile(profile: str | os.PathLike) -> Path:
-    """A profile name (`demo`) or a path to a YAML file -> the YAML file."""
-    text = str(profile)
-    if text.endswith((".yaml", ".yml")) or os.sep in text:
-        path = Path(text)
-        if not path.is_file():
-            raise UserError(f"params file {path} does not exist; pass a profile name "
-                            f"({', '.join(available_profiles())}) or an existing YAML file")
-        return path
-    path = PARAMS_DIR / f"{text}.yaml"
-    if not path.is_file():
-        raise UserError(f"unknown profile '{text}': there is no {path}; "
-                        f"available profiles: {', '.join(available_profiles())}")
-    return path
-
-
-def load_config(profile: str | os.PathLike = "demo",
-                overrides: dict[str, Any] | list[str] | None = None) -> Config:
-    """Load a profile and apply overrides (`{"data.root": "/x"}` or `["data.root=/x"]`)."""
-    path = resolve_profile(profile)
-    raw = _read_profile(path)
-    raw.setdefault("profile", path.stem)
-    parsed = parse_overrides(overrides)
-    for key, value in parsed.items():
-        _set_dotted(raw, key, value, path)
-    cfg = schema.check(Config, raw, str(path), schema.origin(path, set(parsed)))
-    _resolve_paths(cfg, base=path.parent.resolve())
-    cfg.overrides = parsed
-    return cfg
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a mapping of keys, got {type(raw).__name__}")
-    return raw
-
-
-def _read_profile(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """The profile's keys over those of the profile it `extends` (a name in params/ or a YAML path
-    relative to it), so a variant such as rehearsal.yaml states only what it changes. Relative paths
-    in the merged keys are then read from the extending file's folder."""
-    if path.resolve() in seen:
-        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
-        raise UserError(f"{path}: 'extends' goes round in a circle ({chain}); remove one of them")
-    raw = _read_yaml(path)
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw
-    if not isinstance(parent, str):
-        raise UserError(f"{path}: 'extends' = {parent!r} must be a profile name such as full")
-    base = path.parent / parent if parent.endswith((".yaml", ".yml")) else parent
-    try:
-        parent_path = resolve_profile(base)
-    except UserError as exc:
-        raise UserError(f"{path}: extends '{parent}', but {exc}") from None
-    return _merge(_read_profile(parent_path, (*seen, path.resolve())), raw)
-
-
-# the mappings a child profile's value replaces whole, as `--set KEY=...` does, instead of merging key by key:
-# a search space's entries only mean something together (a child's space is the space searched)
-REPLACED_WHOLE = ("tune.space",)
-
-
-def _merge(base: dict, top: dict, at: str = "") -> dict:
-    """`top`'s keys over `base`'s: sections merge key by key, except those in REPLACED_WHOLE."""
-    merged = dict(base)
-    for key, value in top.items():
-        dotted = f"{at}{key}"
-        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict) and dotted not in REPLACED_WHOLE
-        merged[key] = _merge(merged[key], value, f"{dotted}.") if both_sections else value
-    return merged
-
-
-def parse_overrides(overrides: dict[str, Any] | list[str] | None) -> dict[str, Any]:
-    """`["data.crop_size=[64, 128]"]` (the CLI's --set) or a mapping -> {dotted key: value}; the values are
-    checked by load_config."""
-    if overrides is None:
-        return {}
-    if isinstance(overrides, dict):
-        return dict(overrides)
-    parsed = {}
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"override '{item}' must look like key=value, e.g. data.batch_size=4")
-        key, value = item.split("=", 1)
-        parsed[key.strip()] = parse_value(key.strip(), value)
-    return parsed
-
-
-def parse_value(key: str, text: str) -> Any:
-    """One --set value, read as YAML (`[64, 128]` -> a list); a malformed one names the key and the fix.
-    Nothing after the `=` is the empty text (YAML would read None, which no key takes): `--set
-    cross.bdd100k.root=` is what a shell passes for `--set cross.bdd100k.root=''`."""
-    if not text.strip():
-        return ""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"--set {key}={text}: {text!r} is not a valid value ({problem}); write it like "
-                        f"{key}={_example(key)}, close any [ or {{, and quote text holding : # [ ] {{ }}") from None
-
-
-def _example(key: str) -> str:
-    """The default of a dotted key as YAML (`[128, 256]`), to show how a value is written."""
-    try:
-        value = functools.reduce(getattr, key.split("."), Config())
-    except AttributeError:
-        return "VALUE"
-    return yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
-
-
-def _set_dotted(raw: dict, key: str, value: Any, path: Path) -> None:
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UserError(f"override '{key}': '{part}' in {path} is not a section")
-    node[parts[-1]] = value
-
-
-_UNSET_VAR = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def _resolve_paths(obj: Any, base: Path) -> None:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _resolve_paths(value, base)
-        elif f.metadata.get("path") and isinstance(value, str) and value:  # empty: unused, not the folder
-            expanded = os.path.expandvars(value)
-            missing = _UNSET_VAR.search(expanded)
-            if missing and f.metadata.get("unset_later"):
-                continue  # said by unset_variable() where the path is used
-            if missing:
-                raise UserError(f"'{f.name}' = {value!r} uses the environment variable "
-                                f"{missing.group(1)}, which is not set; export it "
-                                f"(e.g. export {missing.group(1)}=/data/cityscapes)")
-            setattr(obj, f.name, str((base / Path(expanded).expanduser()).resolve()))
-
-
-def derive(cfg: Config, changes: dict[str, Any]) -> Config:
-    """cfg with dotted keys changed (`{"train.epochs": 2, "loss.name": "dice"}`), checked by the same
-    rules as a loaded profile: the one way a study derives a config (a loss-study run, a tuning trial,
-    a mixed training). The result keeps cfg's profile and overrides; its paths stay as cfg resolved them."""
-    raw = cfg.to_dict()
-    for key, value in changes.items():
-        _set_dotted(raw, key, value, Path(f"a config derived from profile {cfg.profile}"))
-    derived = schema.check(Config, raw, f"a config derived from profile {cfg.profile}",
-                           lambda key: f"derived ({', '.join(changes)})")
-    _resolve_paths(derived, base=Path.cwd())  # every path is absolute already: unchanged
-    derived.overrides = dict(cfg.overrides)
-    return derived
-
-
-def unset_variable(path: str) -> str | None:
-    """The environment variable a path still names because it was not set at load (_path(unset_later))."""
-    missing = _UNSET_VAR.search(path)
-    return missing.group(1) if missing else None

@@ -30,7 +30,9 @@ from tqdm import tqdm
 from traitlets import Unicode
 from traitlets.config import Config as TraitletsConfig
 
-from segstudy.config import PROJECT_ROOT, Config, load_config, resolve_profile
+from segstudy.config import Config
+from segstudy.config_paths import PROJECT_ROOT
+from segstudy.config_profiles import load_config, resolve_profile
 from segstudy.data.datasets import prepare_data, unset_datasets
 from segstudy.data.shared_memory import check_shared_memory
 from segstudy.engine import provenance
@@ -191,7 +193,10 @@ def run_notebooks(profile: str = "demo", overrides: dict[str, Any] | None = None
     announce_plan(cfg, [nb.stem for nb in notebooks])
     for nb in notebooks:
         seconds = execute(nb, out_dir / nb.name, profile, overrides, timeout, progress, log_output)
-        timing_records.record_notebook(cfg, nb.stem, seconds)
+        cells = timing_records.cell_seconds(nbformat.read(out_dir / nb.name, as_version=4).cells)
+        timing_records.record_notebook(cfg, nb.stem, seconds, cells)
+        print("[segstudy] slowest cells: " + "; ".join(f"{c['seconds']:.1f} s `{c['code']}`" for c in cells[:3]),
+              flush=True)
     timings = timing_records.notebook_seconds(cfg)
     stamp = provenance.stamp(cfg, started=started, finished=provenance.now())
     write_json(out_dir / "provenance.json", stamp | {"notebooks": [nb.stem for nb in notebooks]})

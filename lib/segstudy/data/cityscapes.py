@@ -69,12 +69,20 @@ def read_image(path: Path, header_only: bool = False) -> Image.Image:
                         f"replace the file or regenerate the dataset") from exc
 
 
-def check_label_size(sample: Sample, label_shape: tuple[int, ...], image_size: tuple[int, int]) -> None:
-    """A label (H, W) must have its image's (width, height); the message names the label as the odd one."""
-    if tuple(label_shape) != image_size[::-1]:
-        raise UserError(f"size mismatch: ground truth {sample.label} is {label_shape[1]}x{label_shape[0]} but its "
-                        f"image {sample.image} is {image_size[0]}x{image_size[1]}; labels must have their image's "
-                        f"size: replace the label file, or regenerate the dataset if it was generated")
+def check_label_size(sample: Sample, label_shape: tuple[int, ...], image_size: tuple[int, int],
+                     split: str | None = None) -> None:
+    """A label (H, W) must have its image's (width, height): the rule of every reader, for a split's check
+    before a training (datasets.check_files: `split` named) and for each label read (the label named as
+    the odd one: segstudy evaluate blames it, not the prediction)."""
+    if tuple(label_shape) == tuple(image_size[::-1]):
+        return
+    (label_h, label_w), (image_w, image_h) = label_shape[:2], image_size
+    fix = "labels must have their image's size: replace the label file, or regenerate the dataset if it was generated"
+    if split is not None:
+        raise UserError(f"size mismatch in the {split} split: image {sample.image} is {image_w}x{image_h} but its "
+                        f"label {sample.label} is {label_w}x{label_h}; {fix}")
+    raise UserError(f"size mismatch: ground truth {sample.label} is {label_w}x{label_h} but its image {sample.image} "
+                    f"is {image_w}x{image_h}; {fix}")
 
 
 def read_label_array(path: Path) -> np.ndarray:
@@ -140,6 +148,11 @@ class SegmentationFolder(Dataset):
 
     def load_train_ids(self, sample: Sample) -> np.ndarray:
         return label_ids_to_train_ids(read_label_array(sample.label), sample.label)
+
+    def check_label(self, sample: Sample) -> np.ndarray:
+        """The sample's train ids, with every check of its label, those too slow for each load included
+        (datasets.check_labels and segstudy evaluate read each label once through it)."""
+        return self.load_train_ids(sample)
 
     def label_size(self, sample: Sample) -> tuple[int, int]:
         """(width, height) of the sample's label, read from its header only."""

@@ -17,12 +17,13 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from segstudy.config import Config, DataConfig, SynthConfig, load_config, unset_variable
+from segstudy.config import Config, DataConfig, SynthConfig
+from segstudy.config_paths import unset_variable
 from segstudy.data.bdd100k import BDD100KSegmentation
-from segstudy.data.cityscapes import CityscapesSegmentation, SegmentationFolder
+from segstudy.data.cityscapes import CityscapesSegmentation, SegmentationFolder, check_label_size
 from segstudy.data.nuimages import NuImagesSegmentation
 from segstudy.data.shared_memory import PREFETCH_FACTOR
-from segstudy.data.synthetic_dataset import ensure_dataset
+from segstudy.data.synthetic.dataset import ensure_dataset
 from segstudy.data.transforms import eval_preset, train_preset
 from segstudy.errors import UserError
 from segstudy.files import write_text
@@ -112,14 +113,36 @@ def build_dataset(data: DataConfig, split: str, train: bool = False,
                                   cache_mb=data.cache_mb)
 
 
-def prepare_data(cfg: Config, names: list[str] | None = None) -> None:
+# The generated datasets prepare_data found ready in this process: (layout, root, generation settings).
+# A set rather than functools.cache because one whose folder was emptied or removed since (by a test, by
+# the user) is prepared again.
+_READY: set[tuple] = set()
+
+
+def prepare_data(cfg: Config, names: list[str] | None = None) -> list[str]:
     """Generate each of datasets `names` (default: all the profile's) whose `generate` is set and which
-    is missing; only these datasets' roots are resolved (a training needs no other dataset's)."""
+    is missing; only these datasets' roots are resolved (a training needs no other dataset's). Returns
+    the datasets it checked: one this process found ready before (the same layout, root and settings,
+    its folder not empty) is not checked again, so a notebook's call and each of its trainings' do the
+    work once."""
+    checked = []
     for name in dataset_names(cfg) if names is None else names:
         data = data_config(cfg, name)
-        if data.generate:
-            _check_generation_root(cfg, name)
-            ensure_dataset(data.root, synth_config(cfg, name), layout=name)
+        if not data.generate:
+            continue
+        synth = synth_config(cfg, name)
+        ready = (name, str(Path(data.root).resolve()), dataclasses.astuple(synth))
+        if ready in _READY and _has_files(Path(data.root)):
+            continue
+        _check_generation_root(cfg, name)
+        ensure_dataset(data.root, synth, layout=name)
+        _READY.add(ready)
+        checked.append(name)
+    return checked
+
+
+def _has_files(root: Path) -> bool:
+    return root.is_dir() and any(root.iterdir())
 
 
 def _root_key(cfg: Config, name: str) -> str:
@@ -127,19 +150,17 @@ def _root_key(cfg: Config, name: str) -> str:
 
 
 def _check_generation_root(cfg: Config, name: str) -> None:
-    """Generate only at the profile's own root or into a folder that exists (made on purpose):
-    a mistyped root must not quietly become a new synthetic dataset that the study then trains on."""
+    """Generate only at the profile's own root (Config.profile_roots, recorded at load) or into a folder
+    that exists (made on purpose): a mistyped root must not quietly become a new synthetic dataset that
+    the study then trains on."""
     root = Path(data_config(cfg, name).root)
-    if root.exists():
+    key = _root_key(cfg, name)
+    own = cfg.profile_roots.get(key)
+    if root.exists() or own is None:  # None: the profile file names no root there, nothing to compare with
         return
-    try:
-        default = Path(data_config(load_config(cfg.profile), name).root)
-    except UserError:
-        return  # a profile file outside params/ (or without this dataset): nothing to compare with
-    if root.resolve() != default.resolve():
-        key = _root_key(cfg, name)
+    if root.resolve() != Path(own).resolve():
         raise UserError(f"{key} = {root} does not exist, and {key.removesuffix('root')}generate would create a new "
-                        f"synthetic dataset there (the profile's own root is {default}); fix the path, or create the "
+                        f"synthetic dataset there (the profile's own root is {own}); fix the path, or create the "
                         f"empty folder first (mkdir -p {root}) to generate there on purpose")
 
 
@@ -211,10 +232,7 @@ def check_files(dataset: SegmentationFolder, split: str) -> None:
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 raise UserError(f"{path} ({split} {kind}) is not a readable image ({exc}); replace the file, "
                                 f"or regenerate the dataset if it was generated") from None
-        if sizes["image"] != sizes["label"]:
-            raise UserError(f"size mismatch in the {split} split: image {sample.image} is "
-                            f"{sizes['image'][0]}x{sizes['image'][1]} but its label {sample.label} is "
-                            f"{sizes['label'][0]}x{sizes['label'][1]}")
+        check_label_size(sample, sizes["label"][::-1], sizes["image"], split)
 
 
 def check_labels(dataset: SegmentationFolder, split: str, cache_dir: str | Path) -> None:
@@ -229,7 +247,7 @@ def check_labels(dataset: SegmentationFolder, split: str, cache_dir: str | Path)
         return
     for sample in tqdm(dataset.samples, desc=f"check {split} labels", unit="img", mininterval=2.0,
                        disable=len(dataset.samples) < 500):
-        dataset.load_train_ids(sample)  # raises the reader's one-line error naming the file
+        dataset.check_label(sample)  # raises the reader's one-line error naming the file
     write_text(stamp, f"{len(dataset.samples)} labels of {split} checked\n")
 
 

@@ -95,9 +95,11 @@ RECORDS = {"category": CategoryRecord, "sample_data": SampleDataRecord, "object_
 MASK_FORM = "mask ({'size': [h, w], 'counts': base64 text} or null)"
 
 
-def mask_decode(mask: dict) -> np.ndarray:
+def mask_decode(mask: dict, exact: bool = False) -> np.ndarray:
     """An nuImages mask ({'size': [h, w], 'counts': base64 text}) -> uint8 [h, w] of 0/1; ValueError
-    saying why for counts that are not base64, not a COCO run-length encoding, or not h x w pixels."""
+    saying why for counts that are not base64 or not a COCO run-length encoding of h x w pixels, and
+    with `exact`, for runs that stop short of h x w (found by re-encoding the mask: the labels' one
+    check, NuImagesSegmentation.check_label, not every load)."""
     try:
         counts = base64.b64decode(mask["counts"], validate=True)
     except binascii.Error as exc:
@@ -111,7 +113,7 @@ def mask_decode(mask: dict) -> np.ndarray:
             raise ValueError(f"its counts are not a COCO run-length encoding of {w}x{h} pixels ({exc})") from None
         # runs that stop short of h x w leave the rest of pycocotools' buffer unset (whatever memory held);
         # its own encoding of what it decoded differs from the counts exactly then
-        if coco_mask.encode(np.asfortranarray(binary))["counts"] != counts:
+        if exact and coco_mask.encode(np.asfortranarray(binary))["counts"] != counts:
             raise ValueError(f"its run lengths do not cover its {w}x{h} pixels exactly")
     return binary
 
@@ -260,12 +262,19 @@ class NuImagesSegmentation(SegmentationFolder):
         return size
 
     def load_train_ids(self, sample: Sample) -> np.ndarray:
+        return self._train_ids(sample, exact=False)
+
+    def check_label(self, sample: Sample) -> np.ndarray:
+        """The train ids, every mask's run lengths checked to cover its pixels exactly (re-encoding it)."""
+        return self._train_ids(sample, exact=True)
+
+    def _train_ids(self, sample: Sample, exact: bool) -> np.ndarray:
         frame, anns = self._frame(sample)
         self.label_size(sample)
         out = np.full((frame["height"], frame["width"]), IGNORE_INDEX, np.uint8)
         for _, category, mask, table, token in sorted(anns, key=lambda a: a[0]):  # surfaces, then objects
             try:
-                binary = mask_decode(mask)
+                binary = mask_decode(mask, exact)
             except ValueError as exc:
                 raise UserError(f"{sample.label.parent / table}.json: annotation {token} ({category}) of "
                                 f"{sample.image}: {exc}; expected {MASK_FORM} as nuImages v1.0 writes it: "

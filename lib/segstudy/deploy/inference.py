@@ -29,6 +29,7 @@ from torchvision import tv_tensors
 from segstudy.data import labels
 from segstudy.data.transforms import eval_preset
 from segstudy.errors import UserError
+from segstudy.models.checkpoint import model_format
 
 # Largest image accepted (served or predicted): 4x a Cityscapes frame (2048x1024). The labels come
 # back at this size: the logits upsampled to it take 19 x 4 B = 76 B per pixel, 0.64 GB here.
@@ -74,7 +75,7 @@ class ImageTooLarge(UserError):
 class Engine:
     """A loaded model: `run(x)` maps a (1, 3, h, w) float32 tensor to (1, C, h', w') logits."""
 
-    kind: str  # torch | onnx
+    kind: str  # model_format: torch | onnx | openvino
     path: str
     run: Callable[[torch.Tensor], torch.Tensor]
     fixed_size: tuple[int, int] | None = None  # (h, w) of an ONNX graph exported with a static shape
@@ -82,14 +83,17 @@ class Engine:
 
 
 def load_engine(path: str | Path, device: str | torch.device = "cpu") -> Engine:
-    """A segstudy checkpoint (fp32 or pruned, via models.checkpoint.load_trained) or an ONNX file (fp32/int8).
-    `device`: where a checkpoint's network runs (the logits come back to the CPU); ONNX runs on the CPU."""
+    """A segstudy checkpoint (fp32 or pruned, via models.checkpoint.load_trained), an ONNX file (fp32/int8)
+    or an OpenVINO int8 IR (.xml). `device`: where a checkpoint's network runs (the logits come back to
+    the CPU); ONNX and OpenVINO run on the CPU."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"model file {path} does not exist; give a checkpoint (.pt), an .onnx file or an "
-                        f"MLflow model URI (models:/NAME@ALIAS)")
-    if path.suffix == ".onnx":
+        raise UserError(f"model file {path} does not exist; give a checkpoint (.pt), an .onnx file, an OpenVINO "
+                        f".xml or an MLflow model URI (models:/NAME@ALIAS)")
+    if model_format(path) == "onnx":
         return _onnx_engine(path)
+    if model_format(path) == "openvino":
+        return _openvino_engine(path)
     from segstudy.models.checkpoint import load_checkpoint, load_trained
 
     ckpt = load_checkpoint(path)
@@ -124,6 +128,23 @@ def _onnx_engine(path: Path) -> Engine:
         return torch.from_numpy(session.run(None, {inp.name: x.numpy()})[0])
 
     return Engine("onnx", str(path), run, fixed)
+
+
+def _openvino_engine(path: Path) -> Engine:
+    from segstudy.compress import openvino_int8
+
+    why = openvino_int8.unavailable()
+    if why:
+        raise UserError(f"{path} is an OpenVINO model; {why}")
+    module = openvino_int8.OvModule(openvino_int8.compiled(path, torch.get_num_threads()))
+    shape = module.model.input(0).get_partial_shape()
+    fixed = (shape[2].get_length(), shape[3].get_length()) if shape.rank.get_length() == 4 and shape[2].is_static \
+        and shape[3].is_static else None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(module.run(np.ascontiguousarray(x.numpy())).copy())
+
+    return Engine("openvino", str(path), run, fixed)
 
 
 def decode_image(data: bytes, what: str = "image", limits: SizeLimits | None = None) -> np.ndarray:

@@ -21,9 +21,10 @@ from segstudy.config import Config
 from segstudy.deploy import inference
 from segstudy.errors import UserError
 from segstudy.files import atomic_path, write_bytes
+from segstudy.models.checkpoint import CHECKPOINT_SUFFIXES, FORMATS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MODEL_SUFFIXES = (".pt", ".pth", ".onnx")
+MODEL_SUFFIXES = (*CHECKPOINT_SUFFIXES, *FORMATS)
 
 
 def is_model_uri(model: str) -> bool:

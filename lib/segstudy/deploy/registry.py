@@ -21,6 +21,7 @@ from pathlib import Path
 from segstudy.config import Config
 from segstudy.engine import provenance
 from segstudy.errors import UserError
+from segstudy.models.checkpoint import model_format
 from segstudy.tracking import mlflow_database, mlflow_uri, prepare_database, use_mlflow
 
 URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
@@ -38,7 +39,8 @@ def client(cfg: Config):
 def register(cfg: Config, model: str | Path, name: str, metrics: dict[str, float] | None = None,
              alias: str | None = "champion", *, base_size: int | None = None,
              tags: dict[str, str] | None = None) -> dict | None:
-    """Register `model` (a segstudy checkpoint .pt, fp32 or pruned, or an .onnx file, fp32 or int8)
+    """Register `model` (a segstudy checkpoint .pt, fp32 or pruned, an .onnx file, fp32 or int8, or an
+    OpenVINO int8 .xml)
     as a new version of `name`, with `metrics` as version tags (and run metrics), and point `alias`
     at it. `base_size`: the pre-processing's shorter side (default cfg.data.base_size).
 
@@ -51,7 +53,8 @@ def register(cfg: Config, model: str | Path, name: str, metrics: dict[str, float
 
     model = Path(model)
     if not model.is_file():
-        raise UserError(f"cannot register {model}: no such file; give a checkpoint (.pt) or an .onnx file")
+        raise UserError(f"cannot register {model}: no such file; give a checkpoint (.pt), an .onnx file or an "
+                        f"OpenVINO .xml")
     metrics = {k: float(v) for k, v in (metrics or {}).items()}
     mlflow = use_mlflow(cfg.tracking, cfg.output_root)
     base_size = int(base_size or cfg.data.base_size)
@@ -76,7 +79,7 @@ def _register(cfg: Config, mlflow, model: Path, name: str, metrics: dict[str, fl
         mlflow.log_metrics({"drift_threshold": min(reference.threshold, 1e9), "drift_window": reference.window})
     version = str(info.registered_model_version)
     mc = client(cfg)
-    version_tags = {"source": str(model), "format": "onnx" if model.suffix == ".onnx" else "torch",
+    version_tags = {"source": str(model), "format": model_format(model),
                     "base_size": str(base_size), "profile": cfg.profile} | (tags or {})
     version_tags |= {k: f"{v:.6g}" for k, v in metrics.items()}
     for key, value in version_tags.items():

@@ -6,7 +6,7 @@ does what `mlflow models serve -m URI --env-manager local` does (download the mo
 uvicorn with MLflow's command, scoring_server.get_cmd) with this module's `app` in place of
 `mlflow.pyfunc.scoring_server.app:app`. In every uvicorn worker, `app` loads the model and builds
 MLflow's FastAPI app with `scoring_server.init` (the same /ping, /invocations, answers and request
-timeout), then deploy/monitoring.py adds GET /metrics and the request counting to it. `segstudy
+timeout), then deploy/serving_metrics.py adds GET /metrics and the request counting to it. `segstudy
 serve` and the serve image run this; plain `mlflow models serve` still serves the model, without
 /metrics. With several workers, prometheus_client's multiprocess mode needs a folder
 (PROMETHEUS_MULTIPROC_DIR) holding only this server's files: a private one is made unless it is
@@ -47,15 +47,15 @@ def build_app():
     SEGSTUDY_METRICS=0."""
     from mlflow.pyfunc import scoring_server
 
-    from segstudy.deploy import monitoring, serving
+    from segstudy.deploy import serving, serving_metrics
 
     model = scoring_server.load_model_with_mlflow_config(os.environ[scoring_server._SERVER_MODEL_PATH])
     # the model's own file (serving_model.py) applies these too, but as it was when the version was logged
     serving.bound_json_errors()
     serving.refuse_unreadable_bodies()
     app = scoring_server.init(model)
-    if monitoring.enabled():
-        monitoring.attach(app, model.unwrap_python_model())
+    if serving_metrics.enabled():
+        serving_metrics.attach(app, model.unwrap_python_model())
     return app
 
 
@@ -100,22 +100,34 @@ def _writers(folder: Path) -> dict[Path, int]:
     return writers
 
 
+def _gone_and_running(folder: Path) -> tuple[list[Path], dict[Path, int]]:
+    """(the metrics files in `folder` whose writer is gone, {file: PID} of those whose writer runs).
+    This process's own PID counts as gone: it writes no metrics (its uvicorn children do), and in a
+    restarted container the server is PID 1 again."""
+    gone, running = [], {}
+    for path, pid in _writers(folder).items():
+        if pid != os.getpid() and process_alive(pid):
+            running[path] = pid
+        else:
+            gone.append(path)
+    return gone, running
+
+
 def check_metrics_folder(folder: Path) -> None:
     """A folder given as PROMETHEUS_MULTIPROC_DIR, made ready to count this server's requests only: the
     files of processes that are gone (a server stopped or killed earlier) would be added to its counts,
-    so they are removed; a running process's mean another server shares it, which is refused. (This
-    process's own PID counts as gone: in a restarted container the server is PID 1 again.)"""
+    so they are removed; a running process's mean another server shares it, which is refused."""
     folder.mkdir(parents=True, exist_ok=True)
-    writers = _writers(folder)
-    for path, pid in writers.items():
-        if pid != os.getpid() and process_alive(pid):
-            raise UserError(f"{MULTIPROC}={folder} holds the metrics of running process {pid} ({path.name}): "
-                            f"another server uses that folder, and this one's /metrics would add up both; give "
-                            f"this server an empty folder of its own, or unset {MULTIPROC} (a private one is made)")
-    for path in writers:
+    gone, running = _gone_and_running(folder)
+    if running:
+        path, pid = next(iter(running.items()))
+        raise UserError(f"{MULTIPROC}={folder} holds the metrics of running process {pid} ({path.name}): "
+                        f"another server uses that folder, and this one's /metrics would add up both; give "
+                        f"this server an empty folder of its own, or unset {MULTIPROC} (a private one is made)")
+    for path in gone:
         path.unlink(missing_ok=True)
-    if writers:
-        print(f"[segstudy] {MULTIPROC}={folder}: removed {len(writers)} metrics files of processes that are gone "
+    if gone:
+        print(f"[segstudy] {MULTIPROC}={folder}: removed {len(gone)} metrics files of processes that are gone "
               f"(they would have been counted again)", flush=True)
 
 
@@ -147,9 +159,8 @@ def supervise(folder: Path, private: bool, cmd: list[str]) -> int:
         if private:
             shutil.rmtree(folder, ignore_errors=True)
         else:
-            for path, pid in _writers(folder).items():
-                if not process_alive(pid):
-                    path.unlink(missing_ok=True)
+            for path in _gone_and_running(folder)[0]:
+                path.unlink(missing_ok=True)
     return code if code >= 0 else 128 - code
 
 

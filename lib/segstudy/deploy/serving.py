@@ -23,7 +23,7 @@ The logged model carries segstudy's own code (`code_paths`), so it loads whereve
 requirements install, e.g. with `mlflow models build-docker`, not only beside this checkout.
 
 Monitoring: served by deploy/server.py (`segstudy serve`, the serve image), the model updates the
-metrics of deploy/monitoring.py from every prediction (stage times, sizes, class pixels, errors by
+metrics of deploy/serving_metrics.py from every prediction (stage times, sizes, class pixels, errors by
 kind) and scores its drift window against the reference logged with it (deploy/drift.py).
 """
 
@@ -52,9 +52,11 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, Object, Property, Schema
 from PIL import Image
 
+from segstudy.compress import openvino_int8
 from segstudy.data import labels
-from segstudy.deploy import drift, inference, monitoring
+from segstudy.deploy import drift, inference, serving_metrics
 from segstudy.errors import UserError
+from segstudy.models.checkpoint import model_format
 
 IMAGE_COLUMN = "image"
 MAX_IMAGES_PER_REQUEST = 16
@@ -67,8 +69,8 @@ _REACHED_MODEL: contextvars.ContextVar[bool] = contextvars.ContextVar("segstudy_
 
 def _invalid(message: str, kind: str = "bad_request") -> MlflowException:
     # INVALID_PARAMETER_VALUE is answered as HTTP 400 with this message (not a stack trace); the
-    # metrics count it under `kind` (monitoring.ERROR_KINDS)
-    monitoring.note_error(kind)
+    # metrics count it under `kind` (serving_metrics.ERROR_KINDS)
+    serving_metrics.note_error(kind)
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
@@ -83,10 +85,11 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         self.engine = inference.load_engine(context.artifacts["model"])
         reference = context.artifacts.get("reference")  # models registered before monitoring have none
         self.reference = drift.Reference.load(reference) if reference else None
-        self.metrics: monitoring.ServingMetrics | None = None  # set by the server only (monitor)
-        self.feedback: monitoring.Feedback | None = None
+        self.metrics: serving_metrics.ServingMetrics | None = None  # set by the server only (monitor)
+        self.feedback: serving_metrics.Feedback | None = None
 
-    def monitor(self, metrics: monitoring.ServingMetrics, feedback: monitoring.Feedback | None = None) -> None:
+    def monitor(self, metrics: serving_metrics.ServingMetrics,
+                feedback: serving_metrics.Feedback | None = None) -> None:
         """Update `metrics` (and offer images to the feedback sample) from every prediction."""
         self.metrics, self.feedback = metrics, feedback
 
@@ -185,7 +188,7 @@ def _requirements(kind: str) -> list[str]:
     # segstudy itself is not a requirement: its code travels with the model (code_paths)
     names = ["torch", "torchvision", "mlflow", "pillow", "imagecodecs", "pandas", "numpy", "cityscapesscripts",
              "prometheus_client"]
-    names += ["onnxruntime"] if kind == "onnx" else []
+    names += {"onnx": ["onnxruntime"], "openvino": ["openvino"]}.get(kind, [])
     return [f"{n}=={installable_version(metadata.version(n))}" for n in names]
 
 
@@ -228,7 +231,7 @@ def _internal(doing: str, exc: Exception) -> MlflowException:
     """The server's own failure while `doing` (segmenting, answering): logged with its traceback,
     counted as kind="internal", answered 500 without the details."""
     _log.exception(f"segstudy model: unexpected error while {doing}")
-    monitoring.note_error("internal")
+    serving_metrics.note_error("internal")
     return MlflowException(f"internal error while {doing} ({type(exc).__name__}); the server's log has the details",
                            error_code=INTERNAL_ERROR)
 
@@ -294,11 +297,14 @@ def request_images(body: str) -> list:
 
 
 def servable_copy(model_path: str | Path, out_dir: str | Path) -> Path:
-    """The file to log: an ONNX file as it is; a checkpoint without its training-only state."""
+    """The file to log: an ONNX file as it is, an OpenVINO .xml with its .bin beside it; a checkpoint
+    without its training-only state."""
     from segstudy.models.checkpoint import load_checkpoint, save_checkpoint
 
     model_path, out_dir = Path(model_path), Path(out_dir)
-    if model_path.suffix == ".onnx":
+    if model_format(model_path) == "openvino":  # the weights travel beside the graph
+        shutil.copy2(openvino_int8.weights_file(model_path), out_dir)
+    if model_format(model_path) != "torch":
         return Path(shutil.copy2(model_path, out_dir / model_path.name))
     ckpt = load_checkpoint(model_path)
     return save_checkpoint({k: v for k, v in ckpt.items() if k not in TRAINING_STATE}, out_dir / "model.pt")
@@ -309,19 +315,22 @@ def log_servable(model_path: str | Path, base_size: int, registered_model_name: 
                  input_example: bool = True, reference: drift.Reference | None = None) -> mlflow.models.model.ModelInfo:
     """Log (into the active MLflow run) the pyfunc model serving `model_path`; optionally register it.
 
-    `model_path`: a segstudy checkpoint (.pt, fp32 or pruned) or an .onnx file (fp32 or int8).
+    `model_path`: a segstudy checkpoint (.pt, fp32 or pruned), an .onnx file (fp32 or int8) or an
+    OpenVINO int8 .xml (its .bin beside it).
     `base_size`: the evaluation shorter side the model was trained for (cfg.data.base_size).
     `input_example`: log a request example, which MLflow serves once (tracking.input_example).
     `reference`: the drift reference the server scores its windows against (reference.json).
     """
     model_path = Path(model_path)
     inference.load_engine(model_path)  # fail here, with the file named, rather than in the server
-    kind = "onnx" if model_path.suffix == ".onnx" else "torch"
+    kind = model_format(model_path)
     example, signature = _signature()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         if not input_example:  # asked for: MLflow's advice to log one is noise here
             warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         artifacts = {"model": str(servable_copy(model_path, tmp))}
+        if kind == "openvino":  # MLflow copies each artefact into one folder: the .bin lands beside the .xml
+            artifacts["model_weights"] = str(openvino_int8.weights_file(artifacts["model"]))
         if reference is not None:
             artifacts["reference"] = str(reference.save(Path(tmp) / "reference.json"))
         return mlflow.pyfunc.log_model(

@@ -137,7 +137,7 @@ def evaluate_folder(data_root: str | Path, split: str, pred_dir: str | Path,
     inst = InstanceStats()
     have_instances = cityscapes
     for sample in tqdm(samples, desc="evaluate", unit="img", disable=not progress, mininterval=1.0):
-        gt = reader.load_train_ids(sample)
+        gt = reader.check_label(sample)
         check_label_size(sample, gt.shape, read_image(sample.image, header_only=True).size)  # before blaming pred
         path = preds[sample.stem]
         pred = read_prediction(path, pred_dir)

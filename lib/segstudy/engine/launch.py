@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from segstudy.config import Config, load_config
+from segstudy.config import Config
+from segstudy.config_profiles import load_config
 from segstudy.engine import run_folder
 from segstudy.errors import UserError
 

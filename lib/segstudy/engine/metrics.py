@@ -38,6 +38,30 @@ def scored_on(confusions: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+def class_iou(confusions: np.ndarray) -> np.ndarray:
+    """IoU (0-1) of each class of a confusion matrix or a stack of them ([..., C, C + 1] or
+    [..., C, C]: rows ground truth, the void column a false negative of the row's class and a false
+    positive of nothing); NaN for a class absent from both truth and prediction (not scored)."""
+    m = np.asarray(confusions, dtype=float)
+    c = m.shape[-2]
+    tp = np.diagonal(m[..., :c], axis1=-2, axis2=-1)
+    union = m.sum(-1) + m[..., :c].sum(-2) - tp  # tp + fn + fp
+    return np.divide(tp, union, out=np.full(union.shape, np.nan), where=union > 0)
+
+
+def miou(confusions: np.ndarray) -> np.ndarray:
+    """mIoU (0-1) of each matrix of a stack (class_iou's shapes; a 0-d array for one matrix): the
+    mean IoU of the classes scored, NaN where none is. The one definition of mIoU (the training
+    logs, the results files and the verdicts' bootstrap all read it)."""
+    iou = class_iou(confusions)
+    scored = ~np.isnan(iou)
+    count = scored.sum(-1)
+    # a running sum (cumsum adds in order, as Python's sum() of the scored classes would): the
+    # training metrics stay equal to every digit; np.sum adds pairwise, another last bit
+    total = np.cumsum(np.where(scored, iou, 0.0), axis=-1)[..., -1]
+    return np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0)
+
+
 class ConfusionMatrix:
     """Accumulates (target, prediction) train-id pairs with bincount, on CPU or GPU."""
 
@@ -108,9 +132,7 @@ class ConfusionMatrix:
     def compute(self) -> dict:
         m = self.mat.double().cpu().numpy()
         tp = np.diag(m[:, : self.n])
-        fn = m.sum(1) - tp
-        fp = m[:, : self.n].sum(0) - tp
-        iou = [float(t / d) if d > 0 else float("nan") for t, d in zip(tp, tp + fp + fn)]
+        iou = class_iou(m).tolist()
         valid = m.sum()
         cats = {}
         for cat in CATEGORIES:
@@ -122,7 +144,7 @@ class ConfusionMatrix:
             cats[cat] = float(ctp / (ctp + cfp + cfn)) if ctp + cfp + cfn > 0 else float("nan")
         return {
             "iou": dict(zip(CLASS_NAMES[: self.n], iou)),
-            "miou": nanmean(iou),
+            "miou": float(miou(m)),
             "pixel_acc": float(tp.sum() / valid) if valid > 0 else float("nan"),
             "category_iou": cats,
             "category_miou": nanmean(cats.values()),

@@ -16,7 +16,8 @@ import time
 import torch
 import torchvision
 
-from segstudy.config import PROJECT_ROOT, Config
+from segstudy.config import Config
+from segstudy.config_paths import PROJECT_ROOT
 from segstudy.engine.measure import cpu_info
 
 

@@ -5,7 +5,8 @@ describes the work it does besides training (scoring, calibrating, timing) for t
 
 Layout: {"planned_at", "source", "plan": [{"key", "notebook", "kind", ..., "planned_s", "reused"}],
 "trainings": {run key: {"planned_s", "actual_s", "finished_at"}}, "steps": {step key: the same},
-"notebooks": {stem: seconds}, "notebooks_total_s": their sum}.
+"notebooks": {stem: seconds}, "notebooks_total_s": their sum, "cells": {stem: [{"cell", "seconds",
+"code"}], the notebook's code cells by papermill's measured duration, slowest first}}.
 A run key is the training's folder relative to outputs/<profile>/ (runs/unet,
 runs/custom-ce-seed0), or <notebook>/<name> for a fine-tune or a step, which have no folder of
 their own (05_quantization/evaluate int8 ONNX Runtime).
@@ -25,7 +26,7 @@ from pathlib import Path
 from segstudy.config import Config
 from segstudy.files import exclusive_lock, write_json
 
-SECTIONS = ("planned_at", "source", "plan", "trainings", "steps", "notebooks", "notebooks_total_s")
+SECTIONS = ("planned_at", "source", "plan", "trainings", "steps", "notebooks", "notebooks_total_s", "cells")
 STEP_KINDS = ("evaluate", "calibrate", "latency")  # plan rows whose actual seconds go to "steps"
 
 
@@ -43,7 +44,7 @@ def eval_size(cfg: Config) -> tuple[int, int]:
 @dataclasses.dataclass(frozen=True)
 class Passes:
     """`count` batch-1 forward passes of `model` (a model name) through `engine` (how the plan prices
-    them: studies.plan.CPU_COST's keys on the CPU; "amp", "fp32" or "bf16" on the device)."""
+    them: studies.plan_costs.CPU_COST's keys on the CPU; "amp", "fp32" or "bf16" on the device)."""
 
     model: str
     engine: str
@@ -168,11 +169,28 @@ def timed(cfg: Config, key: str) -> Iterator[None]:
     record_step(cfg, key, time.perf_counter() - start)
 
 
-def record_notebook(cfg: Config, stem: str, seconds: float) -> dict:
+def record_notebook(cfg: Config, stem: str, seconds: float, cells: list[dict] | None = None) -> dict:
+    """A notebook's wall time and, when given, its code cells' seconds (cell_seconds)."""
     def change(data: dict) -> None:
         data["notebooks"][stem] = seconds
         data["notebooks_total_s"] = round(sum(data["notebooks"].values()), 1)
+        if cells is not None:
+            data.setdefault("cells", {})[stem] = cells
     return update(cfg, change)
+
+
+def cell_seconds(executed_cells: list[dict]) -> list[dict]:
+    """The code cells of an executed notebook (nbformat dicts) by the seconds papermill measured for each
+    (its cell metadata "papermill.duration"), slowest first, each with its first line that is not an
+    import or a comment (the call the time went to)."""
+    out = []
+    for i, cell in enumerate(executed_cells):
+        duration = cell.get("metadata", {}).get("papermill", {}).get("duration")
+        if cell.get("cell_type") == "code" and duration is not None:
+            lines = [line for line in "".join(cell.get("source", "")).splitlines() if line.strip()]
+            work = [line for line in lines if not line.startswith(("import ", "from ", "#"))] or lines
+            out.append({"cell": i, "seconds": round(float(duration), 1), "code": work[0][:100] if work else ""})
+    return sorted(out, key=lambda c: -c["seconds"])
 
 
 def notebook_seconds(cfg: Config) -> dict[str, float]:

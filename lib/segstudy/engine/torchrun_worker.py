@@ -10,7 +10,7 @@ import sys
 
 import torch.distributed as dist
 
-from segstudy.config import load_config
+from segstudy.config_profiles import load_config
 from segstudy.engine.training import train
 from segstudy.errors import UserError
 

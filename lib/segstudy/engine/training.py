@@ -380,10 +380,10 @@ def validation_passes(tcfg) -> int:
     return sum(validates_after(epoch, tcfg) for epoch in range(1, tcfg.epochs + 1))
 
 
-def planned_batches(tcfg, steps_per_epoch: int) -> int:
+def planned_batches(tcfg, batches_per_epoch: int) -> int:
     """The batches a whole training runs: its epochs, or fewer when train.max_steps (optimiser
     steps, each train.grad_accum batches) stops it."""
-    batches = tcfg.epochs * steps_per_epoch
+    batches = tcfg.epochs * batches_per_epoch
     return min(batches, tcfg.max_steps * tcfg.grad_accum) if tcfg.max_steps else batches
 
 

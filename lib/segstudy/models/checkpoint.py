@@ -16,6 +16,16 @@ from segstudy.errors import UserError
 from segstudy.files import atomic_path
 from segstudy.models.networks import build_model
 
+# what a model file is, by its suffix: every reader (load_engine, the registry's tags, the servable's
+# requirements, predict's file check) asks model_format
+FORMATS = {".onnx": "onnx", ".xml": "openvino"}  # anything else: a segstudy checkpoint ("torch")
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
+
+
+def model_format(path: str | Path) -> str:
+    """torch (a segstudy checkpoint), onnx or openvino (IR: the .xml, its weights in the .bin beside it)."""
+    return FORMATS.get(Path(path).suffix, "torch")
+
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
     """Written atomically (segstudy.files): a crash never leaves a truncated checkpoint, and two
@@ -78,8 +88,9 @@ def other_kind(path: Path) -> str | None:
         return None
     if head.lstrip()[:1] in (b"{", b"["):
         return "a JSON file (a results or settings file of the study)"
-    if path.suffix == ".onnx":
-        return "an ONNX model (predict and serving read it as it is: give it as the model, not as a checkpoint)"
+    if model_format(path) != "torch":
+        kind = {"onnx": "an ONNX", "openvino": "an OpenVINO"}[model_format(path)]
+        return f"{kind} model (predict and serving read it as it is: give it as the model, not as a checkpoint)"
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             if any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist()):

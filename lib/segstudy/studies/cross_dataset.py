@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segstudy.config import Config, derive
-from segstudy.data.datasets import build_dataset, check_files, data_config, dataset_names
+from segstudy.config import Config
+from segstudy.config_profiles import derive
+from segstudy.data.datasets import build_dataset, check_files, check_labels, data_config, dataset_names
 from segstudy.data.labels import CLASS_NAMES
 from segstudy.engine import evaluation, run_folder
 from segstudy.engine.metrics import ConfusionMatrix, scored_on
@@ -82,6 +83,7 @@ def score(cfg: Config, models: dict[str, dict]) -> list[dict]:
         data = data_config(cfg, dataset)
         val = build_dataset(data, data.val_split)
         check_files(val, data.val_split)
+        check_labels(val, data.val_split, Path(cfg.output_root) / "cache")  # a broken mask stops here, named
         for name, result in models.items():
             confusions = scored_on(_per_image(cfg, name, result, dataset), val.classes)
             est = verdicts.miou_bootstrap(confusions, seed=cfg.seed)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segstudy.config import Config, derive
+from segstudy.config import Config
+from segstudy.config_profiles import derive
 from segstudy.data.labels import CLASS_NAMES, SMALL_CLASSES
 from segstudy.engine import run_folder
 from segstudy.engine.training import train

@@ -23,14 +23,12 @@ import numpy as np
 import pandas as pd
 
 from segstudy.config import Config
-from segstudy.deploy import drift, inference, registry
+from segstudy.deploy import drift, image_inputs, inference, registry
 from segstudy.errors import UserError
 from segstudy.studies import figures, results_files
 
 NOTEBOOK = "07_monitoring"
 MODEL_URI = "models:/segstudy-custom@champion"  # notebook 02's model (model_comparison.register)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-NOT_INPUTS = ("_labelIds", "_color", "_instanceIds", "_labelTrainIds")  # label files beside images
 
 
 @dataclass
@@ -99,9 +97,9 @@ def shifted_images(cfg: Config, count: int, like: Sequence[Path]) -> tuple[list,
             paths += drift.held_out(train, count - len(paths))[0]
             source = f"{others[0]} {data.val_split} + {data.train_split} at {data.root}"
         return drift.held_out(paths, count)[0], source
-    from segstudy.data.synthetic_scene import DOMAINS, render
+    from segstudy.data.synthetic.scene import DOMAINS, render
 
-    height, width = next(iter(drift.decoded(like[:1]))).shape[:2]
+    height, width = image_inputs.read_image(like[0]).shape[:2]
     images = [render(height, width, cfg.seed + 1, "val", i, DOMAINS["bdd100k"])[0] for i in range(count)]
     return images, f"the generator's bdd100k domain at {width}x{height} (no cross dataset in this profile)"
 
@@ -133,7 +131,7 @@ def describe(study: MonitorStudy) -> str:
 
 def _images(items: Sequence) -> Iterator[np.ndarray]:
     for item in items:
-        yield item if isinstance(item, np.ndarray) else next(iter(drift.decoded([item])))
+        yield item if isinstance(item, np.ndarray) else image_inputs.read_image(item)
 
 
 def run(study: MonitorStudy) -> pd.DataFrame:
@@ -257,66 +255,9 @@ def _percent(share: float | None) -> float:
     return math.nan if share is None else 100 * share
 
 
-# --- segstudy monitor ----------------------------------------------------------------------------
+# --- segstudy monitor (what it reads: deploy/image_inputs.py) ------------------------------------
 
 UNREADABLE_SHOWN = 10  # unreadable inputs named in the text summary (--json lists them all)
-
-
-@dataclass
-class Input:
-    """One input of `segstudy monitor`: an image, or the reason it could not be read."""
-
-    name: str
-    image: np.ndarray | None = None
-    reason: str = ""
-
-
-def read_inputs(inputs: Sequence[str | Path]) -> Iterator[Input]:
-    """Every image of the folders and files given, in order, each unreadable one with its reason; a
-    .jsonl/.json file is a request log: one /invocations body per line."""
-    for item in map(Path, inputs):
-        if not item.exists():
-            raise UserError(f"{item} does not exist; give image files, folders or a request log (.jsonl)")
-        if item.suffix in (".jsonl", ".json"):
-            yield from _request_log(item)
-            continue
-        files = sorted(p for p in item.rglob("*") if _is_input(p)) if item.is_dir() else [item]
-        for path in files:
-            try:
-                yield Input(str(path), next(iter(drift.decoded([path]))))
-            except UserError as exc:
-                yield Input(str(path), reason=str(exc))
-
-
-def _is_input(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.stem.endswith(NOT_INPUTS)
-
-
-def _request_log(path: Path) -> Iterator[Input]:
-    """The images of each body in the log, read as the server reads them (serving.request_images)."""
-    from mlflow.exceptions import MlflowException
-
-    from segstudy.deploy.serving import request_images
-
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            values = request_images(line)
-        except MlflowException as exc:
-            yield Input(f"{path.name}:{n}", reason=f"not a request the server reads: {_first_line(exc.message)}")
-            continue
-        for i, value in enumerate(values):
-            try:
-                yield Input(f"{path.name}:{n}:{i}", inference.decode_base64_image(value, f"line {n} image {i}"))
-            except UserError as exc:
-                yield Input(f"{path.name}:{n}:{i}", reason=str(exc))
-
-
-def _first_line(text: str, limit: int = 200) -> str:
-    """MLflow's message up to its first line break (it quotes the body after one), at most `limit` characters."""
-    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
-    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def monitor(cfg: Config, model: str, inputs: Sequence[str | Path], step: int | None = None,
@@ -328,7 +269,7 @@ def monitor(cfg: Config, model: str, inputs: Sequence[str | Path], step: int | N
         raise UserError(f"{model} was registered without a drift reference (before segstudy stored one); "
                         f"register it again (e.g. ./run_all.sh {cfg.profile} --only 02)")
     names, rows, unreadable = [], [], []
-    for found in read_inputs(inputs):
+    for found in image_inputs.read_inputs(inputs):
         if found.image is None:
             unreadable.append({"input": found.name, "reason": found.reason})
             continue

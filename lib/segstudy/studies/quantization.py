@@ -1,7 +1,8 @@
 """Notebook 05: the trained custom model in every inference form this CPU offers, one row per
 variant (engine x precision) with validation mIoU, per-class IoU, batch-1 latency and size on
 disk; the int8 targets, the QAT decision and what the results file holds. The quantization itself
-is in compress/quantize.py (torch FX) and compress/onnx_export.py (ONNX Runtime).
+is in compress/quantize.py (torch FX), compress/onnx_export.py (ONNX Runtime) and
+compress/openvino_int8.py (OpenVINO); which int8 form is deployed, in studies/int8_choice.py.
 
 The notebook runs one function per step on a `QuantStudy`, which gathers the rows as it goes.
 Every row is scored on the same images (`eval_subset`: the whole val split, or quant.eval_images of
@@ -11,52 +12,49 @@ the plan (segstudy plan), and each piece's actual seconds go to timings.json und
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
-from segstudy.compress import onnx_export, quantize
+from segstudy.compress import onnx_export, openvino_int8, quantize
 from segstudy.compress.onnx_export import OrtModule
-from segstudy.config import Config, derive
+from segstudy.compress.openvino_int8 import OvModule
+from segstudy.config import Config
 from segstudy.data.datasets import build_dataset
 from segstudy.deploy import registry
 from segstudy.engine import measure, run_folder, timings
-from segstudy.engine.device import autocast_dtype, resolve_device
-from segstudy.engine.evaluation import confusion_over, eval_loader, from_training
-from segstudy.engine.metrics import ConfusionMatrix
-from segstudy.engine.timings import Passes, Step
+from segstudy.engine.evaluation import from_training
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_trained
-from segstudy.studies import results_files
+from segstudy.studies import int8_choice, results_files
+from segstudy.studies.quantization_rows import (
+    LATENCY,
+    NOTEBOOK,
+    eval_subset,
+    evaluate_step,
+    on_subset,
+    per_class_delta,
+    table,
+    timed_step,
+    validate_variant,
+    variant,
+)
 
-NOTEBOOK = "05_quantization"  # its QAT fine-tune's and its steps' keys in the plan and timings.json
 QAT = "qat"
 # the rows' names (results_files.INT8_VARIANTS: the dense int8 ones the targets and verdicts read)
-FX_INT8, ORT_INT8, QAT_INT8 = results_files.INT8_VARIANTS
+FX_INT8, ORT_INT8, OV_INT8, QAT_INT8 = results_files.INT8_VARIANTS
 ORT_FP32, PRUNED_FP32, PRUNED_INT8 = "ONNX Runtime fp32", "pruned fp32", "pruned + int8 torch FX"
-LATENCY = "latency"  # the step that holds every latency timing of the notebook
+PRUNED_ORT_INT8, PRUNED_OV_INT8 = "pruned + int8 ONNX Runtime", "pruned + int8 OpenVINO"
+SERVABLE_INT8 = (ORT_INT8, OV_INT8)  # the dense int8 forms inference.load_engine runs (FX's TorchScript: no)
 AGREEMENT = "compare outputs"  # the step of onnx_runtime's output agreement (quant.compare_images)
 AGREEMENT_VARIANTS = (ORT_FP32, FX_INT8, ORT_INT8)  # compared with fp32 eager there
 PRUNED = "pruned"  # notebook 04's structurally pruned custom model, in the calibration step's name
-
-
-def eval_subset(val_images: int, wanted: int) -> list[int]:
-    """The val images every row is scored on: all `val_images` when `wanted` is 0 or not fewer, else
-    the middle image of each of `wanted` equal blocks of the split (evenly spread: Cityscapes' val is
-    ordered by city, so every city keeps its share). Fixed, so every variant is scored on the same
-    images and the paired interval over them holds."""
-    if not wanted or wanted >= val_images:
-        return list(range(val_images))
-    return [(2 * i + 1) * val_images // (2 * wanted) for i in range(wanted)]
 
 
 def calibration_count(cfg: Config) -> int:
@@ -67,133 +65,6 @@ def calibration_count(cfg: Config) -> int:
 def sweep_sizes(cfg: Config) -> list[int]:
     """The calibration sizes fx_ptq converts (and scores) an int8 copy at."""
     return sorted({cfg.quant.calib_images, *cfg.quant.calib_sweep})
-
-
-@contextlib.contextmanager
-def _timed(cfg: Config, name: str | None) -> Iterator[None]:
-    """timings.timed under this notebook's step `name` (no record without a name)."""
-    with timings.timed(cfg, timings.step_key(NOTEBOOK, name)) if name else contextlib.nullcontext():
-        yield
-
-
-def cpu_only(model: nn.Module) -> bool:
-    """int8 kernels (torch's quantized modules) and ONNX Runtime sessions run on the CPU only."""
-    return any(isinstance(m, OrtModule) or type(m).__module__.startswith("torch.ao.nn.quantized")
-               for m in model.modules())
-
-
-def evaluate_step(name: str) -> str:
-    """The step (its name in the plan and timings.json) that scores row `name`."""
-    return f"evaluate {name}"
-
-
-def validate_variant(model: nn.Module, cfg: Config, *, amp: str = "none", channels_last: bool = False,
-                     step: str | None = None) -> dict:
-    """The model scored on eval_subset of cfg's val split, on cfg.device or on the CPU for int8 / ONNX
-    Runtime models (a GPU profile still scores them); with each image's confusion matrix
-    ("per_image"), which the verdicts pair. `step`: its name in timings.json."""
-    if cpu_only(model) and cfg.device != "cpu":
-        cfg = derive(cfg, {"device": "cpu"})
-    device = resolve_device(cfg.device)
-    val = build_dataset(cfg.data, cfg.data.val_split)
-    images = Subset(val, eval_subset(len(val), cfg.quant.eval_images))
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    with _timed(cfg, step):
-        cm = confusion_over(model, eval_loader(images, cfg, device), device, autocast_dtype(amp, device),
-                            channels_last, per_image=True)
-    return cm.compute() | {"per_image": cm.per_image}
-
-
-def on_subset(metrics: dict, cfg: Config) -> dict:
-    """Metrics over the whole val split with "per_image" (evaluation.from_training) restricted to
-    eval_subset, as validate_variant would have scored them."""
-    per_image = metrics["per_image"]
-    cm = ConfusionMatrix.from_per_image(per_image[eval_subset(len(per_image), cfg.quant.eval_images)])
-    return cm.compute() | {"per_image": cm.per_image}
-
-
-def variant(model: nn.Module, cfg: Config, *, engine: str, precision: str, metrics: dict | None = None,
-            latency: dict | None = None, channels_last: bool = False, amp: str = "none",
-            size_bytes: int | None = None, path: str | Path | None = None, name: str | None = None) -> dict:
-    """One row of the study for a model returning {"out": logits}: validation metrics and per-image
-    confusions (validate_variant; pass `metrics` to reuse them), batch-1 latency at the bench size
-    with every timing (measure.latency; pass `latency` for ORT) and size on disk (the file at
-    `path`, else the state_dict). With channels_last the model is copied first: validate and measure.latency
-    convert in place. `name`: the row's, whose steps timings.json times."""
-    if channels_last:
-        model = copy.deepcopy(model)
-    if metrics is None:
-        metrics = validate_variant(model, cfg, amp=amp, channels_last=channels_last,
-                                   step=evaluate_step(name) if name else None)
-    if latency is None:
-        b = cfg.bench
-        with _timed(cfg, LATENCY if name else None):
-            latency = measure.latency(model, b.height, b.width, warmup=b.warmup, iters=b.iters,
-                                      channels_last=channels_last, dtype=torch.bfloat16 if amp == "bf16" else None)
-    if size_bytes is None:
-        size_bytes = Path(path).stat().st_size if path else measure.size_on_disk(model)
-    # per_image: saved apart from the JSON (results_files.write_quantization); times: every timing
-    per_image = metrics.get("per_image")
-    return {"engine": engine, "precision": precision, "miou": metrics["miou"], "iou": metrics["iou"],
-            "latency_ms": latency["median_ms"], "latency_times_ms": latency.get("times_ms"), "latency": latency,
-            "size_bytes": size_bytes, "path": str(path) if path else None, "per_image": per_image,
-            "val_images": None if per_image is None else len(per_image)}
-
-
-def table(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:
-    return results_files.quantization_table(rows, reference)
-
-
-def per_class_delta(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:
-    """IoU change in points per class (columns) and variant (rows) against the reference."""
-    ref = rows[reference]["iou"]
-    return pd.DataFrame({name: {c: 100 * (v - ref[c]) if _finite(v) and _finite(ref[c]) else math.nan
-                                for c, v in r["iou"].items()}
-                         for name, r in rows.items() if name != reference}).T.round(2)
-
-
-def _finite(v) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v))
-
-
-def speedup_target(cpu: dict) -> float:
-    """The issue's bar: 5x over fp32 eager where the CPU has int8 dot-product instructions
-    (AVX-512 VNNI / AMX), 3x on AVX2-only machines."""
-    return 5.0 if cpu.get("avx512_vnni") or cpu.get("amx_int8") else 3.0
-
-
-def check_targets(cpu: dict, rows: dict[str, dict], int8: Sequence[str], *, fp32: str = "fp32 eager",
-                  max_loss: float = 1.0, within: float = 1.2) -> dict[str, dict]:
-    """The int8 targets for each dense int8 variant in `int8`: speed-up vs `fp32` >= speedup_target,
-    latency within `within` x of the fastest of them, mIoU loss <= max_loss points (when measured:
-    rows without "miou", as in the benchmark, are judged on speed only)."""
-    need = speedup_target(cpu)
-    present = [k for k in int8 if k in rows]
-    if fp32 not in rows or not present:
-        return {}
-    fastest = min(rows[k]["latency_ms"] for k in present)
-    out = {}
-    for k in present:
-        r = rows[k]
-        speedup, ratio = results_files.speedup_ratio(r, rows[fp32]), r["latency_ms"] / fastest
-        loss = 100 * (rows[fp32]["miou"] - r["miou"]) if "miou" in r and "miou" in rows[fp32] else None
-        out[k] = {"speedup": speedup, "speedup_target": need, "ratio_to_fastest_int8": ratio,
-                  "miou_loss_points": loss,
-                  "passed": speedup >= need and ratio <= within and (loss is None or loss <= max_loss)}
-    return out
-
-
-def qat_decision(mode: str, ptq_loss_points: float, max_loss: float) -> tuple[bool, str]:
-    """Whether to run QAT (quant.qat: auto | always | never) and why, in words."""
-    if mode not in ("auto", "always", "never"):
-        raise UserError(f"quant.qat = '{mode}'; choose auto, always or never")
-    if mode != "auto":
-        return mode == "always", f"quant.qat = {mode}"
-    if ptq_loss_points > max_loss:
-        return True, f"PTQ lost {ptq_loss_points:.2f} mIoU points > {max_loss}"
-    return False, f"PTQ lost {ptq_loss_points:.2f} mIoU points <= {max_loss}: QAT not needed"
 
 
 def trained_model(cfg: Config, name: str = "custom") -> nn.Module:
@@ -233,9 +104,9 @@ class QuantStudy:
         c, b = self.cpu, self.cfg.bench
         return (f"{c['cpu']}: {self.threads} threads, avx2={c['avx2']} avx512_vnni={c['avx512_vnni']} "
                 f"avx512_bf16={c['avx512_bf16']} amx_int8={c['amx_int8']}; latency: batch 1 at {b.width}x{b.height}, "
-                f"median of {b.iters} after {b.warmup} warm-up, and at the end every variant timed in turn with "
-                f"fp32 eager for {b.iters} rounds (the speed-ups); int8 speed-up target "
-                f"{speedup_target(c):.0f}x; {self.scored_on()}")
+                f"at the end every variant timed in turn with fp32 eager, {b.iters} rounds after {b.warmup} "
+                f"warm-up (the medians and the speed-ups); int8 speed-up target "
+                f"{int8_choice.speedup_target(c):.0f}x; {self.scored_on()}")
 
     def scored_on(self) -> str:
         """Which val images every row is scored on, in words (eval_subset)."""
@@ -255,16 +126,16 @@ def add(study: QuantStudy, name: str, model: nn.Module, *, channels_last: bool =
 
 
 def time_in_turn(study: QuantStudy) -> pd.DataFrame:
-    """Every variant timed in turn with fp32 eager, bench.iters rounds of one pass each (no speed verdict
-    rests on these; bench.speedup_iters = 15 rounds of all 8 took notebook 05 from 97 to 182 s in the
-    demo on a Zen 4 EPYC): each
-    row's latency becomes these timings, with the reference's of the same rounds
-    ("reference_times_ms"), so every speed-up (results_files.speedup) is read round by round and a
+    """Every variant timed in turn with fp32 eager, bench.iters rounds of one pass each (the only timing
+    of the study's rows: bench.speedup_iters = 15 rounds of all 8 took notebook 05 from 97 to 182 s in
+    the demo on a Zen 4 EPYC; benchmarks/bench_quantize.py times more rounds): each
+    row's latency is these timings, with the reference's of the same rounds
+    ("reference_times_ms"), so every speed-up (result_tables.speedup) is read round by round and a
     slow minute of the machine slows both sides. Returns the table with them."""
     b = study.cfg.bench
     x = torch.randn(1, 3, b.height, b.width)
     runners = {name: _runner(model, channels_last, amp, x) for name, (model, channels_last, amp) in study.runs.items()}
-    with torch.inference_mode(), _timed(study.cfg, LATENCY):
+    with torch.inference_mode(), timed_step(study.cfg, LATENCY):
         timed = measure.timed_in_turn(runners, b.warmup, b.iters, size=f"{b.width}x{b.height}")
     reference = timed["fp32 eager"]["times_ms"]
     for name, t in timed.items():
@@ -279,6 +150,9 @@ def _runner(model: nn.Module, channels_last: bool, amp: str, x: torch.Tensor) ->
     if isinstance(model, OrtModule):  # the bare session, as onnx_export.latency times it
         feed = {model.input_name: np.ascontiguousarray(x.numpy())}
         return lambda: model.session.run(None, feed)
+    if isinstance(model, OvModule):  # the bare request, as openvino_int8.latency times it
+        image = np.ascontiguousarray(x.numpy())
+        return lambda: model.run(image)
     if channels_last:
         model, x = copy.deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(
             memory_format=torch.channels_last)
@@ -329,7 +203,7 @@ def calibrate_step(engine: str, model: str = "custom") -> str:
 
 def _fx_int8(study: QuantStudy, model: nn.Module, name: str) -> nn.Module:
     q = study.cfg.quant
-    with _timed(study.cfg, calibrate_step("torch FX", name)):
+    with timed_step(study.cfg, calibrate_step("torch FX", name)):
         return quantize.fx_ptq(model, study.calib, [q.calib_images], q.observer)["models"][q.calib_images]
 
 
@@ -342,7 +216,7 @@ def fx_ptq(study: QuantStudy) -> pd.DataFrame:
     """Post-training int8 with torch FX; one calibration pass, a converted copy at each N of
     quant.calib_sweep. Returns validation mIoU vs N (and cumulative calibration time)."""
     cfg, q = study.cfg, study.cfg.quant
-    with _timed(cfg, calibrate_step("torch FX")):
+    with timed_step(cfg, calibrate_step("torch FX")):
         ptq = quantize.fx_ptq(study.fp32, study.calib, sweep_sizes(cfg), q.observer)
     sweep = {n: validate_variant(m, cfg, step=evaluate_step(FX_INT8 if n == q.calib_images else sweep_name(n)))
              for n, m in ptq["models"].items()}
@@ -360,22 +234,15 @@ def fx_ptq(study: QuantStudy) -> pd.DataFrame:
 def onnx_runtime(study: QuantStudy) -> pd.DataFrame:
     """ONNX Runtime fp32 and static int8 (QDQ) from the same calibration images; returns how far
     their outputs (and torch FX int8's) are from PyTorch fp32 on a few validation images."""
-    cfg, q, b = study.cfg, study.cfg.quant, study.cfg.bench
-    with _timed(cfg, calibrate_step("ONNX Runtime")):  # the export too: seconds beside the calibration
+    cfg, q = study.cfg, study.cfg.quant
+    with timed_step(cfg, calibrate_step("ONNX Runtime")):  # the export too: seconds beside the calibration
         onnx_fp32 = onnx_export.export(study.fp32, study.out / "custom_fp32.onnx", study.calib[0][None])
-        onnx_int8 = onnx_export.quantize_int8(onnx_fp32, study.out / "custom_int8.onnx",
-                                              study.calib[:q.calib_images],
-                                              q.ort_activation)
-    study.artefacts |= {"fp32_onnx": str(onnx_fp32), "int8_onnx": str(onnx_int8)}
-    for name, path, precision in [(ORT_FP32, onnx_fp32, "fp32"),
-                                  (ORT_INT8, onnx_int8, f"int8 ({q.ort_activation} activations)")]:
-        session = onnx_export.session(path, study.threads)
-        study.models[name] = onnx_export.OrtModule(session)
-        with _timed(cfg, LATENCY):
-            latency = onnx_export.latency(session, b.height, b.width, b.warmup, b.iters)
-        add(study, name, study.models[name], engine="onnxruntime", precision=precision, path=path, latency=latency)
+    study.artefacts["fp32_onnx"] = str(onnx_fp32)
+    _ort_row(study, ORT_FP32, onnx_fp32, "fp32")
+    _ort_row(study, ORT_INT8, _ort_int8(study, onnx_fp32, "custom_int8.onnx", "custom"),
+             f"int8 ({q.ort_activation} activations)", "int8_onnx")
     val_images = quantize.validation_images(cfg, q.compare_images)
-    with _timed(cfg, AGREEMENT):
+    with timed_step(cfg, AGREEMENT):
         agreement = quantize.agreement(study.fp32, {name: study.models[name] for name in AGREEMENT_VARIANTS},
                                        val_images)
     study.notes["agreement_vs_fp32"] = agreement
@@ -383,11 +250,51 @@ def onnx_runtime(study: QuantStudy) -> pd.DataFrame:
                                                      "pixel_agreement": "argmax agreement"})
 
 
+def _ort_int8(study: QuantStudy, onnx_fp32: Path, file: str, model: str) -> Path:
+    q = study.cfg.quant
+    with timed_step(study.cfg, calibrate_step("ONNX Runtime", model)):
+        return onnx_export.quantize_int8(onnx_fp32, study.out / file, study.calib[:q.calib_images], q.ort_activation)
+
+
+def _ort_row(study: QuantStudy, name: str, path: Path, precision: str, artefact: str | None = None) -> None:
+    """The ONNX file at `path` as the study's row `name` (scored, its file's size; timed in time_in_turn)."""
+    study.models[name] = onnx_export.OrtModule(onnx_export.session(path, study.threads))
+    add(study, name, study.models[name], engine="onnxruntime", precision=precision, path=path)
+    if artefact:
+        study.artefacts[artefact] = str(path)
+
+
+def openvino(study: QuantStudy) -> str:
+    """OpenVINO int8 (NNCF post-training quantization) of the same exported ONNX model, from the same
+    calibration images; skipped, with the reason, where OpenVINO cannot run. Returns what it did."""
+    why = study.notes["openvino"] = openvino_int8.unavailable()
+    if why:
+        return f"no OpenVINO rows: {why}"
+    xml = _ov_int8(study, Path(study.artefacts["fp32_onnx"]), "custom_int8_openvino.xml", "custom")
+    precision = _ov_row(study, OV_INT8, xml, "int8_openvino")
+    return f"OpenVINO {openvino_int8.ov_version()} int8 from NNCF, other layers in {precision}: {xml}"
+
+
+def _ov_int8(study: QuantStudy, onnx_fp32: Path, file: str, model: str) -> Path:
+    with timed_step(study.cfg, calibrate_step("OpenVINO", model)):
+        return openvino_int8.quantize_int8(onnx_fp32, study.out / file, study.calib[:study.cfg.quant.calib_images])
+
+
+def _ov_row(study: QuantStudy, name: str, xml: Path, artefact: str) -> str:
+    """The OpenVINO IR at `xml` as the study's row `name`; returns the precision of its float layers."""
+    module = study.models[name] = OvModule(openvino_int8.compiled(xml, study.threads))
+    precision = openvino_int8.inference_precision(module.model)
+    add(study, name, module, engine="openvino", precision=f"int8 (NNCF; float layers {precision})", path=xml,
+        size_bytes=xml.stat().st_size + openvino_int8.weights_file(xml).stat().st_size)
+    study.artefacts[artefact] = str(xml)
+    return precision
+
+
 def qat(study: QuantStudy) -> str:
     """Quantization-aware training when qat_decision says so; returns the decision in words."""
     cfg, q = study.cfg, study.cfg.quant
     ptq_loss = 100 * (study.rows["fp32 eager"]["miou"] - study.rows[FX_INT8]["miou"])
-    run, reason = qat_decision(q.qat, ptq_loss, q.max_loss)
+    run, reason = int8_choice.qat_decision(q.qat, ptq_loss, q.max_loss)
     info = study.notes["qat"] = {"ran": run, "reason": reason}
     if run:
         result = quantize.qat(study.fp32, cfg, q.qat_epochs, lr=q.qat_lr or None,
@@ -401,7 +308,8 @@ def qat(study: QuantStudy) -> str:
 
 
 def pruned_int8(study: QuantStudy) -> str:
-    """Notebook 04's structurally pruned model in fp32 and FX int8, when it exists."""
+    """Notebook 04's structurally pruned model in fp32 and int8 with every engine (torch FX, ONNX
+    Runtime, OpenVINO where it runs), when it exists: the fastest of them is the study's pruned + int8."""
     path = pruned_checkpoint(study.cfg)
     info = study.notes["pruned"] = {"checkpoint": str(path), "available": path.is_file()}
     if not path.is_file():
@@ -411,8 +319,15 @@ def pruned_int8(study: QuantStudy) -> str:
     int8 = _fx_int8(study, pruned, PRUNED)
     int8_path = quantize.save_torchscript(int8, study.out / "pruned_int8_fx.pt")
     add(study, PRUNED_INT8, int8, engine="torch FX (x86)", precision="int8", path=int8_path)
-    info["parameters"] = measure.parameters(pruned)
     study.artefacts["pruned_int8_fx_torchscript"] = str(int8_path)
+    with timed_step(study.cfg, calibrate_step("ONNX Runtime", PRUNED)):
+        onnx_fp32 = onnx_export.export(pruned, study.out / "pruned_fp32.onnx", study.calib[0][None])
+    _ort_row(study, PRUNED_ORT_INT8, _ort_int8(study, onnx_fp32, "pruned_int8.onnx", PRUNED),
+             f"int8 ({study.cfg.quant.ort_activation} activations)", "pruned_int8_onnx")
+    if not openvino_int8.unavailable():  # said once, by openvino()
+        _ov_row(study, PRUNED_OV_INT8, _ov_int8(study, onnx_fp32, "pruned_int8_openvino.xml", PRUNED),
+                "pruned_int8_openvino")
+    info["parameters"] = measure.parameters(pruned)
     return f"pruned model of {info['parameters'] / 1e6:.1f} M parameters quantized from {path}"
 
 
@@ -430,7 +345,7 @@ def other_models(study: QuantStudy) -> list[pd.DataFrame]:
         int8 = _fx_int8(study, model, name)
         path = quantize.save_torchscript(int8, study.out / f"{name}_int8_fx.pt")
         b = cfg.bench  # the pair timed in turn, as time_in_turn times notebook 05's own variants
-        with _timed(cfg, LATENCY):
+        with timed_step(cfg, LATENCY):
             timed = measure.latencies({"fp32": model, "int8": int8}, b.height, b.width, warmup=b.warmup,
                                       iters=b.iters)
         same_rounds = {"reference_times_ms": timed["fp32"]["times_ms"]}
@@ -450,64 +365,27 @@ def other_names(model: str) -> tuple[str, str]:
     return f"{model} fp32 eager", f"{model} int8 PTQ torch FX"
 
 
-def steps(cfg: Config, val_images: int) -> list[Step]:
-    """This notebook's work besides QAT's fine-tune, for the plan, in the order it runs: each row scored
-    on eval_subset of the `val_images` val images (int8 and ONNX Runtime on the CPU, the rest on
-    cfg.device), each calibration, the output agreement and, last, every latency timing (batch 1 at
-    the bench size on the CPU: each variant alone, then in turn; quant.other_models' pair in turn)."""
-    q, b = cfg.quant, cfg.bench
-    n, rounds = len(eval_subset(val_images, q.eval_images)), b.warmup + b.iters
-    size, observer = (cfg.data.base_size, 2 * cfg.data.base_size), f"calibrate {q.observer}"
-    qat_note = "only if PTQ loses more than quant.max_loss" if q.qat == "auto" else ""
-    pruned_note = "if notebook 04's pruned model exists; at the dense model's cost, an upper bound"
-
-    def evaluate(name: str, engine: str, model: str = "custom", note: str = "") -> Step:
-        return Step(NOTEBOOK, evaluate_step(name), "evaluate", engine not in ("fp32", "bf16"), size,
-                    (Passes(model, engine, n),), note)
-
-    def calibrate(engine: str, passes: Passes, name: str, note: str = "") -> Step:
-        return Step(NOTEBOOK, calibrate_step(engine, name), "calibrate", True, size, (passes,), note)
-
-    timed = {name: "bf16" if amp == "bf16" else "fp32" for name, (amp, _) in REFERENCES.items()}  # engines
-    out = [evaluate(name, engine, note="none if it reads notebook 02's validation (references())")
-           for name, engine in timed.items()]
-    out.append(calibrate("torch FX", Passes("custom", observer, calibration_count(cfg)), "custom"))
-    out += [evaluate(FX_INT8 if k == q.calib_images else sweep_name(k), "int8 torch FX") for k in sweep_sizes(cfg)]
-    out.append(calibrate("ONNX Runtime", Passes("custom", "calibrate ONNX Runtime", q.calib_images), "custom"))
-    out += [evaluate(ORT_FP32, "ONNX Runtime fp32"), evaluate(ORT_INT8, "int8 ONNX Runtime")]
-    timed |= {FX_INT8: "int8 torch FX", ORT_FP32: "ONNX Runtime fp32", ORT_INT8: "int8 ONNX Runtime"}
-    out.append(Step(NOTEBOOK, AGREEMENT, "evaluate", True, size, tuple(
-        Passes("custom", e, q.compare_images) for e in ("fp32", *(timed[v] for v in AGREEMENT_VARIANTS)))))
-    if q.qat != "never":
-        out.append(evaluate(QAT_INT8, "int8 torch FX", note=qat_note))
-        timed[QAT_INT8] = "int8 torch FX"
-    out += [evaluate(PRUNED_FP32, "fp32", note=pruned_note),
-            calibrate("torch FX", Passes("custom", observer, q.calib_images), PRUNED, pruned_note),
-            evaluate(PRUNED_INT8, "int8 torch FX", note=pruned_note)]
-    timed |= {PRUNED_FP32: "fp32", PRUNED_INT8: "int8 torch FX"}
-    work = [Passes("custom", engine, 2 * rounds) for engine in timed.values()]
-    for model in q.other_models:
-        fp32_name, int8_name = other_names(model)
-        note = f"if notebook 01's trained {model} exists"
-        out += [calibrate("torch FX", Passes(model, observer, q.calib_images), model, note),
-                evaluate(fp32_name, "fp32", model, note), evaluate(int8_name, "int8 torch FX", model, note)]
-        work += [Passes(model, "fp32", rounds), Passes(model, "int8 torch FX", rounds)]
-    note = f"{len(timed)} variants x {rounds} rounds alone, then in turn" + (
-        f"; {len(q.other_models)} other model(s), fp32 and int8 in turn" if q.other_models else "")
-    return out + [Step(NOTEBOOK, LATENCY, "latency", True, (b.height, b.width), tuple(work), note)]
-
-
 def targets(study: QuantStudy) -> pd.DataFrame:
-    """The int8 targets for each dense int8 variant, and whether pruned + int8 is the fastest."""
+    """The int8 targets for each dense int8 variant, which int8 form is deployed (int8_choice) and
+    whether pruned + int8 is the fastest."""
     rows, q = study.rows, study.cfg.quant
     int8 = [k for k in results_files.INT8_VARIANTS if k in rows]
-    checked = study.notes["targets"] = check_targets(study.cpu, rows, int8, max_loss=q.max_loss)
+    checked = study.notes["targets"] = int8_choice.check_targets(study.cpu, rows, int8, max_loss=q.max_loss)
     fastest = study.notes["fastest"] = min(rows, key=lambda k: rows[k]["latency_ms"])
+    deployed = study.notes["deployed_int8"] = int8_choice.deployed_int8(rows, SERVABLE_INT8, openvino=OV_INT8,
+                                                                         max_loss=q.max_loss)
     if PRUNED_INT8 in rows:
-        study.notes["pruned"] |= {"lowest_latency": fastest == PRUNED_INT8,
+        pruned = min((k for k in (PRUNED_INT8, PRUNED_ORT_INT8, PRUNED_OV_INT8) if k in rows),
+                     key=lambda k: rows[k]["latency_ms"])
+        study.notes["pruned"] |= {"lowest_latency": fastest == pruned, "fastest_int8": pruned,
                                   "miou_loss_vs_dense_fp32_points": 100 * (rows["fp32 eager"]["miou"]
-                                                                           - rows[PRUNED_INT8]["miou"])}
+                                                                           - rows[pruned]["miou"])}
     print(f"fastest variant: {fastest} ({rows[fastest]['latency_ms']:.1f} ms)")
+    if deployed:
+        low, high = deployed.get("time_vs_openvino_interval", (0, 0))
+        vs = (f", {deployed['time_vs_openvino']:.2f}x OpenVINO int8's time [{low:.2f}, {high:.2f}]"
+              if "time_vs_openvino" in deployed else "")
+        print(f"deployed int8: {deployed['variant']} ({deployed['latency_ms']:.1f} ms{vs}): {deployed['why']}")
     return pd.DataFrame(checked).T.round(3)
 
 
@@ -521,9 +399,10 @@ def save(study: QuantStudy) -> Path:
 
 
 def register_int8(study: QuantStudy) -> dict | None:
-    """The ONNX Runtime int8 model (the servable int8 form: no torch needed to run it) as
-    segstudy-custom-int8@champion, tagged with its measured mIoU and latency."""
-    row = study.rows[ORT_INT8]
-    return registry.register(study.cfg, study.artefacts["int8_onnx"], "segstudy-custom-int8",
+    """The deployed int8 model (targets(): the fastest servable int8 form, which needs no torch to
+    run) as segstudy-custom-int8@champion, tagged with its engine, measured mIoU and latency."""
+    name = study.notes["deployed_int8"]["variant"]
+    row = study.rows[name]
+    return registry.register(study.cfg, row["path"], "segstudy-custom-int8",
                              {"val_miou": row["miou"], "latency_ms": row["latency_ms"]},
-                             tags={"engine": "onnxruntime", "precision": row["precision"]})
+                             tags={"engine": row["engine"], "precision": row["precision"], "variant": name})

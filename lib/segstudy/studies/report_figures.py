@@ -19,9 +19,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from segstudy.config import Config
-from segstudy.data.synthetic_dataset import MARKER
-from segstudy.studies import cross_dataset, figures, results_files, verdict_table
-from segstudy.studies import verdicts as stats
+from segstudy.data.synthetic.dataset import MARKER
+from segstudy.studies import cross_dataset, figures, result_tables, results_files, verdict_table, verdicts
 
 MMSEG_DEEPLABV3 = "mmsegmentation deeplabv3_r50-d8_4xb2-40k_cityscapes-512x1024"
 SEED_PAPER = "the seed paper"
@@ -93,21 +92,21 @@ def sources(cfg: Config) -> Part:
             path.stat().st_mtime)) if found else "MISSING", "by": results_files.writer(cfg, key)})
     notes = [f"{r['file']} does not exist; it is written by {r['by']}." for r in rows if r["written"] == "MISSING"]
     return Part(pd.DataFrame(rows).set_index("file"), notes=notes,
-                caption="The results files this report reads, and the notebook that writes each.")
+                caption="The results files this report reads, when each was written, and the notebook that "
+                        "writes each.")
 
 
-def verdicts(cfg: Config) -> Part:
-    """The verdict table (studies.verdict_table): each question, its answer and the evidence; also
+def verdict_part(cfg: Config, evaluation: verdict_table.Evaluation) -> Part:
+    """The verdict table (verdict_table.evaluate): each question, its answer and the evidence; also
     written to 08_report_figures/verdicts.json."""
-    rows, inputs = verdict_table.evaluate(cfg)
-    path = verdict_table.save(cfg, rows, inputs)
+    path = verdict_table.save(cfg, evaluation)
     caption = ("Each question of the study with its answer and the evidence: means with 95% intervals, over "
                "seeds where training decides (t-intervals), over the validation images where one model is scored "
                "(bootstrap; paired for two models on the same images, widened by the seed noise of notebook 03 "
                "where separate trainings differ), over repeated timings for speed-ups. Where the intervals "
-               f"overlap the answer is '{stats.NOT_DISTINGUISHABLE}'; '{verdict_table.NOT_MEASURED}' names the "
+               f"overlap the answer is '{verdicts.NOT_DISTINGUISHABLE}'; '{verdict_table.NOT_MEASURED}' names the "
                f"notebook to run. Saved as {results_files.shown(path)}.")
-    return Part(stats.table(rows), inputs, caption=caption)
+    return Part(verdicts.table(evaluation.verdicts), evaluation.inputs, caption=caption)
 
 
 def data(cfg: Config) -> Part:
@@ -205,7 +204,7 @@ def per_class(cfg: Config) -> Part:
     """IoU % per class (rows) and model (columns) at each model's best validation epoch."""
     found, paths, notes, _ = results_files.trained_models(cfg)
     with results_files.reading(cfg, "custom"):
-        table = results_files.per_class_table(found).T if found else None
+        table = result_tables.per_class_table(found).T if found else None
     unresolved = _unresolved(cfg, table) if table is not None else None
     return Part(table, paths, notes + ([unresolved] if unresolved else []))
 
@@ -266,7 +265,7 @@ def pruning(cfg: Config) -> tuple[Part, Part]:
         caption = (f"Latency: batch 1 at {b['width']}x{b['height']}, fp32, {d['cpu']['cpu']}; "
                    f"mIoU in points on the validation split; the dense row is notebook 02's custom model.")
         return (Part(results_files.pruning_table([dense, *rows]), [path], caption=caption),
-                Part(results_files.pruning_targets(rows, dense, cfg), [path]))
+                Part(result_tables.pruning_targets(rows, dense, cfg), [path]))
 
 
 def pruning_figure(cfg: Config) -> plt.Figure | None:
@@ -287,7 +286,7 @@ def quantization(cfg: Config) -> tuple[Part, Part]:
         rows = results_files.quantization_rows(d)
         ref_name = d.get("reference", "fp32 eager")
         ref_name = ref_name if ref_name in rows else next(iter(rows))
-        table = results_files.quantization_table(rows, ref_name)
+        table = result_tables.quantization_table(rows, ref_name)
         cpu = d.get("cpu", {})
         caption = (f"Speed-up against '{ref_name}', measured side by side in one run"
                    + (f" on {cpu.get('cpu')} (AVX-512 VNNI: {cpu.get('avx512_vnni')})." if cpu else "."))
@@ -296,30 +295,37 @@ def quantization(cfg: Config) -> tuple[Part, Part]:
         return Part(table.rename_axis("variant"), [path], caption=caption), target_part
 
 
-def candidates(cfg: Config) -> tuple[pd.DataFrame, list[Path], list[str]]:
-    """Every measured model with an mIoU interval and a latency: the pool the recommendation picks
-    from (verdict_table.candidate_pool; source: the file under outputs/<profile>/)."""
-    pool = verdict_table.candidate_pool(cfg)
-    return pool.table, pool.sources, pool.notes
+@dataclass
+class Recommended:
+    """The report's recommendation: its table (every candidate, the eligible ones and the pick),
+    the pick as recommended.json saves it (None: no model to pick from) and the candidates, for
+    tradeoff_figure."""
+
+    part: Part
+    pick: dict | None
+    pool: pd.DataFrame
 
 
-def recommend(cfg: Config) -> tuple[Part, dict | None]:
-    """The fastest measured model whose mIoU interval reaches report.tolerance points below the lower
-    end of the most accurate model's interval: the verdict table's rule (verdicts.recommend).
+def recommendation(cfg: Config, evaluation: verdict_table.Evaluation) -> Recommended:
+    """The verdict table's deployment answer with its pool (verdicts.recommend_deployment: the
+    fastest measured model whose mIoU interval reaches report.tolerance points below the lower end
+    of the most accurate model's interval), as a table of every candidate.
 
     Why this rule: a gap inside the seed-to-seed and image-to-image noise is no evidence for paying
     with a slower model, and a model whose whole interval is further down is really worse."""
-    pool = verdict_table.candidate_pool(cfg)
+    pool, chosen = evaluation.pool, evaluation.recommendation
+    if pool is None:  # a file the pool reads is bad: the verdict table's deployment row says which
+        return Recommended(Part(notes=[evaluation.verdicts[-1].evidence]), None, pd.DataFrame())
     notes = [f"not in the pool below: {n}" for n in pool.notes]
-    if pool.table.empty:
-        return Part(notes=notes or ["no model with both mIoU and latency was found"], sources=pool.sources), None
-    tolerance = cfg.report.tolerance
-    verdict = verdict_table.recommend(pool, tolerance)
-    best, bar = pool.bar(tolerance)
+    if chosen is None:
+        return Recommended(Part(notes=notes or ["no model with both mIoU and latency was found"],
+                                sources=pool.sources), None, pool.table)
+    tolerance, bar = cfg.report.tolerance, chosen.bar
+    best = pool.table[pool.table["model"] == chosen.best].iloc[0]
     table = pool.table.assign(**{"Δ mIoU vs best": pool.table["mIoU %"] - best["mIoU %"],
                                  "eligible": ["yes" if h >= bar else "" for h in pool.table["mIoU high"]],
-                                 "recommended": ["★" if m == verdict.answer else "" for m in pool.table["model"]]})
-    pick = table[table["model"] == verdict.answer].iloc[0]
+                                 "recommended": ["★" if m == chosen.pick else "" for m in pool.table["model"]]})
+    pick = table[table["model"] == chosen.pick].iloc[0]
     noise = str(pool.noise) if pool.noise else "seed noise not measured: run notebook 03"
     caption = (f"Rule: the fastest model whose 95% mIoU interval reaches {bar:.2f}, {tolerance:g} point below the "
                f"interval of the most accurate model ({best['model']}, {best['mIoU %']:.2f} "
@@ -334,9 +340,9 @@ def recommend(cfg: Config) -> tuple[Part, dict | None]:
     cols = ["model", "mIoU %", "mIoU low", "mIoU high", "Δ mIoU vs best", "latency ms", "eligible", "recommended",
             "source"]
     plain = ["model", "mIoU %", "mIoU low", "mIoU high", "latency ms", "source"]
-    return Part(table[cols].set_index("model").round(2), pool.sources, notes, caption), {
-        **pick[plain].to_dict(), "tolerance": tolerance, "bar": bar, "rule": verdict.evidence,
-        "best": best[plain].to_dict()}
+    saved = {**pick[plain].to_dict(), "tolerance": tolerance, "bar": bar, "rule": chosen.verdict.evidence,
+             "best": best[plain].to_dict()}
+    return Recommended(Part(table[cols].set_index("model").round(2), pool.sources, notes, caption), saved, pool.table)
 
 
 def _pareto_front(pool: pd.DataFrame) -> pd.DataFrame:
@@ -349,12 +355,11 @@ def _pareto_front(pool: pd.DataFrame) -> pd.DataFrame:
     return pool.loc[front]
 
 
-def tradeoff_figure(cfg: Config, view: float = 6.0) -> plt.Figure | None:
+def tradeoff_figure(recommended: Recommended, view: float = 6.0) -> plt.Figure | None:
     """mIoU against latency for the candidates within `view` points of the best (how many are
-    below is written on the plot; all are in recommend()'s table), the tolerance band and the
-    recommended model. Named: the Pareto front's steps of at least 0.1 point, and its end."""
-    pool, _, _ = candidates(cfg)
-    _, pick = recommend(cfg)
+    below is written on the plot; all are in the recommendation's table), the tolerance band and
+    the recommended model. Named: the Pareto front's steps of at least 0.1 point, and its end."""
+    pool, pick = recommended.pool, recommended.pick
     if pick is None:
         return None
     tolerance = pick["tolerance"]
@@ -380,7 +385,7 @@ def tradeoff_figure(cfg: Config, view: float = 6.0) -> plt.Figure | None:
     for r in named:  # a leader line ties each name to its point when points crowd
         ax.annotate(r["model"], (r["latency ms"], r["mIoU %"]), xytext=(8, -18), textcoords="offset points",
                     fontsize=8, arrowprops={"arrowstyle": "-", "linewidth": 0.6, "color": "dimgrey"})
-    bar = pick["bar"]  # the rule's (verdicts.recommendation_bar), as recommend() applied it
+    bar = pick["bar"]  # the rule's, as verdicts.recommend_deployment applied it
     ax.axhspan(bar, top, color="green", alpha=0.12,
                label=f"an interval reaching {bar:.2f} is eligible ({tolerance:g} point below the best's interval)")
     ax.scatter([pick["latency ms"]], [pick["mIoU %"]], s=320, marker="*", color="gold", edgecolor="black",

@@ -2,12 +2,12 @@
 
 Each notebook writes its files (results.json, its CSV tables, the per-image confusions) through a
 `write_*` function here, `segstudy sweep` its sweep.json, and notebook 08 (report_figures) reads
-them back only through `read` and the table helpers here, so a field changes in one place.
+them back only through `read` and the readers here, so a field changes in one place; the tables
+and statistics built from what was read are studies.result_tables'.
 
 Units, the same in every file: mIoU and IoU ("miou", "best_miou", "val_miou", "iou") are fractions
 in [0, 1], as the metrics compute them and MLflow logs them; tables and figures show points
-(x 100). Latency in ms. A speed-up is read from repeated timings by `speedup` below, the same one
-the verdicts read.
+(x 100). Latency in ms.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segstudy.config import PROJECT_ROOT, Config
+from segstudy.config import Config
+from segstudy.config_paths import PROJECT_ROOT
 from segstudy.engine import measure, provenance
 from segstudy.errors import UserError
 from segstudy.files import atomic_path, write_text
 from segstudy.files import write_json as _write_json_file
-from segstudy.studies import verdicts
 
 FORMAT = 2  # 2: mIoU as a fraction in every file (notebook 04's were points)
 # every results file (relative to outputs/<profile>/), by the key the report uses
@@ -43,11 +43,12 @@ FILES = {
     "monitoring": "07_monitoring/results.json",
     "verdicts": "08_report_figures/verdicts.json",  # written by the report itself, from the files above
 }
-# each validation image's confusion matrix of the models of a results file, by the key its row names
-# under "confusions" (numpy, not JSON: [N, C, C + 1] integers per model)
 # notebook 05's dense int8 variants, by the names its rows carry
-INT8_VARIANTS = ("int8 PTQ torch FX", "int8 ONNX Runtime", "int8 QAT torch FX")
-CONFUSIONS = {"pruning": "04_pruning_sweeps/confusions.npz", "quantization": "05_quantization/confusions.npz",
+INT8_VARIANTS = ("int8 PTQ torch FX", "int8 ONNX Runtime", "int8 OpenVINO", "int8 QAT torch FX")
+# the per-image confusion files of three results files (a run folder's own is
+# engine.run_folder.CONFUSIONS): each validation image's confusion matrix of each model, by the key
+# its row names under "confusions" (numpy, not JSON: [N, C, C + 1] integers per model)
+CONFUSION_FILES = {"pruning": "04_pruning_sweeps/confusions.npz", "quantization": "05_quantization/confusions.npz",
               "cross": "02_custom_model/cross_confusions.npz"}
 
 
@@ -86,11 +87,11 @@ def _plain(v):
 
 
 def confusions_path(cfg: Config, key: str) -> Path:
-    return cfg.output_dir / CONFUSIONS[key]
+    return cfg.output_dir / CONFUSION_FILES[key]
 
 
 def read_confusions(cfg: Config, key: str) -> dict[str, np.ndarray] | None:
-    """CONFUSIONS[key] as {row key: [N, C, C + 1]}, or None when the file is absent."""
+    """CONFUSION_FILES[key] as {row key: [N, C, C + 1]}, or None when the file is absent."""
     file = confusions_path(cfg, key)
     if not file.is_file():
         return None
@@ -220,7 +221,7 @@ def pruning_row_name(row: dict) -> str:
 
 
 def write_pruning(cfg: Config, rows: list[dict], dense_row: dict, layers: dict) -> Path:
-    """Notebook 04's rows; their per-image confusions go to CONFUSIONS["pruning"], keyed."""
+    """Notebook 04's rows; their per-image confusions go to CONFUSION_FILES["pruning"], keyed."""
     store: dict[str, np.ndarray] = {}
     dense = _take_confusions({"dense": dense_row}, store)["dense"]
     named = _take_confusions({f"{i:02d} {pruning_row_name(r)}": r for i, r in enumerate(rows)}, store)
@@ -234,7 +235,7 @@ def write_pruning(cfg: Config, rows: list[dict], dense_row: dict, layers: dict) 
 def write_quantization(cfg: Config, study: dict, variants: pd.DataFrame, per_class_delta: pd.DataFrame) -> Path:
     """Notebook 05's study (studies.quantization.QuantStudy as a dict) with the profile's settings
     and its tables (variants.csv, per_class_iou_delta.csv); the per-image confusions of its
-    variants go to CONFUSIONS["quantization"], keyed."""
+    variants go to CONFUSION_FILES["quantization"], keyed."""
     folder = path(cfg, "quantization").parent
     write_csv(folder / "variants.csv", variants)
     write_csv(folder / "per_class_iou_delta.csv", per_class_delta)
@@ -253,9 +254,9 @@ def write_monitoring(cfg: Config, summary: dict, windows: list[dict], reference:
                                       "reference": reference, "monitoring": cfg.monitoring})
 
 
-def write_verdicts(cfg: Config, verdicts: list, inputs: list[Path]) -> Path:
+def write_verdicts(cfg: Config, rows: list, inputs: list[Path]) -> Path:
     """Notebook 08's verdict table (studies.verdicts.Verdict rows) and the files it was read from."""
-    return _write(cfg, "verdicts", {"profile": cfg.profile, "verdicts": verdicts,
+    return _write(cfg, "verdicts", {"profile": cfg.profile, "verdicts": rows,
                                     "inputs": [shown(p) for p in inputs]})
 
 
@@ -326,7 +327,7 @@ def tunes(cfg: Config) -> list[tuple[Path, dict]]:
     return [(file, d) for file in files if (d := json.loads(file.read_text())).get("format") == FORMAT]
 
 
-# --- readers and the tables built from what was saved -----------------------------------------
+# --- readers -------------------------------------------------------------------------------------
 
 def trained_models(cfg: Config) -> tuple[dict[str, dict], list[Path], list[str], dict]:
     """The trained models of notebooks 01 and 02 (name -> saved result with its "source" file),
@@ -344,31 +345,6 @@ def trained_models(cfg: Config) -> tuple[dict[str, dict], list[Path], list[str],
     return models, paths, notes, bench
 
 
-def per_class_table(results: dict[str, dict]) -> pd.DataFrame:
-    """IoU % per class (columns) and model (rows), from the best epoch's validation."""
-    rows = {}
-    for name, r in results.items():
-        best = max((h for h in r["history"] if "val_iou" in h), key=lambda h: h["val_miou"])
-        rows[name] = {k: 100 * v if v is not None else np.nan for k, v in best["val_iou"].items()}
-    return pd.DataFrame(rows).T.round(1)
-
-
-def model_tables(cfg: Config) -> pd.DataFrame:
-    """The comparison rows notebooks 01 and 02 saved, one row per model; a missing file is a row
-    whose `source` says so, rather than silently skipped."""
-    rows = []
-    for key in ("baselines", "custom"):
-        d, file, _ = read(cfg, key)
-        if d is None:
-            rows.append({"model": f"(missing: {file.parent.name})", "source": f"{file} not found: run that notebook"})
-            continue
-        for name, m in d["models"].items():
-            rows.append({"model": name, "val mIoU %": 100 * m["best_miou"],
-                         "backbone init": m.get("backbone_init", "unknown"), "latency ms": m["latency_ms"],
-                         "params M": m["parameters"] / 1e6, "GFLOPs": m["gflops"], "source": file.parent.name})
-    return pd.DataFrame(rows).set_index("model").round(2)
-
-
 def pruning_table(rows: list[dict]) -> pd.DataFrame:
     """Notebook 04's rows (dense, pruned) as a table."""
     cols = ["method", "level", "recovery", "sparsity", "miou", "params", "gflops", "latency_ms", "size_mb",
@@ -379,64 +355,6 @@ def pruning_table(rows: list[dict]) -> pd.DataFrame:
     df["params"] = df["params"] / 1e6
     return df.rename(columns={"sparsity": "zeros %", "miou": "mIoU %", "params": "params (M)", "gflops": "GFLOPs",
                               "latency_ms": "latency ms", "size_mb": "size MB", "size_gz_mb": "gzip MB"}).round(2)
-
-
-def speedup(row: dict, reference: dict) -> verdicts.Estimate | None:
-    """How many times faster `row` is than `reference`, from their repeated timings: round by round
-    when `row` was timed in turn with it ("reference_times_ms", engine.measure.latencies), else
-    from each side's timings (one median each in older files). None without timings. The verdicts,
-    the targets and the tables all read a speed-up here, so one model has one speed-up."""
-    times, base_times = (r.get("latency_times_ms") or ([r["latency_ms"]] if r.get("latency_ms") else None)
-                         for r in (row, reference))
-    side_by_side = row.get("reference_times_ms")
-    if not times or not (side_by_side or base_times):
-        return None
-    if side_by_side and len(side_by_side) == len(times):
-        return verdicts.speedup(times, side_by_side, paired=True)
-    return verdicts.speedup(times, side_by_side or base_times)
-
-
-def speedup_ratio(row: dict, reference: dict) -> float:
-    """`speedup`'s point value, NaN without timings: the tables' number."""
-    est = speedup(row, reference)
-    return math.nan if est is None else est.mean
-
-
-def pruning_targets(rows: list[dict], dense: dict, cfg: Config) -> pd.DataFrame:
-    """The pruning targets (prune.target_*), read off notebook 04's rows: each recovered structured
-    model's speed-up (`speedup`) and mIoU loss, and the share of dense mIoU kept at
-    prune.finetune_sparsity unstructured."""
-    p, out = cfg.prune, []
-    for r in rows:
-        fast = speedup(r, dense) if r.get("latency_ms") else None
-        if r["method"].startswith("structured") and r["recovery"] != "none" and fast is not None:
-            loss = 100 * (dense["miou"] - r["miou"])
-            out.append({"target": f"structured {r['level']} + {r['recovery']}: >= {p.target_speedup:g}x faster, "
-                                  f"<= {p.target_loss:g} mIoU points lost",
-                        "measured": f"{fast.mean:.2f}x, {loss:+.2f} points",
-                        "met": fast.mean >= p.target_speedup and loss <= p.target_loss})
-        if r["method"].startswith("unstructured") and abs(r["level"] - p.finetune_sparsity) < 1e-9:
-            kept = r["miou"] / dense["miou"]
-            out.append({"target": f"{r['method']} {p.finetune_sparsity:.0%} ({r['recovery']}): keep >= "
-                                  f"{p.target_kept:.0%} of dense mIoU",
-                        "measured": f"{100 * kept:.1f}% ({100 * r['miou']:.2f} of {100 * dense['miou']:.2f})",
-                        "met": kept >= p.target_kept})
-    return pd.DataFrame(out)
-
-
-def quantization_table(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:
-    """Notebook 05's variants: mIoU, the val images it was scored on (quant.eval_images: a subset on a
-    profile that scores fewer), its change vs the reference, latency, speed-up (`speedup`), size; one
-    row per variant (the notebook, and the report from its saved rows)."""
-    ref = rows[reference]
-    out = pd.DataFrame({name: {
-        "engine": r.get("engine"), "precision": r.get("precision"), "val mIoU %": 100 * r["miou"],
-        "val images": r.get("val_images"),  # absent from files written before notebook 05 kept it
-        "Δ mIoU points": 100 * (r["miou"] - ref["miou"]), "latency ms": r["latency_ms"],
-        f"speed-up vs {reference}": speedup_ratio(r, ref),
-        "size MB": r["size_bytes"] / 2**20 if r.get("size_bytes") else None} for name, r in rows.items()}).T
-    out = out.astype({c: float for c in out.columns if c not in ("engine", "precision", "val images")}).round(2)
-    return out.astype({"val images": "Int64"})
 
 
 def quantization_rows(d: dict) -> dict[str, dict]:

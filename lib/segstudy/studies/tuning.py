@@ -8,20 +8,20 @@ sampler is TPE, seeded from the profile's seed. The study lives in a storage (tu
 beside its results by default, a journal file for several processes on one machine, a database for
 several machines; running the same command again continues it, and a trial whose worker died (or
 that Ctrl-C stopped) is failed and its parameters tried again first, from its run folder's last
-checkpoint. What every trial shares (the datasets, the device) is checked before the storage is
-touched; a trial failing for its own values (a loss that diverged, a batch larger than the data) is
-failed and the study goes on, one failing for anything else stops the study with that one line.
+checkpoint. What every trial shares (the datasets, the device; the budget and the search space:
+tune_space) is checked before the storage is touched; a trial failing for its own values (a loss
+that diverged, a batch larger than the data) is failed and the study goes on, one failing for
+anything else stops the study with that one line.
 
 MLflow gets one parent run per study and one child run per trial (the training's own run, nested
-with mlflow.parentRunId, tagged with the trial's final state). `save` writes trials.csv, the best
-parameters as a profile fragment (best.yaml), the figures and study.json, which the report reads.
+with mlflow.parentRunId, tagged with the trial's final state: tune_tracking). `save` writes
+trials.csv, the best parameters as a profile fragment (best.yaml), the figures and study.json, which
+the report reads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import re
 import time
@@ -35,15 +35,16 @@ import pandas as pd
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from segstudy import tracking
-from segstudy.config import Config, derive, load_config, parse_overrides, resolve_profile
+from segstudy import config_paths, tracking
+from segstudy.config import Config
+from segstudy.config_profiles import load_config, parse_overrides, resolve_profile
 from segstudy.data.datasets import prepare_data, training_datasets
 from segstudy.engine import run_folder
 from segstudy.engine.device import resolve_device
 from segstudy.engine.training import checked_data, train
 from segstudy.errors import UserError
 from segstudy.files import write_text
-from segstudy.studies import figures, results_files, tune_storage
+from segstudy.studies import figures, results_files, tune_space, tune_storage, tune_tracking
 from segstudy.studies.report_figures import Part
 
 SIGNATURE = "segstudy"  # the study's user attribute: the space and budget it began with
@@ -80,7 +81,7 @@ def start(profile: str, overrides: dict | list[str] | None = None, study: str | 
     """Open (or begin) the study; every input is checked before the storage is touched."""
     overrides = parse_overrides(overrides)
     cfg = load_config(profile, overrides)
-    check(cfg, profile, overrides)
+    tune_space.check(cfg, profile, overrides)
     name = study or cfg.tune.model
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"--study {name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
@@ -93,7 +94,7 @@ def start(profile: str, overrides: dict | list[str] | None = None, study: str | 
     if failed := tune_storage.fail_dead_local_trials(tuning.study, cfg.tune):
         print(f"[segstudy] trials {', '.join(map(str, failed))} were left running by a process that is gone: "
               f"marked failed, their parameters queued again", flush=True)
-    tuning.parent_run = _parent_run(tuning)
+    tuning.parent_run = tune_tracking.parent_run(cfg, shown, name)
     if cfg.train.gpus > 1:
         print(one_gpu_line(tuning), flush=True)
     return tuning
@@ -110,61 +111,13 @@ def one_gpu_line(tuning: Tuning) -> str:
             f"--storage journal:{journal}, for N = 0 ... {n - 1}")
 
 
-def budget(cfg: Config) -> dict[str, Any]:
-    """The overrides every trial trains with: the model, its schedule, a validation per epoch."""
-    tune = cfg.tune
-    # one process, one GPU per trial (train.gpus > 1 is the profile's DDP, not the trials'): several GPUs
-    # run several workers on one storage (one_gpu_line says how)
-    return ({"model.name": tune.model, "train.epochs": tune.epochs, "train.val_every": 1, "train.gpus": 1}
-            | ({"train.max_steps": tune.max_steps} if tune.max_steps else {})
-            | ({"data.max_images": tune.max_images} if tune.max_images else {}))
-
-
-def budget_config(cfg: Config) -> Config:
-    """cfg as every trial trains it, before its sampled parameters (segstudy plan sizes the study with it)."""
-    return derive(cfg, budget(cfg))
-
-
-def check(cfg: Config, profile: str, overrides: dict) -> None:
-    """A space the profile cannot train: one line naming the key (the shape was checked at load)."""
-    where = f"tune.space in {resolve_profile(profile)}"
-    if not cfg.tune.space:
-        raise UserError(f"{where} is empty; declare the keys to search, e.g. "
-                        f"train.lr: {{type: log_float, low: 0.0001, high: 0.01}}")
-    for key, spec in cfg.tune.space.items():
-        for value in _extremes(spec):
-            try:
-                load_config(profile, overrides | budget(cfg) | {key: value})
-            except UserError as exc:
-                raise UserError(f"{where}: {key} can take {value!r}, which the profile refuses ({exc})") from None
-
-
 def check_shared(cfg: Config) -> None:
     """What every trial shares, before the storage is touched: the device, the training and validation
     datasets (generated where the profile generates them), their files' headers and labels."""
-    trial = budget_config(cfg)
+    trial = tune_space.budget_config(cfg)
     resolve_device(trial.device)
     prepare_data(trial, training_datasets(trial))
     checked_data(trial)
-
-
-def _extremes(spec: dict) -> list:
-    """The values of a distribution that the config's own rules must accept."""
-    if spec["type"] == "categorical":
-        return list(spec["choices"])
-    return [_number(spec, "low"), _number(spec, "high")]
-
-
-def _number(spec: dict, end: str) -> float | int:
-    value = spec[end]
-    return int(value) if spec["type"] == "int" else float(value)  # YAML reads 1e-4 as text: float() takes it
-
-
-def signature(cfg: Config) -> dict:
-    """What a study's trials must share to be compared: the model, the budget, the search space."""
-    tune = cfg.tune
-    return json.loads(json.dumps({"model": tune.model, "epochs": tune.epochs, "max_steps": tune.max_steps,
-                                  "max_images": tune.max_images, "space": tune.space}))
 
 
 def _open_study(cfg: Config, name: str, store, shown: str) -> optuna.Study:
@@ -173,28 +126,16 @@ def _open_study(cfg: Config, name: str, store, shown: str) -> optuna.Study:
         study = optuna.load_study(study_name=name, storage=store)
     except KeyError:
         study = optuna.create_study(study_name=name, storage=store, direction="maximize", load_if_exists=True)
-    saved = study.user_attrs.get(SIGNATURE)
+    saved, now = study.user_attrs.get(SIGNATURE), tune_space.signature(cfg)
     if saved is None:
-        study.set_user_attr(SIGNATURE, signature(cfg))
-    elif saved != signature(cfg):
-        raise UserError(f"study '{name}' in {shown} began with {_difference(saved, signature(cfg))}; its trials "
+        study.set_user_attr(SIGNATURE, now)
+    elif saved != now:
+        raise UserError(f"study '{name}' in {shown} began with {tune_space.difference(saved, now)}; its trials "
                         f"would not compare: name a new study (--study NAME) or set tune back as it was")
     study.sampler = optuna.samplers.TPESampler(seed=_seed(cfg, study), n_startup_trials=cfg.tune.startup_trials,
                                                constant_liar=True)
     study.pruner = _pruner(cfg)
     return study
-
-
-def _difference(saved: dict, now: dict) -> str:
-    for key in now.keys() | saved.keys():
-        if key == "space":
-            for param in sorted(now["space"].keys() | saved.get("space", {}).keys()):
-                if saved["space"].get(param) != now["space"].get(param):
-                    return (f"tune.space.{param} = {saved['space'].get(param)}, now "
-                            f"{now['space'].get(param)}")
-        elif saved.get(key) != now.get(key):
-            return f"tune.{key} = {saved.get(key)}, now {now.get(key)}"
-    return "another search space"
 
 
 def _seed(cfg: Config, study: optuna.Study) -> int:
@@ -226,7 +167,7 @@ def optimize(tuning: Tuning, trials: int, timeout: float | None = None) -> None:
     diverged, a batch larger than the data) is failed and the study goes on; a UserError every trial
     would meet, or Ctrl-C, fails the trial, queues its parameters again and stops the study."""
     started, status = time.perf_counter(), "FAILED"
-    _parent_status(tuning, "RUNNING")
+    tune_tracking.set_status(tuning.cfg, tuning.parent_run, "RUNNING")
     try:
         tuning.study.optimize(lambda trial: _objective(tuning, trial), n_trials=trials, timeout=timeout or None,
                               callbacks=[lambda study, trial: _after_trial(tuning, trial)], catch=(_OwnFailure,),
@@ -244,7 +185,7 @@ def optimize(tuning: Tuning, trials: int, timeout: float | None = None) -> None:
                         f"parameters run first when it continues): {exc}") from None
     finally:
         tuning.seconds += time.perf_counter() - started
-        _parent_status(tuning, status)
+        tune_tracking.set_status(tuning.cfg, tuning.parent_run, status)
 
 
 def _after_stop(tuning: Tuning) -> int | None:
@@ -256,7 +197,7 @@ def _after_stop(tuning: Tuning) -> int | None:
     if trial is None or trial.state != TrialState.FAIL:
         return None
     tune_storage.requeue(tuning.study, trial)
-    _track_trial(tuning, trial)
+    tune_tracking.record_trial(tuning.cfg, tuning.parent_run, tuning.study, trial)
     results_files.write_csv(tuning.out / "trials.csv", trials_table(tuning.study), index=False)
     return number
 
@@ -277,11 +218,11 @@ def trial_dir(tuning: Tuning, number: int) -> Path:
 def _objective(tuning: Tuning, trial: optuna.Trial) -> float:
     tuning.current = trial.number
     trial.set_user_attr(tune_storage.WORKER, tune_storage.this_worker())
-    params = {key: _suggest(trial, key, spec) for key, spec in tuning.cfg.tune.space.items()}
+    params = {key: tune_space.suggest(trial, key, spec) for key, spec in tuning.cfg.tune.space.items()}
     # a retry of a trial whose worker died continues that trial's run folder from its last checkpoint
     origin = tune_storage.retry_of(next(t for t in tuning.study.get_trials(deepcopy=False) if t.number == trial.number))
     run_dir = trial_dir(tuning, trial.number if origin is None else origin)
-    cfg = load_config(tuning.profile, tuning.overrides | budget(tuning.cfg) | params)
+    cfg = load_config(tuning.profile, tuning.overrides | tune_space.budget(tuning.cfg) | params)
 
     def report(epoch: int, record: dict) -> None:
         trial.report(record["val_miou"], epoch)
@@ -313,17 +254,6 @@ def _own_failure(exc: UserError, params: dict) -> bool:
     return isinstance(exc.__context__, FloatingPointError) or any(key in str(exc) for key in params)
 
 
-def _suggest(trial: optuna.Trial, key: str, spec: dict) -> Any:
-    kind = spec["type"]
-    if kind == "categorical":
-        return trial.suggest_categorical(key, spec["choices"])
-    low, high = _number(spec, "low"), _number(spec, "high")
-    if kind == "int":
-        return trial.suggest_int(key, low, high, step=int(spec.get("step", 1)))
-    step = float(spec["step"]) if spec.get("step") else None
-    return trial.suggest_float(key, low, high, log=kind == "log_float", step=step)
-
-
 def _after_trial(tuning: Tuning, trial: FrozenTrial) -> None:
     """One line, the MLflow runs brought up to date, the trials table rewritten (a killed
     study keeps a current one)."""
@@ -335,77 +265,12 @@ def _after_trial(tuning: Tuning, trial: FrozenTrial) -> None:
     why = f": {tuning.failures[trial.number]}" if trial.number in tuning.failures else ""
     print(f"[segstudy] trial {trial.number}: {trial.state.name.lower()}{last}{value}{why} "
           f"({', '.join(f'{k}={_shown(v)}' for k, v in trial.params.items())})", flush=True)
-    _track_trial(tuning, trial)
+    tune_tracking.record_trial(tuning.cfg, tuning.parent_run, tuning.study, trial)
     results_files.write_csv(tuning.out / "trials.csv", trials_table(tuning.study), index=False)
 
 
 def _shown(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-# --- MLflow: one parent run per study, the trials' trainings nested under it -------------------
-
-def _client(tuning: Tuning):
-    mlflow = tracking.use_mlflow(tuning.cfg.tracking, tuning.cfg.output_root)
-    return mlflow, mlflow.MlflowClient(), tracking.mlflow_uri(tuning.cfg.tracking, tuning.cfg.output_root)
-
-
-def _parent_run(tuning: Tuning) -> str | None:
-    """The study's MLflow run: found by a tag naming storage and study, or begun. Workers that begin
-    one at the same time keep the earliest and delete their own."""
-    if tuning.cfg.tracking.backend != "mlflow":
-        return None
-    mlflow, client, uri = _client(tuning)
-    key = hashlib.sha256(f"{tuning.storage}#{tuning.name}".encode()).hexdigest()[:16]
-    experiment = mlflow.get_experiment_by_name(tuning.cfg.tracking.experiment).experiment_id
-
-    def earliest() -> str | None:
-        runs = client.search_runs([experiment], f"tags.`segstudy.tune_study` = '{key}'",
-                                  order_by=["attributes.start_time ASC"], max_results=1)
-        return runs[0].info.run_id if runs else None
-
-    with tracking.mlflow_database(uri, f"opening the MLflow run of study {tuning.name}"):
-        if found := earliest():
-            return found
-        run = client.create_run(experiment, run_name=f"{tuning.cfg.profile}-tune-{tuning.name}",
-                                tags={"segstudy.tune_study": key, "segstudy.study": tuning.name,
-                                      "segstudy.storage": tuning.storage, "profile": tuning.cfg.profile})
-        for param, value in signature(tuning.cfg).items():
-            client.log_param(run.info.run_id, param, json.dumps(value)[:500])
-        kept = earliest()
-        if kept != run.info.run_id:
-            client.delete_run(run.info.run_id)
-    return kept
-
-
-def _parent_status(tuning: Tuning, status: str) -> None:
-    if tuning.parent_run:
-        _, client, uri = _client(tuning)
-        tracking.retry_locked(lambda: client.update_run(tuning.parent_run, status=status), uri,
-                              f"marking the study's run {status}")
-
-
-def _track_trial(tuning: Tuning, trial: FrozenTrial) -> None:
-    """The trial's run gets its final state (a pruned one ends KILLED, not FAILED); the parent the
-    trial's value and the best so far."""
-    if not tuning.parent_run:
-        return
-    _, client, uri = _client(tuning)
-    experiment = client.get_run(tuning.parent_run).info.experiment_id
-    found = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{tuning.parent_run}' and "
-                                             f"tags.`segstudy.trial` = '{trial.number}'")
-
-    def update() -> None:
-        for run in found:
-            client.set_tag(run.info.run_id, "segstudy.trial_state", trial.state.name)
-            if trial.state == TrialState.PRUNED:
-                client.set_terminated(run.info.run_id, "KILLED")
-        if trial.value is not None:
-            client.log_metric(tuning.parent_run, "trial_val_miou", trial.value, step=trial.number)
-        if any(t.state == TrialState.COMPLETE for t in tuning.study.get_trials(deepcopy=False)):
-            client.log_metric(tuning.parent_run, "best_val_miou", tuning.study.best_value, step=trial.number)
-
-    tracking.retry_locked(update, uri, f"recording trial {trial.number} of study {tuning.name}")
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -435,7 +300,7 @@ def save(tuning: Tuning) -> dict:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None
     summary = {"study": tuning.name, "profile": tuning.cfg.profile, "storage": tuning.storage,
-               "signature": signature(tuning.cfg), "trials": len(table),
+               "signature": tune_space.signature(tuning.cfg), "trials": len(table),
                "states": {s.name: states.get(s.name, 0) for s in TrialState},
                "seconds_this_process": tuning.seconds,
                "seconds_trials": float(table["seconds"].fillna(0).sum()) if len(table) else 0.0,
@@ -474,16 +339,10 @@ def write_best(tuning: Tuning, best: FrozenTrial) -> Path:
     return write_text(tuning.out / "best.yaml", head + yaml.safe_dump(fragment, sort_keys=False))
 
 
-def _paths(node: Any, prefix: str = "") -> dict[str, str]:
-    """Every path key of the config (declared with `path` in config.py) that holds one, as loaded."""
-    found = {}
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            found |= _paths(value, f"{prefix}{f.name}.")
-        elif f.metadata.get("path") and value:
-            found[f"{prefix}{f.name}"] = value
-    return found
+def _paths(cfg: Config) -> dict[str, str]:
+    """Every path key of the config (declared with config_paths.path_field) that holds one, as loaded."""
+    return {key: getattr(section, f.name) for key, section, f in config_paths.path_fields(cfg)
+            if getattr(section, f.name)}
 
 
 def save_figures(tuning: Tuning) -> dict[str, str]:

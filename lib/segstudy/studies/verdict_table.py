@@ -3,13 +3,8 @@ the results files of notebooks 01-05 and their per-image confusions by the rules
 studies.verdicts (intervals, "not distinguishable at this budget" wherever they overlap).
 
 A question whose inputs are missing (a notebook not run, a results file of an older version) is
-answered "not measured" with the notebook to run: a partial run still gets its table.
-
-Seed noise: only notebook 03 trains the same model several times. Its pooled within-loss standard
-deviation of mIoU is the noise of one training, and widens every accuracy interval that rests on
-single trainings (pruned against dense control, the deployment candidates). Its model and schedule
-are the loss study's (loss_study.model, loss_study.epochs; the demo's is the cheap U-Net), not
-necessarily those of the model judged: the best estimate this budget has, named in the evidence.
+answered "not measured" with the notebook to run: a partial run still gets its table. What it
+reads, and the seed noise that widens the intervals of single trainings: studies.verdict_inputs.
 """
 
 from __future__ import annotations
@@ -22,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segstudy.config import PROJECT_ROOT, Config
+from segstudy.config import Config
+from segstudy.config_paths import PROJECT_ROOT
 from segstudy.data.labels import SMALL_CLASSES
 from segstudy.engine import run_folder
 from segstudy.errors import UserError
-from segstudy.studies import results_files, verdicts
-from segstudy.studies.verdicts import NOT_DISTINGUISHABLE, Estimate, Verdict
+from segstudy.studies import result_tables, results_files, verdicts
+from segstudy.studies.verdict_inputs import Inputs, Missing, SeedNoise, by_loss, loss_runs, no_noise, seed_noise
+from segstudy.studies.verdicts import NOT_DISTINGUISHABLE, Interval, Recommendation, Verdict
 
 NOT_MEASURED = "not measured"
 
@@ -42,119 +39,21 @@ QUESTIONS = {
 }
 
 
-class Missing(Exception):
-    """A question's input is not there; the message names what writes it."""
-
-
-@dataclass(frozen=True)
-class SeedNoise:
-    """The seed-to-seed standard deviation of one training's mIoU (points), from notebook 03."""
-
-    sd: float
-    df: int
-    runs: int
-    model: str = "custom"  # the loss study's model: the other models' seed noise is assumed the same
-
-    def widen(self, est: Estimate, trainings: int) -> Estimate:
-        return verdicts.add_noise(est, self.sd, trainings, self.df)
-
-    def __str__(self) -> str:
-        return f"seed sd {self.sd:.2f} points from notebook 03's {self.runs} runs of {self.model} (df {self.df})"
-
-
-class Inputs:
-    """The results files and confusion files of one report, each read once; `used` lists the
-    files read (the table's sources)."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.used: list[Path] = []
-        self._files: dict[str, tuple[dict | None, str | None]] = {}
-        self._confusions: dict[str, dict[str, np.ndarray] | None] = {}
-
-    def results(self, key: str) -> dict:
-        if key not in self._files:
-            data, file, note = results_files.read(self.cfg, key)
-            self._files[key] = (data, note)
-            if data is not None:
-                self.used.append(file)
-        data, note = self._files[key]
-        if data is None:
-            raise Missing(note)
-        return data
-
-    def confusions(self, key: str, row: dict, name: str) -> np.ndarray:
-        """The per-image confusions of `row` (named `name` in messages) from CONFUSIONS[key]."""
-        if key not in self._confusions:
-            self._confusions[key] = results_files.read_confusions(self.cfg, key)
-            if self._confusions[key] is not None:
-                self.used.append(results_files.confusions_path(self.cfg, key))
-        store = self._confusions[key] or {}
-        if row.get("confusions") not in store:
-            file = results_files.shown(results_files.confusions_path(self.cfg, key))
-            raise Missing(f"no per-image confusions of '{name}' in {file} (an older notebook); "
-                          f"re-run {results_files.writer(self.cfg, key)}")
-        return store[row["confusions"]]
-
-    def reading(self, key: str):
-        return results_files.reading(self.cfg, key)
-
-
-# ---------------------------------------------------------------- inputs
-
-
-def _loss_runs(ins: Inputs) -> list[dict]:
-    d = ins.results("losses")
-    with ins.reading("losses"):
-        runs = [r for r in d["runs"] if r["best_miou"] is not None]
-    if not runs:
-        raise Missing(f"no finished loss run in notebook 03's results; run {results_files.writer(ins.cfg, 'losses')}")
-    return runs
-
-
-def _by_loss(runs: list[dict], score: Callable[[dict], float]) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
-    for r in runs:
-        out.setdefault(r["loss"], []).append(score(r))
-    return out
-
-
-def seed_noise(ins: Inputs) -> SeedNoise | None:
-    """Pooled over the losses of notebook 03; None when it was not run or no loss has 2 seeds."""
-    try:
-        groups = _by_loss(_loss_runs(ins), lambda r: 100 * r["best_miou"])
-    except (Missing, UserError):
-        return None
-    df = sum(len(g) - 1 for g in groups.values())
-    model = ins.results("losses").get("model", "custom")  # older files: notebook 03 trained the custom model
-    return SeedNoise(verdicts.pooled_sd(groups), df, sum(map(len, groups.values())), model) if df else None
-
-
-def _no_noise(ins: Inputs) -> Missing:
-    try:
-        ins.results("losses")
-    except Missing:
-        return Missing("the seed noise of a training is measured by notebook 03's loss study (2 or more seeds "
-                       f"of a loss); run {results_files.writer(ins.cfg, 'losses')}")
-    return Missing("the seed noise of a training is measured by notebook 03's loss study, which ran one seed "
-                   "per loss: give loss_study.seeds 2 or more")
-
-
-def _speedup(row: dict, base: dict, name: str) -> Estimate:
-    """results_files.speedup, or Missing."""
-    est = results_files.speedup(row, base)
+def _speedup(row: dict, base: dict, name: str) -> Interval:
+    """result_tables.speedup, or Missing."""
+    est = result_tables.speedup(row, base)
     if est is None:
         raise Missing(f"no latency of '{name}' or of its reference")
     return est
 
 
-def _times(e: Estimate) -> str:
+def _times(e: Interval) -> str:
     if not e.has_spread:
         return f"{e.mean:.2f}x (no spread: one timing)"
     return f"{e.mean:.2f}x [{e.low:.2f}, {e.high:.2f}] ({e.how})"
 
 
-def _threshold(question: str, est: Estimate, floor: float, subject: str, context: str = "") -> Verdict:
+def _threshold(question: str, est: Interval, floor: float, subject: str, context: str = "") -> Verdict:
     """verdicts.threshold with what was measured said first."""
     v = verdicts.threshold(question, est, floor, context)
     return Verdict(question, v.answer, f"{subject}: {v.evidence}")
@@ -172,7 +71,7 @@ def _rank_losses(ins: Inputs, question: str, scores: dict[str, list[float]], wha
 
 def best_loss(ins: Inputs) -> Verdict:
     """verdicts.rank of the losses' best-epoch mIoU over seeds (t-intervals)."""
-    scores = _by_loss(_loss_runs(ins), lambda r: 100 * r["best_miou"])
+    scores = by_loss(loss_runs(ins), lambda r: 100 * r["best_miou"])
     return _rank_losses(ins, QUESTIONS["loss"], scores, "best-epoch val mIoU, points")
 
 
@@ -185,7 +84,7 @@ def _best_epoch_iou(run: dict) -> dict[str, float | None]:
 def best_loss_small_classes(ins: Inputs) -> Verdict:
     """The same over the mean IoU of the small classes (labels.SMALL_CLASSES) that some run
     resolves: a class with IoU 0 in every run says nothing about the losses, and is named."""
-    question, runs = QUESTIONS["small"], _loss_runs(ins)
+    question, runs = QUESTIONS["small"], loss_runs(ins)
     ious = [_best_epoch_iou(r) for r in runs]
     if not all(ious):
         raise Missing(f"notebook 03's runs carry no per-class IoU history (an older notebook 03); "
@@ -201,7 +100,7 @@ def best_loss_small_classes(ins: Inputs) -> Verdict:
 
     what = f"mean IoU of {len(resolved)} small classes, points" + (
         f" (IoU 0 in every run, excluded: {unresolved})" if unresolved else "")
-    return _rank_losses(ins, question, _by_loss(runs, small), what)
+    return _rank_losses(ins, question, by_loss(runs, small), what)
 
 
 def _recovered(ins: Inputs) -> tuple[dict, dict, dict, dict]:
@@ -227,7 +126,7 @@ def structured_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
     keep = ins.cfg.report.keep_loss
     name = results_files.pruning_row_name(pruned)
     if noise is None:
-        raise _no_noise(ins)
+        raise no_noise(ins)
     diff = verdicts.paired_difference(ins.confusions("pruning", pruned, name),
                                       ins.confusions("pruning", control, "dense control"))
     epochs = prune.get("epochs")
@@ -270,7 +169,7 @@ def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
     name = min(present, key=lambda k: rows[k]["latency_ms"])  # by speed: the one that would deploy
     trainings = 1 if "QAT" in name else 0  # QAT fine-tunes: its own seed noise
     if trainings and noise is None:
-        raise _no_noise(ins)
+        raise no_noise(ins)
     diff = verdicts.paired_difference(ins.confusions("quantization", rows[name], name),
                                       ins.confusions("quantization", rows[ref_name], ref_name))
     if trainings:
@@ -298,7 +197,7 @@ def more_robust(ins: Inputs, noise: SeedNoise | None) -> Verdict:
         raise Missing(f"no mixed training in {results_files.shown(results_files.path(ins.cfg, 'cross'))} "
                       f"(cross.mix is empty); set cross.mix and re-run {results_files.writer(ins.cfg, 'cross')}")
     if noise is None:
-        raise _no_noise(ins)
+        raise no_noise(ins)
     name, single = mixed[0], mixed[0].split("+")[0]
     others = [ds for m, ds in rows if m == name and ds != d["primary"]]
     held = [ds for ds in others if ds not in d["mix"]]
@@ -326,13 +225,13 @@ class Pool:
     notes: list[str] = field(default_factory=list)
     noise: SeedNoise | None = None
 
-    def candidates(self) -> dict[str, tuple[Estimate, float]]:
-        return {r["model"]: (r["estimate"], r["latency ms"]) for _, r in self.table.iterrows()}
-
-    def bar(self, tolerance: float) -> tuple[pd.Series, float]:
-        """The most accurate model's row and the eligibility bar (verdicts.recommendation_bar)."""
-        best_name, bar = verdicts.recommendation_bar(self.candidates(), tolerance)
-        return self.table[self.table["model"] == best_name].iloc[0], bar
+    def recommendation(self, tolerance: float) -> Recommendation:
+        """verdicts.recommend_deployment over the pool, with the seed noise in its evidence."""
+        if self.table.empty:
+            raise Missing("no model with both an mIoU and a latency: run notebooks 01 and 02 (04, 05 add variants)")
+        candidates = [(r["model"], (r["estimate"], r["latency ms"])) for _, r in self.table.iterrows()]
+        return verdicts.recommend_deployment(candidates, tolerance, QUESTIONS["deploy"],
+                                             str(self.noise) if self.noise else "seed noise not measured (notebook 03)")
 
 
 def _load_npy(m: dict) -> np.ndarray | None:
@@ -346,18 +245,18 @@ def _load_npy(m: dict) -> np.ndarray | None:
     return None
 
 
-def _accuracy(points: float, confusions: np.ndarray | None, noise: SeedNoise | None) -> Estimate:
+def _accuracy(points: float, confusions: np.ndarray | None, noise: SeedNoise | None) -> Interval:
     """mIoU (points) bootstrapped over the images, widened by one training's seed noise (every
     candidate rests on one from-scratch training); without per-image confusions, the point value
     widened by the seed noise alone."""
     if confusions is not None and len(confusions):
         est = verdicts.miou_bootstrap(confusions)
     else:
-        est = Estimate(points, points, points, 1, "no per-image confusions")
+        est = Interval(points, points, points, 1, "no per-image confusions")
     return noise.widen(est, trainings=1) if noise else est
 
 
-def _row(model: str, est: Estimate, latency: float, source: str) -> dict:
+def _row(model: str, est: Interval, latency: float, source: str) -> dict:
     return {"model": model, "mIoU %": est.mean, "mIoU low": est.low, "mIoU high": est.high,
             "latency ms": latency, "source": source, "estimate": est}
 
@@ -421,24 +320,6 @@ def candidate_pool(cfg: Config, ins: Inputs | None = None) -> Pool:
     return pool
 
 
-def recommend(pool: Pool, tolerance: float) -> Verdict:
-    """verdicts.recommend over the pool (the fastest model whose interval reaches within
-    `tolerance` points of the lower end of the best's interval), with a short evidence line."""
-    if pool.table.empty:
-        raise Missing("no model with both an mIoU and a latency: run notebooks 01 and 02 (04, 05 add variants)")
-    table = pool.table
-    v = verdicts.recommend(pool.candidates(), tolerance, QUESTIONS["deploy"])
-    best, bar = pool.bar(tolerance)
-    pick = table[table["model"] == v.answer].iloc[0]
-    eligible = int((table["mIoU high"] >= bar).sum())
-    evidence = (f"{v.answer} {pick['estimate']} at {pick['latency ms']:.3g} ms, the fastest of {eligible} of "
-                f"{len(table)} models whose interval reaches {bar:.2f} ({tolerance:g} point below the interval of "
-                f"the best, {best['model']} {best['estimate']} at {best['latency ms']:.3g} ms); "
-                f"intervals: {pick['estimate'].how}")
-    evidence += f"; {pool.noise}" if pool.noise else "; seed noise not measured (notebook 03)"
-    return Verdict(v.question, v.answer, evidence)
-
-
 # ---------------------------------------------------------------- the table
 
 
@@ -449,25 +330,41 @@ def _answer(question: str, ask: Callable[[], Verdict]) -> Verdict:
         return Verdict(question, NOT_MEASURED, str(why))
 
 
-def evaluate(cfg: Config) -> tuple[list[Verdict], list[Path]]:
-    """Every question's verdict, and the files they were read from."""
+@dataclass
+class Evaluation:
+    """The verdict table with what it was read from: the files, and its deployment question's
+    candidate pool and recommendation, which the report's recommendation table shows as they are
+    (built once). None where that question is not measured: no pool when a file it reads is bad,
+    no recommendation when the pool is empty."""
+
+    verdicts: list[Verdict]
+    inputs: list[Path]
+    pool: Pool | None
+    recommendation: Recommendation | None
+
+
+def evaluate(cfg: Config) -> Evaluation:
+    """Every question's verdict (one per QUESTIONS, in that order) and the files they were read from."""
     ins = Inputs(cfg)
     noise = seed_noise(ins)
     asks = {"loss": lambda: best_loss(ins), "small": lambda: best_loss_small_classes(ins),
             "structured": lambda: structured_keeps_accuracy(ins, noise),
             "unstructured": lambda: unstructured_buys_speed(ins),
             "int8": lambda: int8_keeps_accuracy(ins, noise),
-            "robust": lambda: more_robust(ins, noise),
-            "deploy": lambda: recommend(candidate_pool(cfg, ins), cfg.report.tolerance)}
+            "robust": lambda: more_robust(ins, noise)}
     table = [_answer(QUESTIONS[key], ask) for key, ask in asks.items()]
-    return table, list(dict.fromkeys(ins.used))
+    pool, recommendation = None, None
+
+    def deploy() -> Verdict:
+        nonlocal pool, recommendation
+        pool = candidate_pool(cfg, ins)
+        recommendation = pool.recommendation(cfg.report.tolerance)
+        return recommendation.verdict
+
+    table.append(_answer(QUESTIONS["deploy"], deploy))
+    return Evaluation(table, list(dict.fromkeys(ins.used)), pool, recommendation)
 
 
-def build(cfg: Config) -> list[Verdict]:
-    """The verdict table: one Verdict per question of QUESTIONS, in that order."""
-    return evaluate(cfg)[0]
-
-
-def save(cfg: Config, table: list[Verdict], inputs: list[Path]) -> Path:
+def save(cfg: Config, evaluation: Evaluation) -> Path:
     """results_files.FILES["verdicts"], with the provenance stamp and the files read."""
-    return results_files.write_verdicts(cfg, table, inputs)
+    return results_files.write_verdicts(cfg, evaluation.verdicts, evaluation.inputs)

@@ -20,9 +20,10 @@ An estimate from a single value (1 seed, 1 image, 1 timing) has no measured spre
 is unbounded, so it never decides anything on its own.
 
 Units: every mIoU here is in points (0-100, the report's unit and the unit of the recommendation
-tolerance), i.e. 100 x ConfusionMatrix.compute()["miou"]. Confusion matrices have ground truth in
-rows and either C or C + 1 columns (the engine's extra "void" prediction column, which counts as a
-false negative of the row's class and a false positive of nothing).
+tolerance), i.e. 100 x engine.metrics.miou, the one definition (ConfusionMatrix's too). Confusion
+matrices have ground truth in rows and either C or C + 1 columns (the engine's extra "void"
+prediction column, which counts as a false negative of the row's class and a false positive of
+nothing).
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from segstudy.engine import metrics
+
 NOT_DISTINGUISHABLE = "not distinguishable at this budget"
 
 
 @dataclass(frozen=True)
-class Estimate:
-    """A point estimate with a confidence interval [low, high] from n values (seeds, images, timings).
+class Interval:
+    """A point estimate with its confidence interval [low, high] from n values (seeds, images, timings).
 
     `how` says where the interval comes from, e.g. "3 seeds, 95% t-interval". With n < 2 nothing
     measured the spread and the interval is (-inf, inf)."""
@@ -60,7 +63,7 @@ class Estimate:
     def has_spread(self) -> bool:
         return math.isfinite(self.low) and math.isfinite(self.high)
 
-    def overlaps(self, other: Estimate) -> bool:
+    def overlaps(self, other: Interval) -> bool:
         return self.low <= other.high and other.low <= self.high
 
     def __str__(self) -> str:
@@ -82,23 +85,23 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
 
 
-def _unbounded(mean: float, n: int, how: str, level: float) -> Estimate:
-    return Estimate(mean, -math.inf, math.inf, n, how, level)
+def _unbounded(mean: float, n: int, how: str, level: float) -> Interval:
+    return Interval(mean, -math.inf, math.inf, n, how, level)
 
 
-def _percentile(mean: float, samples: np.ndarray, n: int, how: str, level: float) -> Estimate:
+def _percentile(mean: float, samples: np.ndarray, n: int, how: str, level: float) -> Interval:
     """Percentile bootstrap interval around the estimate of the full sample."""
     alpha = 1 - level
     low, high = np.nanquantile(samples, [alpha / 2, 1 - alpha / 2])
     # the full-sample estimate can fall a hair outside the percentiles in a skewed case: the
     # interval is kept as the bootstrap gives it, only ordered (float noise on a zero width)
-    return Estimate(float(mean), float(min(low, high)), float(max(low, high)), n, how, level)
+    return Interval(float(mean), float(min(low, high)), float(max(low, high)), n, how, level)
 
 
 # ---------------------------------------------------------------- estimates
 
 
-def over_seeds(values: Sequence[float], level: float = 0.95) -> Estimate:
+def over_seeds(values: Sequence[float], level: float = 0.95) -> Interval:
     """Mean of one score over training seeds, with a Student-t interval of the mean."""
     x = np.asarray(values, dtype=float)
     if x.size == 0:
@@ -107,20 +110,7 @@ def over_seeds(values: Sequence[float], level: float = 0.95) -> Estimate:
     if x.size == 1:
         return _unbounded(mean, 1, "1 seed: no spread", level)
     half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
-    return Estimate(mean, mean - half, mean + half, int(x.size), f"{x.size} seeds, {level:.0%} t-interval", level)
-
-
-def _miou_many(confusions: np.ndarray) -> np.ndarray:
-    """mIoU in points of each matrix of a [..., C, C or C+1] stack; NaN where no class is present."""
-    c = confusions.shape[-2]
-    tp = np.diagonal(confusions[..., :c], axis1=-2, axis2=-1)
-    fn = confusions.sum(-1) - tp  # includes the void column: a missed pixel of its row's class
-    fp = confusions[..., :c].sum(-2) - tp
-    union = tp + fp + fn
-    present = union > 0  # a class absent from both truth and prediction is not scored
-    iou = np.divide(tp, union, out=np.zeros(union.shape), where=present)
-    count = present.sum(-1)
-    return np.divide(100 * iou.sum(-1), count, out=np.full(count.shape, np.nan), where=count > 0)
+    return Interval(mean, mean - half, mean + half, int(x.size), f"{x.size} seeds, {level:.0%} t-interval", level)
 
 
 def _check(confusions: np.ndarray, ndim: int) -> np.ndarray:
@@ -133,7 +123,7 @@ def _check(confusions: np.ndarray, ndim: int) -> np.ndarray:
 
 def miou(confusion: np.ndarray) -> float:
     """mIoU in points of one confusion matrix (rows = truth); absent classes are not scored."""
-    return float(_miou_many(_check(confusion, 2)))
+    return float(100 * metrics.miou(_check(confusion, 2)))
 
 
 def _resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -146,10 +136,10 @@ def _resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
 def _boot_mious(weights: np.ndarray, confusions: np.ndarray) -> np.ndarray:
     # a resample's confusion matrix is the weighted sum of the per-image ones (one matmul for all)
     n, *shape = confusions.shape
-    return _miou_many((weights @ confusions.reshape(n, -1)).reshape(len(weights), *shape))
+    return 100 * metrics.miou((weights @ confusions.reshape(n, -1)).reshape(len(weights), *shape))
 
 
-def miou_bootstrap(confusions: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Estimate:
+def miou_bootstrap(confusions: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
     """mIoU (points) of per-image confusion matrices [N, C, C], with a bootstrap interval over images."""
     m = _check(confusions, 3)
     point = miou(m.sum(0))
@@ -160,7 +150,7 @@ def miou_bootstrap(confusions: np.ndarray, n_boot: int = 2000, seed: int = 0, le
 
 
 def paired_difference(conf_a: np.ndarray, conf_b: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                      level: float = 0.95) -> Estimate:
+                      level: float = 0.95) -> Interval:
     """mIoU(a) - mIoU(b) in points for two models scored on the same images (per-image confusions),
     bootstrapped with the same resampled images for both."""
     a, b = _check(conf_a, 3), _check(conf_b, 3)
@@ -175,7 +165,7 @@ def paired_difference(conf_a: np.ndarray, conf_b: np.ndarray, n_boot: int = 2000
 
 
 def unpaired_difference(conf_a: np.ndarray, conf_b: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                        level: float = 0.95) -> Estimate:
+                        level: float = 0.95) -> Interval:
     """mIoU(a) - mIoU(b) in points for one model on two different sets of images (e.g. another
     dataset's val split against its own), each set resampled on its own."""
     a, b = _check(conf_a, 3), _check(conf_b, 3)
@@ -198,7 +188,7 @@ def pooled_sd(groups: Mapping[str, Sequence[float]]) -> float:
     return math.sqrt(ss / df)
 
 
-def add_noise(diff: Estimate, seed_sd: float, trainings: int = 2, df: int | None = None) -> Estimate:
+def add_noise(diff: Interval, seed_sd: float, trainings: int = 2, df: int | None = None) -> Interval:
     """Widen a difference measured on single trainings by their seed noise.
 
     The images' interval (paired bootstrap) says nothing about how another seed would have
@@ -212,11 +202,11 @@ def add_noise(diff: Estimate, seed_sd: float, trainings: int = 2, df: int | None
     low = diff.mean - math.hypot(diff.mean - diff.low, extra)
     high = diff.mean + math.hypot(diff.high - diff.mean, extra)
     how = f"{diff.how} + seed noise of {trainings} training(s), sd {seed_sd:.2f}"
-    return Estimate(diff.mean, low, high, diff.n, how, diff.level)
+    return Interval(diff.mean, low, high, diff.n, how, diff.level)
 
 
 def speedup(times: Sequence[float], baseline_times: Sequence[float], n_boot: int = 2000, seed: int = 0,
-            level: float = 0.95, paired: bool = False) -> Estimate:
+            level: float = 0.95, paired: bool = False) -> Interval:
     """How many times faster than the baseline: median(baseline_times) / median(times), with a
     bootstrap interval resampling each set of repeated timings independently. With ~5 timings a
     side the median's interval is about their whole range (one slow outlier in 5 can be the
@@ -248,14 +238,14 @@ def speedup(times: Sequence[float], baseline_times: Sequence[float], n_boot: int
 # ---------------------------------------------------------------- verdicts
 
 
-def _listing(estimates: Sequence[tuple[str, Estimate]]) -> str:
+def _listing(estimates: Sequence[tuple[str, Interval]]) -> str:
     hows = {e.how for _, e in estimates}
     if len(hows) == 1:  # say the method once when all share it
         return "; ".join(f"{name} {e}" for name, e in estimates) + f" ({hows.pop()})"
     return "; ".join(f"{name} {e} ({e.how})" for name, e in estimates)
 
 
-def rank(question: str, estimates: Mapping[str, Estimate], higher_is_better: bool = True) -> Verdict:
+def rank(question: str, estimates: Mapping[str, Interval], higher_is_better: bool = True) -> Verdict:
     """The best by mean, alone if its interval overlaps no other's; else the tied names, as
     "not distinguishable at this budget: best, tied...". Independent of the mapping's order."""
     if not estimates:
@@ -273,14 +263,14 @@ def rank(question: str, estimates: Mapping[str, Estimate], higher_is_better: boo
                    evidence + f"; {', '.join(tied)} overlap{'s' if len(tied) == 1 else ''} {best_name}'s interval")
 
 
-def compare(question: str, name_a: str, a: Estimate, name_b: str, b: Estimate,
+def compare(question: str, name_a: str, a: Interval, name_b: str, b: Interval,
             higher_is_better: bool = True) -> Verdict:
     """rank() of two separately estimated results (e.g. two losses over seeds). For two variants
     scored on the same images use threshold(paired_difference(...), 0.0, ...) instead: tighter."""
     return rank(question, {name_a: a, name_b: b}, higher_is_better)
 
 
-def threshold(question: str, est: Estimate, floor: float, context: str = "") -> Verdict:
+def threshold(question: str, est: Interval, floor: float, context: str = "") -> Verdict:
     """"yes" if the whole interval is above `floor`, "no" if it is wholly below, otherwise not
     distinguishable. E.g. an int8 drop kept within 1 point: threshold(q, paired_difference(int8,
     fp32), -1.0); pruning buys speed: threshold(q, speedup(pruned, dense), 1.0). `context` is
@@ -295,38 +285,47 @@ def threshold(question: str, est: Estimate, floor: float, context: str = "") -> 
     return Verdict(question, answer, evidence + (f"; {context}" if context else ""))
 
 
-def recommendation_bar(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float) -> tuple[str, float]:
-    """(the most accurate candidate, ties broken by name; the bar a candidate's interval must
-    reach to be eligible: the best's low end less `tolerance`). See recommend."""
-    best_name, (best, _) = max(sorted(candidates.items()), key=lambda kv: kv[1][0].mean)
-    return best_name, best.low - tolerance
+@dataclass(frozen=True)
+class Recommendation:
+    """recommend_deployment's answer: the verdict (its answer is the pick), the most accurate
+    candidate and the bar a candidate's interval had to reach."""
+
+    verdict: Verdict
+    best: str
+    bar: float
+
+    @property
+    def pick(self) -> str:
+        return self.verdict.answer
 
 
-def recommend(candidates: Mapping[str, tuple[Estimate, float]], tolerance: float,
-              question: str = "Which model to deploy?") -> Verdict:
+Candidate = tuple[str, tuple[Interval, float]]  # name, (mIoU interval in points, latency in ms)
+
+
+def recommend_deployment(candidates: Mapping[str, tuple[Interval, float]] | Sequence[Candidate], tolerance: float,
+                         question: str = "Which model to deploy?", context: str = "") -> Recommendation:
     """The fastest model not distinguishable from the most accurate one, `tolerance` points
     allowed: a model is eligible when its interval reaches the best's interval less the tolerance
-    (est.high >= best.low - tolerance), the overlap rule of every other verdict; a bar at the best's
-    mean would move with the best's seed luck. candidates: name -> (mIoU estimate in points,
-    latency in ms)."""
+    (high >= best.low - tolerance), the overlap rule of every other verdict; a bar at the best's
+    mean would move with the best's seed luck. candidates: name -> (mIoU interval in points,
+    latency in ms), or such pairs (a name measured twice, by two notebooks, is two candidates); ties
+    break by name. `context` is appended to the evidence (e.g. the seed noise)."""
     if not candidates:
-        raise ValueError("recommend needs at least one candidate")
-    items = sorted(candidates.items())  # by name first: equal means/latencies break ties by name
-    best_name, bar = recommendation_bar(candidates, tolerance)
-    best = candidates[best_name][0]
+        raise ValueError("recommend_deployment needs at least one candidate")
+    pairs = candidates.items() if isinstance(candidates, Mapping) else candidates
+    items = sorted(pairs, key=lambda kv: kv[0])  # by name first: equal means/latencies break ties by name
+    best_name, (best, best_ms) = max(items, key=lambda kv: kv[1][0].mean)
+    bar = best.low - tolerance
     eligible = [(name, e, ms) for name, (e, ms) in items if e.high >= bar]
-    excluded = [(name, e, ms) for name, (e, ms) in items if e.high < bar]
+    excluded = [name for name, (e, _) in sorted(items, key=lambda kv: kv[1][1]) if e.high < bar]
     pick, pick_est, pick_ms = min(eligible, key=lambda t: (t[2], -t[1].mean))
-
-    def listing(rows):
-        return ", ".join(f"{name} {e} at {ms:.3g} ms" for name, e, ms in sorted(rows, key=lambda t: t[2]))
-
-    evidence = (f"best mIoU {best_name} {best} ({best.how}); eligible (interval reaches {_fmt(bar)}, "
-                f"{tolerance:g} point{'' if tolerance == 1 else 's'} below the best's interval): {listing(eligible)}")
+    evidence = (f"{pick} {pick_est} at {pick_ms:.3g} ms, the fastest of {len(eligible)} of {len(items)} models "
+                f"eligible (interval reaches {_fmt(bar)}, {tolerance:g} point{'' if tolerance == 1 else 's'} "
+                f"below the best's interval): the best {best_name} {best} at {best_ms:.3g} ms")
     if excluded:
-        evidence += f"; excluded (whole interval below {_fmt(bar)}): {listing(excluded)}"
-    evidence += f"; {pick} is the fastest eligible ({pick_ms:.3g} ms)"
-    return Verdict(question, pick, evidence)
+        evidence += f"; excluded (whole interval below {_fmt(bar)}): {', '.join(excluded)}"
+    evidence += f"; intervals: {pick_est.how}" + (f"; {context}" if context else "")
+    return Recommendation(Verdict(question, pick, evidence), best_name, bar)
 
 
 def table(verdicts: Sequence[Verdict]) -> pd.DataFrame:

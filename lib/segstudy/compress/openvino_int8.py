@@ -1,0 +1,138 @@
+"""OpenVINO int8: NNCF's post-training quantization of the exported ONNX model, saved as OpenVINO IR
+(`name.xml` with its weights in `name.bin` beside it), and the compiled model that runs it.
+
+OpenVINO is the third int8 engine of notebook 05, beside torch FX and ONNX Runtime: which of them
+is fastest depends on the CPU (docs/results.md), so the study times them in turn and deploys the
+fastest servable one (studies/int8_choice.py). Where OpenVINO cannot run,
+`unavailable()` says why in one line and the study goes on without its rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from segstudy.compress.quantize import calibration_batches
+from segstudy.engine import measure
+from segstudy.errors import UserError
+
+SUFFIX = ".xml"  # the IR's graph; its weights are the file of the same name with WEIGHTS_SUFFIX
+WEIGHTS_SUFFIX = ".bin"
+
+
+def _nncf():
+    # NNCF sends usage telemetry (Google Analytics) unless NNCF_CI or NNCF_DEV is set, its only switch
+    # (nncf/telemetry/wrapper.py, read at import): a run of the study sends nothing
+    os.environ.setdefault("NNCF_CI", "1")
+    import nncf
+
+    return nncf
+
+
+def unavailable() -> str | None:
+    """Why OpenVINO cannot run int8 here, in words (not installed, no CPU device), or None."""
+    try:
+        _nncf()
+        import openvino as ov
+    except ImportError as exc:
+        return f"OpenVINO is not installed ({exc}); install the lock (requirements.lock) to time it"
+    try:
+        devices = ov.Core().available_devices
+    except RuntimeError as exc:  # the CPU plugin refuses a CPU without the instructions it needs
+        return f"OpenVINO cannot start on this CPU ({str(exc).splitlines()[0]})"
+    return None if "CPU" in devices else f"OpenVINO finds no CPU device (only {devices})"
+
+
+def weights_file(xml: str | Path) -> Path:
+    """The weights file of the IR whose graph is `xml`."""
+    return Path(xml).with_suffix(WEIGHTS_SUFFIX)
+
+
+class _Images:
+    """The calibration images as NNCF's data source: one image at a time (calibration_batches), and
+    iterable again, since NNCF may pass over its dataset more than once."""
+
+    def __init__(self, images: Sequence[torch.Tensor]):
+        self.images = images
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (np.ascontiguousarray(b.float().numpy()) for b in calibration_batches(self.images))
+
+
+def quantize_int8(fp32_onnx: str | Path, path: str | Path, images: Sequence[torch.Tensor]) -> Path:
+    """OpenVINO int8 IR at `path` (.xml, its .bin beside it) from an fp32 ONNX file: NNCF's default
+    post-training quantization (symmetric int8 activations, per-channel weights, fast bias
+    correction) with its statistics over every one of `images` ((3, H, W) images or (N, 3, H, W)
+    batches, read one image at a time)."""
+    import openvino as ov
+
+    nncf = _nncf()
+    path = Path(path)
+    if path.suffix != SUFFIX:
+        raise UserError(f"an OpenVINO model is saved as {SUFFIX} (and .bin): {path}")
+    data = _Images(images)
+    count = sum(1 for _ in calibration_batches(images))  # an empty or malformed set fails here, before any work
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # its per-step progress bars would fill the notebook
+    quantized = nncf.quantize(ov.Core().read_model(str(fp32_onnx)), nncf.Dataset(data), subset_size=count)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # the pair replaces the old one only when written
+        ov.save_model(quantized, str(Path(tmp) / path.name), compress_to_fp16=False)
+        os.replace(Path(tmp) / weights_file(path).name, weights_file(path))
+        os.replace(Path(tmp) / path.name, path)  # the graph last: an .xml beside its weights is complete
+    return path
+
+
+def compiled(path: str | Path, threads: int = 0):
+    """The IR (or an ONNX file) compiled for the CPU for batch-1 latency: one stream of `threads`
+    threads (0: torch's current count, so every engine gets the same cores)."""
+    import openvino as ov
+
+    try:
+        return ov.Core().compile_model(str(path), "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()})
+    except RuntimeError as exc:  # OpenVINO's own errors: a missing .bin, a file of another kind
+        raise UserError(f"{path} is not a loadable OpenVINO model ({str(exc).splitlines()[0]}); keep its "
+                        f"{weights_file(path).name} beside it, or quantize it again (notebook 05)") from exc
+
+
+def inference_precision(model) -> str:
+    """The precision OpenVINO runs the layers that int8 does not cover in (bf16 where the CPU has it)."""
+    return str(model.get_property("INFERENCE_PRECISION_HINT"))
+
+
+class OvModule(nn.Module):
+    """A compiled OpenVINO model behind a segstudy model's interface (image tensor in, {"out": logits}
+    out), so the same validation loop scores it beside PyTorch and ONNX Runtime."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.request = model, model.create_infer_request()
+
+    def run(self, image: np.ndarray) -> np.ndarray:
+        """The logits of one float32 (N, 3, H, W) array, held by the request until its next run."""
+        return self.request.infer({0: image})[0]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        image = np.ascontiguousarray(x.detach().cpu().float().numpy())
+        return {"out": torch.from_numpy(self.run(image).copy())}
+
+
+def latency(module: OvModule, height: int, width: int, warmup: int = 2, iters: int = 5) -> dict:
+    """Batch-1 run time of the bare request, the same shape of result as measure.latency."""
+    x = np.random.default_rng(0).standard_normal((1, 3, height, width), dtype=np.float32)
+    timed = measure.timed_in_turn({"ov": lambda: module.run(x)}, warmup, iters, size=f"{width}x{height}")["ov"]
+    return timed | {"threads": int(module.model.get_property("INFERENCE_NUM_THREADS")), "device": "cpu (openvino)"}
+
+
+def ov_version() -> str:
+    import openvino as ov
+
+    return ov.get_version()
