@@ -14,7 +14,7 @@ echo "[run_all] profile $profile finished in $(( $(date +%s) - start )) s"
 out=$(python - "$profile" "$@" <<'PY'
 import sys
 from segstudy.cli import build_parser
-from segstudy.config import load_config, parse_overrides
+from segstudy.config_profiles import load_config, parse_overrides
 args = build_parser().parse_args(["run", "--profile", *sys.argv[1:]])
 print(load_config(args.profile, parse_overrides(args.set)).output_dir)
 PY
