@@ -299,8 +299,9 @@ def test_openvino_int8_agrees_with_fp32_is_deterministic_and_served(cfg, trained
     OpenVINO loaded into the test process made a later test of the suite die of SIGSEGV."""
     monkeypatch.setattr(quantize, "EXAMPLE_SIZE", (32, 64))
     onnx_export.export(trained, tmp_path / "m.onnx", calib[0][None])
-    torch.save({"state": trained.state_dict(), "calib": [calib[i] for i in range(len(calib))],
-                "val": quantize.validation_images(cfg, 3)}, tmp_path / "inputs.pt")
+    plain = [calib[i].as_subclass(torch.Tensor) for i in range(len(calib))]  # no tv_tensors: weights_only loads it
+    val = [x.as_subclass(torch.Tensor) for x in quantize.validation_images(cfg, 3)]
+    torch.save({"state": trained.state_dict(), "calib": plain, "val": val}, tmp_path / "inputs.pt")
     child = multiprocessing.get_context("spawn").Process(target=_openvino_checks, args=(str(tmp_path),))
     child.start()
     child.join(300)

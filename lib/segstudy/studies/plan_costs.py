@@ -32,11 +32,12 @@ CPU_EFFICIENCY = 0.3  # convolution training's share of a CPU's matrix-multiply 
 # Seconds per image of each CPU engine as a multiple of one fp32 eager forward of the same model at the
 # same size and thread count: timed side by side in one process for the full profile's custom model on
 # a Zen 5 EPYC (int8 torch FX 5.04x faster at 2048x1024, ONNX Runtime int8 5.7x at 512x256, ...; ONNX
-# Runtime's calibration: the rehearsal's 40 s per image), each figure's size and threads in
-# docs/results.md ("How long will the full profile take").
+# Runtime's calibration: the rehearsal's 40 s per image; OpenVINO int8 0.17 at 1024x512 timed in turn, its
+# NNCF calibration 3.8 with the demo's 32 images at 256x128, notebook 05 on the Zen 5, 2026-12-07), each
+# figure's size and threads in docs/results.md ("How long will the full profile take").
 CPU_COST = {"fp32": 1.0, "bf16": 1.1, "int8 torch FX": 0.2, "ONNX Runtime fp32": 1.3, "int8 ONNX Runtime": 0.17,
-            "int8 OpenVINO": 0.18, "calibrate histogram": 1.5, "calibrate minmax": 1.4,
-            "calibrate ONNX Runtime": 2.5, "calibrate OpenVINO": 2.0}
+            "int8 OpenVINO": 0.17, "calibrate histogram": 1.5, "calibrate minmax": 1.4,
+            "calibrate ONNX Runtime": 2.5, "calibrate OpenVINO": 3.8}
 
 
 @dataclasses.dataclass(frozen=True)
