@@ -64,6 +64,12 @@ def latencies(models: dict[str, nn.Module], height: int = 512, width: int = 1024
         return timed_in_turn(runners, warmup, iters, device, f"{width}x{height}")
 
 
+# a pause before each timed call: ONNX Runtime's pool threads spin for a while after a run, and in turn
+# they slowed whatever ran next (OpenVINO int8 read 1.15x ONNX Runtime's time right after it, 0.93x alone:
+# docs/results.md, 2026-12-07); a served model, too, starts a request on idle cores
+SETTLE_S = 0.05
+
+
 def timed_in_turn(runners: dict[str, Callable[[], object]], warmup: int, iters: int,
                   device: str | torch.device = "cpu", size: str = "") -> dict[str, dict]:
     """Each runner (one forward pass of a model, an ONNX Runtime session, ...) called in turn, one
@@ -74,6 +80,7 @@ def timed_in_turn(runners: dict[str, Callable[[], object]], warmup: int, iters: 
     for i in range(warmup + iters):
         for name, run in runners.items():
             _sync(device)
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             run()
             _sync(device)
