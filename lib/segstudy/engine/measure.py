@@ -65,8 +65,8 @@ def latencies(models: dict[str, nn.Module], height: int = 512, width: int = 1024
 
 
 # a pause before each timed call: ONNX Runtime's pool threads spin for a while after a run, and in turn
-# they slowed whatever ran next (OpenVINO int8 read 1.15x ONNX Runtime's time right after it, 0.93x alone:
-# docs/results.md, 2026-12-07); a served model, too, starts a request on idle cores
+# they slowed whatever ran next, enough to reverse the order of two int8 engines (docs/results.md, "What
+# does int8 buy?"); a served model, too, starts a request on idle cores
 SETTLE_S = 0.05
 
 
