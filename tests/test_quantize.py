@@ -9,7 +9,8 @@ difference is below 5% of the mean absolute fp32 logit; ORT fp32 matches torch t
 
 from __future__ import annotations
 
-import multiprocessing
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -302,10 +303,12 @@ def test_openvino_int8_agrees_with_fp32_is_deterministic_and_served(cfg, trained
     plain = [calib[i].as_subclass(torch.Tensor) for i in range(len(calib))]  # no tv_tensors: weights_only loads it
     val = [x.as_subclass(torch.Tensor) for x in quantize.validation_images(cfg, 3)]
     torch.save({"state": trained.state_dict(), "calib": plain, "val": val}, tmp_path / "inputs.pt")
-    child = multiprocessing.get_context("spawn").Process(target=_openvino_checks, args=(str(tmp_path),))
-    child.start()
-    child.join(300)
-    assert child.exitcode == 0  # its assertion's traceback is in the captured stderr
+    # a fresh interpreter, not multiprocessing's spawn: that would inherit this process's sys.path, where
+    # an earlier test's MLflow model put its logged copy of segstudy (with no params/) first
+    child = subprocess.run([sys.executable, "-c", f"from tests.test_quantize import _openvino_checks; "
+                            f"_openvino_checks({str(tmp_path)!r})"], cwd=Path(__file__).parents[1],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
 
 
 def _openvino_checks(folder: str) -> None:
@@ -364,8 +367,6 @@ def test_deployed_int8_is_the_fastest_within_the_loss_bar():
 
 
 def test_without_openvino_its_rows_are_left_out_with_one_line(tmp_path, monkeypatch):
-    import sys
-
     from segstudy.compress import openvino_int8
     from segstudy.deploy import inference
 
