@@ -136,15 +136,11 @@ def _openvino_engine(path: Path) -> Engine:
     why = openvino_int8.unavailable()
     if why:
         raise UserError(f"{path} is an OpenVINO model; {why}")
-    module = openvino_int8.OvModule(openvino_int8.compiled(path, torch.get_num_threads()))
+    module = openvino_int8.OvModule(openvino_int8.compiled(path))  # torch's thread count, as ONNX's session
     shape = module.model.input(0).get_partial_shape()
     fixed = (shape[2].get_length(), shape[3].get_length()) if shape.rank.get_length() == 4 and shape[2].is_static \
         and shape[3].is_static else None
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(module.run(np.ascontiguousarray(x.numpy())).copy())
-
-    return Engine("openvino", str(path), run, fixed)
+    return Engine("openvino", str(path), lambda x: module(x)["out"], fixed)
 
 
 def decode_image(data: bytes, what: str = "image", limits: SizeLimits | None = None) -> np.ndarray:
