@@ -10,7 +10,8 @@ import subprocess
 import pytest
 import torch
 
-from segstudy.engine.device import autocast_dtype, resolve_device
+from segstudy.engine import device
+from segstudy.engine.device import autocast_dtype, cpu_trains_bf16_faster, resolve_device
 from segstudy.errors import UserError
 from tests.test_environment import ROOT, fake_nvidia_smi, fake_venv
 
@@ -23,6 +24,20 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypat
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert autocast_dtype("auto", CUDA) == torch.bfloat16  # Ampere and newer
     assert autocast_dtype("bf16", CUDA) == torch.bfloat16 and autocast_dtype("fp16", CUDA) == torch.float16
+
+
+@pytest.mark.parametrize(("vendor", "flags", "bf16"), [
+    ("GenuineIntel", {"avx512_bf16": True, "amx_bf16": True}, True),    # Xeon with AMX
+    ("GenuineIntel", {"avx512_bf16": True, "amx_bf16": False}, False),  # Xeon with AVX-512 BF16, no AMX
+    ("AuthenticAMD", {"avx512_bf16": True, "amx_bf16": False}, True),   # Zen 4, Zen 5
+    ("AuthenticAMD", {"avx512_bf16": False, "amx_bf16": False}, False),  # Zen 3: AVX2 only
+])
+def test_auto_precision_on_a_cpu_is_bf16_on_the_kinds_where_it_trains_faster(monkeypatch, vendor, flags, bf16):
+    info = {"cpu": "test", "vendor": vendor, "threads": 2, **flags}
+    assert cpu_trains_bf16_faster(info) is bf16
+    monkeypatch.setattr(device, "cpu_info", lambda: info)
+    assert autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if bf16 else None)
+    assert autocast_dtype("none", torch.device("cpu")) is None
 
 
 @pytest.fixture

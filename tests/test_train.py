@@ -74,9 +74,10 @@ def test_resume_is_exact(tmp_path, tiny_root):
     assert resumed["final"]["train_loss"] == full["final"]["train_loss"]
 
 
-def test_same_seed_same_metrics(tmp_path, tiny_root):
-    a = train(_cfg(tmp_path / "a", tiny_root), progress=False)
-    b = train(_cfg(tmp_path / "b", tiny_root), progress=False)
+@pytest.mark.parametrize("amp", ["none", "bf16"])  # bf16: what train.amp auto picks on some CPUs
+def test_same_seed_same_metrics(tmp_path, tiny_root, amp):
+    a = train(_cfg(tmp_path / "a", tiny_root, **{"train.amp": amp}), progress=False)
+    b = train(_cfg(tmp_path / "b", tiny_root, **{"train.amp": amp}), progress=False)
     assert a["final"]["val_iou"] == b["final"]["val_iou"]
 
 

@@ -57,17 +57,24 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def cpu_trains_bf16_faster(info: dict | None = None) -> bool:
+    """The CPU kinds where bf16 autocast trains faster than fp32, as measured side by side
+    (`benchmarks/bench_models.py --precisions none bf16`, docs/results.md "Which precision trains
+    fastest on a CPU?"): those with AMX, and AMD's with AVX-512 BF16 (Zen 4, Zen 5). An Intel Xeon
+    with AVX-512 BF16 but no AMX trained slower in bf16; a CPU without AVX-512 BF16 emulates it."""
+    info = info or cpu_info()
+    return info["amx_bf16"] or (info["avx512_bf16"] and info.get("vendor") == "AuthenticAMD")
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """auto: bf16 on GPUs that run it natively (Ampere and newer), fp16 on older ones (V100, T4:
-    torch emulates bf16 there, slowly; the training scales fp16 losses with GradScaler), bf16 on
-    CPUs with AMX, full precision on other CPUs. AVX-512 BF16 alone is not enough: without AMX,
-    bf16 autocast trained at 0.78-0.84x the img/s of fp32 (bench_models.py --precisions,
-    docs/results.md)."""
+    torch emulates bf16 there, slowly; the training scales fp16 losses with GradScaler); on CPUs,
+    `cpu_trains_bf16_faster`."""
     if amp == "auto":
         if device.type == "cuda":
             native = torch.cuda.is_bf16_supported(including_emulation=False)
             return torch.bfloat16 if native else torch.float16
-        return torch.bfloat16 if cpu_info()["amx_bf16"] else None
+        return torch.bfloat16 if cpu_trains_bf16_faster() else None
     if amp == "none":
         return None
     if amp == "bf16":

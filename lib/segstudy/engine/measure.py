@@ -16,17 +16,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def cpu_info() -> dict:
-    """CPU model, the ISA flags int8/bf16 speed depends on, and the thread count in use."""
-    model, flags = platform.processor() or "unknown", set()
+    """CPU model and vendor, the ISA flags int8/bf16 speed depends on, and the thread count in use."""
+    model, vendor, flags = platform.processor() or "unknown", "unknown", set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "x86_64", ""):
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+            elif line.startswith("model name") and model in ("unknown", "x86_64", ""):
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    return {"cpu": model, "threads": torch.get_num_threads(),
+    return {"cpu": model, "vendor": vendor, "threads": torch.get_num_threads(),
             **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")}}
 
 

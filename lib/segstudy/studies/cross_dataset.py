@@ -66,7 +66,8 @@ def _per_image(cfg: Config, name: str, result: dict, dataset: str) -> np.ndarray
     cfg_d = derive(cfg, {"data": dataclasses.asdict(data)})
     if dataset == cfg.data.dataset:
         trained = mixed_config(cfg) if "+" in name else cfg
-        kept = evaluation.from_training(Path(result["checkpoint_best"]).parent, trained)
+        kept = evaluation.from_training(Path(result["checkpoint_best"]).parent, trained, amp=cfg.train.amp,
+                                        channels_last=cfg.train.channels_last)
         if kept is not None:
             return kept["per_image"]
     # the precision and memory layout the training validated with (bf16 on a GPU box, channels_last)
