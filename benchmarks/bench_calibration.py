@@ -162,8 +162,7 @@ def main() -> None:
 
     threads = quantize.set_threads(args.threads)
     info = measure.cpu_info()
-    print(f"CPU: {info['cpu']}  threads: {threads}  " +
-          "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.items() if k not in ("cpu", "threads")))
+    print(measure.cpu_line(info, threads))
     cfg = full_profile()
     what = (f"before issue 34 (quantize_static / FX at batch {args.batch or cfg.data.batch_size})" if args.before
             else "onnx_export.quantize_int8 / quantize.fx_ptq (one image at a time)")

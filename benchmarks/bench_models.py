@@ -40,8 +40,7 @@ def main() -> None:
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.train.amp, device)
     info = measure.cpu_info()
-    print(f"CPU: {info['cpu']}  threads: {info['threads']}  " +
-          "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.items() if k not in ("cpu", "threads")))
+    print(measure.cpu_line(info))
     print(f"torch {torch.__version__}, device {device}; latency: batch 1 at {args.width}x{args.height}, "
           f"median of {args.iters}; training: batch {cfg.data.batch_size} at crop {cfg.data.crop_size}, "
           f"amp {cfg.train.amp} ({amp}), channels_last {cfg.train.channels_last}")

@@ -60,8 +60,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.params, {"tracking.backend": "none"})
     info = measure.cpu_info()
-    print(f"CPU: {info['cpu']}  threads: {info['threads']}  " +
-          "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.items() if k not in ("cpu", "threads")))
+    print(measure.cpu_line(info))
     saved = cfg.output_dir / "04_pruning_sweeps" / pruning_sweeps.SAVED
     results = cfg.output_dir / "04_pruning_sweeps" / "results.json"
     if not saved.is_file() or not results.is_file():

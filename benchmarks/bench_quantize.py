@@ -54,8 +54,7 @@ def main() -> None:
     n_calib = args.calib or cfg.quant.calib_images
     threads = quantize.set_threads(args.threads if args.threads is not None else cfg.quant.threads)
     info = measure.cpu_info()
-    print(f"CPU: {info['cpu']}  threads: {threads}  " +
-          "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.items() if k not in ("cpu", "threads")))
+    print(measure.cpu_line(info, threads))
     print(f"torch {torch.__version__} (quantized engine {quantize.BACKEND}), onnxruntime "
           f"{onnx_export.ort.__version__}; batch 1 at {w}x{h}, median of {iters} after {warmup} warm-up")
 

@@ -279,8 +279,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the server it started
     cfg = load_config(args.params)
     info = measure.cpu_info()
-    print(f"CPU: {info['cpu']}  threads: {info['threads']}  " +
-          "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.items() if k not in ("cpu", "threads")))
+    print(measure.cpu_line(info))
     load1 = os.getloadavg()[0]
     print(f"load average (1 min) at start: {load1:.2f}" + ("  (machine busy: figures are not reliable)"
                                                            if load1 > 1.5 else ""))

@@ -32,6 +32,13 @@ def cpu_info() -> dict:
             **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")}}
 
 
+def cpu_line(info: dict | None = None, threads: int | None = None) -> str:
+    """The line every benchmark opens with: the CPU, its vendor and thread count, and each ISA flag."""
+    info = info or cpu_info()
+    flags = "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.items() if k not in ("cpu", "vendor", "threads"))
+    return f"CPU: {info['cpu']} ({info['vendor']})  threads: {threads or info['threads']}  {flags}"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
