@@ -329,6 +329,12 @@ def _openvino_checks(folder: str) -> None:
     # the same weights and ranges (the graph's auto-generated node names count up in the process)
     assert openvino_int8.weights_file(first).read_bytes() == openvino_int8.weights_file(again).read_bytes()
     assert sorted(p.name for p in first.parent.iterdir()) == ["int8.bin", "int8.xml"]  # no temporary left
+    # images are counted by len(), so a batch in their place is refused, not read as one image of many
+    with pytest.raises(UserError, match=r"OpenVINO calibration image 0 is a shape \(2, 3, .*one per item"):
+        openvino_int8.quantize_int8(fp32_path, tmp_path / "c" / "int8.xml", [torch.stack(calib[:2])])
+    with pytest.raises(UserError, match="the calibration set is empty"):
+        openvino_int8.quantize_int8(fp32_path, tmp_path / "c" / "int8.xml", [])
+    assert not (tmp_path / "c").exists()
     module = openvino_int8.OvModule(openvino_int8.compiled(first, 2))
     torch.testing.assert_close(module(val[0][None])["out"], openvino_int8.OvModule(
         openvino_int8.compiled(again, 2))(val[0][None])["out"], rtol=0, atol=0)

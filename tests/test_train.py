@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from segstudy import interrupts
 from segstudy.config_profiles import load_config
 from segstudy.engine.measure import parameters
 from segstudy.engine.training import train
@@ -79,6 +80,23 @@ def test_same_seed_same_metrics(tmp_path, tiny_root, amp):
     a = train(_cfg(tmp_path / "a", tiny_root, **{"train.amp": amp}), progress=False)
     b = train(_cfg(tmp_path / "b", tiny_root, **{"train.amp": amp}), progress=False)
     assert a["final"]["val_iou"] == b["final"]["val_iou"]
+
+
+class _InterruptedWhileFinalized:
+    """Ctrl-C arriving while Python runs a finalizer (SQLAlchemy's pool did it in a tuning worker)."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_training(tmp_path, tiny_root):
+    cfg = _cfg(tmp_path, tiny_root, **{"train.epochs": 1})
+    with interrupts.remembered():  # what the command line's main holds
+        _InterruptedWhileFinalized()  # its KeyboardInterrupt is printed as "Exception ignored" and dropped
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)  # stopped at its first batch instead of running on
+    assert not (tmp_path / "out" / "smoke" / "runs" / "custom" / "checkpoint_best.pt").exists()
+    interrupts.check()  # nothing is remembered outside it
 
 
 def test_failed_retries_never_replace_a_finished_run(tmp_path, tiny_root):

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from segstudy import interrupts
 from segstudy.config import DATASETS, SynthConfig
 from segstudy.errors import UserError
 
@@ -367,7 +368,8 @@ _CONTINUE = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with interrupts.remembered():
+            args.func(args)
     except UserError as exc:
         print(f"segstudy {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -56,21 +56,32 @@ def weights_file(xml: str | Path) -> Path:
 
 
 class _Images:
-    """The calibration images as NNCF's data source: one image at a time (calibration_batches), and
-    iterable again, since NNCF may pass over its dataset more than once."""
+    """The calibration images as NNCF's data source: one (3, H, W) image per item, so that len()
+    counts them for NNCF's subset_size without reading any, and iterable again, since NNCF may pass
+    over its dataset more than once."""
 
     def __init__(self, images: Sequence[torch.Tensor]):
+        if not len(images):
+            calibration_batches(images)  # raises the one message for an empty calibration set
         self.images = images
 
+    def __len__(self) -> int:
+        return len(self.images)
+
     def __iter__(self) -> Iterator[np.ndarray]:
-        return (np.ascontiguousarray(b.float().numpy()) for b in calibration_batches(self.images))
+        for i, image in enumerate(self.images):
+            if not (isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3
+                    and image.is_floating_point()):
+                what = f"shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
+                raise UserError(f"OpenVINO calibration image {i} is a {what}; it takes float (3, H, W) images, one "
+                                f"per item (quantize.calibration_images gives them), normalised like the eval preset")
+            yield np.ascontiguousarray(image[None].float().numpy())
 
 
 def quantize_int8(fp32_onnx: str | Path, path: str | Path, images: Sequence[torch.Tensor]) -> Path:
     """OpenVINO int8 IR at `path` (.xml, its .bin beside it) from an fp32 ONNX file: NNCF's default
     post-training quantization (symmetric int8 activations, per-channel weights, fast bias
-    correction) with its statistics over every one of `images` ((3, H, W) images or (N, 3, H, W)
-    batches, read one image at a time)."""
+    correction) with its statistics over every one of `images` ((3, H, W) images, read one at a time)."""
     import openvino as ov
 
     nncf = _nncf()
@@ -78,9 +89,8 @@ def quantize_int8(fp32_onnx: str | Path, path: str | Path, images: Sequence[torc
     if path.suffix != SUFFIX:
         raise UserError(f"an OpenVINO model is saved as {SUFFIX} (and .bin): {path}")
     data = _Images(images)
-    count = sum(1 for _ in calibration_batches(images))  # an empty or malformed set fails here, before any work
     logging.getLogger("nncf").setLevel(logging.WARNING)  # its per-step progress bars would fill the notebook
-    quantized = nncf.quantize(ov.Core().read_model(str(fp32_onnx)), nncf.Dataset(data), subset_size=count)
+    quantized = nncf.quantize(ov.Core().read_model(str(fp32_onnx)), nncf.Dataset(data), subset_size=len(data))
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # the pair replaces the old one only when written
         ov.save_model(quantized, str(Path(tmp) / path.name), compress_to_fp16=False)

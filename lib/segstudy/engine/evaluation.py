@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
+from segstudy import interrupts
 from segstudy.config import Config
 from segstudy.data.datasets import build_dataset, build_loader
 from segstudy.data.labels import NUM_CLASSES
@@ -55,6 +56,7 @@ def confusion_over(model: nn.Module, loader, device: torch.device, amp_dtype: to
     model.eval()
     cm = ConfusionMatrix(NUM_CLASSES, device=device, per_image=per_image)
     for image, target in tqdm(loader, desc="val", leave=False, disable=not progress, mininterval=2.0):
+        interrupts.check()
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if channels_last:
             image = image.contiguous(memory_format=torch.channels_last)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from segstudy import interrupts
 from segstudy.config import Config
 from segstudy.errors import UserError
 from segstudy.models.losses import build_loss, class_weights, count_pixels, with_aux
@@ -78,6 +79,7 @@ def train_one_epoch(net: nn.Module, criterion: Callable, optimizer: torch.optim.
     seen, total, batches = 0, 0.0, 0
     since = [0, 0.0, 0]  # images, loss sum, batches since the last optimiser step
     for i, (image, target) in enumerate(loader):
+        interrupts.check()
         if i >= max_batches:
             break
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
