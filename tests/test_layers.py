@@ -10,9 +10,9 @@ import segstudy
 
 PACKAGE = Path(segstudy.__file__).parent
 # lower number = lower layer; a module may import its own layer and the ones below it
-LAYERS = {"errors": 0, "files": 0, "config": 0, "config_paths": 0, "config_profiles": 0, "config_schema": 0,
-          "tracking": 0, "data": 1, "models": 2, "engine": 3, "compress": 4, "deploy": 5, "studies": 6,
-          "notebook_runner": 7, "cli": 7, "__main__": 7, "__init__": 7}
+LAYERS = {"errors": 0, "interrupts": 0, "files": 0, "config": 0, "config_paths": 0, "config_profiles": 0,
+          "config_schema": 0, "tracking": 0, "data": 1, "models": 2, "engine": 3, "compress": 4, "deploy": 5,
+          "studies": 6, "notebook_runner": 7, "cli": 7, "__main__": 7, "__init__": 7}
 
 
 def layer_of(module: str) -> tuple[str, int]:

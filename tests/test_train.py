@@ -89,6 +89,7 @@ class _InterruptedWhileFinalized:
         signal.raise_signal(signal.SIGINT)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped one, on purpose
 def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_stops_the_training(tmp_path, tiny_root):
     cfg = _cfg(tmp_path, tiny_root, **{"train.epochs": 1})
     with interrupts.remembered():  # what the command line's main holds
