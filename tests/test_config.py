@@ -48,8 +48,10 @@ def test_unknown_key_names_key_and_valid_ones(tmp_path):
     bad.write_text("data:\n  rooot: /x\n")
     with pytest.raises(UserError, match=r"unknown key 'data.rooot'; valid keys .* root"):
         load_config(bad)
-    with pytest.raises(UserError, match="unknown key 'nonsense'"):
+    with pytest.raises(UserError, match="^--set/overrides: unknown key 'nonsense'"):  # not smoke.yaml's
         load_config("smoke", {"nonsense": 1})
+    with pytest.raises(UserError, match=r"^--set/overrides: unknown key 'prune.target_loss'; .* target_speedup"):
+        load_config("smoke", {"prune.target_loss": 2})  # removed 2026-12-07 (docs/changes.md)
 
 
 def test_wrong_type_and_missing_env(tmp_path, monkeypatch):

@@ -212,11 +212,14 @@ def check(root: type, raw: dict, source: str, where: Where) -> Any:
         raise UserError(_message(root, exc.errors(), source, where)) from None
 
 
+OVERRIDES = "--set/overrides"
+
+
 def origin(path: object, overridden: set[str]) -> Where:
     """key -> where its value came from: the --set/overrides that name it or a section above it, else the file."""
     def where(key: str) -> str:
         if any(key == k or key.startswith(f"{k}.") for k in overridden):
-            return "set by --set/overrides"
+            return f"set by {OVERRIDES}"
         return f"set in {path}"
     return where
 
@@ -237,7 +240,9 @@ def _message(root: type, errors: list, source: str, where: Where) -> str:
         *parents, name = map(str, loc)
         section = functools.reduce(lambda cls, part: _hints(cls)[part], parents, root)
         at = f"section '{'.'.join(parents)}'" if parents else "the top level"
-        return (f"{source}: unknown key '{'.'.join((*parents, name))}'; valid keys at {at}: "
+        key = ".".join((*parents, name))
+        given = OVERRIDES if where(key) == f"set by {OVERRIDES}" else source  # the key's writer, not the profile
+        return (f"{given}: unknown key '{key}'; valid keys at {at}: "
                 f"{', '.join(f.name for f in dataclasses.fields(section))}")
     try:
         key, hint, rest = _field(root, loc)
