@@ -292,3 +292,34 @@ def test_a_step_records_its_actual_seconds_next_to_the_plans(smoke):
     quantization.validate_variant(model, smoke, step=quantization.evaluate_step("fp32 eager"))
     entry = timings.read(smoke)["steps"][key]
     assert entry["planned_s"] == 10.0 and entry["actual_s"] > 0 and entry["finished_at"]
+
+
+@pytest.mark.parametrize(("vendor", "fp32", "bf16", "advice"), [
+    ("AuthenticAMD", 20.0, 33.0, None),  # the Zen 5's ratio: auto's bf16 stands
+    ("AuthenticAMD", 20.0, 12.0, "train.amp=none"),  # a CPU where the rule's bf16 trains slower
+    ("GenuineIntel", 20.0, 33.0, "train.amp=bf16"),  # a CPU where the rule's fp32 trains slower
+])
+def test_the_plan_checks_auto_precision_on_this_cpu_and_its_advice_works_as_typed(monkeypatch, capsys, vendor,
+                                                                                   fp32, bf16, advice):
+    from segstudy.config_profiles import parse_overrides
+    from segstudy.engine import device, measure
+    from segstudy.engine.device import autocast_dtype
+    from segstudy.studies import plan_costs
+
+    monkeypatch.setattr(device, "cpu_info", lambda: {"cpu": "test", "vendor": vendor, "threads": 2,
+                                                     "avx512_bf16": True, "amx_bf16": False})
+    timed = []
+    monkeypatch.setattr(measure, "train_throughput",
+                        lambda *a, amp_dtype=None, **kw: timed.append(amp_dtype) or (bf16 if amp_dtype else fp32))
+    cpu = torch.device("cpu")
+    cfg = load_config("demo", {})
+    said = plan_costs.precision_check(cfg, cpu)
+    assert timed == [None, torch.bfloat16] and f"trained at {bf16 / fp32:.2f}x fp32's img/s" in said
+    assert plan_costs.precision_check(load_config("demo", {"train.amp": "none"}), cpu) == ""  # not auto: no check
+    if advice is None:
+        assert "--set" not in said and not capsys.readouterr().out
+        return
+    assert said.endswith(f"--set {advice}") and f"--set {advice}" in capsys.readouterr().out
+    followed = load_config("demo", parse_overrides([advice]))  # the advice, as typed after --set
+    expected = None if advice.endswith("none") else torch.bfloat16
+    assert autocast_dtype(followed.train.amp, cpu) == expected != autocast_dtype(cfg.train.amp, cpu)

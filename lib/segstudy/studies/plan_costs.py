@@ -29,6 +29,12 @@ from segstudy.models.networks import build_model
 FP32_SLOWDOWN = 2.0  # QAT runs in fp32 (TF32 peak is half of bf16's on A100/H100) ...
 FAKE_QUANT_SLOWDOWN = 2.0  # ... with fake-quant observers on every layer (assumed, not measured)
 CPU_EFFICIENCY = 0.3  # convolution training's share of a CPU's matrix-multiply rate (assumed)
+# train.amp auto's choice on a CPU is a rule per CPU kind (engine/device.py); the plan times both precisions
+# on the custom model at the profile's batch (at most PRECISION_BATCH) and this crop, the demo's (about 2 s
+# on 2 cores; a smaller batch understates bf16's gain), and advises the other where it trains more than
+# AMP_MARGIN times faster
+PRECISION_CROP, PRECISION_BATCH = (96, 192), 8
+AMP_MARGIN = 1.15
 # Seconds per image of each CPU engine as a multiple of one fp32 eager forward of the same model at the
 # same size and thread count: timed side by side in one process for the full profile's custom model on
 # a Zen 5 EPYC (int8 torch FX 5.04x faster at 2048x1024, ONNX Runtime int8 5.7x at 512x256, ...; ONNX
@@ -94,7 +100,32 @@ def from_warmup(cfg: Config, models: list[str], device: torch.device, qat: bool)
     except RuntimeError as exc:  # out of memory, a missing kernel: plan from FLOPs instead
         return {}, f"(the warm-up on {device} failed: {str(exc).splitlines()[0][:120]}) "
     return costs, (f"a timed warm-up on {device_name(device)} (train.amp {cfg.train.amp}, 2 steps per model "
-                   f"after 1); QAT x{FAKE_QUANT_SLOWDOWN:g} for fake quantization (assumed)")
+                   f"after 1); QAT x{FAKE_QUANT_SLOWDOWN:g} for fake quantization (assumed)"
+                   + precision_check(cfg, device))
+
+
+def precision_check(cfg: Config, device: torch.device | None) -> str:
+    """On a CPU with train.amp auto: the custom model's training img/s in bf16 autocast against fp32,
+    timed one after the other at PRECISION_CROP (random weights), as a phrase for the plan's source;
+    where the precision auto did not choose trains AMP_MARGIN faster, the phrase and a printed line
+    say which --set to give. Empty elsewhere."""
+    if device is None or device.type != "cpu" or cfg.train.amp != "auto":
+        return ""
+    batch, (h, w) = min(cfg.data.batch_size, PRECISION_BATCH), PRECISION_CROP
+    mcfg = dataclasses.replace(cfg.model, name="custom", pretrained=False)
+    model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(mcfg))
+    fp32, bf16 = (measure.train_throughput(model, batch, h, w, steps=2, amp_dtype=dtype,
+                                           channels_last=cfg.train.channels_last) for dtype in (None, torch.bfloat16))
+    chosen = autocast_dtype("auto", device)
+    said = (f"; bf16 autocast trained at {bf16 / fp32:.2f}x fp32's img/s on this CPU "
+            f"(train.amp auto: {'bf16' if chosen else 'fp32'})")
+    advice = ("fp32 trains faster here: --set train.amp=none" if chosen is not None and fp32 > AMP_MARGIN * bf16
+              else "bf16 trains faster here: --set train.amp=bf16" if chosen is None and bf16 > AMP_MARGIN * fp32
+              else "")
+    if advice:
+        print(f"[segstudy] train.amp auto chose {'bf16' if chosen else 'fp32'} on this CPU, but {advice}", flush=True)
+        return f"{said}: {advice}"
+    return said
 
 
 def from_flops(cfg: Config, models: list[str], tflops: float, where: str = "") -> tuple[dict, str]:
