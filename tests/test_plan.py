@@ -313,9 +313,12 @@ def test_the_plan_checks_auto_precision_on_this_cpu_and_its_advice_works_as_type
                         lambda *a, amp_dtype=None, **kw: timed.append(amp_dtype) or (bf16 if amp_dtype else fp32))
     cpu = torch.device("cpu")
     cfg = load_config("demo", {})
-    said = plan_costs.precision_check(cfg, cpu)
-    assert timed == [None, torch.bfloat16] and f"trained at {bf16 / fp32:.2f}x fp32's img/s" in said
-    assert plan_costs.precision_check(load_config("demo", {"train.amp": "none"}), cpu) == ""  # not auto: no check
+    chosen = autocast_dtype(cfg.train.amp, cpu)
+    step = cfg.data.batch_size / (bf16 if chosen else fp32)  # the warm-up's step, in the chosen precision
+    said = plan_costs.precision_check(cfg, cpu, "custom", step)
+    # only the precision auto did not choose is timed again: the warm-up timed the other
+    assert timed == [None if chosen else torch.bfloat16] and f"trained custom at {bf16 / fp32:.2f}x fp32's" in said
+    assert plan_costs.precision_check(load_config("demo", {"train.amp": "none"}), cpu, "custom", step) == ""
     if advice is None:
         assert "--set" not in said and not capsys.readouterr().out
         return

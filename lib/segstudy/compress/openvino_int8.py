@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segstudy.compress.quantize import calibration_batches
+from segstudy.compress.quantize import as_calibration_batch, calibration_batches
 from segstudy.engine import measure
 from segstudy.errors import UserError
 
@@ -70,12 +70,11 @@ class _Images:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for i, image in enumerate(self.images):
-            if not (isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3
-                    and image.is_floating_point()):
-                what = f"shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
-                raise UserError(f"OpenVINO calibration image {i} is a {what}; it takes float (3, H, W) images, one "
-                                f"per item (quantize.calibration_images gives them), normalised like the eval preset")
-            yield np.ascontiguousarray(image[None].float().numpy())
+            batch = as_calibration_batch(i, image)  # the check every engine's calibration item passes
+            if image.ndim != 3:
+                raise UserError(f"OpenVINO calibration image {i} is a shape {tuple(image.shape)}; it takes float "
+                                f"(3, H, W) images, one per item (quantize.calibration_images gives them)")
+            yield np.ascontiguousarray(batch.float().numpy())
 
 
 def quantize_int8(fp32_onnx: str | Path, path: str | Path, images: Sequence[torch.Tensor]) -> Path:

@@ -91,7 +91,7 @@ class CalibrationImages(Sequence[torch.Tensor]):
         return self.dataset[self.indices[i]][0]
 
 
-def _as_batch(i: int, item: object) -> torch.Tensor:
+def as_calibration_batch(i: int, item: object) -> torch.Tensor:
     """Calibration item i as an (N, 3, H, W) float batch: a (3, H, W) image gains a batch dimension;
     anything else is a UserError saying what was found."""
     if not isinstance(item, torch.Tensor):
@@ -114,12 +114,12 @@ def calibration_batches(items: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]
     if first is None:
         raise UserError("the calibration set is empty: int8 ranges need at least one image; "
                         "set quant.calib_images >= 1 and check the training split has images")
-    first = _as_batch(0, first)
+    first = as_calibration_batch(0, first)
 
     def one_by_one() -> Iterator[torch.Tensor]:
         yield from first.split(1)
         for i, item in enumerate(items, start=1):
-            yield from _as_batch(i, item).split(1)
+            yield from as_calibration_batch(i, item).split(1)
 
     return one_by_one()
 

@@ -29,11 +29,8 @@ from segstudy.models.networks import build_model
 FP32_SLOWDOWN = 2.0  # QAT runs in fp32 (TF32 peak is half of bf16's on A100/H100) ...
 FAKE_QUANT_SLOWDOWN = 2.0  # ... with fake-quant observers on every layer (assumed, not measured)
 CPU_EFFICIENCY = 0.3  # convolution training's share of a CPU's matrix-multiply rate (assumed)
-# train.amp auto's choice on a CPU is a rule per CPU kind (engine/device.py); the plan times both precisions
-# on the custom model at the profile's batch (at most PRECISION_BATCH) and this crop, the demo's (about 2 s
-# on 2 cores; a smaller batch understates bf16's gain), and advises the other where it trains more than
-# AMP_MARGIN times faster
-PRECISION_CROP, PRECISION_BATCH = (96, 192), 8
+# train.amp auto's choice on a CPU is a rule per CPU kind (engine/device.py); the plan's warm-up also times
+# the first model in the precision auto did not choose, and advises it where it trains AMP_MARGIN times faster
 AMP_MARGIN = 1.15
 # Seconds per image of each CPU engine as a multiple of one fp32 eager forward of the same model at the
 # same size and thread count: timed side by side in one process for the full profile's custom model on
@@ -101,23 +98,24 @@ def from_warmup(cfg: Config, models: list[str], device: torch.device, qat: bool)
         return {}, f"(the warm-up on {device} failed: {str(exc).splitlines()[0][:120]}) "
     return costs, (f"a timed warm-up on {device_name(device)} (train.amp {cfg.train.amp}, 2 steps per model "
                    f"after 1); QAT x{FAKE_QUANT_SLOWDOWN:g} for fake quantization (assumed)"
-                   + precision_check(cfg, device))
+                   + precision_check(cfg, device, models[0], costs[models[0]].step))
 
 
-def precision_check(cfg: Config, device: torch.device | None) -> str:
-    """On a CPU with train.amp auto: the custom model's training img/s in bf16 autocast against fp32,
-    timed one after the other at PRECISION_CROP (random weights), as a phrase for the plan's source;
-    where the precision auto did not choose trains AMP_MARGIN faster, the phrase and a printed line
-    say which --set to give. Empty elsewhere."""
+def precision_check(cfg: Config, device: torch.device | None, name: str, step: float) -> str:
+    """On a CPU with train.amp auto: model `name`'s training img/s in bf16 autocast against fp32, the
+    precision auto chose from its warm-up `step` (seconds) and the other timed the same way now (random
+    weights, the profile's crop and batch), as a phrase for the plan's source; where the other trains
+    AMP_MARGIN faster, the phrase and a printed line say which --set to give. Empty elsewhere."""
     if device is None or device.type != "cpu" or cfg.train.amp != "auto":
         return ""
-    batch, (h, w) = min(cfg.data.batch_size, PRECISION_BATCH), PRECISION_CROP
-    mcfg = dataclasses.replace(cfg.model, name="custom", pretrained=False)
-    model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(mcfg))
-    fp32, bf16 = (measure.train_throughput(model, batch, h, w, steps=2, amp_dtype=dtype,
-                                           channels_last=cfg.train.channels_last) for dtype in (None, torch.bfloat16))
     chosen = autocast_dtype("auto", device)
-    said = (f"; bf16 autocast trained at {bf16 / fp32:.2f}x fp32's img/s on this CPU "
+    mcfg = dataclasses.replace(cfg.model, name=name, pretrained=False)
+    model = build_model(num_classes=NUM_CLASSES, **dataclasses.asdict(mcfg))
+    (h, w), batch = cfg.data.crop_size, cfg.data.batch_size
+    other = measure.train_throughput(model, batch, h, w, steps=2, amp_dtype=None if chosen else torch.bfloat16,
+                                     channels_last=cfg.train.channels_last)
+    fp32, bf16 = (other, batch / step) if chosen else (batch / step, other)
+    said = (f"; bf16 autocast trained {name} at {bf16 / fp32:.2f}x fp32's img/s on this CPU "
             f"(train.amp auto: {'bf16' if chosen else 'fp32'})")
     advice = ("fp32 trains faster here: --set train.amp=none" if chosen is not None and fp32 > AMP_MARGIN * bf16
               else "bf16 trains faster here: --set train.amp=bf16" if chosen is None and bf16 > AMP_MARGIN * fp32
