@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import io
 import json
 import os
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,13 +52,15 @@ from PIL import Image
 
 from segstudy.config_profiles import load_config
 from segstudy.data.synthetic.scene import render
-from segstudy.deploy import inference, registry
+from segstudy.deploy import inference, registry, segment_route
 from segstudy.deploy.serving import answer, serve_command, serve_env
 from segstudy.engine import measure
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import model_format
 from segstudy.studies import results_files
 from segstudy.tracking import mlflow_uri
+
+ROUTES = {"segment": segment_route.PATH, "invocations": "/invocations"}  # the server's two routes that segment
 
 
 def deployed_int8(cfg) -> Path | None:
@@ -113,9 +117,10 @@ def make_int8(checkpoint: Path, images: list[Image.Image], base_size: int, out_d
     return int8
 
 
-def forward_ms(engine: inference.Engine, x: torch.Tensor, iters: int) -> list[float]:
+def forward_ms(engine: inference.Engine, x: torch.Tensor, iters: int, warmup: bool = True) -> list[float]:
     """Times (ms) of the network's own forward pass on a pre-processed tensor: the bare model."""
-    engine.run(x)
+    if warmup:
+        engine.run(x)
     times = []
     for _ in range(iters):
         t = time.perf_counter()
@@ -126,42 +131,56 @@ def forward_ms(engine: inference.Engine, x: torch.Tensor, iters: int) -> list[fl
 
 def request_stages(engine: inference.Engine, payload: str, base_size: int, iters: int) -> dict[str, float]:
     """Median ms of each stage of the served path, run in this process on one base64 request image:
-    what the server adds besides HTTP, JSON and MLflow's DataFrame handling."""
-    stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "forward": [], "postprocess": [], "total": []}
+    what the server adds besides HTTP, JSON and MLflow's DataFrame handling. "segment" is
+    inference.segment: pre-processing, the forward pass and the argmax (all inside the engine where it
+    takes them: OpenVINO, for an image at the network's size)."""
+    stages: dict[str, list[float]] = {"decode": [], "segment": [], "answer": [], "total": []}
     for i in range(iters + 1):
         t0 = time.perf_counter()
         image = inference.decode_base64_image(payload)
         t1 = time.perf_counter()
-        x = inference.preprocess(image, base_size)
+        train_ids = inference.segment(engine, image, base_size)
         t2 = time.perf_counter()
-        logits = engine.run(x)
+        answer(train_ids)
         t3 = time.perf_counter()
-        answer(inference.postprocess(logits, *image.shape[:2]))
-        t4 = time.perf_counter()
         if i:  # the first pass warms up
-            for name, (a, b) in zip(stages, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t0, t4)]):
+            for name, (a, b) in zip(stages, [(t0, t1), (t1, t2), (t2, t3), (t0, t3)]):
                 stages[name].append(1000 * (b - a))
     return {name: statistics.median(v) for name, v in stages.items()}
 
 
-def server_work_ms(uri: str, body: bytes, logits: torch.Tensor, iters: int) -> float:
-    """Median ms of MLflow's scoring function on one request (JSON, DataFrame, decode, pre- and
-    post-processing, the answer's JSON) with the network replaced by its result: what the server
+def server_work_ms(uri: str, requests: dict[str, bytes], engine: inference.Engine, image: np.ndarray,
+                   base_size: int, iters: int) -> dict[str, float]:
+    """Median ms, per route, of the server's handling of one request in this process with the network
+    replaced by its result: MLflow's scoring function for /invocations (JSON, DataFrame, decode, pre-
+    and post-processing, the answer's JSON), the model's segment_file for /segment. What the server
     does per request besides the forward pass and the HTTP transport, free of the forward's
-    run-to-run noise, so it can be compared across machines and against the 1.3x budget."""
+    run-to-run noise, so it can be compared across machines and against the budget."""
     from mlflow.pyfunc import load_model, scoring_server
 
     model = load_model(uri)
-    model.unwrap_python_model().engine.run = lambda x: logits
+    served = model.unwrap_python_model().engine
+    logits = engine.run(inference.preprocess(image, base_size))
+    served.run = lambda _: logits
+    if served.image_classes is not None:  # the whole path inside the engine
+        ids = inference.segment(engine, image, base_size)
+        served.image_classes = lambda _: ids
     schema = model.metadata.get_input_schema()
-    times = []
-    for i in range(iters + 1):
-        t = time.perf_counter()
-        scored = scoring_server.invocations(body, "application/json", model, schema)
-        if i:  # the first pass warms up
-            times.append(1000 * (time.perf_counter() - t))
+
+    def invocations() -> None:
+        scored = scoring_server.invocations(requests["invocations"], "application/json", model, schema)
         assert scored.status == 200, scored.response[:500]
-    return statistics.median(times)
+
+    calls = {"invocations": invocations, "segment": lambda: model.unwrap_python_model().segment_file(
+        requests["segment"])}
+    times: dict[str, list[float]] = {route: [] for route in requests}
+    for i in range(iters + 1):
+        for route in requests:
+            t = time.perf_counter()
+            calls[route]()
+            if i:  # the first pass warms up
+                times[route].append(1000 * (time.perf_counter() - t))
+    return {route: statistics.median(v) for route, v in times.items()}
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:
@@ -170,9 +189,9 @@ def encode(image: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def post(url: str, body: bytes) -> float:
+def post(url: str, body: bytes, content_type: str = "application/json") -> float:
     t = time.perf_counter()
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
     with urllib.request.urlopen(req, timeout=120) as r:
         r.read()
         assert r.status == 200, r.status
@@ -249,6 +268,35 @@ def metrics_overhead(uri: str, tracking_uri: str, bodies: list[bytes], requests:
             "round_ratio": statistics.median(ratios)}
 
 
+def served_loops(url: str, requests: dict[str, tuple[list[bytes], str]], concurrency: list[int], n: int,
+                 proc: subprocess.Popen, bare: Callable[[], float]) -> list[dict]:
+    """`n` requests per route and concurrency: their p50, p95, images/s, the others' CPU, and at
+    concurrency 1 the bare forward timed in this process before each request (the server idle
+    meanwhile), so that both see the same moments of the machine ("bare" and the per-round ratio)."""
+    for route, (bodies, content_type) in requests.items():
+        for body in bodies[:2]:
+            post(url + ROUTES[route], body, content_type)  # warm-up
+    served = []
+    for conc in concurrency:
+        for route, (bodies, content_type) in requests.items():
+            before, start, forward = cpu_ticks(proc.pid), time.perf_counter(), []
+            if conc == 1:
+                lat = []
+                for i in range(n):
+                    forward.append(bare())
+                    lat.append(1000 * post(url + ROUTES[route], bodies[i % len(bodies)], content_type))
+            else:
+                with ThreadPoolExecutor(conc) as pool:
+                    lat = [1000 * t for t in pool.map(post, [url + ROUTES[route]] * n,
+                                                      [bodies[i % len(bodies)] for i in range(n)], [content_type] * n)]
+            wall = time.perf_counter() - start
+            served.append({"route": route, "conc": conc, "p50": float(np.percentile(lat, 50)),
+                           "p95": float(np.percentile(lat, 95)), "ips": n / (wall - sum(forward) / 1000),
+                           "others": others_pct(before, cpu_ticks(proc.pid), wall), "bare": forward,
+                           "rounds": statistics.median(a / b for a, b in zip(lat, forward)) if forward else None})
+    return served
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -268,6 +316,8 @@ def main() -> None:
     p.add_argument("--make-int8", action="store_true", help="quantize the checkpoint here when no --int8 is given")
     p.add_argument("--models", nargs="+", choices=["fp32", "int8"], default=["fp32", "int8"])
     p.add_argument("--format", choices=["png", "jpeg"], default="png", help="request image format (JPEG quality 90)")
+    p.add_argument("--routes", nargs="+", choices=list(ROUTES), default=list(ROUTES),
+                   help="POST /segment (the image file as the body) and/or /invocations (base64 in MLflow's JSON)")
     p.add_argument("--requests", type=int, default=50)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     p.add_argument("--height", type=int, default=512)
@@ -286,6 +336,9 @@ def main() -> None:
     images = scenes(args.height, args.width)
     payloads = [base64.b64encode(encode(im, args.format.upper())).decode() for im in images]
     bodies = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b]]}}).encode() for b in payloads]
+    requests = {"segment": ([base64.b64decode(b) for b in payloads], f"image/{args.format}"),
+                "invocations": (bodies, "application/json")}
+    requests = {route: requests[route] for route in args.routes}
     checkpoint = Path(args.checkpoint or cfg.output_dir / "runs" / "custom" / "checkpoint_best.pt")
     models = [("fp32 torch", checkpoint)] if "fp32" in args.models else []
     with tempfile.TemporaryDirectory() as tmp:
@@ -305,15 +358,19 @@ def main() -> None:
         reg_cfg = load_config(args.params, {"output_root": str(tmp), "tracking.backend": "mlflow",
                                             "tracking.uri": "", "monitoring.reference_images": 8,
                                             "monitoring.window": 4})
-        print(f"input {args.width}x{args.height} {args.format.upper()} ({len(bodies[0]) / 1e6:.2f} MB as JSON), "
-              f"model run at base_size {args.height}; {args.requests} requests per concurrency, 1 server worker")
-        print("bare: the network's forward pass alone, measured before and after the served loops (median of both);"
-              "\nin-proc: the served request path in this process (decode, pre-processing, forward, post-processing);"
-              "\nwork: MLflow's scoring of one request in this process with the forward replaced by its result"
-              " (everything\nthe server adds but HTTP); added: served p50 - bare; others: CPU used by other processes"
-              " meanwhile (% of one core)\n")
-        header = (f"{'model':11s} {'bare ms':>8s} {'in-proc ms':>10s} {'work ms':>7s} {'conc':>4s} {'p50 ms':>8s} "
-                  f"{'p95 ms':>8s} {'img/s':>6s} {'added ms':>8s} {'p50/bare':>8s} {'others':>7s}")
+        print(f"input {args.width}x{args.height} {args.format.upper()} ({len(payloads[0]) * 3 / 4e6:.2f} MB, "
+              f"{len(bodies[0]) / 1e6:.2f} MB as JSON), model run at base_size {args.height}; {args.requests} "
+              f"requests per concurrency and route, 1 server worker")
+        print("bare: the network's forward pass alone (logits): at concurrency 1 timed in this process before each"
+              " request (the server idle\nmeanwhile), else before and after the served loops (median of both);"
+              " rounds: the median of each request's\nlatency over the bare forward just before it;"
+              "\nin-proc: the served request path in this process (decode, segment: pre-processing, network"
+              " and argmax, answer);\nwork: the server's handling of one request in this process with the forward"
+              " replaced by its result\n(everything the server adds but HTTP); added: served p50 - bare; others: CPU"
+              " used by other processes meanwhile (% of one core)\n")
+        header = (f"{'model':11s} {'route':12s} {'bare ms':>7s} {'in-proc ms':>10s} {'work ms':>7s} {'conc':>4s} "
+                  f"{'p50 ms':>8s} {'p95 ms':>8s} {'img/s':>6s} {'added ms':>8s} {'p50/bare':>8s} {'rounds':>8s} "
+                  f"{'others':>7s}")
         rows, overhead = [], []
         for label, path in models:
             engine = inference.load_engine(path)
@@ -326,24 +383,16 @@ def main() -> None:
                   + f" (others {others_pct(before, cpu_ticks(-1), time.perf_counter() - start):.0f}%)", flush=True)
             name = "bench-" + label.replace(" ", "-")
             uri = registry.register(reg_cfg, path, name, base_size=args.height)["uri"]
-            work = server_work_ms(uri, bodies[0], engine.run(x), args.iters)
-            print(f"{label}: the server's own work per request (MLflow scoring in this process, the forward "
-                  f"replaced by its result, no HTTP) {work:.1f} ms", flush=True)
+            work = server_work_ms(uri, {route: sent[0] for route, (sent, _) in requests.items()}, engine,
+                                  inference.decode_base64_image(payloads[0]), args.height, args.iters)
+            print(f"{label}: the server's own work per request (in this process, the forward replaced by its "
+                  f"result, no HTTP) " + ", ".join(f"{ROUTES[route]} {ms:.1f} ms" for route, ms in work.items()),
+                  flush=True)
             port = free_port()
             proc = serve(uri, mlflow_uri(reg_cfg.tracking, reg_cfg.output_root), port, tmp / f"{name}.log")
-            url = f"http://127.0.0.1:{port}/invocations"
-            served = []
             try:
-                for body in bodies[:2]:
-                    post(url, body)  # warm-up
-                for conc in args.concurrency:
-                    before, start = cpu_ticks(proc.pid), time.perf_counter()
-                    with ThreadPoolExecutor(conc) as pool:
-                        lat = list(pool.map(post, [url] * args.requests,
-                                            [bodies[i % len(bodies)] for i in range(args.requests)]))
-                    wall = time.perf_counter() - start
-                    served.append((conc, 1000 * np.percentile(lat, 50), 1000 * np.percentile(lat, 95),
-                                   args.requests / wall, others_pct(before, cpu_ticks(proc.pid), wall)))
+                served = served_loops(f"http://127.0.0.1:{port}", requests, args.concurrency, args.requests, proc,
+                                      functools.partial(lambda e, t: forward_ms(e, t, 1, warmup=False)[0], engine, x))
             finally:
                 stop(proc)
             after = forward_ms(engine, x, args.iters)  # the machine may have drifted meanwhile
@@ -355,9 +404,13 @@ def main() -> None:
                                 f"{oh['round_ratio']:14.3f}x")
                 print(f"{label}: served p50 with metrics {oh['on']:.1f} ms, without {oh['off']:.1f} ms: "
                       f"{oh['ratio']:.3f}x (target <= 1.05x)", flush=True)
-            b = statistics.median(bare + after)
-            rows += [f"{label:11s} {b:8.1f} {stages['total']:10.1f} {work:7.1f} {conc:4d} {p50:8.1f} {p95:8.1f} "
-                     f"{ips:6.2f} {p50 - b:8.1f} {p50 / b:7.2f}x {oth:6.0f}%" for conc, p50, p95, ips, oth in served]
+            for row in served:
+                b = statistics.median(row["bare"] or bare + after)
+                rounds = f"{row['rounds']:7.2f}x" if row["rounds"] else f"{'':8s}"
+                rows.append(f"{label:11s} {ROUTES[row['route']]:12s} {b:7.1f} {stages['total']:10.1f} "
+                            f"{work[row['route']]:7.1f} {row['conc']:4d} {row['p50']:8.1f} {row['p95']:8.1f} "
+                            f"{row['ips']:6.2f} {row['p50'] - b:8.1f} {row['p50'] / b:7.2f}x {rounds} "
+                            f"{row['others']:6.0f}%")
         print("\n" + header + "\n" + "\n".join(rows))
         if overhead:
             print(f"\nmetrics on/off, {args.overhead_requests} requests each, interleaved, concurrency 1\n"

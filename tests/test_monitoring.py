@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from segstudy.cli import main
 from segstudy.data import labels
 from segstudy.data.synthetic.scene import render
-from segstudy.deploy import drift, inference, server, serving_metrics
+from segstudy.deploy import drift, inference, segment_route, server, serving, serving_metrics
 from segstudy.deploy.serving import example_image
 from tests.test_serving import _free_port, _images, _request, registered, running  # noqa: F401
 
@@ -57,7 +58,7 @@ def _one(samples: dict[str, list], name: str, **labels) -> float:
 def _stale_metrics(folder: Path, requests: int) -> None:
     """What a server stopped earlier leaves in its metrics folder: `requests` counted by a process that is gone."""
     code = ("from prometheus_client import Counter\n"
-            f"Counter('segstudy_requests', 'POST /invocations requests answered').inc({requests})")
+            f"Counter('segstudy_requests', 'POST /invocations and /segment requests answered').inc({requests})")
     subprocess.run([sys.executable, "-c", code], env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(folder)},
                    check=True)
 
@@ -123,15 +124,67 @@ def test_metrics_count_good_and_bad_requests_across_workers(served, registered, 
 
 
 def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
-    """POST with exactly these headers (urllib would add a Content-Type)."""
+    """POST /invocations with exactly these headers (urllib would add a Content-Type)."""
+    status, _, content = _post_to(url, "/invocations", body, headers)
+    return status, content.decode()
+
+
+def _post_to(url: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of a POST to `path` with exactly these headers."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
-        conn.request("POST", "/invocations", body=body, headers=headers)
+        conn.request("POST", path, body=body, headers=headers)
         answer = conn.getresponse()
-        return answer.status, answer.read().decode()
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
     finally:
         conn.close()
+
+
+def test_segment_takes_the_file_and_answers_the_mask_of_invocations(served, tiny_root):
+    """POST /segment: the PNG or JPEG file itself as the body, whatever its Content-Type; the labelIds
+    PNG back, the same pixels and class counts as /invocations gives; what is no image a 400 saying
+    where base64 goes; every request counted as /invocations' are."""
+    url, before = served["url"], _scrape(served["url"])
+    png = sorted((tiny_root / "leftImg8bit" / "val").rglob("*.png"))[0].read_bytes()
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(jpeg, format="JPEG", quality=90)
+    status, answer = _request(url + "/invocations", _images(png, jpeg.getvalue()))
+    assert status == 200, answer
+    sent = [(png, "image/png"), (jpeg.getvalue(), "application/x-www-form-urlencoded")]  # curl's default type
+    for (body, content_type), pred in zip(sent, answer["predictions"]):
+        status, headers, content = _post_to(url, segment_route.PATH, body, {"Content-Type": content_type})
+        assert status == 200 and headers["content-type"] == "image/png", (status, content[:300])
+        mask = np.array(Image.open(io.BytesIO(content)))
+        np.testing.assert_array_equal(mask, np.array(Image.open(io.BytesIO(base64.b64decode(pred["label_ids_png"])))))
+        assert json.loads(headers[segment_route.CLASS_PIXELS_HEADER.lower()]) == pred["class_pixels"]
+    mistakes = [(_images(png), "application/json", f"the request body is not an image ({len(_images(png))} bytes "
+                                                   f"that are neither PNG nor JPEG){serving.BODY_ADVICE}"),
+                (b"", "image/png", f"the request body is empty; send PNG or JPEG bytes{serving.BODY_ADVICE}")]
+    for body, content_type, message in mistakes:
+        status, headers, content = _post_to(url, segment_route.PATH, body, {"Content-Type": content_type})
+        assert status == 400 and json.loads(content)["message"] == message, (status, content[:500])
+    after = _scrape(url)
+    for name, added in (("segstudy_requests_total", 1 + len(sent) + len(mistakes)), ("segstudy_images_total", 4)):
+        assert _one(after, name) - _one(before, name) == added, name
+    assert (_one(after, "segstudy_request_errors_total", kind="not_an_image")
+            - _one(before, "segstudy_request_errors_total", kind="not_an_image")) == len(mistakes)
+
+
+def test_segment_as_its_docstring_types_it_with_curl(served, tiny_root, tmp_path):
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed: the command of segment_route's docstring cannot be run as typed")
+    frame = sorted((tiny_root / "leftImg8bit" / "val").rglob("*.png"))[0]
+    shutil.copy(frame, tmp_path / "frame.png")
+    typed = next(line.strip() for line in segment_route.__doc__.splitlines() if line.strip().startswith("curl "))
+    command = typed.replace("http://HOST:PORT", served["url"])
+    done = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and " 200 " in done.stdout.splitlines()[0], (done.stdout, done.stderr)
+    assert segment_route.CLASS_PIXELS_HEADER.lower() in done.stdout.lower()
+    status, answer = _request(served["url"] + "/invocations", _images(frame.read_bytes()))
+    expected = np.array(Image.open(io.BytesIO(base64.b64decode(answer["predictions"][0]["label_ids_png"]))))
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "frame_labelIds.png")), expected)
 
 
 def test_client_mistakes_are_4xx_and_not_counted_as_internal(served):
@@ -318,17 +371,17 @@ def test_monitor_scores_a_folder_and_a_request_log(registered, tiny_root, tmp_pa
 def test_feedback_sample_keeps_its_cap_across_workers(tmp_path):
     image = _scenes(1, 1)[0]
     ids = inference.segment(inference.Engine("torch", "x", lambda x: x[:, :1].repeat(1, 19, 1, 1)), image, 64)
-    from segstudy.deploy.serving import answer
+    from segstudy.deploy.serving import encode
 
-    row = answer(ids)
+    row = encode(ids)
     first, second = (serving_metrics.Feedback(tmp_path, cap=3, rate=1.0, seed=0) for _ in range(2))
-    kept = [first.offer(image, row) for _ in range(2)] + [second.offer(image, row) for _ in range(3)]
+    kept = [first.offer(image, *row) for _ in range(2)] + [second.offer(image, *row) for _ in range(3)]
     assert sum(k is not None for k in kept) == 3
     assert len(list(tmp_path.glob("*_image.png"))) == len(list(tmp_path.glob("*_labelIds.png"))) == 3
     meta = json.loads((tmp_path / "000000.json").read_text())
     assert meta["height"] == 64 and sum(meta["class_pixels"].values()) == 64 * 128
     off = serving_metrics.Feedback(tmp_path / "off", cap=3, rate=0.0)
-    assert off.offer(image, row) is None and not list((tmp_path / "off").iterdir())
+    assert off.offer(image, *row) is None and not list((tmp_path / "off").iterdir())
 
 
 def test_notebook_07_on_smoke_and_its_report_section(tmp_path, tiny_root, smoke_model):

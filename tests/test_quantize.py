@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -347,6 +348,17 @@ def _openvino_checks(folder: str) -> None:
     assert engine.kind == "openvino"
     x = val[0][None]
     torch.testing.assert_close(engine.run(x), module(x)["out"])
+    # an image at the network's size is segmented inside OpenVINO (pre-processing, network, argmax):
+    # the mask of the logits path, which an image of another size takes
+    image = (np.random.default_rng(1).random((48, 96, 3)) * 255).astype(np.uint8)
+    served = inference.segment(engine, image, 48)
+    np.testing.assert_array_equal(served, inference.postprocess(engine.run(inference.preprocess(image, 48)), 48, 96))
+    assert inference.segment(engine, image, 32).shape == (48, 96)
+    # the server's threads at once: each inference waits for the one before ("Infer Request is busy" before)
+    with ThreadPoolExecutor(3) as pool:
+        masks = list(pool.map(lambda _: inference.segment(engine, image, 48), range(6)))
+        logits = list(pool.map(lambda _: engine.run(x), range(6)))
+    assert all(np.array_equal(m, served) for m in masks) and all(torch.equal(v, logits[0]) for v in logits)
     Image.fromarray((np.random.default_rng(0).random((64, 128, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
     rc = main(["predict", "--model", str(first), "--input", str(tmp_path / "in.png"), "--out",
                str(tmp_path / "p"), "--profile", "smoke"])

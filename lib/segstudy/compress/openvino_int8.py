@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -98,18 +99,47 @@ def quantize_int8(fp32_onnx: str | Path, path: str | Path, images: Sequence[torc
     return path
 
 
-def compiled(path: str | Path, threads: int = 0):
+def compiled(path: str | Path, threads: int = 0, served: bool = False):
     """The IR (or an ONNX file) compiled for the CPU for batch-1 latency: one stream of `threads`
-    threads (0: torch's current count, so every engine gets the same cores)."""
+    threads (0: torch's current count, so every engine gets the same cores). `served`: as the server
+    runs it (image_to_classes)."""
     import openvino as ov
 
+    core = ov.Core()
     try:
-        return ov.Core().compile_model(str(path), "CPU", {
+        model = core.read_model(str(path))
+        return core.compile_model(image_to_classes(model) if served else model, "CPU", {
             "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
             "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()})
     except RuntimeError as exc:  # OpenVINO's own errors: a missing .bin, a file of another kind
         raise UserError(f"{path} is not a loadable OpenVINO model ({str(exc).splitlines()[0]}); keep its "
                         f"{weights_file(path).name} beside it, or quantize it again (notebook 05)") from exc
+
+
+def image_to_classes(model):
+    """`model` from image to class ids: a (1, H, W, 3) uint8 RGB image in, normalised inside as the
+    evaluation preset does (transforms' ImageNet mean and std on [0, 1] values), and the argmax over
+    the logits' classes out, (1, 1, H, W) uint8 (TopK of 1, stable: the first index on ties, as numpy's
+    argmax). For an image already at the network's size, the whole served path but decoding and the
+    answer runs on OpenVINO's threads: no torch operation whose idle threads spin beside it, and the 19
+    float maps of logits never written out (docs/serving.md has the figures)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    from openvino.preprocess import PrePostProcessor
+
+    from segstudy.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    logits = model.get_results()[0].input_value(0)  # the first output, "out": an aux head would follow it
+    top = ops.topk(logits, ops.constant(np.int64(1)), axis=1, mode="max", sort="value",
+                   index_element_type="i32", stable=True)
+    classes = ov.Model([ops.convert(top.output(1), "u8")], model.get_parameters(), f"{model.get_friendly_name()}_ids")
+    steps = PrePostProcessor(classes)
+    steps.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    steps.input().model().set_layout(ov.Layout("NCHW"))
+    scale = float(np.iinfo(np.uint8).max)  # ToDtype(scale=True): uint8 to [0, 1]
+    steps.input().preprocess().convert_element_type(ov.Type.f32).mean([scale * m for m in IMAGENET_MEAN]) \
+        .scale([scale * s for s in IMAGENET_STD])
+    return steps.build()
 
 
 def inference_precision(model) -> str:
@@ -124,14 +154,31 @@ class OvModule(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model, self.request = model, model.create_infer_request()
+        # an infer request runs one inference at a time ("Infer Request is busy" for a second caller,
+        # e.g. the server's threads at concurrency 2); with one stream they would queue anyway
+        self.lock = threading.Lock()
 
     def run(self, image: np.ndarray) -> np.ndarray:
         """The logits of one float32 (N, 3, H, W) array, held by the request until its next run."""
-        return self.request.infer({0: image})[0]
+        with self.lock:
+            return self.request.infer({0: image})[0]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         image = np.ascontiguousarray(x.detach().cpu().float().numpy())
-        return {"out": torch.from_numpy(self.run(image).copy())}
+        with self.lock:  # the copy too: the next run overwrites the request's output
+            return {"out": torch.from_numpy(self.request.infer({0: image})[0].copy())}
+
+
+class ImageClasses:
+    """The served graph of an IR (compiled(served=True)): an (H, W, 3) uint8 RGB image at the network's
+    size -> (H, W) uint8 class ids, one caller at a time (as OvModule)."""
+
+    def __init__(self, path: str | Path):
+        self.request, self.lock = compiled(path, served=True).create_infer_request(), threading.Lock()
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        with self.lock:
+            return self.request.infer({0: np.ascontiguousarray(image)[None]})[0][0, 0].copy()
 
 
 def latency(module: OvModule, height: int, width: int, warmup: int = 2, iters: int = 5) -> dict:

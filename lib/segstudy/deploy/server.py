@@ -1,4 +1,4 @@
-"""The scoring server with metrics: MLflow's own app plus GET /metrics, on one port.
+"""The scoring server: MLflow's own app plus GET /metrics and POST /segment, on one port.
 
     python -m segstudy.deploy.server -m models:/segstudy-custom@champion -h 0.0.0.0 -p 8080 -w 2
 
@@ -6,13 +6,14 @@ does what `mlflow models serve -m URI --env-manager local` does (download the mo
 uvicorn with MLflow's command, scoring_server.get_cmd) with this module's `app` in place of
 `mlflow.pyfunc.scoring_server.app:app`. In every uvicorn worker, `app` loads the model and builds
 MLflow's FastAPI app with `scoring_server.init` (the same /ping, /invocations, answers and request
-timeout), then deploy/serving_metrics.py adds GET /metrics and the request counting to it. `segstudy
-serve` and the serve image run this; plain `mlflow models serve` still serves the model, without
-/metrics. With several workers, prometheus_client's multiprocess mode needs a folder
-(PROMETHEUS_MULTIPROC_DIR) holding only this server's files: a private one is made unless it is
-set, and removed when the server ends; a folder given is checked at start (files of processes that
-are gone removed, a running process's refused) and cleared of this server's files at the end. For
-that a small process (this module without mlflow, `supervise`) runs uvicorn and outlives it.
+timeout), then deploy/segment_route.py adds POST /segment (an image file in, its labelIds PNG out)
+and deploy/serving_metrics.py GET /metrics and the request counting. `segstudy serve` and the serve
+image run this; plain `mlflow models serve` still serves the model's /invocations, without the two.
+With several workers, prometheus_client's multiprocess mode needs a folder (PROMETHEUS_MULTIPROC_DIR)
+holding only this server's files: a private one is made unless it is set, and removed when the
+server ends; a folder given is checked at start (files of processes that are gone removed, a running
+process's refused) and cleared of this server's files at the end. For that a small process (this
+module without mlflow, `supervise`) runs uvicorn and outlives it.
 """
 
 from __future__ import annotations
@@ -43,17 +44,18 @@ METRICS_FILE = re.compile(r"^(?:counter|histogram|summary|gauge_[a-z]+)_(?P<pid>
 
 
 def build_app():
-    """MLflow's scoring app for the model at $__pyfunc_model_path__, with /metrics unless
-    SEGSTUDY_METRICS=0."""
+    """MLflow's scoring app for the model at $__pyfunc_model_path__, with POST /segment, and /metrics
+    unless SEGSTUDY_METRICS=0."""
     from mlflow.pyfunc import scoring_server
 
-    from segstudy.deploy import serving, serving_metrics
+    from segstudy.deploy import segment_route, serving, serving_metrics
 
     model = scoring_server.load_model_with_mlflow_config(os.environ[scoring_server._SERVER_MODEL_PATH])
     # the model's own file (serving_model.py) applies these too, but as it was when the version was logged
     serving.bound_json_errors()
     serving.refuse_unreadable_bodies()
     app = scoring_server.init(model)
+    segment_route.attach(app, model.unwrap_python_model())
     if serving_metrics.enabled():
         serving_metrics.attach(app, model.unwrap_python_model())
     return app

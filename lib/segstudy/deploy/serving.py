@@ -63,6 +63,8 @@ MAX_IMAGES_PER_REQUEST = 16
 # Training-only parts of a checkpoint: dropped from the served copy (a third of its size).
 TRAINING_STATE = ("optimizer", "lr_scheduler", "scaler", "rng", "history")
 _log = logging.getLogger(__name__)
+BODY_ADVICE = ("; POST /segment takes the PNG or JPEG file itself as the body (curl --data-binary @FILE), "
+               "base64 in JSON goes to POST /invocations")
 # set by SegmentationModel.predict: a failure after it (answering) is the server's, one before it the body's
 _REACHED_MODEL: contextvars.ContextVar[bool] = contextvars.ContextVar("segstudy_reached_model", default=False)
 
@@ -106,28 +108,47 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         except Exception as exc:
             raise _internal("segmenting", exc) from None
 
-    def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
-        images = self._decode(model_input)
-        rows = []
-        for i, image in enumerate(images):
+    def segment_file(self, data: bytes) -> tuple[bytes, dict[str, int]]:
+        """POST /segment's work (deploy/segment_route.py): one PNG/JPEG file's bytes -> (its labelIds
+        PNG, pixels per class), with the metrics and errors of /invocations."""
+        try:
             start = time.perf_counter()
-            try:
-                train_ids = self.segment(image)
-            except UserError as exc:  # e.g. a fixed-shape ONNX graph and an image of another aspect
-                raise _invalid(f"image {i}: {exc}") from None
-            segmented = time.perf_counter()
-            rows.append(answer(train_ids))
+            image = self._decode_image(data, "the request body", BODY_ADVICE)
             if self.metrics is not None:
-                self.metrics.segmented(image, rows[-1]["class_pixels"], segmented - start,
-                                       time.perf_counter() - segmented)
-                self._offer(image, rows[-1])
+                self.metrics.decoded([time.perf_counter() - start])
+            return self._answer(0, image)
+        except MlflowException:
+            raise
+        except Exception as exc:
+            raise _internal("segmenting", exc) from None
+
+    def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
+        rows = []
+        for i, image in enumerate(self._decode(model_input)):
+            png, counts = self._answer(i, image)
+            rows.append(answer_row(png, counts, image.shape[:2]))
         return pd.DataFrame(rows, columns=["label_ids_png", "height", "width", "class_pixels"])
 
-    def _offer(self, image: np.ndarray, row: dict[str, Any]) -> None:
+    def _answer(self, i: int, image: np.ndarray) -> tuple[bytes, dict[str, int]]:
+        """Image `i` of a request -> (its labelIds PNG, pixels per class), counted by the metrics and
+        offered to the feedback sample."""
+        start = time.perf_counter()
+        try:
+            train_ids = self.segment(image)
+        except UserError as exc:  # e.g. a fixed-shape ONNX graph and an image of another aspect
+            raise _invalid(f"image {i}: {exc}") from None
+        segmented = time.perf_counter()
+        png, counts = encode(train_ids)
+        if self.metrics is not None:
+            self.metrics.segmented(image, counts, segmented - start, time.perf_counter() - segmented)
+            self._offer(image, png, counts)
+        return png, counts
+
+    def _offer(self, image: np.ndarray, png: bytes, counts: dict[str, int]) -> None:
         if self.feedback is None:
             return
         try:
-            self.feedback.offer(image, row)
+            self.feedback.offer(image, png, counts)
         except Exception:  # the sample is a by-product: the request is answered regardless
             _log.warning("segstudy feedback sample: could not keep an image", exc_info=True)
 
@@ -146,23 +167,38 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         images, seconds = [], []
         for i, value in enumerate(values):
             start = time.perf_counter()
-            try:
-                images.append(inference.decode_base64_image(value, f"image {i}", self.limits))
-            except inference.ImageTooLarge as exc:
-                raise _invalid(f"{exc.reason}; send images of at most {exc.limit}", "too_large") from None
-            except UserError as exc:
-                raise _invalid(str(exc), "not_an_image") from None
+            images.append(self._decode_image(value, f"image {i}"))
             seconds.append(time.perf_counter() - start)
         if self.metrics is not None:
             self.metrics.decoded(seconds)
         return images
 
+    def _decode_image(self, value: str | bytes, what: str, advice: str = "") -> np.ndarray:
+        """A base64 string (/invocations) or the file's bytes (/segment) -> (H, W, 3) uint8 RGB; what is
+        wrong with it answered 400 and counted by kind (`advice` follows a body that is no image)."""
+        decode = inference.decode_image if isinstance(value, bytes) else inference.decode_base64_image
+        try:
+            return decode(value, what, self.limits)
+        except inference.ImageTooLarge as exc:
+            raise _invalid(f"{exc.reason}; send images of at most {exc.limit}", "too_large") from None
+        except UserError as exc:
+            raise _invalid(f"{exc}{advice}", "not_an_image") from None
+
+
+def encode(train_ids: np.ndarray) -> tuple[bytes, dict[str, int]]:
+    """One image's prediction as both routes answer it: the Cityscapes labelIds PNG, pixels per class."""
+    return inference.label_ids_png(train_ids), inference.class_pixels(train_ids)
+
+
+def answer_row(png: bytes, counts: dict[str, int], shape: tuple[int, int]) -> dict[str, Any]:
+    """One image's row of an /invocations answer: base64 labelIds PNG, its size, pixels per class."""
+    return {"label_ids_png": base64.b64encode(png).decode("ascii"), "height": shape[0], "width": shape[1],
+            "class_pixels": counts}
+
 
 def answer(train_ids: np.ndarray) -> dict[str, Any]:
-    """One image's prediction as served: base64 labelIds PNG, its size, pixels per class."""
-    height, width = train_ids.shape
-    return {"label_ids_png": base64.b64encode(inference.label_ids_png(train_ids)).decode("ascii"),
-            "height": height, "width": width, "class_pixels": inference.class_pixels(train_ids)}
+    """One image's prediction as /invocations serves it."""
+    return answer_row(*encode(train_ids), train_ids.shape)
 
 
 def example_image(height: int = 64, width: int = 128) -> bytes:

@@ -2,8 +2,8 @@
 and the feedback sample (off by default).
 
 deploy/server.py builds MLflow's scoring app (`scoring_server.init(model)`) and `attach` gives it a
-/metrics route and a middleware counting /invocations requests; the model (serving.py) updates the
-per-image metrics and the drift window. tests/test_monitoring.py starts the real server and scrapes it.
+/metrics route and a middleware counting /invocations and /segment requests; the model (serving.py)
+updates the per-image metrics and the drift window. tests/test_monitoring.py starts the real server and scrapes it.
 
 Several uvicorn workers (`--workers N`) are separate processes: with PROMETHEUS_MULTIPROC_DIR set
 (an empty folder; deploy/server.py makes one when N > 1) prometheus_client
@@ -31,12 +31,13 @@ import numpy as np
 from PIL import Image
 
 from segstudy.data import labels
-from segstudy.deploy import drift
+from segstudy.deploy import drift, segment_route
 
 ERROR_KINDS = ("not_an_image", "too_large", "bad_request", "internal", "timeout")
 STAGES = ("decode", "model", "encode")  # per image: decoding, pre-processing + network + argmax, the answer
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
 MEGAPIXEL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.4)  # 8.4: inference.MAX_PIXELS
+COUNTED = ("/invocations", segment_route.PATH)  # the routes that segment: the requests counted
 ENABLED = "SEGSTUDY_METRICS"  # "0": serve without /metrics (benchmarks/bench_serving.py compares)
 FEEDBACK_DIR, FEEDBACK_MAX, FEEDBACK_RATE = "SEGSTUDY_FEEDBACK_DIR", "SEGSTUDY_FEEDBACK_MAX", "SEGSTUDY_FEEDBACK_RATE"
 _log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class ServingMetrics:
         self.failures = 0
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("segstudy_requests", "POST /invocations requests answered", registry=r)
+        self.requests = Counter("segstudy_requests", "POST /invocations and /segment requests answered", registry=r)
         self.errors = Counter("segstudy_request_errors", "requests answered with an error, by kind", ["kind"],
                               registry=r)
         for kind in ERROR_KINDS:
@@ -196,14 +197,14 @@ def exposition(metrics: ServingMetrics) -> bytes:
 
 
 class _CountRequests:
-    """ASGI middleware around MLflow's app: times and counts every POST /invocations, with the
+    """ASGI middleware around MLflow's app: times and counts every request to COUNTED, with the
     error kind predict noted (note_error) or, for a body refused before predict, its status."""
 
     def __init__(self, app, metrics: ServingMetrics):
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/invocations":
+        if scope["type"] != "http" or scope["path"] not in COUNTED:
             return await self.app(scope, receive, send)
         outcome, status = Outcome(), [500]
         token, start = _OUTCOME.set(outcome), time.perf_counter()
@@ -271,7 +272,7 @@ class Feedback:
             return self.next
         return None
 
-    def offer(self, image: np.ndarray, answer: dict) -> Path | None:
+    def offer(self, image: np.ndarray, label_ids_png: bytes, class_pixels: dict[str, int]) -> Path | None:
         """Keep this image and its answer with probability `rate` while slots are left."""
         if self.next >= self.cap or self.random.random() >= self.rate:
             return None
@@ -282,14 +283,9 @@ class Feedback:
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="PNG", compress_level=1)
         Path(f"{stem}_image.png").write_bytes(buf.getvalue())
-        Path(f"{stem}_labelIds.png").write_bytes(_b64(answer["label_ids_png"]))
-        meta = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "height": answer["height"],
-                "width": answer["width"], "class_pixels": answer["class_pixels"]}
+        Path(f"{stem}_labelIds.png").write_bytes(label_ids_png)
+        meta = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "height": image.shape[0],
+                "width": image.shape[1], "class_pixels": class_pixels}
         Path(f"{stem}.json").write_text(json.dumps(meta))  # written last: a complete sample has it filled
         return stem
 
-
-def _b64(text: str) -> bytes:
-    import binascii
-
-    return binascii.a2b_base64(text)
