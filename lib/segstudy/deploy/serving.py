@@ -116,7 +116,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
             image = self._decode_image(data, "the request body", BODY_ADVICE)
             if self.metrics is not None:
                 self.metrics.decoded([time.perf_counter() - start])
-            return self._answer(0, image)
+            return self._answer("the image", image)
         except MlflowException:
             raise
         except Exception as exc:
@@ -125,18 +125,18 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
     def _predict(self, model_input: pd.DataFrame) -> pd.DataFrame:
         rows = []
         for i, image in enumerate(self._decode(model_input)):
-            png, counts = self._answer(i, image)
+            png, counts = self._answer(f"image {i}", image)
             rows.append(answer_row(png, counts, image.shape[:2]))
         return pd.DataFrame(rows, columns=["label_ids_png", "height", "width", "class_pixels"])
 
-    def _answer(self, i: int, image: np.ndarray) -> tuple[bytes, dict[str, int]]:
-        """Image `i` of a request -> (its labelIds PNG, pixels per class), counted by the metrics and
-        offered to the feedback sample."""
+    def _answer(self, what: str, image: np.ndarray) -> tuple[bytes, dict[str, int]]:
+        """A request's image (`what`: which, for an error) -> (its labelIds PNG, pixels per class),
+        counted by the metrics and offered to the feedback sample."""
         start = time.perf_counter()
         try:
             train_ids = self.segment(image)
         except UserError as exc:  # e.g. a fixed-shape ONNX graph and an image of another aspect
-            raise _invalid(f"image {i}: {exc}") from None
+            raise _invalid(f"{what}: {exc}") from None
         segmented = time.perf_counter()
         png, counts = encode(train_ids)
         if self.metrics is not None:
