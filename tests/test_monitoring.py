@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -47,6 +48,18 @@ def _scrape(url: str) -> dict[str, list]:
         for s in family.samples:
             samples.setdefault(s.name, []).append((s.labels, s.value))
     return samples
+
+
+def _settled(url: str, requests: float, timeout: float = 10.0) -> dict[str, list]:
+    """GET /metrics once `requests` requests are counted: the middleware counts a request after its
+    answer has gone out, so a scrape right after the answer may come before the count (on the other
+    worker too)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = _scrape(url)
+        if _one(samples, "segstudy_requests_total") >= requests or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
 
 
 def _one(samples: dict[str, list], name: str, **labels) -> float:
@@ -95,7 +108,7 @@ def test_metrics_count_good_and_bad_requests_across_workers(served, registered, 
         for body in bodies:
             assert _request(url + "/invocations", body)[0] == 400, kind
     n_good, n_bad, n_images = len(good), sum(map(len, bad.values())), 5 + 3
-    m = _scrape(url)
+    m = _settled(url, n_good + n_bad)
     assert _one(m, "segstudy_requests_total") == n_good + n_bad
     for kind in serving_metrics.ERROR_KINDS:
         assert _one(m, "segstudy_request_errors_total", kind=kind) == len(bad.get(kind, [])), kind
@@ -164,7 +177,7 @@ def test_segment_takes_the_file_and_answers_the_mask_of_invocations(served, tiny
     for body, content_type, message in mistakes:
         status, headers, content = _post_to(url, segment_route.PATH, body, {"Content-Type": content_type})
         assert status == 400 and json.loads(content)["message"] == message, (status, content[:500])
-    after = _scrape(url)
+    after = _settled(url, _one(before, "segstudy_requests_total") + 1 + len(sent) + len(mistakes))
     for name, added in (("segstudy_requests_total", 1 + len(sent) + len(mistakes)), ("segstudy_images_total", 4)):
         assert _one(after, name) - _one(before, name) == added, name
     assert (_one(after, "segstudy_request_errors_total", kind="not_an_image")
@@ -198,7 +211,7 @@ def test_client_mistakes_are_4xx_and_not_counted_as_internal(served):
         status, text = _post(url, body, headers)
         assert 400 <= status < 500 and reason in text, (headers, status, text[:500])
         assert _request(url + "/ping")[0] == 200
-    after = _scrape(url)
+    after = _settled(url, _one(before, "segstudy_requests_total") + len(mistakes))
     for kind, added in (("internal", 0), ("bad_request", len(mistakes))):
         assert (_one(after, "segstudy_request_errors_total", kind=kind)
                 - _one(before, "segstudy_request_errors_total", kind=kind)) == added, kind
