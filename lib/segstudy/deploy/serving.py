@@ -7,6 +7,8 @@ Answer: one prediction per image, in order:
     {"predictions": [{"label_ids_png": "<base64 Cityscapes labelIds PNG>", "height": H, "width": W,
                       "class_pixels": {"road": n, ..., "bicycle": n}}, ...]}
 The decode / pre-processing / post-processing is segstudy.deploy.inference's, the same as `segstudy predict`.
+`segstudy serve` also answers POST /segment (deploy/segment_route.py, `segment_file` here): one image
+file as the body, its labelIds PNG as the answer, without base64 or MLflow's JSON handling.
 
 Errors: a bad request is answered 400 with a one-line reason (MlflowException INVALID_PARAMETER_VALUE),
 an unexpected failure 500 with a one-line message, its traceback going to the server's log only:
