@@ -158,27 +158,16 @@ class OvModule(nn.Module):
         # e.g. the server's threads at concurrency 2); with one stream they would queue anyway
         self.lock = threading.Lock()
 
-    def run(self, image: np.ndarray) -> np.ndarray:
-        """The logits of one float32 (N, 3, H, W) array, held by the request until its next run."""
+    def run(self, image: np.ndarray, copy: bool = False) -> np.ndarray:
+        """The first output (logits) of one (N, 3, H, W) array, held by the request until its next run
+        unless `copy`: a copy taken before another caller's run can overwrite it."""
         with self.lock:
-            return self.request.infer({0: image})[0]
+            out = self.request.infer({0: image})[0]
+            return out.copy() if copy else out
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         image = np.ascontiguousarray(x.detach().cpu().float().numpy())
-        with self.lock:  # the copy too: the next run overwrites the request's output
-            return {"out": torch.from_numpy(self.request.infer({0: image})[0].copy())}
-
-
-class ImageClasses:
-    """The served graph of an IR (compiled(served=True)): an (H, W, 3) uint8 RGB image at the network's
-    size -> (H, W) uint8 class ids, one caller at a time (as OvModule)."""
-
-    def __init__(self, path: str | Path):
-        self.request, self.lock = compiled(path, served=True).create_infer_request(), threading.Lock()
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        with self.lock:
-            return self.request.infer({0: np.ascontiguousarray(image)[None]})[0][0, 0].copy()
+        return {"out": torch.from_numpy(self.run(image, copy=True))}
 
 
 def latency(module: OvModule, height: int, width: int, warmup: int = 2, iters: int = 5) -> dict:

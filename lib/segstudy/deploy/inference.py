@@ -143,8 +143,9 @@ def _openvino_engine(path: Path) -> Engine:
     shape = module.model.input(0).get_partial_shape()
     fixed = (shape[2].get_length(), shape[3].get_length()) if shape.rank.get_length() == 4 and shape[2].is_static \
         and shape[3].is_static else None
+    served = openvino_int8.OvModule(openvino_int8.compiled(path, served=True))  # image in, class ids out
     return Engine("openvino", str(path), lambda x: module(x)["out"], fixed,
-                  image_classes=openvino_int8.ImageClasses(path))
+                  image_classes=lambda image: served.run(np.ascontiguousarray(image)[None], copy=True)[0, 0])
 
 
 def decode_image(data: bytes, what: str = "image", limits: SizeLimits | None = None) -> np.ndarray:
