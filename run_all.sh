@@ -7,9 +7,7 @@ cd "$(dirname "$0")"
 source scripts/setup_env.sh
 profile=demo
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then profile="$1"; shift; fi
-start=$(date +%s)
-segstudy run --profile "$profile" "$@"
-echo "[run_all] profile $profile finished in $(( $(date +%s) - start )) s"
+segstudy run --profile "$profile" "$@"  # prints the notebooks' seconds and the run's
 # where this run wrote, --set output_root=... included
 out=$(python - "$profile" "$@" <<'PY'
 import sys

@@ -46,7 +46,8 @@ def _run(args: argparse.Namespace) -> None:
     total = time.perf_counter() - start
     for name, sec in timings.items():
         print(f"  {name:28s} {sec:7.1f} s")
-    print(f"  {'total (this run)':28s} {total:7.1f} s")
+    print(f"  {'notebooks of this run':28s} {sum(timings.values()):7.1f} s")
+    print(f"  {'this run in all':28s} {total:7.1f} s   (with the plan and the generated data)")
 
 
 def _plan(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def _nncf():
     # NNCF sends usage telemetry (Google Analytics) unless NNCF_CI or NNCF_DEV is set, its only switch
     # (nncf/telemetry/wrapper.py, read at import): a run of the study sends nothing
     os.environ.setdefault("NNCF_CI", "1")
+    # its progress bars are rich's, which in a notebook kernel without ipywidgets warn that they fall
+    # back to text: the warning was the one stray output of notebook 05
+    warnings.filterwarnings("ignore", message='install "ipywidgets"', module="rich")
     import nncf
 
     return nncf
