@@ -312,7 +312,9 @@ class SeededSamples(Dataset):
     def __getitem__(self, item: tuple[int, int]):
         key, index = item
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(key * 1_000_003 + index)
+            # the CPU generator, which the transforms draw from, alone: torch.manual_seed also queues a
+            # seed for each accelerator API with a formatted stack (0.4 ms of a 1.3 ms sample, measured)
+            torch.default_generator.manual_seed(key * 1_000_003 + index)
             return self.dataset[index]
 
 
