@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss, FocalLoss, LovaszLoss
 from torch import nn
 from tqdm import tqdm
 
@@ -81,17 +80,17 @@ def build_loss(cfg: LossConfig, weights: torch.Tensor | None = None) -> Loss:
         raise UserError(f"loss.name = '{cfg.name}' is unknown; choose one of {', '.join(LOSSES)}")
     if cfg.name == "wce" and weights is None:
         raise UserError("loss.name = wce needs class weights (computed by segstudy.models.losses.class_weights)")
-    dice = DiceLoss("multiclass", smooth=cfg.dice_smooth, ignore_index=IGNORE_INDEX)
+    if cfg.name in ("ce", "wce"):
+        return _ce(cfg, weights)
+    # here, not at the top: smp imports timm, 1 s of every notebook kernel's start, and CE needs neither
+    from segmentation_models_pytorch.losses import DiceLoss, FocalLoss, LovaszLoss
 
-    def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        w = weights.to(logits.device, logits.dtype) if cfg.name == "wce" else None
-        return F.cross_entropy(logits, target, weight=w, ignore_index=IGNORE_INDEX)
+    ce = _ce(cfg, weights)
+    dice = DiceLoss("multiclass", smooth=cfg.dice_smooth, ignore_index=IGNORE_INDEX)
 
     def ce_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cfg.ce_weight * ce(logits, target) + cfg.dice_weight * dice(logits.float(), target)
 
-    if cfg.name in ("ce", "wce"):
-        return ce
     if cfg.name == "dice":
         return lambda logits, target: dice(logits.float(), target)
     if cfg.name == "ce_dice":
@@ -101,6 +100,14 @@ def build_loss(cfg: LossConfig, weights: torch.Tensor | None = None) -> Loss:
         return lambda logits, target: focal(logits.float(), target)
     lovasz = LovaszLoss("multiclass", ignore_index=IGNORE_INDEX)
     return lambda logits, target: lovasz(logits.float(), target)
+
+
+def _ce(cfg: LossConfig, weights: torch.Tensor | None) -> Loss:
+    def ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        w = weights.to(logits.device, logits.dtype) if cfg.name == "wce" else None
+        return F.cross_entropy(logits, target, weight=w, ignore_index=IGNORE_INDEX)
+
+    return ce
 
 
 def with_aux(loss: Loss, aux_weight: float = 0.5) -> Callable[[dict, torch.Tensor], torch.Tensor]:

@@ -105,11 +105,11 @@ def describe(model: nn.Module, cfg: Config, *, latency: bool = True, flops: bool
     if metrics is None:
         with timed_step(cfg, step_key(NOTEBOOK, EVALUATE)):
             metrics = validate(copy.deepcopy(model), cfg, **_eval_args(cfg), per_image=True)
-    b = cfg.bench
+    b, saved = cfg.bench, measure.saved_state(model)
     out = row | {
         "sparsity": prune.sparsity(model)["overall"], "miou": metrics["miou"], "iou": metrics["iou"],
-        "params": measure.parameters(model), "size_mb": measure.size_on_disk(model) / 2**20,
-        "size_gz_mb": prune.compressed_size(model) / 2**20, "per_image": metrics["per_image"]}
+        "params": measure.parameters(model), "size_mb": len(saved) / 2**20,
+        "size_gz_mb": prune.compressed_size(saved) / 2**20, "per_image": metrics["per_image"]}
     if latency:
         if timed is None:
             models = {"model": copy.deepcopy(model)} | ({"reference": copy.deepcopy(reference)} if reference else {})
