@@ -123,9 +123,8 @@ def sparsity(model: nn.Module) -> dict:
 def compressed_size(saved: bytes | memoryview, threads: int = 2) -> int:
     """Bytes of a saved state_dict (measure.saved_state) gzip-compressed (level 1) as `threads`
     gzip members compressed in parallel (one valid .gz file, as pigz writes): how much the zeros of
-    unstructured pruning are worth on disk (the dense kernels do not care). libdeflate (imagecodecs)
-    instead of zlib: 0.4-0.6 s against 0.85-1.6 s per model of notebook 04 (110 MB, evaluated about
-    20 times per run), and a few percent smaller."""
+    unstructured pruning are worth on disk (the dense kernels do not care). libdeflate (imagecodecs),
+    not zlib: two to three times faster at level 1 (docs/results.md, "How long does the demo take")."""
     step = -(-len(saved) // threads)
     with ThreadPoolExecutor(threads) as pool:  # libdeflate releases the GIL
         parts = pool.map(lambda i: len(imagecodecs.gzip_encode(saved[i:i + step], level=1)),
