@@ -4,9 +4,11 @@ pruned checkpoints round-trip, the KD term by hand, and clear errors for bad set
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import math
 
+import imagecodecs
 import pytest
 import torch
 
@@ -49,10 +51,6 @@ def test_unstructured_reaches_the_sparsity(scope):
 
 
 def test_zeros_shrink_the_compressed_size_and_the_members_are_one_gzip_file():
-    import gzip
-
-    import imagecodecs
-
     dense = _model("unet")
     sparse = prune.unstructured(copy.deepcopy(dense), 0.7, "layerwise")
     saved = measure.saved_state(dense)
