@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from segstudy.engine.measure import parameters
 from segstudy.engine.training import train
 from segstudy.errors import UserError
 from segstudy.models.checkpoint import load_checkpoint
-from segstudy.models.networks import build_model
+from segstudy.models.networks import PaddingAwareConv2d, build_model, plain_convs
 
 
 @pytest.mark.parametrize("name,os_", [("unet", 16), ("deeplabv3_resnet50", 8), ("deeplabv3_resnet50", 16),
@@ -32,6 +33,38 @@ def test_model_shapes(name, os_):
     if name == "deeplabv3_resnet50":
         assert out["aux"].shape == (1, 19, 72, 136)
     assert parameters(model) > 0
+
+
+# 64x128 is a 4x8 map at output stride 16: rates 6, 12, 18 skip rows, both, both; 256x512 (16x32) skips
+# only rate 18's rows and nothing at rate 6
+@pytest.mark.parametrize("size", [(64, 128), (256, 512)])
+def test_deeplab_skips_only_the_taps_that_meet_padding(size):
+    torch.manual_seed(0)
+    model = build_model("deeplabv3_resnet50", 19, pretrained="false", output_stride=16).train()
+    plain = plain_convs(copy.deepcopy(model))
+    assert sum(type(m) is PaddingAwareConv2d for m in model.modules()) == 3
+    assert not any(type(m) is PaddingAwareConv2d for m in plain.modules())
+    x = torch.randn(2, 3, *size)
+    outs = []
+    for m in (model, plain):
+        torch.manual_seed(1)  # the same dropout mask in ASPP's projection
+        out = m(x)["out"]
+        out.square().mean().backward()
+        outs.append(out)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):  # float32 rounding apart
+        assert (a.grad - b.grad).norm() <= 1e-4 * b.grad.norm() + 1e-8, name
+    assert model.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_a_traced_padding_aware_conv_serves_every_size():
+    conv = PaddingAwareConv2d(4, 4, 3, padding=6, dilation=6).eval()
+    traced = torch.jit.trace(conv, torch.randn(1, 4, 4, 8))  # a map where every off-centre tap is padding
+    fx = torch.fx.symbolic_trace(conv)
+    x = torch.randn(1, 4, 16, 32)
+    with torch.no_grad():
+        assert torch.allclose(traced(x), conv(x), atol=1e-6)
+        assert torch.allclose(fx(x), conv(x), atol=1e-6)
 
 
 def test_unknown_model_and_pretrained_true_without_weights(tmp_path, monkeypatch):
@@ -231,6 +264,35 @@ def test_mlflow_run_and_registered_model(tmp_path, tiny_root):
     versions = mlflow.MlflowClient().search_model_versions("name='segstudy-custom'")
     assert len(versions) == 1 and versions[0].run_id == result["mlflow_run_id"]  # into the training's run
     assert uri and mlflow.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(result["mlflow_run_id"], "train_loss")]
+    assert steps == list(range(1, result["history"][-1]["step"] + 1))  # every step, written in batches
+
+
+def test_step_values_reach_mlflow_in_batches(tmp_path, monkeypatch):
+    import mlflow
+
+    from segstudy import tracking
+
+    cfg = load_config("smoke", {"tracking.backend": "mlflow", "output_root": str(tmp_path)}).tracking
+    tracker = tracking.Tracker(cfg, tmp_path, "steps", {"a": 1})
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
+
+    def written() -> list[int]:
+        return [m.step for m in client.get_metric_history(tracker.run_id, "train_loss")]
+
+    for step in (1, 2):
+        tracker.log_step({"train_loss": 1.0 / step}, step)
+    assert written() == []  # held: less than STEP_FLUSH_S old
+    monkeypatch.setattr(tracking, "STEP_FLUSH_S", 0.0)
+    tracker.log_step({"train_loss": 0.3}, 3)
+    assert written() == [1, 2, 3]
+    monkeypatch.setattr(tracking, "STEP_FLUSH_S", 1e9)
+    tracker.log_step({"train_loss": 0.2}, 4)
+    tracker.log_metrics({"val_miou": 0.1}, 4)  # a validation writes the steps before it
+    assert written() == [1, 2, 3, 4]
+    tracker.log_step({"train_loss": 0.1}, 5)
+    tracker.finish()
+    assert written() == [1, 2, 3, 4, 5] and client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
 def _train_command(out, tiny_root, *extra: str) -> list[str]:

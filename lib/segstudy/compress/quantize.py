@@ -34,6 +34,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 from segstudy.config import OBSERVERS, Config
 from segstudy.errors import UserError
 from segstudy.files import atomic_path
+from segstudy.models.networks import plain_convs
 
 BACKEND = "x86"  # oneDNN or FBGEMM per op, chosen by torch for this CPU
 _TORCH_DIR = str(Path(torch.__file__).parent)
@@ -237,7 +238,7 @@ def fx_prepare(model: nn.Module, example: torch.Tensor, observer: str = "histogr
     it is a UserError naming the line. Returns (prepared GraphModule taking images -> logits, notes)."""
     if BACKEND in torch.backends.quantized.supported_engines:
         torch.backends.quantized.engine = BACKEND  # the kernels convert_fx will pick
-    root = LogitsOnly(copy.deepcopy(model))
+    root = LogitsOnly(plain_convs(copy.deepcopy(model)))  # FX's patterns match nn.Conv2d exactly
     root.train(qat)
     skip: list[str] = []
     notes: list[str] = []

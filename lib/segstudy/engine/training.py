@@ -237,7 +237,7 @@ def _run_epoch(run: TrainingRun, tracker: Tracker, work_dir: Path, progress: boo
         bar.update()
         speed = run.partial["images"] / run.partial["seconds"]
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-        tracker.log_metrics({"train_loss": loss, "lr": lr}, run.step)
+        tracker.log_step({"train_loss": loss, "lr": lr}, run.step)
         if run.main and tcfg.checkpoint_every and run.step % tcfg.checkpoint_every == 0 and \
                 run.partial["batches"] < total:
             _save_state(run, work_dir)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet50_Weights, resnet50
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
+from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCNHead
 
 from segstudy.config import MODELS
@@ -90,6 +90,45 @@ class HybridFCN(nn.Module):
         features = self.backbone(x)["out"]
         logits = self.classifier(self.head(features))
         return {"out": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
+
+
+class PaddingAwareConv2d(nn.Conv2d):
+    """A stride-1 3x3 convolution at dilation d, padded by d (DeepLabV3's ASPP branches), that skips
+    the kernel rows (columns) which meet only zero padding: those of a map no taller (wider) than d.
+    Hand-written because oneDNN computes them anyway: at the demo's 96x192 crops (a 6x12 map, rates 6,
+    12, 18) they were a fifth of DeepLabV3's training step. The output is the same, the parameters are
+    the same 3x3 tensor (the skipped taps get zero gradients, as they did), and at Cityscapes'
+    resolution nothing is skipped. Tracers and exporters record the plain convolution: their graph
+    must serve every input size."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return super()._conv_forward(x, weight, bias)
+        (dh, dw), (ph, pw) = self.dilation, self.padding
+        h, w = x.shape[-2:]
+        if dh >= h:
+            weight, dh, ph = weight[:, :, 1:2], 1, 0
+        if dw >= w:
+            weight, dw, pw = weight[..., 1:2], 1, 0
+        return F.conv2d(x, weight, bias, self.stride, (ph, pw), (dh, dw), self.groups)
+
+
+def _padding_aware_aspp(aspp: ASPP) -> ASPP:
+    """ASPP with its dilated 3x3 convolutions as PaddingAwareConv2d (same parameters, same state_dict)."""
+    for module in aspp.modules():
+        if type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1) \
+                and module.padding == module.dilation and module.dilation != (1, 1):
+            module.__class__ = PaddingAwareConv2d
+    return aspp
+
+
+def plain_convs(model: nn.Module) -> nn.Module:
+    """`model` with every PaddingAwareConv2d an nn.Conv2d again, for code that matches modules by
+    their exact type (FX quantization's patterns)."""
+    for module in model.modules():
+        if type(module) is PaddingAwareConv2d:
+            module.__class__ = nn.Conv2d
+    return model
 
 
 def backbone_weights(pretrained: str | bool, weights_dir: str = "") -> dict[str, torch.Tensor] | None:
@@ -193,7 +232,9 @@ def build_model(name: str, num_classes: int = 19, pretrained: str | bool = "auto
         backbone = _resnet_backbone(state, output_stride, layers)
         rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)  # as in the DeepLabV3 paper
         aux = FCNHead(1024, num_classes) if aux_loss else None
-        model = DeepLabV3(backbone, DeepLabHead(2048, num_classes, rates), aux)
+        head = DeepLabHead(2048, num_classes, rates)
+        _padding_aware_aspp(head[0])
+        model = DeepLabV3(backbone, head, aux)
     else:
         model = HybridFCN(_resnet_backbone(state, output_stride, {"layer4": "out"}), num_classes,
                           head_channels, head_layers)
