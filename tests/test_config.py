@@ -50,8 +50,14 @@ def test_unknown_key_names_key_and_valid_ones(tmp_path):
         load_config(bad)
     with pytest.raises(UserError, match="^--set/overrides: unknown key 'nonsense'"):  # not smoke.yaml's
         load_config("smoke", {"nonsense": 1})
-    with pytest.raises(UserError, match=r"^--set/overrides: unknown key 'prune.target_loss'; .* target_speedup"):
-        load_config("smoke", {"prune.target_loss": 2})  # removed 2026-12-07 (docs/changes.md)
+    for retired in ("prune.target_loss", "quant.max_loss"):  # removed 2026-12-07 (docs/changes.md)
+        with pytest.raises(UserError, match=rf"^--set/overrides: '{retired}' is no longer a key: report.keep_loss "
+                                            r"holds that threshold now; set that instead"):
+            load_config("smoke", {retired: 2.0})
+    old = tmp_path / "old.yaml"
+    old.write_text("extends: smoke\nquant:\n  max_loss: 0.5\n")
+    with pytest.raises(UserError, match=rf"^{old}: 'quant.max_loss' is no longer a key"):
+        load_config(old)
 
 
 def test_wrong_type_and_missing_env(tmp_path, monkeypatch):

@@ -258,8 +258,7 @@ class QuantConfig(Section):
         2, 8, 32)
     observer: Annotated[str, Choice(OBSERVERS)] = "histogram"  # FX activation observer: histogram (x86 default)
     ort_activation: Annotated[str, Choice(ORT_ACTIVATIONS)] = "uint8"  # ONNX Runtime activations (uint8: x86 fast path)
-    qat: Annotated[str, Choice(QAT_MODES)] = "auto"  # auto: only when PTQ loses more than max_loss points
-    max_loss: Annotated[Float, NON_NEGATIVE] = 1.0  # mIoU points PTQ may lose before QAT runs (auto)
+    qat: Annotated[str, Choice(QAT_MODES)] = "auto"  # auto: only when PTQ loses more than report.keep_loss points
     qat_epochs: Annotated[Float, POSITIVE] = 0.25  # QAT fine-tune length in epochs (fractions allowed)
     qat_lr: Annotated[Float, Range(0, note="0: train.lr / 10")] = 0.0
     threads: Annotated[int, Range(0, note="0: torch's default")] = 2  # torch and ONNX Runtime, every measurement
@@ -274,7 +273,8 @@ class QuantConfig(Section):
 class ReportConfig(Section):
     """The thresholds of the report's verdicts (notebook 08)."""
 
-    # "keeps accuracy": the whole interval of the mIoU change (points) lies above -keep_loss
+    # "keeps accuracy": the whole interval of the mIoU change (points) lies above -keep_loss; also the
+    # points an int8 form may lose to be deployed, and PTQ before QAT runs (quant.qat: auto)
     keep_loss: Annotated[Float, NON_NEGATIVE] = 1.0
     # the recommendation: the fastest model whose mIoU interval reaches within `tolerance` points of
     # the lower end of the most accurate model's interval

@@ -225,6 +225,8 @@ def origin(path: object, overridden: set[str]) -> Where:
 
 
 _UNKNOWN = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")
+# keys a profile may still set that are gone, and the key that holds their fact now (docs/changes.md)
+RETIRED = {"prune.target_loss": "report.keep_loss", "quant.max_loss": "report.keep_loss"}
 
 
 # pydantic's own texts name neither the file nor the fix and locate by tuples: this turns its first error
@@ -242,6 +244,9 @@ def _message(root: type, errors: list, source: str, where: Where) -> str:
         at = f"section '{'.'.join(parents)}'" if parents else "the top level"
         key = ".".join((*parents, name))
         given = OVERRIDES if where(key) == f"set by {OVERRIDES}" else source  # the key's writer, not the profile
+        if key in RETIRED:
+            return (f"{given}: '{key}' is no longer a key: {RETIRED[key]} holds that threshold now; "
+                    f"set that instead (docs/changes.md)")
         return (f"{given}: unknown key '{key}'; valid keys at {at}: "
                 f"{', '.join(f.name for f in dataclasses.fields(section))}")
     try:

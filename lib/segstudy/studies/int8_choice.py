@@ -1,6 +1,6 @@
 """Notebook 05's decisions, read off its rows: the int8 targets, whether to run QAT, and which int8
-form is deployed (the fastest servable one, timed in turn with the others, within quant.max_loss of
-fp32), with its time against OpenVINO's. Rows are the dicts studies/quantization.py builds
+form is deployed (the fastest servable one, timed in turn with the others, within report.keep_loss
+of fp32), with its time against OpenVINO's. Rows are the dicts studies/quantization.py builds
 ("latency_ms", "latency_times_ms" of the rounds timed in turn, "miou")."""
 
 from __future__ import annotations

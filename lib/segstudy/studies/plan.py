@@ -181,9 +181,8 @@ def trainings(cfg: Config, notebooks: list[str] | None = None) -> list[Row]:
              for name in cfg.loss_study.names for seed in loss_comparison.run_seeds(cfg)]
     rows += _pruning(cfg, batches_per_epoch) + pruning_sweeps.steps(cfg, val_images)
     if cfg.quant.qat != "never":
-        note = "only if PTQ loses more than quant.max_loss" if cfg.quant.qat == "auto" else ""
         rows.append(_finetune_row(cfg, quantization.NOTEBOOK, quantization.QAT, "QAT", cfg.quant.qat_epochs,
-                                  batches_per_epoch, note=note))
+                                  batches_per_epoch, note=quantization_steps.qat_note(cfg)))
     rows += quantization_steps.steps(cfg, val_images)
     return [r for r in rows if notebooks is None or r.notebook in notebooks]
 

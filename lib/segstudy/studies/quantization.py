@@ -294,7 +294,7 @@ def qat(study: QuantStudy) -> str:
     """Quantization-aware training when qat_decision says so; returns the decision in words."""
     cfg, q = study.cfg, study.cfg.quant
     ptq_loss = 100 * (study.rows["fp32 eager"]["miou"] - study.rows[FX_INT8]["miou"])
-    run, reason = int8_choice.qat_decision(q.qat, ptq_loss, q.max_loss)
+    run, reason = int8_choice.qat_decision(q.qat, ptq_loss, cfg.report.keep_loss)
     info = study.notes["qat"] = {"ran": run, "reason": reason}
     if run:
         result = quantize.qat(study.fp32, cfg, q.qat_epochs, lr=q.qat_lr or None,
@@ -368,12 +368,12 @@ def other_names(model: str) -> tuple[str, str]:
 def targets(study: QuantStudy) -> pd.DataFrame:
     """The int8 targets for each dense int8 variant, which int8 form is deployed (int8_choice) and
     whether pruned + int8 is the fastest."""
-    rows, q = study.rows, study.cfg.quant
+    rows, keep = study.rows, study.cfg.report.keep_loss
     int8 = [k for k in results_files.INT8_VARIANTS if k in rows]
-    checked = study.notes["targets"] = int8_choice.check_targets(study.cpu, rows, int8, max_loss=q.max_loss)
+    checked = study.notes["targets"] = int8_choice.check_targets(study.cpu, rows, int8, max_loss=keep)
     fastest = study.notes["fastest"] = min(rows, key=lambda k: rows[k]["latency_ms"])
     deployed = study.notes["deployed_int8"] = int8_choice.deployed_int8(rows, SERVABLE_INT8, openvino=OV_INT8,
-                                                                         max_loss=q.max_loss)
+                                                                         max_loss=keep)
     if PRUNED_INT8 in rows:
         pruned = min((k for k in (PRUNED_INT8, PRUNED_ORT_INT8, PRUNED_OV_INT8) if k in rows),
                      key=lambda k: rows[k]["latency_ms"])

@@ -32,6 +32,11 @@ from segstudy.studies.quantization_rows import eval_subset, evaluate_step
 OPENVINO_NOTE = "where OpenVINO runs (compress/openvino_int8.unavailable)"
 
 
+def qat_note(cfg: Config) -> str:
+    """When QAT runs, for the plan's row of its fine-tune and of its scoring."""
+    return "only if PTQ loses more than report.keep_loss" if cfg.quant.qat == "auto" else ""
+
+
 def steps(cfg: Config, val_images: int) -> list[Step]:
     """This notebook's work besides QAT's fine-tune, for the plan, in the order it runs: each row scored
     on eval_subset of the `val_images` val images (int8 and ONNX Runtime on the CPU, the rest on
@@ -40,7 +45,6 @@ def steps(cfg: Config, val_images: int) -> list[Step]:
     q, b = cfg.quant, cfg.bench
     n, rounds = len(eval_subset(val_images, q.eval_images)), b.warmup + b.iters
     size, observer = (cfg.data.base_size, 2 * cfg.data.base_size), f"calibrate {q.observer}"
-    qat_note = "only if PTQ loses more than quant.max_loss" if q.qat == "auto" else ""
     pruned_note = "if notebook 04's pruned model exists; at the dense model's cost, an upper bound"
 
     def evaluate(name: str, engine: str, model: str = "custom", note: str = "") -> Step:
@@ -64,7 +68,7 @@ def steps(cfg: Config, val_images: int) -> list[Step]:
             evaluate(OV_INT8, "int8 OpenVINO", note=OPENVINO_NOTE)]
     timed[OV_INT8] = "int8 OpenVINO"
     if q.qat != "never":
-        out.append(evaluate(QAT_INT8, "int8 torch FX", note=qat_note))
+        out.append(evaluate(QAT_INT8, "int8 torch FX", note=qat_note(cfg)))
         timed[QAT_INT8] = "int8 torch FX"
     out += [evaluate(PRUNED_FP32, "fp32", note=pruned_note)]
     pruned = {PRUNED_INT8: ("torch FX", observer), PRUNED_ORT_INT8: ("ONNX Runtime", "calibrate ONNX Runtime"),
