@@ -175,8 +175,8 @@ def extra_tags(tags: dict[str, str]) -> Iterator[None]:
 
 # W&B refuses a tag longer than 64 characters (a commit or a CPU's name may be)
 WANDB_TAG_LIMIT = 64
-# per-step values wait up to this long for one batched write: each write is a database transaction
-# (about 6 ms on a 2-core CPU, a few per cent of a GPU's training step)
+# per-step values wait up to this long for one batched write: each write is a database transaction,
+# a visible share of a short training step on a 2-core CPU or a GPU (docs/results.md)
 STEP_FLUSH_S = 10.0
 
 

@@ -95,8 +95,8 @@ class HybridFCN(nn.Module):
 class PaddingAwareConv2d(nn.Conv2d):
     """A stride-1 3x3 convolution at dilation d, padded by d (DeepLabV3's ASPP branches), that skips
     the kernel rows (columns) which meet only zero padding: those of a map no taller (wider) than d.
-    Hand-written because oneDNN computes them anyway: at the demo's 96x192 crops (a 6x12 map, rates 6,
-    12, 18) they were a fifth of DeepLabV3's training step. The output is the same, the parameters are
+    Hand-written because oneDNN computes them anyway, and at the demo's 96x192 crops (a 6x12 map, rates
+    6, 12, 18) they are most of ASPP's work (docs/results.md). The output is the same, the parameters are
     the same 3x3 tensor (the skipped taps get zero gradients, as they did), and at Cityscapes'
     resolution nothing is skipped. Tracers and exporters record the plain convolution: their graph
     must serve every input size."""
