@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from segstudy.deploy import inference
@@ -96,3 +97,24 @@ def test_evaluate_blames_a_corrupt_prediction_on_the_predictions(tiny_root, tmp_
     shutil.copy(gts[0], broken)
     msg = _message(evaluate_folder, root, "val", preds, False)
     assert msg.startswith(f"{gt} is not a readable label PNG") and "regenerate the dataset" in msg
+
+
+def test_a_network_that_ends_below_its_input_size_runs_once_an_image_after_the_first():
+    calls = {"classes": 0, "run": 0}
+
+    def classes(image):  # a foreign network's ids at half its input's size
+        calls["classes"] += 1
+        return np.zeros((image.shape[0] // 2, image.shape[1] // 2), np.uint8)
+
+    def run(x):
+        calls["run"] += 1
+        logits = torch.zeros(1, 19, x.shape[2] // 2, x.shape[3] // 2)
+        logits[:, 3] = 1.0
+        return logits
+
+    engine = inference.Engine("openvino", "foreign.xml", run, image_classes=classes)
+    image = np.zeros((64, 128, 3), np.uint8)
+    for _ in range(3):
+        ids = inference.segment(engine, image, 64)
+        assert ids.shape == (64, 128) and (ids == 3).all()  # from the logits, upsampled to the image
+    assert calls == {"classes": 1, "run": 3}

@@ -275,6 +275,7 @@ def segment(engine: Engine, image: np.ndarray, base_size: int) -> np.ndarray:
         ids = engine.image_classes(image)
         if ids.shape == (height, width):  # every segstudy network ends at its input's size; a foreign one may not
             return ids
+        engine.image_classes = None  # such a network needs its logits upsampled: only that path from now on
     return postprocess(engine.run(preprocess(image, base_size)), height, width)
 
 
