@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from segstudy import cli, tracking
+from segstudy import cli, interrupts, tracking
 from segstudy.config_profiles import load_config
 from segstudy.engine import run_folder
 from segstudy.engine.training import train
@@ -260,6 +260,20 @@ def _at_first_checkpoint(tiny_root: Path, out: Path, **sets: object) -> tuple[su
         assert worker.poll() is None and time.monotonic() < deadline, "the worker ended before a checkpoint"
         time.sleep(0.02)
     return worker, checkpoint
+
+
+def test_ctrl_c_inside_a_database_write_is_raised_when_the_write_ends():
+    # a trial's report() to Optuna's SQLite file is one such write: a KeyboardInterrupt in its commit
+    # left the file locked, and Optuna could not mark the trial failed ("Should not reach.")
+    done = []
+    with interrupts.remembered(), pytest.raises(KeyboardInterrupt):
+        with interrupts.deferred():
+            with interrupts.deferred():  # nested: raised at the outer block's end only
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs here, and raises nothing yet
+                done.append("inner")
+            done.append("outer")
+    assert done == ["inner", "outer"]
 
 
 def test_ctrl_c_fails_the_trial_and_the_same_command_runs_its_parameters_again(tiny_root, tmp_path, capsys):

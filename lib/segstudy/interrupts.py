@@ -12,12 +12,14 @@ import threading
 from collections.abc import Iterator
 
 _pending = False
+_deferring = False
 
 
 def _on_sigint(signum, frame) -> None:
     global _pending
     _pending = True
-    raise KeyboardInterrupt
+    if not _deferring:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -35,6 +37,21 @@ def remembered() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
         _pending = False
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Ctrl-C during the block is raised when the block ends, for a database write that an exception
+    in its middle leaves holding the file's lock (Optuna's SQLite storage: the same process could then
+    not mark its trial failed). Only under `remembered()`; elsewhere Ctrl-C raises where it lands."""
+    global _deferring
+    outer, _deferring = _deferring, True
+    try:
+        yield
+    finally:
+        _deferring = outer
+    if not outer:
+        check()
 
 
 def check() -> None:

@@ -35,7 +35,7 @@ import pandas as pd
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from segstudy import config_paths, tracking
+from segstudy import config_paths, interrupts, tracking
 from segstudy.config import Config
 from segstudy.config_profiles import load_config, parse_overrides, resolve_profile
 from segstudy.data.datasets import prepare_data, training_datasets
@@ -217,7 +217,8 @@ def trial_dir(tuning: Tuning, number: int) -> Path:
 
 def _objective(tuning: Tuning, trial: optuna.Trial) -> float:
     tuning.current = trial.number
-    trial.set_user_attr(tune_storage.WORKER, tune_storage.this_worker())
+    with interrupts.deferred():
+        trial.set_user_attr(tune_storage.WORKER, tune_storage.this_worker())
     params = {key: tune_space.suggest(trial, key, spec) for key, spec in tuning.cfg.tune.space.items()}
     # a retry of a trial whose worker died continues that trial's run folder from its last checkpoint
     origin = tune_storage.retry_of(next(t for t in tuning.study.get_trials(deepcopy=False) if t.number == trial.number))
@@ -225,8 +226,10 @@ def _objective(tuning: Tuning, trial: optuna.Trial) -> float:
     cfg = load_config(tuning.profile, tuning.overrides | tune_space.budget(tuning.cfg) | params)
 
     def report(epoch: int, record: dict) -> None:
-        trial.report(record["val_miou"], epoch)
-        if epoch < cfg.train.epochs and trial.should_prune():  # after the last epoch there is nothing to save
+        with interrupts.deferred():  # the study's database, written and read
+            trial.report(record["val_miou"], epoch)
+            prune = epoch < cfg.train.epochs and trial.should_prune()  # after the last epoch nothing is saved
+        if prune:
             raise optuna.TrialPruned(f"val mIoU {100 * record['val_miou']:.2f} after epoch {epoch}")
 
     tags = {"segstudy.study": tuning.name, "segstudy.trial": str(trial.number)}
