@@ -188,8 +188,7 @@ class Tracker:
         self.backend = cfg.backend
         self.cfg = cfg
         self.run_id: str | None = None
-        self._pending: list = []  # mlflow.entities.Metric of steps not yet written (log_step)
-        self._pending_since = 0.0
+        self._pending: list = []  # mlflow.entities.Metric of steps not yet written (log_step), oldest first
         tags = (tags or {}) | (_EXTRA_TAGS.get() or {})
         if self.backend == "mlflow":
             self.mlflow = use_mlflow(cfg, output_root)
@@ -236,12 +235,9 @@ class Tracker:
         STEP_FLUSH_S (and at log_metrics and finish); W&B batches on its own."""
         clean = _clean(metrics)
         if self.backend == "mlflow":
-            from mlflow.entities import Metric
-
-            now = time.time()
-            self._pending_since = self._pending_since if self._pending else now
-            self._pending += [Metric(k, v, int(now * 1000), step) for k, v in clean.items()]
-            if now - self._pending_since >= STEP_FLUSH_S:
+            now = int(time.time() * 1000)
+            self._pending += [self.mlflow.entities.Metric(k, v, now, step) for k, v in clean.items()]
+            if self._pending and now - self._pending[0].timestamp >= STEP_FLUSH_S * 1000:  # empty: NaN steps only
                 self.flush_steps()
         elif self.backend == "wandb":
             self.run.log(clean, step=step)
