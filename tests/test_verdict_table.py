@@ -13,7 +13,7 @@ import pytest
 
 from segstudy.config_profiles import load_config
 from segstudy.data.labels import CLASS_NAMES, SMALL_CLASSES
-from segstudy.studies import report_figures, results_files, verdict_table
+from segstudy.studies import pruning_targets, report_figures, results_files, verdict_table
 from segstudy.studies.verdict_table import NOT_MEASURED, QUESTIONS
 from segstudy.studies.verdicts import NOT_DISTINGUISHABLE, miou
 
@@ -207,6 +207,34 @@ def test_structured_far_below_its_dense_control_reads_no(cfg):
     assert v.evidence.startswith("structured group_norm 0.35 + KD − the dense model fine-tuned the same way (4 epochs)")
 
 
+def _targets(cfg) -> dict[str, str]:
+    table = pruning_targets.table(cfg)
+    return {target.split(":")[0]: met for target, met in zip(table["target"], table["met"])}
+
+
+def test_pruning_targets_are_judged_on_the_verdicts_intervals(cfg, tmp_path):
+    fake(cfg.output_dir)  # pruned 25 ms against dense 60 ms: 2.4x; KD as accurate as the dense control
+    met = _targets(cfg)
+    assert met["structured group_norm 0.35 + KD"] == "no"  # the whole speed-up interval is below 3x
+    assert met["structured group_norm 0.35 + fine-tune"] == "no"
+    assert met["unstructured lamp 0.55"] == "no"  # about 10 points below dense, without a fine-tune
+    at_2x = load_config("smoke", {"output_root": str(tmp_path / "at_2x"), "prune.target_speedup": 2.0})
+    fake(at_2x.output_dir)
+    assert _targets(at_2x)["structured group_norm 0.35 + KD"] == "yes"
+    assert _by_question(at_2x)["structured"].answer == "yes"  # the verdict on the kept (KD) model agrees
+    noisy = _losses({"ce": [20.0, 32.0, 8.0], "dice": [20.0, 30.0, 10.0]})  # seed sd ~11 points
+    fake(at_2x.output_dir, losses=noisy)
+    assert _targets(at_2x)["structured group_norm 0.35 + KD"] == NOT_DISTINGUISHABLE
+    assert _by_question(at_2x)["structured"].answer == NOT_DISTINGUISHABLE
+
+
+def test_pruning_targets_without_notebook_04_say_which_notebook(cfg):
+    fake(cfg.output_dir, skip=("pruning",))
+    table = pruning_targets.table(cfg)
+    assert list(table["met"]) == [NOT_MEASURED, NOT_MEASURED]
+    assert all("--only 04" in m for m in table["measured"]), table["measured"]
+
+
 def test_a_missing_notebook_is_not_measured(cfg):
     fake(cfg.output_dir, skip=("pruning", "losses"))
     v = _by_question(cfg)
@@ -263,9 +291,9 @@ def test_speedup_reads_the_reference_timed_alongside():
     # same-shaped model look faster: the row's own side-by-side reference timings win
     row = {"latency_times_ms": [100, 101, 99, 100, 102], "reference_times_ms": [101, 100, 99, 102, 100]}
     dense = {"latency_times_ms": [130, 131, 129, 132, 130]}
-    assert abs(verdict_table._speedup(row, dense, "unstructured").mean - 1.0) < 0.03
-    assert verdict_table._speedup({"latency_times_ms": row["latency_times_ms"]}, dense, "x").mean > 1.25
-    assert "rounds timed in turn" in verdict_table._speedup(row, dense, "unstructured").how  # paired by round
+    assert abs(verdict_table.speedup_over(row, dense, "unstructured").mean - 1.0) < 0.03
+    assert verdict_table.speedup_over({"latency_times_ms": row["latency_times_ms"]}, dense, "x").mean > 1.25
+    assert "rounds timed in turn" in verdict_table.speedup_over(row, dense, "unstructured").how  # paired by round
 
 
 def test_thresholds_come_from_the_config_and_older_files_are_not_read(tmp_path):

@@ -20,7 +20,15 @@ import pandas as pd
 
 from segstudy.config import Config
 from segstudy.data.synthetic.dataset import MARKER
-from segstudy.studies import cross_dataset, figures, result_tables, results_files, verdict_table, verdicts
+from segstudy.studies import (
+    cross_dataset,
+    figures,
+    pruning_targets,
+    result_tables,
+    results_files,
+    verdict_table,
+    verdicts,
+)
 
 MMSEG_DEEPLABV3 = "mmsegmentation deeplabv3_r50-d8_4xb2-40k_cityscapes-512x1024"
 SEED_PAPER = "the seed paper"
@@ -265,7 +273,7 @@ def pruning(cfg: Config) -> tuple[Part, Part]:
         caption = (f"Latency: batch 1 at {b['width']}x{b['height']}, fp32, {d['cpu']['cpu']}; "
                    f"mIoU in points on the validation split; the dense row is notebook 02's custom model.")
         return (Part(results_files.pruning_table([dense, *rows]), [path], caption=caption),
-                Part(result_tables.pruning_targets(rows, dense, cfg), [path]))
+                Part(pruning_targets.table(cfg), [path]))
 
 
 def pruning_figure(cfg: Config) -> plt.Figure | None:

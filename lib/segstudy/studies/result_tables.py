@@ -1,7 +1,7 @@
 """The tables and statistics read off the saved results (studies.results_files reads and writes
-the files): each model's per-class IoU, the models side by side, notebook 04's targets, notebook
-05's variants, and the speed-up of one measured model over another, which the verdicts, the
-targets and the tables all read here, so one model has one speed-up.
+the files): each model's per-class IoU, the models side by side, notebook 05's variants, and the
+speed-up of one measured model over another, which the verdicts, the targets and the tables all
+read here, so one model has one speed-up.
 
 Units as in the files: mIoU and IoU fractions in, points (x 100) in the tables; latency in ms.
 """
@@ -61,28 +61,6 @@ def speedup_ratio(row: dict, reference: dict) -> float:
     """`speedup`'s point value, NaN without timings: the tables' number."""
     est = speedup(row, reference)
     return math.nan if est is None else est.mean
-
-
-def pruning_targets(rows: list[dict], dense: dict, cfg: Config) -> pd.DataFrame:
-    """The pruning targets (prune.target_*, report.keep_loss), read off notebook 04's rows: each
-    recovered structured model's speed-up (`speedup`) and mIoU loss, and the share of dense mIoU kept
-    at prune.finetune_sparsity unstructured."""
-    p, keep, out = cfg.prune, cfg.report.keep_loss, []
-    for r in rows:
-        fast = speedup(r, dense) if r.get("latency_ms") else None
-        if r["method"].startswith("structured") and r["recovery"] != "none" and fast is not None:
-            loss = 100 * (dense["miou"] - r["miou"])
-            out.append({"target": f"structured {r['level']} + {r['recovery']}: >= {p.target_speedup:g}x faster, "
-                                  f"<= {keep:g} mIoU points lost",
-                        "measured": f"{fast.mean:.2f}x, {loss:+.2f} points",
-                        "met": fast.mean >= p.target_speedup and loss <= keep})
-        if r["method"].startswith("unstructured") and abs(r["level"] - p.finetune_sparsity) < 1e-9:
-            kept = r["miou"] / dense["miou"]
-            out.append({"target": f"{r['method']} {p.finetune_sparsity:.0%} ({r['recovery']}): keep >= "
-                                  f"{p.target_kept:.0%} of dense mIoU",
-                        "measured": f"{100 * kept:.1f}% ({100 * r['miou']:.2f} of {100 * dense['miou']:.2f})",
-                        "met": kept >= p.target_kept})
-    return pd.DataFrame(out)
 
 
 def quantization_table(rows: dict[str, dict], reference: str = "fp32 eager") -> pd.DataFrame:

@@ -39,7 +39,7 @@ QUESTIONS = {
 }
 
 
-def _speedup(row: dict, base: dict, name: str) -> Interval:
+def speedup_over(row: dict, base: dict, name: str) -> Interval:
     """result_tables.speedup, or Missing."""
     est = result_tables.speedup(row, base)
     if est is None:
@@ -47,7 +47,7 @@ def _speedup(row: dict, base: dict, name: str) -> Interval:
     return est
 
 
-def _times(e: Interval) -> str:
+def times(e: Interval) -> str:
     if not e.has_spread:
         return f"{e.mean:.2f}x (no spread: one timing)"
     return f"{e.mean:.2f}x [{e.low:.2f}, {e.high:.2f}] ({e.how})"
@@ -103,8 +103,8 @@ def best_loss_small_classes(ins: Inputs) -> Verdict:
     return _rank_losses(ins, question, by_loss(runs, small), what)
 
 
-def _recovered(ins: Inputs) -> tuple[dict, dict, dict, dict]:
-    """Notebook 04's (kept recovered structured row, dense control row, dense row, prune settings)."""
+def pruning_rows(ins: Inputs) -> tuple[list[dict], dict, dict, dict]:
+    """Notebook 04's (recovered structured rows, dense control row, dense row, prune settings)."""
     d = ins.results("pruning")
     with ins.reading("pruning"):
         rows, dense, prune = d["rows"], d["dense"], d.get("prune") or {}
@@ -114,27 +114,36 @@ def _recovered(ins: Inputs) -> tuple[dict, dict, dict, dict]:
         what = "dense control" if control is None else "recovered structured"
         raise Missing(f"no {what} row in notebook 04's results (an older notebook 04); "
                       f"re-run {results_files.writer(ins.cfg, 'pruning')}")
-    # the one notebook 04 kept (and notebook 05 quantizes); older files: the most accurate
-    kept = next((r for r in recovered if r.get("checkpoint")), max(recovered, key=lambda r: r["miou"]))
-    return kept, control, dense, prune
+    return recovered, control, dense, prune
+
+
+def against_control(ins: Inputs, noise: SeedNoise | None, pruned: dict, control: dict) -> Interval:
+    """A recovered structured model's mIoU minus the dense control's (points): a paired bootstrap
+    over the validation images, widened by the seed noise of the two fine-tunes."""
+    if noise is None:
+        raise no_noise(ins)
+    diff = verdicts.paired_difference(ins.confusions("pruning", pruned, results_files.pruning_row_name(pruned)),
+                                      ins.confusions("pruning", control, "dense control"))
+    return noise.widen(diff, trainings=2)
+
+
+def control_subject(prune: dict) -> str:
+    epochs = prune.get("epochs")
+    return "the dense model fine-tuned the same way" + (f" ({epochs:g} epoch{'s' * (epochs != 1)})" if epochs else "")
 
 
 def structured_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
-    """Paired bootstrap of recovered-pruned minus dense-control mIoU over the validation images,
-    widened by the seed noise of the two fine-tunes; "yes" when the whole interval is above -1."""
-    pruned, control, dense, prune = _recovered(ins)
+    """against_control of the structured model notebook 04 kept; "yes" when the whole interval is
+    above -report.keep_loss."""
+    recovered, control, dense, prune = pruning_rows(ins)
+    # the one notebook 04 kept (and notebook 05 quantizes); older files: the most accurate
+    pruned = next((r for r in recovered if r.get("checkpoint")), max(recovered, key=lambda r: r["miou"]))
     keep = ins.cfg.report.keep_loss
     name = results_files.pruning_row_name(pruned)
-    if noise is None:
-        raise no_noise(ins)
-    diff = verdicts.paired_difference(ins.confusions("pruning", pruned, name),
-                                      ins.confusions("pruning", control, "dense control"))
-    epochs = prune.get("epochs")
-    subject = (f"{name} − the dense model fine-tuned the same way"
-               + (f" ({epochs:g} epochs)" if epochs else "") + f", mIoU points (keeps: within {keep:g} point)")
-    speed = _speedup(pruned, dense, name)
-    return _threshold(QUESTIONS["structured"], noise.widen(diff, trainings=2), -keep, subject,
-                      f"speed-up over dense {_times(speed)}; {noise}")
+    subject = f"{name} − {control_subject(prune)}, mIoU points (keeps: within {keep:g} point)"
+    speed = speedup_over(pruned, dense, name)
+    return _threshold(QUESTIONS["structured"], against_control(ins, noise, pruned, control), -keep, subject,
+                      f"speed-up over dense {times(speed)}; {noise}")
 
 
 def unstructured_buys_speed(ins: Inputs) -> Verdict:
@@ -152,7 +161,7 @@ def unstructured_buys_speed(ins: Inputs) -> Verdict:
     name = results_files.pruning_row_name(row)
     floor = ins.cfg.report.speed_floor
     subject = f"{name} ({100 * row['sparsity']:.0f}% zeros) over dense, speed-up (buys speed: above {floor:g}x)"
-    return _threshold(QUESTIONS["unstructured"], _speedup(row, dense, name), floor, subject)
+    return _threshold(QUESTIONS["unstructured"], speedup_over(row, dense, name), floor, subject)
 
 
 def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
@@ -177,7 +186,7 @@ def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
     keep = ins.cfg.report.keep_loss
     subject = f"{name} (the fastest int8) − {ref_name}, mIoU points (keeps: within {keep:g} point)"
     return _threshold(QUESTIONS["int8"], diff, -keep, subject,
-                      f"speed-up {_times(_speedup(rows[name], rows[ref_name], name))}")
+                      f"speed-up {times(speedup_over(rows[name], rows[ref_name], name))}")
 
 
 def _cross_rows(ins: Inputs) -> tuple[dict, dict[tuple[str, str], dict]]:
