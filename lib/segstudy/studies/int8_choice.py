@@ -5,6 +5,7 @@ of fp32), with its time against OpenVINO's. Rows are the dicts studies/quantizat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from segstudy.errors import UserError
@@ -17,24 +18,48 @@ def speedup_target(cpu: dict) -> float:
     return 5.0 if cpu.get("avx512_vnni") or cpu.get("amx_int8") else 3.0
 
 
+def _miou_change(row: dict, fp32: dict) -> verdicts.Interval | None:
+    """row minus fp32 in mIoU points, paired over the validation images where both rows hold their
+    per-image confusions (notebook 05's rows in memory); None for rows without mIoU (the benchmark's)."""
+    if "miou" not in row or "miou" not in fp32:
+        return None
+    if row.get("per_image") is not None and fp32.get("per_image") is not None:
+        return verdicts.paired_difference(row["per_image"], fp32["per_image"])
+    return verdicts.Interval(100 * (row["miou"] - fp32["miou"]), -math.inf, math.inf, 1, "no per-image confusions")
+
+
+def _against(row: dict, other: dict) -> verdicts.Interval:
+    """How many times faster `row` is than `other`, both int8 forms timed in the same rounds (not
+    result_tables.speedup: a row's "reference_times_ms" are fp32 eager's)."""
+    t, base = row.get("latency_times_ms"), other.get("latency_times_ms")
+    if t and base and len(t) == len(base):
+        return verdicts.speedup(t, base, paired=True)
+    return verdicts.speedup(t or [row["latency_ms"]], base or [other["latency_ms"]])
+
+
 def check_targets(cpu: dict, rows: dict[str, dict], int8: Sequence[str], *, fp32: str = "fp32 eager",
                   max_loss: float = 1.0, within: float = 1.2) -> dict[str, dict]:
-    """The int8 targets for each dense int8 variant in `int8`: speed-up vs `fp32` >= speedup_target,
-    latency within `within` x of the fastest of them, mIoU loss <= max_loss points (when measured:
-    rows without "miou", as in the benchmark, are judged on speed only)."""
+    """The int8 targets for each dense int8 variant in `int8`, judged on intervals by the verdicts'
+    rule (verdicts.threshold): speed-up over `fp32` above speedup_target (result_tables.speedup);
+    speed at least 1/`within` of the fastest of them (the rounds timed in turn); mIoU minus
+    `fp32`'s above -max_loss points (paired over the images; rows without "miou", as in the
+    benchmark, are judged on speed only). "met": yes | no | not distinguishable at this budget."""
     need = speedup_target(cpu)
     present = [k for k in int8 if k in rows]
     if fp32 not in rows or not present:
         return {}
-    fastest = min(rows[k]["latency_ms"] for k in present)
+    fastest = rows[min(present, key=lambda k: rows[k]["latency_ms"])]
     out = {}
     for k in present:
         r = rows[k]
-        speedup, ratio = result_tables.speedup_ratio(r, rows[fp32]), r["latency_ms"] / fastest
-        loss = 100 * (rows[fp32]["miou"] - r["miou"]) if "miou" in r and "miou" in rows[fp32] else None
-        out[k] = {"speedup": speedup, "speedup_target": need, "ratio_to_fastest_int8": ratio,
-                  "miou_loss_points": loss,
-                  "passed": speedup >= need and ratio <= within and (loss is None or loss <= max_loss)}
+        speed, vs_fastest = result_tables.speedup(r, rows[fp32]), _against(r, fastest)
+        change = _miou_change(r, rows[fp32])
+        answers = [verdicts.threshold(k, speed, need).answer, verdicts.threshold(k, vs_fastest, 1 / within).answer]
+        if change is not None:
+            answers.append(verdicts.threshold(k, change, -max_loss).answer)
+        out[k] = {"speedup": speed.mean, "speedup_interval": str(speed), "speedup_target": need,
+                  "ratio_to_fastest_int8": 1 / vs_fastest.mean,
+                  "miou_change_points": None if change is None else str(change), "met": verdicts.combined(*answers)}
     return out
 
 

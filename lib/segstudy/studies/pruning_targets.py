@@ -14,16 +14,9 @@ import pandas as pd
 from segstudy.config import Config
 from segstudy.studies import results_files, verdict_table, verdicts
 from segstudy.studies.verdict_inputs import Inputs, Missing, SeedNoise, no_noise, seed_noise
-from segstudy.studies.verdicts import NOT_DISTINGUISHABLE, Interval
+from segstudy.studies.verdicts import Interval
 
 COLUMNS = ["target", "measured", "met"]
-
-
-def met(*answers: str) -> str:
-    """All of a target's bounds met: "yes"; any missed: "no"; else not distinguishable."""
-    if all(a == "yes" for a in answers):
-        return "yes"
-    return "no" if "no" in answers else NOT_DISTINGUISHABLE
 
 
 def _speed(e: Interval) -> str:
@@ -47,7 +40,7 @@ def _structured(cfg: Config, ins: Inputs, noise: SeedNoise | None) -> list[dict]
                         "met": "no" if fast == "no" else verdict_table.NOT_MEASURED})
             continue
         out.append({"target": target, "measured": f"{_speed(speed)}; {acc} points",
-                    "met": met(fast, verdicts.threshold(target, acc, -keep).answer)})
+                    "met": verdicts.combined(fast, verdicts.threshold(target, acc, -keep).answer)})
     return out
 
 

@@ -285,6 +285,14 @@ def threshold(question: str, est: Interval, floor: float, context: str = "") -> 
     return Verdict(question, answer, evidence + (f"; {context}" if context else ""))
 
 
+def combined(*answers: str) -> str:
+    """One answer for a target with several bounds, each answered by `threshold`: "yes" when every
+    bound is met, "no" when any is missed, else not distinguishable."""
+    if all(a == "yes" for a in answers):
+        return "yes"
+    return "no" if "no" in answers else NOT_DISTINGUISHABLE
+
+
 @dataclass(frozen=True)
 class Recommendation:
     """recommend_deployment's answer: the verdict (its answer is the pick), the most accurate
