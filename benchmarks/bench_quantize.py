@@ -11,7 +11,8 @@ activations, and the pruned model of notebook 04 (fp32 and int8) when it exists.
 its ISA flags, the median per variant, the speed-up against fp32 eager, the ratio to the fastest int8
 engine, and for each dense int8 form timed in turn with fp32 eager the target (>= 5x on VNNI/AMX
 CPUs, >= 3x AVX2-only; within 1.2x of the fastest int8 engine) judged as notebook 05 judges it
-(int8_choice.check_targets: yes | no | not distinguishable, on the intervals over the rounds). Writes outputs/<profile>/benchmarks/quantize_<model>.json. On a CUDA machine it adds
+(int8_choice.check_targets: yes | no | not distinguishable, on the intervals over the rounds).
+Writes outputs/<profile>/benchmarks/quantize_<model>.json. On a CUDA machine it adds
 fp32 / fp16 / bf16 GPU latency.
 """
 

@@ -74,18 +74,7 @@ class Part:
 
 
 def _table_html(table: pd.DataFrame) -> str:
-    """Numbers with two decimals, text columns left-aligned, a named index as a plain first
-    column (pandas would give it a second header row)."""
-    named = any(n is not None for n in table.index.names)
-    plain = isinstance(table.index, pd.RangeIndex)  # row numbers say nothing: hide them
-    df = table.reset_index() if named else table.copy()
-    text = [c for c in df.columns if not pd.to_numeric(df[c].dropna(), errors="coerce").notna().all()]
-    for c in df.columns:
-        if pd.api.types.is_float_dtype(df[c]):
-            df[c] = df[c].round(2) + 0.0  # -0.004 shows as 0.00, not -0.00
-    style = df.style.format(precision=2, na_rep="–", thousands=",").set_properties(subset=text, **{
-        "text-align": "left"}).set_table_styles([{"selector": "th", "props": "text-align: left"}])
-    return (style.hide(axis="index") if named or plain else style).to_html()
+    return result_tables.shown(table).to_html()
 
 
 def sources(cfg: Config) -> Part:

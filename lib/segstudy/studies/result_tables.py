@@ -12,9 +12,26 @@ import math
 
 import numpy as np
 import pandas as pd
+from pandas.io.formats.style import Styler
 
 from segstudy.config import Config
 from segstudy.studies import results_files, verdicts
+
+
+def shown(table: pd.DataFrame) -> Styler:
+    """How the study shows a table, in the notebooks and the report alike: numbers with two decimals,
+    "–" where a row has no such measurement (a model not timed, FLOPs not counted), text columns
+    left-aligned, a named index as a plain first column (pandas would give it a second header row)."""
+    named = any(n is not None for n in table.index.names)
+    plain = isinstance(table.index, pd.RangeIndex)  # row numbers say nothing: hide them
+    df = table.reset_index() if named else table.copy()
+    text = [c for c in df.columns if not pd.to_numeric(df[c].dropna(), errors="coerce").notna().all()]
+    for c in df.columns:
+        if pd.api.types.is_float_dtype(df[c]):
+            df[c] = df[c].round(2) + 0.0  # -0.004 shows as 0.00, not -0.00
+    style = df.style.format(precision=2, na_rep="–", thousands=",").set_properties(subset=text, **{
+        "text-align": "left"}).set_table_styles([{"selector": "th", "props": "text-align: left"}])
+    return style.hide(axis="index") if named or plain else style
 
 
 def per_class_table(results: dict[str, dict]) -> pd.DataFrame:
