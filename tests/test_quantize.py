@@ -28,6 +28,7 @@ from segstudy.engine.evaluation import validate
 from segstudy.engine.finetuning import finetune
 from segstudy.errors import UserError
 from segstudy.studies import int8_choice, quantization, quantization_rows
+from segstudy.studies.verdict_inputs import SeedNoise
 from segstudy.studies.verdicts import NOT_DISTINGUISHABLE
 
 
@@ -242,6 +243,15 @@ def test_int8_targets_are_judged_on_intervals():
     assert int8_choice.check_targets(vnni, rows, ["fx"])["fx"]["met"] == NOT_DISTINGUISHABLE
     one = {k: {"latency_ms": r["latency_ms"]} for k, r in rows.items()}  # one timing each: no spread
     assert int8_choice.check_targets(vnni, one, ["fx"])["fx"]["met"] == NOT_DISTINGUISHABLE
+    # QAT fine-tunes: its change carries that training's seed noise, and is open without it
+    qat = "int8 QAT torch FX"
+    rows[qat] = _timed(100) | {"miou": 0.30, "per_image": fp32 + 0.5}
+
+    def met(**kw) -> str:
+        return int8_choice.check_targets(vnni, rows, [qat], **kw)[qat]["met"]
+
+    quiet, loud = (SeedNoise(sd, df=8, runs=12) for sd in (0.1, 3.0))
+    assert met() == NOT_DISTINGUISHABLE and met(noise=quiet) == "yes" and met(noise=loud) == NOT_DISTINGUISHABLE
 
 
 def test_qat_decision():

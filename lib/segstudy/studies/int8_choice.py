@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from segstudy.errors import UserError
 from segstudy.studies import result_tables, verdicts
+from segstudy.studies.verdict_inputs import SeedNoise
 
 
 def speedup_target(cpu: dict) -> float:
@@ -38,12 +39,13 @@ def _against(row: dict, other: dict) -> verdicts.Interval:
 
 
 def check_targets(cpu: dict, rows: dict[str, dict], int8: Sequence[str], *, fp32: str = "fp32 eager",
-                  max_loss: float = 1.0, within: float = 1.2) -> dict[str, dict]:
+                  max_loss: float = 1.0, within: float = 1.2, noise: SeedNoise | None = None) -> dict[str, dict]:
     """The int8 targets for each dense int8 variant in `int8`, judged on intervals by the verdicts'
     rule (verdicts.threshold): speed-up over `fp32` above speedup_target (result_tables.speedup);
     speed at least 1/`within` of the fastest of them (the rounds timed in turn); mIoU minus
     `fp32`'s above -max_loss points (paired over the images; rows without "miou", as in the
-    benchmark, are judged on speed only). "met": yes | no | not distinguishable at this budget."""
+    benchmark, are judged on speed only; QAT's change is widened by `noise`, its fine-tune's seed noise,
+    and open without it). "met": yes | no | not distinguishable at this budget."""
     need = speedup_target(cpu)
     present = [k for k in int8 if k in rows]
     if fp32 not in rows or not present:
@@ -54,6 +56,9 @@ def check_targets(cpu: dict, rows: dict[str, dict], int8: Sequence[str], *, fp32
         r = rows[k]
         speed, vs_fastest = result_tables.speedup(r, rows[fp32]), _against(r, fastest)
         change = _miou_change(r, rows[fp32])
+        if change is not None and "QAT" in k:  # QAT fine-tunes: its own seed noise, as the verdict widens it
+            change = noise.widen(change, trainings=1) if noise else verdicts.Interval(
+                change.mean, -math.inf, math.inf, change.n, "QAT without the seed noise of notebook 03")
         answers = [verdicts.threshold(k, speed, need).answer, verdicts.threshold(k, vs_fastest, 1 / within).answer]
         if change is not None:
             answers.append(verdicts.threshold(k, change, -max_loss).answer)

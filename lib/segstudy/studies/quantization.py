@@ -45,6 +45,7 @@ from segstudy.studies.quantization_rows import (
     validate_variant,
     variant,
 )
+from segstudy.studies.verdict_inputs import Inputs, seed_noise
 
 QAT = "qat"
 # the rows' names (results_files.INT8_VARIANTS: the dense int8 ones the targets and verdicts read)
@@ -370,7 +371,8 @@ def targets(study: QuantStudy) -> pd.DataFrame:
     whether pruned + int8 is the fastest."""
     rows, keep = study.rows, study.cfg.report.keep_loss
     int8 = [k for k in results_files.INT8_VARIANTS if k in rows]
-    checked = study.notes["targets"] = int8_choice.check_targets(study.cpu, rows, int8, max_loss=keep)
+    noise = seed_noise(Inputs(study.cfg)) if QAT_INT8 in int8 else None
+    checked = study.notes["targets"] = int8_choice.check_targets(study.cpu, rows, int8, max_loss=keep, noise=noise)
     fastest = study.notes["fastest"] = min(rows, key=lambda k: rows[k]["latency_ms"])
     deployed = study.notes["deployed_int8"] = int8_choice.deployed_int8(rows, SERVABLE_INT8, openvino=OV_INT8,
                                                                          max_loss=keep)
