@@ -113,6 +113,26 @@ def test_structured_checkpoint_round_trip(tmp_path):
         load_trained(tmp_path / "unmarked.pt")
 
 
+def test_a_loaded_model_is_the_saved_one_in_its_own_contiguous_tensors(tmp_path):
+    # load_trained builds on the meta device and takes the checkpoint's tensors: a state saved
+    # channels_last (as a training's checkpoint may be) comes back contiguous, and not shared with
+    # the checkpoint dict the caller holds
+    model = _model("deeplabv3_resnet50")
+    state = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+             for k, v in model.state_dict().items()}
+    ckpt = {"model": state, "meta": _meta("deeplabv3_resnet50")}
+    reloaded = load_trained(tmp_path / "in-memory.pt", ckpt)
+    x = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        assert torch.equal(model(x)["out"], reloaded(x)["out"])
+    assert all(t.is_contiguous() and not t.is_meta for t in reloaded.state_dict().values())
+    weight = next(reloaded.parameters())
+    assert weight.requires_grad and weight.data_ptr() not in {v.data_ptr() for v in state.values()}
+    del state["classifier.4.bias"]
+    with pytest.raises(UserError, match="does not match the model"):
+        load_trained(tmp_path / "in-memory.pt", ckpt)
+
+
 def _taylor_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     torch.manual_seed(1)
     return [(torch.randn(2, 3, 32, 32), torch.randint(0, 19, (2, 32, 32))) for _ in range(2)]

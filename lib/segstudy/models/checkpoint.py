@@ -107,9 +107,9 @@ def check_meta(ckpt: dict, model_name: str, num_classes: int, path: str | Path) 
                         f"with {num_classes}; use that model's checkpoint or another run folder")
 
 
-def load_model_state(model: nn.Module, state: dict, path: str | Path) -> None:
+def load_model_state(model: nn.Module, state: dict, path: str | Path, assign: bool = False) -> None:
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=assign)
     except RuntimeError as exc:
         first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:3]
         raise UserError(f"checkpoint {path} does not match the model built from the params "
@@ -151,11 +151,19 @@ def load_trained(checkpoint: str | Path, ckpt: dict | None = None) -> nn.Module:
         unknown = sorted(set(mc) - known) if isinstance(mc, dict) else mc
         raise UserError(f"{checkpoint}: its model metadata has keys this segstudy does not know ({unknown}); "
                         f"it was written by another version: retrain, or load it with that version")
-    # the checkpoint holds the weights: no need to look for pretrained ones
-    model = build_model(num_classes=ckpt["meta"].get("num_classes", 19), **(mc | {"pretrained": False}))
+    # the checkpoint holds every weight: no pretrained ones to look for, and no random init to throw
+    # away (most of a ResNet-50's load): built on the meta device, then given the checkpoint's tensors,
+    # copied contiguous (they may be saved channels_last, and the caller's ckpt stays its own)
+    with torch.device("meta"):
+        model = build_model(num_classes=ckpt["meta"].get("num_classes", 19), **(mc | {"pretrained": False}))
+    state = {k: v.clone(memory_format=torch.contiguous_format) if isinstance(v, torch.Tensor) else v
+             for k, v in ckpt["model"].items()}
     if ckpt["meta"].get("pruned") == "structured":
-        reshape_to(model, ckpt["model"])  # fewer channels than build_model makes
-    load_model_state(model, ckpt["model"], checkpoint)
+        reshape_to(model, state)  # fewer channels than build_model makes
+    load_model_state(model, state, checkpoint, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise UserError(f"{checkpoint} lacks {', '.join(left[:3])}: it was written by another version of the model")
     return model.eval()
 
 
@@ -170,7 +178,7 @@ def reshape_to(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         for pname, param in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             saved = state.get(prefix + pname)
             if saved is not None and saved.shape != param.shape:
-                new = torch.empty(saved.shape, dtype=param.dtype)
+                new = torch.empty(saved.shape, dtype=param.dtype, device=param.device)
                 if isinstance(param, nn.Parameter):
                     setattr(module, pname, nn.Parameter(new, requires_grad=param.requires_grad))
                 else:
