@@ -5,7 +5,6 @@ of fp32), with its time against OpenVINO's. Rows are the dicts studies/quantizat
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from segstudy.errors import UserError
@@ -26,16 +25,13 @@ def _miou_change(row: dict, fp32: dict) -> verdicts.Interval | None:
         return None
     if row.get("per_image") is not None and fp32.get("per_image") is not None:
         return verdicts.paired_difference(row["per_image"], fp32["per_image"])
-    return verdicts.Interval(100 * (row["miou"] - fp32["miou"]), -math.inf, math.inf, 1, "no per-image confusions")
+    return verdicts.unbounded(100 * (row["miou"] - fp32["miou"]), 1, "no per-image confusions")
 
 
-def _against(row: dict, other: dict) -> verdicts.Interval:
-    """How many times faster `row` is than `other`, both int8 forms timed in the same rounds (not
-    result_tables.speedup: a row's "reference_times_ms" are fp32 eager's)."""
-    t, base = row.get("latency_times_ms"), other.get("latency_times_ms")
-    if t and base and len(t) == len(base):
-        return verdicts.speedup(t, base, paired=True)
-    return verdicts.speedup(t or [row["latency_ms"]], base or [other["latency_ms"]])
+def trainings(variant: str) -> int:
+    """The trainings whose seed noise an int8 form's mIoU change against fp32 carries: QAT fine-tunes
+    the fp32 weights (one), post-training quantization trains nothing (none)."""
+    return 1 if "QAT" in variant else 0
 
 
 def check_targets(cpu: dict, rows: dict[str, dict], int8: Sequence[str], *, fp32: str = "fp32 eager",
@@ -54,11 +50,11 @@ def check_targets(cpu: dict, rows: dict[str, dict], int8: Sequence[str], *, fp32
     out = {}
     for k in present:
         r = rows[k]
-        speed, vs_fastest = result_tables.speedup(r, rows[fp32]), _against(r, fastest)
+        speed, vs_fastest = result_tables.speedup(r, rows[fp32]), result_tables.speedup(r, fastest, same_rounds=True)
         change = _miou_change(r, rows[fp32])
-        if change is not None and "QAT" in k:  # QAT fine-tunes: its own seed noise, as the verdict widens it
-            change = noise.widen(change, trainings=1) if noise else verdicts.Interval(
-                change.mean, -math.inf, math.inf, change.n, "QAT without the seed noise of notebook 03")
+        if change is not None and trainings(k):
+            change = (noise.widen(change, trainings(k)) if noise
+                      else verdicts.unbounded(change.mean, change.n, "without the seed noise of notebook 03"))
         answers = [verdicts.threshold(k, speed, need).answer, verdicts.threshold(k, vs_fastest, 1 / within).answer]
         if change is not None:
             answers.append(verdicts.threshold(k, change, -max_loss).answer)

@@ -14,13 +14,8 @@ import pandas as pd
 from segstudy.config import Config
 from segstudy.studies import results_files, verdict_table, verdicts
 from segstudy.studies.verdict_inputs import Inputs, Missing, SeedNoise, no_noise, seed_noise
-from segstudy.studies.verdicts import Interval
 
 COLUMNS = ["target", "measured", "met"]
-
-
-def _speed(e: Interval) -> str:
-    return f"{e.mean:.2f}x [{e.low:.2f}, {e.high:.2f}]" if e.has_spread else f"{e.mean:.2f}x (one timing)"
 
 
 def _structured(cfg: Config, ins: Inputs, noise: SeedNoise | None) -> list[dict]:
@@ -32,27 +27,27 @@ def _structured(cfg: Config, ins: Inputs, noise: SeedNoise | None) -> list[dict]
         target = (f"{name}: >= {p.target_speedup:g}x faster than dense, mIoU within {keep:g} point of "
                   f"{verdict_table.control_subject(prune)}")
         speed = verdict_table.speedup_over(row, dense, name)
-        fast = verdicts.threshold(target, speed, p.target_speedup).answer
+        fast, shown = verdicts.threshold(target, speed, p.target_speedup).answer, verdict_table.times(speed, how=False)
         try:
             acc = verdict_table.against_control(ins, noise, row, control)
         except Missing as why:  # no seed noise (notebook 03) or confusions: the speed-up alone can miss
-            out.append({"target": target, "measured": f"{_speed(speed)}; mIoU not judged: {why}",
+            out.append({"target": target, "measured": f"{shown}; mIoU not judged: {why}",
                         "met": "no" if fast == "no" else verdict_table.NOT_MEASURED})
             continue
-        out.append({"target": target, "measured": f"{_speed(speed)}; {acc} points",
+        out.append({"target": target, "measured": f"{shown}; {acc} points",
                     "met": verdicts.combined(fast, verdicts.threshold(target, acc, -keep).answer)})
     return out
 
 
 def _unstructured(cfg: Config, ins: Inputs, noise: SeedNoise | None) -> list[dict]:
-    """Each unstructured model at prune.finetune_sparsity against the dense model it was pruned from:
-    the share of dense mIoU it keeps, as a difference (paired over the images; a fine-tune adds its
-    seed noise, pruning alone none) against the bar -(1 - target_kept) x dense mIoU."""
+    """Each unstructured model at the prune.finetune_sparsity notebook 04 ran with, against the dense
+    model it was pruned from: the share of dense mIoU it keeps, as a difference (paired over the
+    images; a fine-tune adds its seed noise, pruning alone none) against the bar -(1 - target_kept) x
+    dense mIoU."""
     d = ins.results("pruning")
     with ins.reading("pruning"):
         dense, p = d["dense"], cfg.prune
-        rows = [r for r in d["rows"] if r["method"].startswith("unstructured")
-                and abs(r["level"] - p.finetune_sparsity) < 1e-9]
+        rows = results_files.unstructured_at_finetune_sparsity(d)
     out = []
     for row in rows:
         name = results_files.pruning_row_name(row)

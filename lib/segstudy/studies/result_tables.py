@@ -9,13 +9,16 @@ Units as in the files: mIoU and IoU fractions in, points (x 100) in the tables; 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from pandas.io.formats.style import Styler
 
 from segstudy.config import Config
 from segstudy.studies import results_files, verdicts
+
+if TYPE_CHECKING:  # pandas' Styler module is slow to import; shown() reaches it through df.style
+    from pandas.io.formats.style import Styler
 
 
 def shown(table: pd.DataFrame) -> Styler:
@@ -59,14 +62,16 @@ def model_tables(cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("model").round(2)
 
 
-def speedup(row: dict, reference: dict) -> verdicts.Interval | None:
+def speedup(row: dict, reference: dict, same_rounds: bool = False) -> verdicts.Interval | None:
     """How many times faster `row` is than `reference`, from their repeated timings: round by round
     when `row` was timed in turn with it ("reference_times_ms", engine.measure.latencies), else
     from each side's timings (one median each in older files). None without timings. The verdicts,
-    the targets and the tables all read a speed-up here, so one model has one speed-up."""
+    the targets and the tables all read a speed-up here, so one model has one speed-up.
+    `same_rounds`: both rows were timed in the same rounds (notebook 05's variants, one against
+    another), so their own timings pair; a row's "reference_times_ms" are another model's."""
     times, base_times = (r.get("latency_times_ms") or ([r["latency_ms"]] if r.get("latency_ms") else None)
                          for r in (row, reference))
-    side_by_side = row.get("reference_times_ms")
+    side_by_side = base_times if same_rounds else row.get("reference_times_ms")
     if not times or not (side_by_side or base_times):
         return None
     if side_by_side and len(side_by_side) == len(times):

@@ -220,6 +220,14 @@ def pruning_row_name(row: dict) -> str:
     return f"{row['method']}{level}" + ("" if row.get("recovery", "none") == "none" else f" + {row['recovery']}")
 
 
+def unstructured_at_finetune_sparsity(d: dict) -> list[dict]:
+    """Notebook 04's unstructured rows at the prune.finetune_sparsity it ran with (every unstructured
+    row of an older file that does not say)."""
+    level = (d.get("prune") or {}).get("finetune_sparsity")
+    return [r for r in d["rows"] if r["method"].startswith("unstructured")
+            and (level is None or abs(r["level"] - level) < 1e-9)]
+
+
 def write_pruning(cfg: Config, rows: list[dict], dense_row: dict, layers: dict) -> Path:
     """Notebook 04's rows; their per-image confusions go to CONFUSION_FILES["pruning"], keyed."""
     store: dict[str, np.ndarray] = {}

@@ -22,7 +22,7 @@ from segstudy.config_paths import PROJECT_ROOT
 from segstudy.data.labels import SMALL_CLASSES
 from segstudy.engine import run_folder
 from segstudy.errors import UserError
-from segstudy.studies import result_tables, results_files, verdicts
+from segstudy.studies import int8_choice, result_tables, results_files, verdicts
 from segstudy.studies.verdict_inputs import Inputs, Missing, SeedNoise, by_loss, loss_runs, no_noise, seed_noise
 from segstudy.studies.verdicts import NOT_DISTINGUISHABLE, Interval, Recommendation, Verdict
 
@@ -47,10 +47,11 @@ def speedup_over(row: dict, base: dict, name: str) -> Interval:
     return est
 
 
-def times(e: Interval) -> str:
+def times(e: Interval, how: bool = True) -> str:
+    """A speed-up as the tables and verdicts print it; `how`: with where its interval comes from."""
     if not e.has_spread:
         return f"{e.mean:.2f}x (no spread: one timing)"
-    return f"{e.mean:.2f}x [{e.low:.2f}, {e.high:.2f}] ({e.how})"
+    return f"{e.mean:.2f}x [{e.low:.2f}, {e.high:.2f}]" + (f" ({e.how})" if how else "")
 
 
 def _threshold(question: str, est: Interval, floor: float, subject: str, context: str = "") -> Verdict:
@@ -150,9 +151,8 @@ def unstructured_buys_speed(ins: Inputs) -> Verdict:
     """Speed-up of the timed unstructured model (prune.finetune_sparsity) over the dense one."""
     d = ins.results("pruning")
     with ins.reading("pruning"):
-        level = (d.get("prune") or {}).get("finetune_sparsity")
         timed = [r for r in d["rows"] if r["method"].startswith("unstructured") and r.get("latency_ms")]
-        at_level = [r for r in timed if level is None or abs(r["level"] - level) < 1e-9]
+        at_level = [r for r in results_files.unstructured_at_finetune_sparsity(d) if r.get("latency_ms")]
         dense = d["dense"]
     if not timed:
         raise Missing(f"no timed unstructured model in notebook 04's results; "
@@ -176,7 +176,7 @@ def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
         raise Missing(f"no fp32 or int8 row in notebook 05's results; "
                       f"re-run {results_files.writer(ins.cfg, 'quantization')}")
     name = min(present, key=lambda k: rows[k]["latency_ms"])  # by speed: the one that would deploy
-    trainings = 1 if "QAT" in name else 0  # QAT fine-tunes: its own seed noise
+    trainings = int8_choice.trainings(name)
     if trainings and noise is None:
         raise no_noise(ins)
     diff = verdicts.paired_difference(ins.confusions("quantization", rows[name], name),

@@ -85,7 +85,8 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
 
 
-def _unbounded(mean: float, n: int, how: str, level: float) -> Interval:
+def unbounded(mean: float, n: int, how: str, level: float = 0.95) -> Interval:
+    """An estimate that nothing measured the spread of: (-inf, inf) around `mean`."""
     return Interval(mean, -math.inf, math.inf, n, how, level)
 
 
@@ -108,7 +109,7 @@ def over_seeds(values: Sequence[float], level: float = 0.95) -> Interval:
         raise ValueError("over_seeds needs at least one value")
     mean = float(x.mean())
     if x.size == 1:
-        return _unbounded(mean, 1, "1 seed: no spread", level)
+        return unbounded(mean, 1, "1 seed: no spread", level)
     half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
     return Interval(mean, mean - half, mean + half, int(x.size), f"{x.size} seeds, {level:.0%} t-interval", level)
 
@@ -144,7 +145,7 @@ def miou_bootstrap(confusions: np.ndarray, n_boot: int = 2000, seed: int = 0, le
     m = _check(confusions, 3)
     point = miou(m.sum(0))
     if len(m) < 2:
-        return _unbounded(point, len(m), f"{len(m)} image: no spread", level)
+        return unbounded(point, len(m), f"{len(m)} image: no spread", level)
     samples = _boot_mious(_resample_weights(len(m), n_boot, seed), m)
     return _percentile(point, samples, len(m), f"bootstrap over {len(m)} images, {level:.0%}", level)
 
@@ -158,7 +159,7 @@ def paired_difference(conf_a: np.ndarray, conf_b: np.ndarray, n_boot: int = 2000
         raise ValueError(f"paired confusions must have the same shape (same images, classes): {a.shape} vs {b.shape}")
     point = miou(a.sum(0)) - miou(b.sum(0))
     if len(a) < 2:
-        return _unbounded(point, len(a), f"{len(a)} image: no spread", level)
+        return unbounded(point, len(a), f"{len(a)} image: no spread", level)
     w = _resample_weights(len(a), n_boot, seed)
     samples = _boot_mious(w, a) - _boot_mious(w, b)
     return _percentile(point, samples, len(a), f"paired bootstrap over {len(a)} images, {level:.0%}", level)
@@ -171,7 +172,7 @@ def unpaired_difference(conf_a: np.ndarray, conf_b: np.ndarray, n_boot: int = 20
     a, b = _check(conf_a, 3), _check(conf_b, 3)
     point = miou(a.sum(0)) - miou(b.sum(0))
     if min(len(a), len(b)) < 2:
-        return _unbounded(point, min(len(a), len(b)), "fewer than 2 images on a side: no spread", level)
+        return unbounded(point, min(len(a), len(b)), "fewer than 2 images on a side: no spread", level)
     samples = (_boot_mious(_resample_weights(len(a), n_boot, seed), a)
                - _boot_mious(_resample_weights(len(b), n_boot, seed + 1), b))
     return _percentile(point, samples, len(a) + len(b),
@@ -223,7 +224,7 @@ def speedup(times: Sequence[float], baseline_times: Sequence[float], n_boot: int
     n = int(min(t.size, base.size))
     point = float(np.median(base / t) if paired else np.median(base) / np.median(t))
     if n < 2:
-        return _unbounded(point, n, "1 timing: no spread", level)
+        return unbounded(point, n, "1 timing: no spread", level)
     rng = np.random.default_rng(seed)
     if paired:
         rounds = rng.integers(0, n, (n_boot, n))
