@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup_env.sh
 ruff check lib tests
-python -m pytest -q "$@"
+# one worker per core, at most 4 (each holds a torch and its own tiny dataset); -n 0 runs them in turn
+python -m pytest -q -n auto --maxprocesses 4 "$@"

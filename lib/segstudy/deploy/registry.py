@@ -96,13 +96,13 @@ def log_trained(cfg: Config, result: dict) -> str | None:
     version of segstudy-<model> without alias (tracking.log_model, tracking.register): what
     `segstudy train` does. The notebooks register the same checkpoint with an alias instead
     (register), so the weights are stored once. Returns the logged model's URI, None when off."""
-    from segstudy.deploy.drift import reference_for
-    from segstudy.deploy.serving import log_servable
-
     t = cfg.tracking
     if (t.backend != "mlflow" or not t.log_model or not result.get("finished") or result.get("reused")
             or not result.get("mlflow_run_id") or not result.get("checkpoint_best")):
         return None
+    from segstudy.deploy.drift import reference_for  # imported here: MLflow costs seconds a command
+    from segstudy.deploy.serving import log_servable
+
     mlflow = use_mlflow(t, cfg.output_root)
     with mlflow_database(mlflow_uri(t, cfg.output_root), f"logging the model of run {result['mlflow_run_id']}"), \
             mlflow.start_run(run_id=result["mlflow_run_id"]):  # log_servable keeps only the weights and meta
