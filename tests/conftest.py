@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from segstudy.config import SynthConfig
 from segstudy.data.synthetic.dataset import generate
@@ -15,6 +16,7 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     # ./run_tests.sh runs one pytest-xdist worker per core: each worker's torch, and the processes it
     # starts, take their share of the cores instead of all of them (oversubscribed threads spin-wait)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # imported above, before the variable was set
 TINY = SynthConfig(train=8, val=6, height=64, width=128, seed=3)
 
 
