@@ -13,7 +13,7 @@ from segstudy.data.synthetic.dataset import generate
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
-    # ./run_tests.sh runs one pytest-xdist worker per core: each worker's torch, and the processes it
+    # ./run_tests.sh runs one pytest-xdist worker per logical CPU: each worker's torch, and the processes it
     # starts, take their share of the cores instead of all of them (oversubscribed threads spin-wait)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # imported above, before the variable was set
