@@ -213,3 +213,16 @@ def test_an_installed_environment_is_reused_without_asking_again(tmp_path):
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == (f"[setup] reusing {venv}, torch: cpu "
                                          "(delete it, or touch pyproject.toml, to reinstall)")
+
+
+def test_a_test_worker_and_what_it_starts_take_the_same_thread_share():
+    """./run_tests.sh's workers (pytest-xdist): the worker's own torch, imported before conftest sets
+    OMP_NUM_THREADS, runs on the share its subprocesses inherit, not on every core."""
+    import torch
+
+    if not os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        pytest.skip("the tests run in turn (-n 0 or plain pytest): there is no share to take")
+    share = int(os.environ["OMP_NUM_THREADS"])
+    started = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, check=True, timeout=120)
+    assert torch.get_num_threads() == share == int(started.stdout)
