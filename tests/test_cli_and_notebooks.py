@@ -173,10 +173,11 @@ def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     assert result["pruned"]["available"] is False  # notebook 04 did not run: said, not failed
     assert result["provenance"]["profile"] == "smoke" and result["provenance"]["torch"].startswith("2.14.1")
     assert set(result["targets"]) == {"int8 PTQ torch FX", "int8 ONNX Runtime", "int8 OpenVINO", "int8 QAT torch FX"}
-    deployed = result["deployed_int8"]  # the fastest servable int8 form, timed in turn with OpenVINO's
+    deployed = result["deployed_int8"]  # a servable int8 form, timed in turn with OpenVINO's
     servable = {"int8 ONNX Runtime", "int8 OpenVINO"}
     assert deployed["variant"] in servable and deployed["latency_ms"] == variants[deployed["variant"]]["latency_ms"]
-    assert deployed["latency_ms"] == min(variants[k]["latency_ms"] for k in servable)  # both within the bar here
+    if deployed["variant"] == "int8 ONNX Runtime":  # both within the bar here: OpenVINO unless outrun
+        assert deployed["time_vs_openvino_interval"][1] < 1.0
     assert deployed["time_vs_openvino"] <= 1.0
     for name in ("variants.png", "per_class_iou_delta.png", "miou_vs_calibration_images.png", "custom_fp32.onnx",
                  "custom_int8.onnx", "custom_int8_openvino.xml", "custom_int8_openvino.bin", "custom_int8_fx.pt",

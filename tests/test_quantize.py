@@ -419,6 +419,25 @@ def test_deployed_int8_is_the_fastest_within_the_loss_bar():
     assert int8_choice.deployed_int8(rows, ["missing"], openvino="ov") is None
 
 
+def test_deployed_int8_keeps_the_first_engine_unless_another_is_distinguishably_faster():
+    from segstudy.studies import int8_choice
+
+    ov = [100.0, 104.0, 98.0, 101.0, 103.0, 99.0, 102.0, 100.0]
+    tied = [99.0, 106.0, 97.0, 100.0, 101.0, 100.0, 104.0, 98.0]  # a lower median, within the rounds' noise
+    rows = {"fp32 eager": {"miou": 0.50, "latency_ms": 700.0},
+            "ov": {"miou": 0.50, "latency_ms": float(np.median(ov)), "latency_times_ms": ov},
+            "ort": {"miou": 0.50, "latency_ms": float(np.median(tied)), "latency_times_ms": tied}}
+    assert rows["ort"]["latency_ms"] < rows["ov"]["latency_ms"]
+    pick = int8_choice.deployed_int8(rows, ["ov", "ort"], openvino="ov")
+    assert pick["variant"] == "ov" and pick["time_vs_openvino"] == 1.0
+    assert "ort timed faster but not distinguishably" in pick["why"]
+    ahead = [0.9 * t for t in ov]  # 10% faster in every round: distinguishable
+    rows["ort"] |= {"latency_ms": float(np.median(ahead)), "latency_times_ms": ahead}
+    pick = int8_choice.deployed_int8(rows, ["ov", "ort"], openvino="ov")
+    assert pick["variant"] == "ort" and pick["time_vs_openvino"] == pytest.approx(0.9)
+    assert pick["why"].startswith("the fastest of ov, ort")
+
+
 def test_without_openvino_its_rows_are_left_out_with_one_line(tmp_path, monkeypatch):
     from segstudy.compress import openvino_int8
     from segstudy.deploy import inference

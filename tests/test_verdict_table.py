@@ -195,6 +195,26 @@ def test_int8_with_identical_confusions_keeps_accuracy_when_faster(cfg):
     assert "0.00 [0.00, 0.00]" in v.evidence and "speed-up 4.00x [" in v.evidence
 
 
+def test_int8_answers_for_the_deployed_form_not_the_fastest_row(cfg):
+    fake(cfg.output_dir, int8_same=True)  # ONNX Runtime keeps the fp32 confusions
+    path = cfg.output_dir / results_files.FILES["quantization"]
+    d = json.loads(path.read_text())
+    lossy = _confusions(60, 0.3, 6)
+    results_files.write_confusions(cfg.output_dir / results_files.CONFUSION_FILES["quantization"],
+                                   {"fp32": np.load(cfg.output_dir / "runs" / "custom.npy"),
+                                    "int8": np.load(cfg.output_dir / "runs" / "custom.npy"), "ov": lossy})
+    d["variants"]["int8 OpenVINO"] = {"engine": "openvino", "precision": "int8", "miou": miou(lossy.sum(0)) / 100,
+                                      "latency_ms": 14.0, "latency_times_ms": _times(14.0), "confusions": "ov"}
+    d["deployed_int8"] = {"variant": "int8 ONNX Runtime"}  # as int8_choice chose it: OpenVINO lost accuracy
+    _write(path, d)
+    v = _by_question(cfg)["int8"]
+    assert v.answer == "yes" and v.evidence.startswith("int8 ONNX Runtime (deployed) − fp32 eager")
+    del d["deployed_int8"]  # an older results file: the fastest int8 row answers, and says so
+    _write(path, d)
+    v = _by_question(cfg)["int8"]
+    assert v.answer == "no" and v.evidence.startswith("int8 OpenVINO (the fastest int8) − fp32 eager")
+
+
 def test_int8_that_loses_accuracy_reads_no(cfg):
     fake(cfg.output_dir, int8_same=False)
     assert _by_question(cfg)["int8"].answer == "no"

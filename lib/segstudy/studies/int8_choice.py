@@ -1,7 +1,8 @@
 """Notebook 05's decisions, read off its rows: the int8 targets, whether to run QAT, and which int8
-form is deployed (the fastest servable one, timed in turn with the others, within report.keep_loss
-of fp32), with its time against OpenVINO's. Rows are the dicts studies/quantization.py builds
-("latency_ms", "latency_times_ms" of the rounds timed in turn, "miou")."""
+form is deployed (of the servable ones within report.keep_loss of fp32, the first in order unless
+another is distinguishably faster in the rounds timed in turn), with its time against OpenVINO's.
+Rows are the dicts studies/quantization.py builds ("latency_ms", "latency_times_ms" of the rounds
+timed in turn, "miou")."""
 
 from __future__ import annotations
 
@@ -75,25 +76,43 @@ def qat_decision(mode: str, ptq_loss_points: float, max_loss: float) -> tuple[bo
     return False, f"PTQ lost {ptq_loss_points:.2f} mIoU points <= {max_loss}: QAT not needed"
 
 
+def _first_not_slower(rows: dict[str, dict], kept: Sequence[str], fastest: str) -> str:
+    """The first of `kept` (in the given order) that `fastest` (by median latency) is not
+    distinguishably faster than, on the rounds timed in turn (verdicts.threshold above 1x). Two
+    engines within their noise would otherwise swap places from run to run, and with them the
+    deployed model, its mIoU and the report's int8 answer."""
+    for k in kept:
+        ahead = result_tables.speedup(rows[fastest], rows[k], same_rounds=True)
+        if ahead is None or verdicts.threshold(k, ahead, 1.0).answer != "yes":
+            return k
+    return fastest  # not reached: the fastest is not distinguishably faster than itself
+
+
 def deployed_int8(rows: dict[str, dict], servable: Sequence[str], *, openvino: str, fp32: str = "fp32 eager",
                   max_loss: float = 1.0) -> dict | None:
-    """Which of the `servable` int8 rows is deployed: the lowest latency (the median of the rounds
-    timed in turn) among those losing at most `max_loss` mIoU points against `fp32`, else the most
-    accurate. With the `openvino` row present, the chosen one's time as a multiple of OpenVINO's
-    (the median of the per-round ratios, with its bootstrap interval). None without servable rows."""
+    """Which of the `servable` int8 rows is deployed: among those losing at most `max_loss` mIoU
+    points against `fp32`, the first in `servable`'s order unless another is distinguishably faster
+    in the rounds timed in turn (then the fastest), else the most accurate. With the `openvino` row
+    present, the chosen one's time as a multiple of OpenVINO's (the median of the per-round ratios,
+    with its bootstrap interval). None without servable rows."""
     present = [k for k in servable if k in rows]
     if not present:
         return None
     # rows without "miou" (the benchmark's) are judged on speed only, as check_targets judges them
     loss = {k: 100 * (rows[fp32]["miou"] - rows[k]["miou"]) if "miou" in rows[k] else 0.0 for k in present}
     kept = [k for k in present if loss[k] <= max_loss]
-    pick = (min(kept, key=lambda k: rows[k]["latency_ms"]) if kept
-            else min(present, key=lambda k: loss[k]))
-    why = (f"the fastest of {', '.join(present)} within {max_loss:g} mIoU points of {fp32}" if kept
-           else f"none of {', '.join(present)} is within {max_loss:g} points of {fp32}: the most accurate")
+    if not kept:
+        pick = min(present, key=lambda k: loss[k])
+        why = f"none of {', '.join(present)} is within {max_loss:g} points of {fp32}: the most accurate"
+    else:
+        fastest = min(kept, key=lambda k: rows[k]["latency_ms"])
+        pick = _first_not_slower(rows, kept, fastest)
+        why = (f"the fastest of {', '.join(kept)}, within {max_loss:g} mIoU points of {fp32}" if pick == fastest
+               else f"within {max_loss:g} mIoU points of {fp32}; {fastest} timed faster but not "
+                    f"distinguishably in the rounds timed in turn, so the first of {', '.join(kept)}")
     out = {"variant": pick, "why": why, "latency_ms": rows[pick]["latency_ms"], "miou_loss_points": loss[pick]}
-    if openvino in rows and rows[pick].get("latency_times_ms") and rows[openvino].get("latency_times_ms"):
-        ratio = verdicts.speedup(rows[openvino]["latency_times_ms"], rows[pick]["latency_times_ms"], paired=True)
+    ratio = result_tables.speedup(rows[openvino], rows[pick], same_rounds=True) if openvino in rows else None
+    if ratio is not None:
         out |= {"time_vs_openvino": ratio.mean, "time_vs_openvino_interval": [ratio.low, ratio.high],
                 "time_vs_openvino_how": ratio.how}
     return out

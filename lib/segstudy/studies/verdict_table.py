@@ -165,8 +165,9 @@ def unstructured_buys_speed(ins: Inputs) -> Verdict:
 
 
 def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
-    """Paired bootstrap of int8 minus fp32 eager mIoU (the fastest int8 engine; the same weights,
-    so no seed noise, except QAT's fine-tune); "yes" when the whole interval is above -1."""
+    """Paired bootstrap of int8 minus fp32 eager mIoU (the deployed int8 form, notebook 05's
+    "deployed_int8"; the same weights, so no seed noise, except QAT's fine-tune); "yes" when the
+    whole interval is above -1."""
     d = ins.results("quantization")
     with ins.reading("quantization"):
         rows = results_files.quantization_rows(d)
@@ -175,7 +176,9 @@ def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
     if ref_name not in rows or not present:
         raise Missing(f"no fp32 or int8 row in notebook 05's results; "
                       f"re-run {results_files.writer(ins.cfg, 'quantization')}")
-    name = min(present, key=lambda k: rows[k]["latency_ms"])  # by speed: the one that would deploy
+    deployed = (d.get("deployed_int8") or {}).get("variant")  # int8_choice.deployed_int8's choice
+    # without a servable int8 form (none deployed) the fastest int8 row answers for int8
+    name = deployed if deployed in present else min(present, key=lambda k: rows[k]["latency_ms"])
     trainings = int8_choice.trainings(name)
     if trainings and noise is None:
         raise no_noise(ins)
@@ -184,7 +187,8 @@ def int8_keeps_accuracy(ins: Inputs, noise: SeedNoise | None) -> Verdict:
     if trainings:
         diff = noise.widen(diff, trainings)
     keep = ins.cfg.report.keep_loss
-    subject = f"{name} (the fastest int8) − {ref_name}, mIoU points (keeps: within {keep:g} point)"
+    role = "deployed" if name == deployed else "the fastest int8"
+    subject = f"{name} ({role}) − {ref_name}, mIoU points (keeps: within {keep:g} point)"
     return _threshold(QUESTIONS["int8"], diff, -keep, subject,
                       f"speed-up {times(speedup_over(rows[name], rows[ref_name], name))}")
 
