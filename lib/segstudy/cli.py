@@ -249,6 +249,18 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_run)
 
 
+def _headline(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from segstudy.config_paths import PROJECT_ROOT
+    from segstudy.config_profiles import load_config, parse_overrides
+    from segstudy.studies import readme_table
+
+    readme = Path(args.readme) if args.readme else PROJECT_ROOT / "README.md"
+    changed = readme_table.headline(load_config(profile(args), parse_overrides(args.set)), readme)
+    print(f"{readme}: verdict table {'rewritten' if changed else 'already as the run gave it'}")
+
+
 def _plan_parser(sub: argparse._SubParsersAction) -> None:
     """The `plan` sub-command's arguments."""
     n = sub.add_parser("plan", help="print every training a run would do and its estimated time (trains nothing)")
@@ -259,6 +271,16 @@ def _plan_parser(sub: argparse._SubParsersAction) -> None:
                    help="estimate from measured FLOPs at X effective TFLOPS instead of a warm-up on the "
                         "profile's device (the default when that device is not on this machine: 60)")
     n.set_defaults(func=_plan)
+
+
+def _headline_parser(sub: argparse._SubParsersAction) -> None:
+    """The `headline` sub-command's arguments."""
+    h = sub.add_parser("headline", help="write the README's verdict table from a run's verdicts.json (notebook 08)")
+    _add_profile(h, "the run whose verdicts are written")
+    h.add_argument("--readme", help="the file to rewrite between its markers (default: the project's README.md)")
+    h.add_argument("--set", nargs="*", default=[], action="extend", metavar="KEY=VALUE",
+                   help="the run's overrides that place its outputs, e.g. output_root=...")
+    h.set_defaults(func=_headline)
 
 
 def _tune_parser(sub: argparse._SubParsersAction) -> None:
@@ -325,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action=_PrintVersion, nargs=0, help="print the version, commit and torch's, and exit")
     sub = p.add_subparsers(dest="command", required=True)
     for add_command in (_synth_parser, _evaluate_parser, _train_parser, _sweep_parser, _run_parser, _plan_parser,
-                        _tune_parser, _predict_parser, _serve_parser, _monitor_parser):  # the order of --help
+                        _tune_parser, _predict_parser, _serve_parser, _monitor_parser,
+                        _headline_parser):  # the order of --help
         add_command(sub)
     return p
 
