@@ -179,6 +179,7 @@ def test_notebook_05_on_smoke(tmp_path, tiny_root, smoke_model):
     if deployed["variant"] == "int8 ONNX Runtime":  # both within the bar here: OpenVINO unless outrun
         assert deployed["time_vs_openvino_interval"][1] < 1.0
     assert deployed["time_vs_openvino"] <= 1.0
+    assert result["other_engines"] == sorted(servable - {deployed["variant"]})  # left out of the recommendation
     for name in ("variants.png", "per_class_iou_delta.png", "miou_vs_calibration_images.png", "custom_fp32.onnx",
                  "custom_int8.onnx", "custom_int8_openvino.xml", "custom_int8_openvino.bin", "custom_int8_fx.pt",
                  "custom_int8_qat.pt"):

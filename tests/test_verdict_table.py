@@ -296,6 +296,20 @@ def test_recommend_picks_the_faster_of_indistinguishable_models(cfg):
     assert part.table.loc["custom · fp32", "mIoU low"] < part.table.loc["custom · fp32", "mIoU %"]
 
 
+def test_recommend_leaves_out_the_engines_notebook_05_did_not_choose(cfg):
+    fake(cfg.output_dir)
+    path = cfg.output_dir / results_files.FILES["quantization"]
+    d = json.loads(path.read_text())
+    tied = d["variants"]["int8 ONNX Runtime"] | {"engine": "openvino", "latency_ms": 14.9}  # faster, within noise
+    d["variants"]["int8 OpenVINO"] = tied
+    _write(path, d | {"deployed_int8": {"variant": "int8 ONNX Runtime"}, "other_engines": ["int8 OpenVINO"]})
+    pool = verdict_table.candidate_pool(cfg).table["model"].tolist()
+    assert "custom · int8 ONNX Runtime" in pool and "custom · int8 OpenVINO" not in pool
+    assert _by_question(cfg)["deploy"].answer == "custom · int8 ONNX Runtime"
+    _write(path, d)  # a results file without the choice: every row is a candidate, the lower median wins
+    assert _by_question(cfg)["deploy"].answer == "custom · int8 OpenVINO"
+
+
 def test_recommend_widens_by_the_seed_noise(cfg):
     fake(cfg.output_dir, skip=("pruning", "quantization"))
     tight = verdict_table.candidate_pool(cfg).table.set_index("model")

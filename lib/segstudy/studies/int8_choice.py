@@ -76,11 +76,12 @@ def qat_decision(mode: str, ptq_loss_points: float, max_loss: float) -> tuple[bo
     return False, f"PTQ lost {ptq_loss_points:.2f} mIoU points <= {max_loss}: QAT not needed"
 
 
-def _first_not_slower(rows: dict[str, dict], kept: Sequence[str], fastest: str) -> str:
-    """The first of `kept` (in the given order) that `fastest` (by median latency) is not
-    distinguishably faster than, on the rounds timed in turn (verdicts.threshold above 1x). Two
-    engines within their noise would otherwise swap places from run to run, and with them the
-    deployed model, its mIoU and the report's int8 answer."""
+def first_not_slower(rows: dict[str, dict], kept: Sequence[str], fastest: str | None = None) -> str:
+    """The first of `kept` (in the given order) that `fastest` (by median latency, the fastest of
+    `kept` unless given) is not distinguishably faster than, on the rounds timed in turn
+    (verdicts.threshold above 1x). Two engines within their noise would otherwise swap places from
+    run to run, and with them the deployed model, its mIoU and the report's answers."""
+    fastest = fastest or min(kept, key=lambda k: rows[k]["latency_ms"])
     for k in kept:
         ahead = result_tables.speedup(rows[fastest], rows[k], same_rounds=True)
         if ahead is None or verdicts.threshold(k, ahead, 1.0).answer != "yes":
@@ -106,7 +107,7 @@ def deployed_int8(rows: dict[str, dict], servable: Sequence[str], *, openvino: s
         why = f"none of {', '.join(present)} is within {max_loss:g} points of {fp32}: the most accurate"
     else:
         fastest = min(kept, key=lambda k: rows[k]["latency_ms"])
-        pick = _first_not_slower(rows, kept, fastest)
+        pick = first_not_slower(rows, kept, fastest)
         why = (f"the fastest of {', '.join(kept)}, within {max_loss:g} mIoU points of {fp32}" if pick == fastest
                else f"within {max_loss:g} mIoU points of {fp32}; {fastest} timed faster but not "
                     f"distinguishably in the rounds timed in turn, so the first of {', '.join(kept)}")

@@ -55,6 +55,7 @@ PRUNED_ORT_INT8, PRUNED_OV_INT8 = "pruned + int8 ONNX Runtime", "pruned + int8 O
 # the dense int8 forms inference.load_engine runs (FX's TorchScript: no), in the order deployed_int8 prefers
 # them on a tie: OpenVINO first, the engine issue 37's target measures the deployed form against
 SERVABLE_INT8 = (OV_INT8, ORT_INT8)
+PRUNED_INT8_FORMS = (PRUNED_OV_INT8, PRUNED_ORT_INT8, PRUNED_INT8)  # the pruned model's, in the same order
 AGREEMENT = "compare outputs"  # the step of onnx_runtime's output agreement (quant.compare_images)
 AGREEMENT_VARIANTS = (ORT_FP32, FX_INT8, ORT_INT8)  # compared with fp32 eager there
 PRUNED = "pruned"  # notebook 04's structurally pruned custom model, in the calibration step's name
@@ -312,7 +313,7 @@ def qat(study: QuantStudy) -> str:
 
 def pruned_int8(study: QuantStudy) -> str:
     """Notebook 04's structurally pruned model in fp32 and int8 with every engine (torch FX, ONNX
-    Runtime, OpenVINO where it runs), when it exists: the fastest of them is the study's pruned + int8."""
+    Runtime, OpenVINO where it runs), when it exists; targets() chooses the study's pruned + int8 form."""
     path = pruned_checkpoint(study.cfg)
     info = study.notes["pruned"] = {"checkpoint": str(path), "available": path.is_file()}
     if not path.is_file():
@@ -369,8 +370,9 @@ def other_names(model: str) -> tuple[str, str]:
 
 
 def targets(study: QuantStudy) -> pd.DataFrame:
-    """The int8 targets for each dense int8 variant, which int8 form is deployed (int8_choice) and
-    whether pruned + int8 is the fastest."""
+    """The int8 targets for each dense int8 variant, which int8 form is deployed and which engine runs
+    the pruned model (int8_choice: the first of PRUNED_INT8_FORMS unless another is distinguishably
+    faster), and whether that is the fastest variant."""
     rows, keep = study.rows, study.cfg.report.keep_loss
     int8 = [k for k in results_files.INT8_VARIANTS if k in rows]
     noise = seed_noise(Inputs(study.cfg)) if QAT_INT8 in int8 else None
@@ -378,12 +380,16 @@ def targets(study: QuantStudy) -> pd.DataFrame:
     fastest = study.notes["fastest"] = min(rows, key=lambda k: rows[k]["latency_ms"])
     deployed = study.notes["deployed_int8"] = int8_choice.deployed_int8(rows, SERVABLE_INT8, openvino=OV_INT8,
                                                                          max_loss=keep)
+    other = [k for k in SERVABLE_INT8 if k in rows and deployed and k != deployed["variant"]]
     if PRUNED_INT8 in rows:
-        pruned = min((k for k in (PRUNED_INT8, PRUNED_ORT_INT8, PRUNED_OV_INT8) if k in rows),
-                     key=lambda k: rows[k]["latency_ms"])
-        study.notes["pruned"] |= {"lowest_latency": fastest == pruned, "fastest_int8": pruned,
+        forms = [k for k in PRUNED_INT8_FORMS if k in rows]
+        pruned = int8_choice.first_not_slower(rows, forms)
+        other += [k for k in forms if k != pruned]
+        study.notes["pruned"] |= {"lowest_latency": fastest == pruned, "int8_form": pruned,
                                   "miou_loss_vs_dense_fp32_points": 100 * (rows["fp32 eager"]["miou"]
                                                                            - rows[pruned]["miou"])}
+    # the same weights through the engines not chosen: the report's deployment candidates leave them out
+    study.notes["other_engines"] = other
     print(f"fastest variant: {fastest} ({rows[fastest]['latency_ms']:.1f} ms)")
     if deployed:
         low, high = deployed.get("time_vs_openvino_interval", (0, 0))

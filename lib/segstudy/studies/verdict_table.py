@@ -308,8 +308,9 @@ def _variant_rows(ins: Inputs, noise: SeedNoise | None, pool: Pool, key: str) ->
     if key == "pruning":
         variants = {results_files.pruning_row_name(r): r for r in d["rows"]}
         base = "custom"
-    else:
+    else:  # one engine per set of weights: the one notebook 05 chose (int8_choice.first_not_slower)
         variants, base = results_files.quantization_rows(d), d.get("model", "custom")
+        variants = {k: r for k, r in variants.items() if k not in d.get("other_engines", [])}
     rows = []
     with ins.reading(key):
         for name, r in variants.items():
