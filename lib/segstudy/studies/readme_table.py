@@ -31,7 +31,8 @@ def source_line(payload: dict) -> str:
 
 
 def render(payload: dict) -> str:
-    """The block between the markers: the source line and the question | answer | evidence rows."""
+    """The block between the markers: the source line and the question | answer | evidence rows
+    (written here: pandas' to_markdown pads every cell to its column's widest, ~500 characters)."""
     rows = [f"| {_cell(v['question'])} | {_cell(v['answer'])} | {_cell(v['evidence'])} |"
             for v in payload["verdicts"]]
     return "\n".join([BEGIN, source_line(payload), "", "| question | answer | evidence |", "|---|---|---|",
@@ -41,12 +42,13 @@ def render(payload: dict) -> str:
 def update(readme: Path, payload: dict) -> bool:
     """Replace the block between the markers in `readme`; True when its text changed."""
     text = readme.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
+    new, found = re.subn(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: render(payload), text, count=1,
+                         flags=re.S)
+    if not found:
         raise UserError(f"{readme} has no verdict table markers; put the lines\n{BEGIN}\n{END}\n"
                         "where the table belongs, then run `segstudy headline` again")
-    new = pattern.sub(lambda _: render(payload), text, count=1)
-    readme.write_text(new)
+    if new != text:
+        readme.write_text(new)
     return new != text
 
 
