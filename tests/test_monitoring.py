@@ -282,15 +282,7 @@ def test_several_workers_get_a_fresh_metrics_folder(registered, monkeypatch):  #
 
 def test_a_failing_metric_is_logged_and_the_request_answered(registered, caplog, monkeypatch):  # noqa: F811
     """The server's app in-process (deploy/server.py: MLflow's app with the metrics attached)."""
-    from fastapi.testclient import TestClient
-    from mlflow.pyfunc import scoring_server
-
-    mlflow.set_tracking_uri(registered["db"])
-    local = mlflow.artifacts.download_artifacts("models:/segstudy-custom@champion")
-    monkeypatch.setenv(scoring_server._SERVER_MODEL_PATH, local)
-    app = server.build_app()
-    client = TestClient(app)
-    metrics = next(m for m in app.user_middleware if m.cls is serving_metrics._CountRequests).kwargs["metrics"]
+    client, _, metrics = _in_process_app(registered, monkeypatch)
 
     def broken(*args, **kwargs):
         raise RuntimeError("the metrics store broke")
@@ -301,6 +293,57 @@ def test_a_failing_metric_is_logged_and_the_request_answered(registered, caplog,
     assert "segstudy metrics: segmented failed" in caplog.text and "the metrics store broke" in caplog.text
     scraped = client.get("/metrics")
     assert scraped.status_code == 200 and "segstudy_requests_total 1.0" in scraped.text
+
+
+def _in_process_app(registered, monkeypatch):  # noqa: F811
+    """(TestClient, the served SegmentationModel, its ServingMetrics) of deploy/server.py's app."""
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    mlflow.set_tracking_uri(registered["db"])
+    monkeypatch.setenv(scoring_server._SERVER_MODEL_PATH,
+                       mlflow.artifacts.download_artifacts("models:/segstudy-custom@champion"))
+    app = server.build_app()
+    metrics = next(m for m in app.user_middleware if m.cls is serving_metrics._CountRequests).kwargs["metrics"]
+    model = next(m for m in app.user_middleware if m.cls is segment_route._SegmentRoute).kwargs["model"]
+    return TestClient(app), model, metrics
+
+
+def test_segment_keeps_mlflows_timeout_and_answers_other_methods_405(registered, monkeypatch):  # noqa: F811
+    """POST /segment is answered outside MLflow's timeout middleware: past MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+    it is MLflow's 504, counted as a timeout; a GET is the router's 405."""
+    monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "1")
+    client, model, metrics = _in_process_app(registered, monkeypatch)
+    model.segment_file = lambda data: time.sleep(1.5)  # a request that outlasts the timeout
+    answer = client.post(segment_route.PATH, content=example_image())
+    assert answer.status_code == 504 and answer.text == segment_route.TIMED_OUT
+    assert metrics.errors.labels("timeout")._value.get() == 1
+    got = client.get(segment_route.PATH)
+    assert got.status_code == 405 and got.headers["allow"] == "POST"
+
+
+def test_monitoring_runs_after_the_answer_is_sent_and_before_the_request_is_counted():
+    """The per-image metrics and drift window (serving_metrics.after_answer) add nothing to a client's
+    latency, and a scrape that sees a request counted sees its images."""
+    import asyncio
+
+    events: list[str] = []
+    metrics = serving_metrics.ServingMetrics()
+    metrics.request_done = lambda status, kind, seconds: events.append(f"counted {status}")
+
+    async def answer(scope, receive, send):
+        serving_metrics.after_answer(lambda: events.append("monitored"))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ids"})
+
+    async def sent(message):
+        events.append(message["type"])
+
+    counted = serving_metrics._CountRequests(answer, metrics)
+    asyncio.run(counted({"type": "http", "path": segment_route.PATH}, None, sent))
+    assert events == ["http.response.start", "http.response.body", "monitored", "counted 200"]
+    serving_metrics.after_answer(lambda: events.append("outside a request: at once"))
+    assert events[-1] == "outside a request: at once"
 
 
 def _scenes(seed: int, n: int, shift: bool = False) -> list[np.ndarray]:

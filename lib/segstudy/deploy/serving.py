@@ -133,7 +133,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
 
     def _answer(self, what: str, image: np.ndarray) -> tuple[bytes, dict[str, int]]:
         """A request's image (`what`: which, for an error) -> (its labelIds PNG, pixels per class),
-        counted by the metrics and offered to the feedback sample."""
+        counted by the metrics and offered to the feedback sample once the answer is out."""
         start = time.perf_counter()
         try:
             train_ids = self.segment(image)
@@ -142,11 +142,13 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         segmented = time.perf_counter()
         png, counts = encode(train_ids)
         if self.metrics is not None:
-            self.metrics.segmented(image, counts, segmented - start, time.perf_counter() - segmented)
-            self._offer(image, png, counts)
+            model_s, encode_s = segmented - start, time.perf_counter() - segmented
+            serving_metrics.after_answer(lambda: self._monitored(image, png, counts, model_s, encode_s))
         return png, counts
 
-    def _offer(self, image: np.ndarray, png: bytes, counts: dict[str, int]) -> None:
+    def _monitored(self, image: np.ndarray, png: bytes, counts: dict[str, int], model_s: float,
+                   encode_s: float) -> None:
+        self.metrics.segmented(image, counts, model_s, encode_s)
         if self.feedback is None:
             return
         try:

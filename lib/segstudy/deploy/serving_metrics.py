@@ -23,7 +23,8 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,25 @@ _log = logging.getLogger(__name__)
 
 @dataclass
 class Outcome:
-    """What the model found wrong with the request being answered (None: nothing, or not reached)."""
+    """What the model found wrong with the request being answered (None: nothing, or not reached), and
+    the monitoring of its images, done once the answer has gone out (after_answer)."""
 
     kind: str | None = None
+    later: list[Callable[[], None]] = field(default_factory=list)
 
 
 _OUTCOME: contextvars.ContextVar[Outcome | None] = contextvars.ContextVar("segstudy_outcome", default=None)
+
+
+def after_answer(work: Callable[[], None]) -> None:
+    """Run `work` (the metrics and drift window of an image, the feedback sample) once the request's
+    answer has been sent and before it is counted, so that it adds nothing to the client's latency and
+    a scrape that sees the request counted sees its images too; at once outside a counted request."""
+    outcome = _OUTCOME.get()
+    if outcome is None:
+        work()
+    else:
+        outcome.later.append(work)
 
 
 def note_error(kind: str) -> None:
@@ -218,7 +232,10 @@ class _CountRequests:
             await self.app(scope, receive, sending)
         finally:
             _OUTCOME.reset(token)
-            self.metrics.request_done(status[0], outcome.kind, time.perf_counter() - start)
+            seconds = time.perf_counter() - start  # the answer has gone out: its latency is known
+            for work in outcome.later:
+                work()
+            self.metrics.request_done(status[0], outcome.kind, seconds)
 
 
 def enabled() -> bool:
