@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.middleware.base import BaseHTTPMiddleware
 
 from segstudy.cli import main
 from segstudy.data import labels
 from segstudy.data.synthetic.scene import render
-from segstudy.deploy import drift, inference, segment_route, server, serving, serving_metrics
+from segstudy.deploy import drift, inference, request_timeout, segment_route, server, serving, serving_metrics
 from segstudy.deploy.serving import example_image
 from tests.test_serving import _free_port, _images, _request, registered, running  # noqa: F401
 
@@ -282,7 +283,7 @@ def test_several_workers_get_a_fresh_metrics_folder(registered, monkeypatch):  #
 
 def test_a_failing_metric_is_logged_and_the_request_answered(registered, caplog, monkeypatch):  # noqa: F811
     """The server's app in-process (deploy/server.py: MLflow's app with the metrics attached)."""
-    client, _, metrics = _in_process_app(registered, monkeypatch)
+    client, metrics = _in_process_app(registered, monkeypatch)
 
     def broken(*args, **kwargs):
         raise RuntimeError("the metrics store broke")
@@ -296,7 +297,7 @@ def test_a_failing_metric_is_logged_and_the_request_answered(registered, caplog,
 
 
 def _in_process_app(registered, monkeypatch):  # noqa: F811
-    """(TestClient, the served SegmentationModel, its ServingMetrics) of deploy/server.py's app."""
+    """(TestClient, ServingMetrics) of deploy/server.py's app."""
     from fastapi.testclient import TestClient
     from mlflow.pyfunc import scoring_server
 
@@ -305,21 +306,33 @@ def _in_process_app(registered, monkeypatch):  # noqa: F811
                        mlflow.artifacts.download_artifacts("models:/segstudy-custom@champion"))
     app = server.build_app()
     metrics = next(m for m in app.user_middleware if m.cls is serving_metrics._CountRequests).kwargs["metrics"]
-    model = next(m for m in app.user_middleware if m.cls is segment_route._SegmentRoute).kwargs["model"]
-    return TestClient(app), model, metrics
+    return TestClient(app), metrics
 
 
-def test_segment_keeps_mlflows_timeout_and_answers_other_methods_405(registered, monkeypatch):  # noqa: F811
-    """POST /segment is answered outside MLflow's timeout middleware: past MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
-    it is MLflow's 504, counted as a timeout; a GET is the router's 405."""
+def test_the_request_timeout_is_mlflows_504_on_both_routes(registered, monkeypatch):  # noqa: F811
+    """MLflow's timeout middleware is replaced by plain ASGI (deploy/request_timeout.py): past
+    MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT a request is still MLflow's 504, counted as a timeout, and the
+    server answers the next one."""
     monkeypatch.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "1")
-    client, model, metrics = _in_process_app(registered, monkeypatch)
-    model.segment_file = lambda data: time.sleep(1.5)  # a request that outlasts the timeout
-    answer = client.post(segment_route.PATH, content=example_image())
-    assert answer.status_code == 504 and answer.text == segment_route.TIMED_OUT
-    assert metrics.errors.labels("timeout")._value.get() == 1
-    got = client.get(segment_route.PATH)
-    assert got.status_code == 405 and got.headers["allow"] == "POST"
+    client, metrics = _in_process_app(registered, monkeypatch)
+    assert not [m for m in client.app.user_middleware if m.cls is BaseHTTPMiddleware]
+    with pytest.MonkeyPatch.context() as slow:
+        for method in ("segment_file", "_predict"):  # requests that outlast the timeout
+            slow.setattr(serving.SegmentationModel, method, lambda self, data: time.sleep(1.5))
+        late = [client.post(segment_route.PATH, content=example_image()),
+                client.post("/invocations", content=_images(example_image()),
+                            headers={"Content-Type": "application/json"})]
+    assert [(a.status_code, a.text) for a in late] == [(504, request_timeout.TIMED_OUT)] * 2
+    assert metrics.errors.labels("timeout")._value.get() == 2
+    assert client.post(segment_route.PATH, content=example_image()).status_code == 200
+    assert client.get(segment_route.PATH).status_code == 405
+
+
+def test_an_mlflow_without_its_timeout_middleware_is_refused_by_name():
+    from fastapi import FastAPI
+
+    with pytest.raises(RuntimeError, match=f"no {request_timeout.MLFLOWS} to replace.*requirements.lock"):
+        request_timeout.replace_mlflows(FastAPI())
 
 
 def test_monitoring_runs_after_the_answer_is_sent_and_before_the_request_is_counted():

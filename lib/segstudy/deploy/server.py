@@ -5,10 +5,11 @@
 does what `mlflow models serve -m URI --env-manager local` does (download the model, then exec
 uvicorn with MLflow's command, scoring_server.get_cmd) with this module's `app` in place of
 `mlflow.pyfunc.scoring_server.app:app`. In every uvicorn worker, `app` loads the model and builds
-MLflow's FastAPI app with `scoring_server.init` (the same /ping, /invocations, answers and request
-timeout), then deploy/segment_route.py adds POST /segment (an image file in, its labelIds PNG out)
-and deploy/serving_metrics.py GET /metrics and the request counting. `segstudy serve` and the serve
-image run this; plain `mlflow models serve` still serves the model's /invocations, without the two.
+MLflow's FastAPI app with `scoring_server.init` (the same /ping, /invocations and answers; its request
+timeout as plain ASGI, deploy/request_timeout.py), then deploy/segment_route.py adds POST /segment (an
+image file in, its labelIds PNG out) and deploy/serving_metrics.py GET /metrics and the request
+counting. `segstudy serve` and the serve image run this; plain `mlflow models serve` still serves the
+model's /invocations, without the two.
 With several workers, prometheus_client's multiprocess mode needs a folder (PROMETHEUS_MULTIPROC_DIR)
 holding only this server's files: a private one is made unless it is set, and removed when the
 server ends; a folder given is checked at start (files of processes that are gone removed, a running
@@ -48,13 +49,14 @@ def build_app():
     unless SEGSTUDY_METRICS=0."""
     from mlflow.pyfunc import scoring_server
 
-    from segstudy.deploy import segment_route, serving, serving_metrics
+    from segstudy.deploy import request_timeout, segment_route, serving, serving_metrics
 
     model = scoring_server.load_model_with_mlflow_config(os.environ[scoring_server._SERVER_MODEL_PATH])
     # the model's own file (serving_model.py) applies these too, but as it was when the version was logged
     serving.bound_json_errors()
     serving.refuse_unreadable_bodies()
     app = scoring_server.init(model)
+    request_timeout.replace_mlflows(app)
     segment_route.attach(app, model.unwrap_python_model())
     if serving_metrics.enabled():
         serving_metrics.attach(app, model.unwrap_python_model())
