@@ -35,10 +35,15 @@ class Timeout:
                 started.set()
             await send(message)
 
-        answer = asyncio.ensure_future(self.app(scope, receive, sending))
+        answer = asyncio.ensure_future(self.app(scope, receive, sending))  # the request's context, copied
         begun = asyncio.ensure_future(started.wait())
-        await asyncio.wait({answer, begun}, timeout=self.seconds, return_when=asyncio.FIRST_COMPLETED)
-        begun.cancel()
+        try:
+            await asyncio.wait({answer, begun}, timeout=self.seconds, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server stopping: the answer goes with this request
+            answer.cancel()
+            raise
+        finally:
+            begun.cancel()
         if not (answer.done() or started.is_set()):
             answer.cancel()
             from starlette.responses import Response
