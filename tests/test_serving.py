@@ -272,3 +272,59 @@ def test_a_failure_after_the_model_answered_is_the_servers_500(registered, monke
     assert info.value.get_http_status_code() == 500
     assert "internal error while answering (TypeError); the server's log has the details" in info.value.message
     assert "TypeError: cannot serialize" in caplog.text
+
+
+def _typed_stop_recipe() -> tuple[str, str]:
+    """docs/serving.md's two lines that start `segstudy serve` in the background and stop it."""
+    lines = (Path(__file__).parents[1] / "docs" / "serving.md").read_text().splitlines()
+    start = next(line for line in lines if line.startswith("segstudy serve ") and line.endswith("& SERVER=$!"))
+    return start, next(line for line in lines if line.startswith("kill $SERVER"))
+
+
+def _session_processes(sid: int) -> list[int]:
+    """The PIDs of the processes still running in session `sid` (not zombies: an orphan's exit status
+    waits for PID 1 to reap it)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid and fields[0] != "Z":
+                alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.parametrize("job_control, workers", [("set -m", 2), ("set +m", 1)])
+def test_the_documented_background_server_stops_with_kill(registered, tmp_path, job_control, workers):
+    """The stop recipe of docs/serving.md as typed, in an interactive-like shell (job control on) with
+    the workers' supervisor and in a script (off) with uvicorn alone: the server, its workers and its
+    metrics folder are gone once `wait` returns."""
+    start, stop = _typed_stop_recipe()
+    cfg, port = registered["cfg"], _free_port()
+    ours = (f"--profile smoke --set tracking.backend=mlflow output_root={cfg.output_root} data.root={cfg.data.root} "
+            f"data.generate=false --port {port} --workers {workers}")
+    assert "--profile demo --port 5001" in start
+    typed = start.replace("--profile demo --port 5001", ours)
+    script = f"{job_control}\n{typed}\necho SERVER=$SERVER\nread go\n{stop}\n"
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                        "TMPDIR": str(tmp_path)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    shell = subprocess.Popen(["bash", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        server = int(next(line for line in shell.stdout if line.startswith("SERVER="))[len("SERVER="):])
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert time.monotonic() < deadline and shell.poll() is None, shell.stdout.read()[-3000:]
+            with contextlib.suppress(OSError):
+                if _request(f"http://127.0.0.1:{port}/ping")[0] == 200:
+                    break
+            time.sleep(0.5)
+        shell.stdin.write("go\n")
+        shell.stdin.flush()
+        said = shell.communicate(timeout=60)[0]  # uvicorn re-raises SIGTERM once stopped: wait says 143
+        assert "Finished server process" in said, said[-3000:]  # its graceful stop, not a kill
+        assert not Path(f"/proc/{server}").exists() and _session_processes(shell.pid) == []
+        assert not list(tmp_path.glob("segstudy-metrics-*"))  # the supervisor's private folder, removed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
