@@ -314,7 +314,8 @@ def test_the_documented_background_server_stops_with_kill(registered, tmp_path, 
         server = int(next(line for line in shell.stdout if line.startswith("SERVER="))[len("SERVER="):])
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
-            assert time.monotonic() < deadline and shell.poll() is None, shell.stdout.read()[-3000:]
+            assert shell.poll() is None, f"the shell ended first: {shell.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, f"no /ping answer on port {port} in {START_TIMEOUT_S} s"
             with contextlib.suppress(OSError):
                 if _request(f"http://127.0.0.1:{port}/ping")[0] == 200:
                     break
