@@ -16,7 +16,7 @@ function on one request in this process with the network replaced by its result,
 server adds except the HTTP transport, without the forward pass's run-to-run noise (a machine with
 a faster forward keeps the 1.1x when work + HTTP stays under 0.1x its forward). Target for int8:
 served p50 <= 1.1x the bare forward (SERVED_TARGET), judged at concurrency 1 on the per-request
-ratios' bootstrap interval: met only when the whole interval is at or below it.
+ratios' bootstrap interval: met only when the whole interval is below it.
 Metrics overhead: each model is also served twice at once, with GET /metrics and its counting
 (deploy/serving_metrics.py, the default) and without (SEGSTUDY_METRICS=0), and sent --overhead-requests
 requests to each in turn (the order alternating every round, one request at a time), so both see the
