@@ -253,11 +253,11 @@ def _headline(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from segstudy.config_paths import PROJECT_ROOT
-    from segstudy.config_profiles import load_config, parse_overrides
+    from segstudy.config_profiles import load_config
     from segstudy.studies import readme_table
 
     readme = Path(args.readme) if args.readme else PROJECT_ROOT / "README.md"
-    changed = readme_table.headline(load_config(profile(args), parse_overrides(args.set)), readme)
+    changed = readme_table.headline(load_config(profile(args), args.set), readme)
     print(f"{readme}: verdict table {'rewritten' if changed else 'already as the run gave it'}")
 
 
